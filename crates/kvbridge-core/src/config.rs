@@ -1,0 +1,394 @@
+//! Roles and configuration, parsed from vLLM's `kv_transfer_config` plus a few engine facts.
+//!
+//! Every key and env var is listed in `docs/configuration.md`; keep the two in step.
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::ConfigError;
+
+/// The documented guide for moving off `kv_both`.
+pub const KV_BOTH_MIGRATION_DOC: &str = "docs/migration-kv-both.md";
+
+/// What an engine does in a P/D pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvRole {
+    /// Prefill engine: computes KV and holds it for a remote decode.
+    Producer,
+    /// Decode engine: loads KV computed by a remote prefill.
+    Consumer,
+    /// Deprecated: both at once. Still accepted, with one warning.
+    Both,
+}
+
+impl KvRole {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "kv_producer" | "producer" => Ok(Self::Producer),
+            "kv_consumer" | "consumer" => Ok(Self::Consumer),
+            "kv_both" | "both" => Ok(Self::Both),
+            other => Err(ConfigError::InvalidRole(other.to_string())),
+        }
+    }
+    pub fn can_produce(self) -> bool {
+        matches!(self, Self::Producer | Self::Both)
+    }
+    pub fn can_consume(self) -> bool {
+        matches!(self, Self::Consumer | Self::Both)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Producer => "kv_producer",
+            Self::Consumer => "kv_consumer",
+            Self::Both => "kv_both",
+        }
+    }
+}
+
+/// Who posts the transfer. Only pull (D reads from P) exists today; push comes later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TransferMode {
+    Pull,
+}
+
+impl TransferMode {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "pull" => Ok(Self::Pull),
+            other => Err(ConfigError::InvalidMode(other.to_string())),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        "pull"
+    }
+}
+
+/// What to do when loading remote KV fails (vLLM's `kv_load_failure_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LoadFailurePolicy {
+    /// Fail the request with an error.
+    Fail,
+    /// Report the blocks as invalid so vLLM recomputes them locally.
+    Recompute,
+}
+
+/// Facts about the model and cache that both sides must agree on; hashed into the
+/// compatibility hash that is compared before anything else in a handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CompatInfo {
+    pub vllm_version: String,
+    pub model: String,
+    pub dtype: String,
+    pub cache_dtype: String,
+    pub num_layers: u32,
+    pub num_kv_heads: u32,
+    pub head_size: u32,
+    pub block_size: u32,
+    pub attn_backend: String,
+}
+
+/// The engine facts the Python layer (or a Rust engine) hands us, next to vLLM's
+/// `kv_transfer_config` dict.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct EngineInfo {
+    #[serde(default)]
+    pub tp_size: u32,
+    #[serde(default)]
+    pub tp_rank: u32,
+    #[serde(default)]
+    pub dp_rank: u32,
+    #[serde(default)]
+    pub compat: CompatInfo,
+}
+
+/// Parsed, validated connector configuration.
+#[derive(Debug, Clone)]
+pub struct ConnectorConfig {
+    pub engine_id: String,
+    pub role: KvRole,
+    pub mode: TransferMode,
+    pub backends: Vec<String>,
+    pub side_channel_host: String,
+    pub side_channel_port: u16,
+    pub tp_size: u32,
+    pub tp_rank: u32,
+    pub dp_rank: u32,
+    pub kv_lease_duration: Duration,
+    pub handshake_timeout: Duration,
+    pub progress_delay_us: u64,
+    pub load_failure_policy: LoadFailurePolicy,
+    pub enforce_handshake_compat: bool,
+    pub compat: CompatInfo,
+}
+
+/// Keys accepted in `kv_connector_extra_config`.
+pub const EXTRA_KEYS: &[&str] = &[
+    "backends",
+    "transfer_mode",
+    "kv_lease_duration",
+    "handshake_timeout",
+    "progress_delay_us",
+    "side_channel_host",
+    "side_channel_port",
+    "enforce_handshake_compat",
+    "num_threads",
+];
+
+pub const DEFAULT_SIDE_CHANNEL_HOST: &str = "localhost";
+pub const DEFAULT_SIDE_CHANNEL_PORT: u16 = 5600;
+pub const DEFAULT_LEASE_SECS: f64 = 120.0;
+pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: f64 = 5.0;
+pub const DEFAULT_PROGRESS_DELAY_US: u64 = 100;
+
+fn num(v: &Value, key: &str) -> Result<f64, ConfigError> {
+    v.as_f64().ok_or_else(|| ConfigError::InvalidValue {
+        key: key.into(),
+        reason: format!("expected a number, got {v}"),
+    })
+}
+
+impl ConnectorConfig {
+    /// Parse vLLM's `kv_transfer_config` (as JSON) plus engine facts. `env` looks up
+    /// environment variables (pass `|k| std::env::var(k).ok()` in production).
+    pub fn from_json(
+        kv_transfer_config: &str,
+        engine: EngineInfo,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let v: Value = serde_json::from_str(kv_transfer_config)
+            .map_err(|e| ConfigError::Json(e.to_string()))?;
+        let obj = v.as_object().ok_or_else(|| ConfigError::Json("expected an object".into()))?;
+        let role_s = obj
+            .get("kv_role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ConfigError::InvalidRole("<missing>".into()))?;
+        let role = KvRole::parse(role_s)?;
+        let engine_id = obj
+            .get("engine_id")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .ok_or_else(|| ConfigError::InvalidValue {
+                key: "engine_id".into(),
+                reason: "missing or empty".into(),
+            })?;
+        let load_failure_policy = match obj.get("kv_load_failure_policy").and_then(Value::as_str) {
+            None | Some("fail") => LoadFailurePolicy::Fail,
+            Some("recompute") => LoadFailurePolicy::Recompute,
+            Some(other) => {
+                return Err(ConfigError::InvalidValue {
+                    key: "kv_load_failure_policy".into(),
+                    reason: format!("{other:?}: expected \"fail\" or \"recompute\""),
+                })
+            }
+        };
+        let empty = serde_json::Map::new();
+        let extra = match obj.get("kv_connector_extra_config") {
+            None | Some(Value::Null) => &empty,
+            Some(Value::Object(m)) => m,
+            Some(other) => {
+                return Err(ConfigError::InvalidValue {
+                    key: "kv_connector_extra_config".into(),
+                    reason: format!("expected an object, got {other}"),
+                })
+            }
+        };
+        for k in extra.keys() {
+            if !EXTRA_KEYS.contains(&k.as_str()) {
+                tracing::warn!(key = %k, "kvbridge: ignoring unknown kv_connector_extra_config key");
+            }
+        }
+        let backends = match extra.get("backends") {
+            None => vec!["UCX".to_string()],
+            Some(Value::Array(a)) if !a.is_empty() => a
+                .iter()
+                .map(|b| {
+                    b.as_str().map(str::to_string).ok_or_else(|| ConfigError::InvalidValue {
+                        key: "backends".into(),
+                        reason: format!("expected a list of strings, got {b}"),
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            Some(other) => {
+                return Err(ConfigError::InvalidValue {
+                    key: "backends".into(),
+                    reason: format!("expected a non-empty list of backend names, got {other}"),
+                })
+            }
+        };
+        let mode = match extra.get("transfer_mode") {
+            None => TransferMode::Pull,
+            Some(Value::String(s)) => TransferMode::parse(s)?,
+            Some(other) => return Err(ConfigError::InvalidMode(other.to_string())),
+        };
+        let secs = |key: &str, default: f64| -> Result<Duration, ConfigError> {
+            let s = match extra.get(key) {
+                None => default,
+                Some(v) => num(v, key)?,
+            };
+            if !(s.is_finite() && s > 0.0) {
+                return Err(ConfigError::InvalidValue { key: key.into(), reason: "must be > 0".into() });
+            }
+            Ok(Duration::from_secs_f64(s))
+        };
+        let kv_lease_duration = secs("kv_lease_duration", DEFAULT_LEASE_SECS)?;
+        let handshake_timeout = secs("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT_SECS)?;
+        let progress_delay_us = match extra.get("progress_delay_us") {
+            None => DEFAULT_PROGRESS_DELAY_US,
+            Some(v) => v.as_u64().ok_or_else(|| ConfigError::InvalidValue {
+                key: "progress_delay_us".into(),
+                reason: format!("expected a non-negative integer, got {v}"),
+            })?,
+        };
+        let enforce_handshake_compat = match extra.get("enforce_handshake_compat") {
+            None => true,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(ConfigError::InvalidValue {
+                    key: "enforce_handshake_compat".into(),
+                    reason: format!("expected a boolean, got {other}"),
+                })
+            }
+        };
+        let side_channel_host = match extra.get("side_channel_host").and_then(Value::as_str) {
+            Some(h) => h.to_string(),
+            None => env("VLLM_NIXL_SIDE_CHANNEL_HOST").unwrap_or_else(|| DEFAULT_SIDE_CHANNEL_HOST.into()),
+        };
+        let side_channel_port = match extra.get("side_channel_port") {
+            Some(v) => v.as_u64().and_then(|p| u16::try_from(p).ok()).ok_or_else(|| {
+                ConfigError::InvalidValue { key: "side_channel_port".into(), reason: format!("not a port: {v}") }
+            })?,
+            None => match env("VLLM_NIXL_SIDE_CHANNEL_PORT") {
+                Some(p) => p.trim().parse::<u16>().map_err(|_| ConfigError::InvalidValue {
+                    key: "VLLM_NIXL_SIDE_CHANNEL_PORT".into(),
+                    reason: format!("not a port: {p:?}"),
+                })?,
+                None => DEFAULT_SIDE_CHANNEL_PORT,
+            },
+        };
+        Ok(Self {
+            engine_id,
+            role,
+            mode,
+            backends,
+            side_channel_host,
+            side_channel_port,
+            tp_size: engine.tp_size.max(1),
+            tp_rank: engine.tp_rank,
+            dp_rank: engine.dp_rank,
+            kv_lease_duration,
+            handshake_timeout,
+            progress_delay_us,
+            load_failure_policy,
+            enforce_handshake_compat,
+            compat: engine.compat,
+        })
+    }
+
+    /// The TCP port this worker's handshake listener binds: the base side-channel port,
+    /// plus the DP rank times the TP size, plus the TP rank. One listener per worker, so a
+    /// D rank talks straight to the P rank whose memory it reads.
+    pub fn listener_port_for(&self, base: u16, dp_rank: u32, tp_size: u32, tp_rank: u32) -> Option<u16> {
+        let off = dp_rank.checked_mul(tp_size)?.checked_add(tp_rank)?;
+        u16::try_from(u32::from(base).checked_add(off)?).ok()
+    }
+
+    /// The port this engine's own worker (our tp_rank) listens on.
+    pub fn local_listener_port(&self) -> Option<u16> {
+        self.listener_port_for(self.side_channel_port, self.dp_rank, self.tp_size, self.tp_rank)
+    }
+
+    /// The port the engine advertises in `kv_transfer_params` (`remote_port`): the base for its DP rank.
+    pub fn advertised_port(&self) -> Option<u16> {
+        self.listener_port_for(self.side_channel_port, self.dp_rank, self.tp_size, 0)
+    }
+
+    /// Log role-related start-up facts: the role, and the one `kv_both` deprecation warning.
+    pub fn log_startup(&self, side: &str) {
+        tracing::info!(engine_id = %self.engine_id, role = self.role.as_str(), mode = self.mode.as_str(),
+            side, "kvbridge connector starting");
+        if self.role == KvRole::Both {
+            tracing::warn!(
+                "kv_role=\"kv_both\" is deprecated in kvbridge: run the prefill engine with \
+                 kv_role=\"kv_producer\" and the decode engine with kv_role=\"kv_consumer\". \
+                 See {KV_BOTH_MIGRATION_DOC}."
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn parses_roles_and_defaults() {
+        let c = ConnectorConfig::from_json(
+            r#"{"kv_role":"kv_producer","engine_id":"e1"}"#,
+            EngineInfo::default(),
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(c.role, KvRole::Producer);
+        assert_eq!(c.backends, vec!["UCX"]);
+        assert_eq!(c.side_channel_port, 5600);
+        assert_eq!(c.side_channel_host, "localhost");
+        assert_eq!(c.load_failure_policy, LoadFailurePolicy::Fail);
+        assert_eq!(c.tp_size, 1);
+    }
+
+    #[test]
+    fn env_and_extra_override() {
+        let env = |k: &str| match k {
+            "VLLM_NIXL_SIDE_CHANNEL_PORT" => Some("6000".to_string()),
+            "VLLM_NIXL_SIDE_CHANNEL_HOST" => Some("127.0.0.1".to_string()),
+            _ => None,
+        };
+        let c = ConnectorConfig::from_json(
+            r#"{"kv_role":"kv_consumer","engine_id":"e","kv_connector_extra_config":{"backends":["UCX","LIBFABRIC"],"kv_lease_duration":7}}"#,
+            EngineInfo { tp_size: 2, tp_rank: 1, dp_rank: 1, ..Default::default() },
+            env,
+        )
+        .unwrap();
+        assert_eq!(c.side_channel_port, 6000);
+        assert_eq!(c.side_channel_host, "127.0.0.1");
+        assert_eq!(c.backends, vec!["UCX", "LIBFABRIC"]);
+        assert_eq!(c.kv_lease_duration, Duration::from_secs(7));
+        assert_eq!(c.local_listener_port(), Some(6003));
+        assert_eq!(c.advertised_port(), Some(6002));
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let bad = [
+            r#"{"kv_role":"kv_sideways","engine_id":"e"}"#,
+            r#"{"kv_role":"kv_producer"}"#,
+            r#"{"kv_role":"kv_producer","engine_id":"e","kv_connector_extra_config":{"backends":"UCX"}}"#,
+            r#"{"kv_role":"kv_producer","engine_id":"e","kv_connector_extra_config":{"kv_lease_duration":-1}}"#,
+            r#"{"kv_role":"kv_producer","engine_id":"e","kv_connector_extra_config":{"transfer_mode":"sideways"}}"#,
+            r#"{"kv_role":"kv_producer","engine_id":"e","kv_load_failure_policy":"retry"}"#,
+            r#"[1,2]"#,
+        ];
+        for b in bad {
+            assert!(ConnectorConfig::from_json(b, EngineInfo::default(), no_env).is_err(), "{b}");
+        }
+        let e = ConnectorConfig::from_json(
+            r#"{"kv_role":"kv_producer","engine_id":"e"}"#,
+            EngineInfo::default(),
+            |_| Some("notaport".into()),
+        );
+        assert!(matches!(e, Err(ConfigError::InvalidValue { .. })));
+    }
+
+    #[test]
+    fn kv_both_is_accepted() {
+        let c = ConnectorConfig::from_json(r#"{"kv_role":"kv_both","engine_id":"e"}"#, EngineInfo::default(), no_env)
+            .unwrap();
+        assert!(c.role.can_consume() && c.role.can_produce());
+    }
+}

@@ -1,0 +1,217 @@
+//! `kv_transfer_params`: the per-request dict the proxy passes through vLLM's OpenAI API.
+//! Everything here is user/peer controlled, so every field is checked and a bad one is a
+//! typed [`ParamsError`], never a panic.
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::ParamsError;
+
+/// Where a decode engine finds a request's prefilled KV.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemotePrefill {
+    pub remote_engine_id: String,
+    pub remote_request_id: String,
+    pub remote_block_ids: Vec<u32>,
+    pub remote_host: String,
+    pub remote_port: u16,
+    pub tp_size: u32,
+    /// Tokens the prefill engine computed; informational.
+    pub remote_num_tokens: Option<u64>,
+}
+
+/// What a request asks of the connector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvParams {
+    /// No P/D: an ordinary request.
+    None,
+    /// Sent to P: compute the prefill and hold the KV for a remote decode.
+    RemoteDecode,
+    /// Sent to D: load the KV from a remote prefill.
+    RemotePrefill(RemotePrefill),
+}
+
+fn type_name(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => format!("boolean {b}"),
+        Value::Number(n) => format!("number {n}"),
+        Value::String(s) => format!("string {s:?}"),
+        Value::Array(_) => "a list".into(),
+        Value::Object(_) => "an object".into(),
+    }
+}
+
+fn flag(m: &Map<String, Value>, field: &'static str) -> Result<bool, ParamsError> {
+    match m.get(field) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(ParamsError::WrongType { field, expected: "a boolean", got: type_name(v) }),
+    }
+}
+
+fn req<'a>(m: &'a Map<String, Value>, field: &'static str) -> Result<&'a Value, ParamsError> {
+    match m.get(field) {
+        None | Some(Value::Null) => Err(ParamsError::MissingField(field)),
+        Some(v) => Ok(v),
+    }
+}
+
+fn string(m: &Map<String, Value>, field: &'static str) -> Result<String, ParamsError> {
+    match req(m, field)? {
+        Value::String(s) if !s.is_empty() => Ok(s.clone()),
+        Value::String(_) => Err(ParamsError::WrongType { field, expected: "a non-empty string", got: "\"\"".into() }),
+        v => Err(ParamsError::WrongType { field, expected: "a string", got: type_name(v) }),
+    }
+}
+
+fn uint(v: &Value, field: &'static str, max: u64) -> Result<u64, ParamsError> {
+    match v.as_u64() {
+        Some(n) if n <= max => Ok(n),
+        _ => Err(ParamsError::WrongType { field, expected: "a non-negative integer in range", got: type_name(v) }),
+    }
+}
+
+/// Block ids as a flat list, or vLLM's newer per-KV-cache-group list of lists (one group).
+fn block_ids(v: &Value) -> Result<Vec<u32>, ParamsError> {
+    const F: &str = "remote_block_ids";
+    let arr = v.as_array().ok_or_else(|| ParamsError::WrongType { field: F, expected: "a list of block ids", got: type_name(v) })?;
+    let flat: &Vec<Value> = match arr.first() {
+        Some(Value::Array(_)) => {
+            if arr.len() != 1 {
+                return Err(ParamsError::Invalid(format!(
+                    "remote_block_ids has {} KV cache groups; kvbridge supports exactly one",
+                    arr.len()
+                )));
+            }
+            arr[0].as_array().ok_or_else(|| ParamsError::WrongType { field: F, expected: "a list of block ids", got: type_name(&arr[0]) })?
+        }
+        _ => arr,
+    };
+    flat.iter().map(|b| uint(b, F, u64::from(u32::MAX)).map(|n| n as u32)).collect()
+}
+
+/// A host name or IP literal: non-empty, at most 253 chars, only `[A-Za-z0-9.-:_]` (plus
+/// brackets for IPv6). Reachability is the handshake's job.
+pub fn valid_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && !h.starts_with('-')
+        && h.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_' | '[' | ']'))
+}
+
+impl KvParams {
+    /// Parse the JSON text of a request's `kv_transfer_params` (`None`/`null` = no P/D).
+    pub fn parse_json(text: Option<&str>) -> Result<Self, ParamsError> {
+        match text {
+            None => Ok(Self::None),
+            Some(t) => {
+                let v: Value = serde_json::from_str(t).map_err(|e| ParamsError::NotAnObject(format!("invalid JSON: {e}")))?;
+                Self::parse(&v)
+            }
+        }
+    }
+
+    pub fn parse(v: &Value) -> Result<Self, ParamsError> {
+        let m = match v {
+            Value::Null => return Ok(Self::None),
+            Value::Object(m) => m,
+            other => return Err(ParamsError::NotAnObject(type_name(other))),
+        };
+        let prefill = flag(m, "do_remote_prefill")?;
+        let decode = flag(m, "do_remote_decode")?;
+        match (prefill, decode) {
+            (false, false) => Ok(Self::None),
+            (true, true) => Err(ParamsError::Invalid("do_remote_prefill and do_remote_decode are both true".into())),
+            (false, true) => Ok(Self::RemoteDecode),
+            (true, false) => {
+                let remote_engine_id = string(m, "remote_engine_id")?;
+                let remote_request_id = string(m, "remote_request_id")?;
+                let remote_block_ids = block_ids(req(m, "remote_block_ids")?)?;
+                let remote_host = string(m, "remote_host")?;
+                if !valid_host(&remote_host) {
+                    return Err(ParamsError::BadHost(remote_host));
+                }
+                let remote_port = uint(req(m, "remote_port")?, "remote_port", 65535)? as u16;
+                if remote_port == 0 {
+                    return Err(ParamsError::Invalid("remote_port must be 1..=65535".into()));
+                }
+                let tp_size = match m.get("tp_size") {
+                    None | Some(Value::Null) => 1,
+                    Some(v) => uint(v, "tp_size", 4096)? as u32,
+                };
+                if tp_size == 0 {
+                    return Err(ParamsError::Invalid("tp_size must be >= 1".into()));
+                }
+                let remote_num_tokens = match m.get("remote_num_tokens") {
+                    None | Some(Value::Null) => None,
+                    Some(v) => Some(uint(v, "remote_num_tokens", u64::MAX)?),
+                };
+                Ok(Self::RemotePrefill(RemotePrefill {
+                    remote_engine_id,
+                    remote_request_id,
+                    remote_block_ids,
+                    remote_host,
+                    remote_port,
+                    tp_size,
+                    remote_num_tokens,
+                }))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn good() -> Value {
+        json!({"do_remote_prefill": true, "do_remote_decode": false, "remote_engine_id": "p0",
+               "remote_request_id": "cmpl-1", "remote_block_ids": [[3, 4, 5]], "remote_host": "127.0.0.1",
+               "remote_port": 5600, "tp_size": 1, "remote_num_tokens": 300})
+    }
+
+    #[test]
+    fn parses_good_params() {
+        match KvParams::parse(&good()).unwrap() {
+            KvParams::RemotePrefill(r) => {
+                assert_eq!(r.remote_block_ids, vec![3, 4, 5]);
+                assert_eq!(r.remote_port, 5600);
+                assert_eq!(r.remote_num_tokens, Some(300));
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut flat = good();
+        flat["remote_block_ids"] = json!([7, 8]);
+        assert!(matches!(KvParams::parse(&flat), Ok(KvParams::RemotePrefill(r)) if r.remote_block_ids == vec![7, 8]));
+        assert_eq!(KvParams::parse(&json!({"do_remote_decode": true})).unwrap(), KvParams::RemoteDecode);
+        assert_eq!(KvParams::parse(&Value::Null).unwrap(), KvParams::None);
+        assert_eq!(KvParams::parse_json(None).unwrap(), KvParams::None);
+        assert_eq!(KvParams::parse(&json!({})).unwrap(), KvParams::None);
+    }
+
+    #[test]
+    fn rejects_malformed_params() {
+        let cases: Vec<(Value, &str)> = vec![
+            (json!([1]), "must be a JSON object"),
+            (json!({"do_remote_prefill": "yes"}), "must be a boolean"),
+            (json!({"do_remote_prefill": true}), "missing field \"remote_engine_id\""),
+            ({ let mut g = good(); g.as_object_mut().unwrap().remove("remote_block_ids"); g }, "missing field \"remote_block_ids\""),
+            ({ let mut g = good(); g["remote_block_ids"] = json!("1,2"); g }, "remote_block_ids"),
+            ({ let mut g = good(); g["remote_block_ids"] = json!([-1]); g }, "remote_block_ids"),
+            ({ let mut g = good(); g["remote_block_ids"] = json!([[1], [2]]); g }, "KV cache groups"),
+            ({ let mut g = good(); g["remote_port"] = json!("5600"); g }, "remote_port"),
+            ({ let mut g = good(); g["remote_port"] = json!(70000); g }, "remote_port"),
+            ({ let mut g = good(); g["remote_host"] = json!("bad host!"); g }, "invalid remote_host"),
+            ({ let mut g = good(); g["remote_host"] = json!(42); g }, "remote_host"),
+            ({ let mut g = good(); g["remote_engine_id"] = json!(""); g }, "non-empty"),
+            ({ let mut g = good(); g["do_remote_decode"] = json!(true); g }, "both true"),
+            ({ let mut g = good(); g["tp_size"] = json!(0); g }, "tp_size"),
+        ];
+        for (v, want) in cases {
+            let e = KvParams::parse(&v).expect_err(&v.to_string()).to_string();
+            assert!(e.contains(want), "{v} -> {e} (wanted {want})");
+        }
+        assert!(KvParams::parse_json(Some("{not json")).is_err());
+    }
+}

@@ -1,0 +1,171 @@
+//! Pull mode on the scheduler side: D reads P's blocks.
+use std::collections::HashMap;
+
+use serde_json::json;
+
+use super::{FinishReason, Finished, Matched, SchedulerBase, SchedulerSide};
+use crate::config::ConnectorConfig;
+use crate::error::{Error, RoleError};
+use crate::params::{KvParams, RemotePrefill};
+use crate::wire::{ConnectorMetadata, RecvReq, RemoteRef, SendLease};
+
+/// The pull-mode scheduler. Pure: inputs are vLLM's calls, outputs are return values
+/// plus the metadata built each step.
+#[derive(Debug)]
+pub struct PullScheduler {
+    cfg: ConnectorConfig,
+    pub base: SchedulerBase,
+    /// D: remote prefills matched but not yet allocated.
+    awaiting_alloc: HashMap<String, RemotePrefill>,
+}
+
+impl PullScheduler {
+    pub fn new(cfg: ConnectorConfig) -> Self {
+        cfg.log_startup("scheduler");
+        Self { cfg, base: SchedulerBase::default(), awaiting_alloc: HashMap::new() }
+    }
+
+    fn reject(&mut self, req_id: &str, num_prompt_tokens: u64, num_computed_tokens: u64, err: Error) -> Matched {
+        let reason = err.to_string();
+        tracing::error!(request_id = %req_id, error = %reason, "kvbridge: rejecting request");
+        let count = num_prompt_tokens.saturating_sub(num_computed_tokens);
+        if count == 0 {
+            // Nothing left to compute, so nothing can be failed through a load; let it run.
+            return Matched::NONE;
+        }
+        self.base.rejected.insert(req_id.to_string(), reason);
+        // Park the request as an async load; its worker reports it failed, so vLLM ends it
+        // with an error (or recomputes it, under kv_load_failure_policy=recompute).
+        Matched { num_tokens: count, load_async: true }
+    }
+
+    fn recv_req(req_id: &str, rp: &RemotePrefill, local_block_ids: Vec<u32>, notify_only: bool) -> Result<RecvReq, Error> {
+        // A local prefix hit covers the first blocks; read only the tail.
+        let n = local_block_ids.len();
+        let remote = &rp.remote_block_ids;
+        if n > remote.len() {
+            return Err(crate::error::PlanError::BlockCountMismatch { local: n, remote: remote.len() }.into());
+        }
+        Ok(RecvReq {
+            req_id: req_id.to_string(),
+            local_block_ids,
+            notify_only,
+            remote: RemoteRef {
+                engine_id: rp.remote_engine_id.clone(),
+                host: rp.remote_host.clone(),
+                port: rp.remote_port,
+                request_id: rp.remote_request_id.clone(),
+                block_ids: remote[remote.len() - n..].to_vec(),
+                tp_size: rp.tp_size,
+            },
+        })
+    }
+}
+
+impl SchedulerSide for PullScheduler {
+    fn config(&self) -> &ConnectorConfig {
+        &self.cfg
+    }
+
+    fn get_num_new_matched_tokens(&mut self, req_id: &str, num_prompt_tokens: u64, num_computed_tokens: u64, kv_transfer_params: Option<&str>) -> Matched {
+        // A retry of the same request starts from a clean slate.
+        self.base.rejected.remove(req_id);
+        self.awaiting_alloc.remove(req_id);
+        let params = match KvParams::parse_json(kv_transfer_params) {
+            Ok(p) => p,
+            Err(e) => return self.reject(req_id, num_prompt_tokens, num_computed_tokens, e.into()),
+        };
+        match params {
+            KvParams::None => Matched::NONE,
+            KvParams::RemoteDecode if self.cfg.role.can_produce() => Matched::NONE,
+            KvParams::RemoteDecode => self.reject(req_id, num_prompt_tokens, num_computed_tokens, RoleError::RemoteDecodeOnConsumer.into()),
+            KvParams::RemotePrefill(_) if !self.cfg.role.can_consume() => {
+                self.reject(req_id, num_prompt_tokens, num_computed_tokens, RoleError::RemotePrefillOnProducer.into())
+            }
+            KvParams::RemotePrefill(rp) => {
+                let count = num_prompt_tokens.saturating_sub(num_computed_tokens);
+                self.awaiting_alloc.insert(req_id.to_string(), rp);
+                // count == 0: a full local prefix hit. No load, but P must still be told
+                // to free its blocks (done in update_state_after_alloc).
+                Matched { num_tokens: count, load_async: count > 0 }
+            }
+        }
+    }
+
+    fn update_state_after_alloc(&mut self, req_id: &str, unhashed_block_ids: &[u32], num_external_tokens: u64) {
+        if let Some(reason) = self.base.rejected.remove(req_id) {
+            self.base.loading.insert(req_id.to_string());
+            self.base.push_failed(req_id, reason);
+            return;
+        }
+        let Some(rp) = self.awaiting_alloc.remove(req_id) else { return };
+        let local = if num_external_tokens > 0 { unhashed_block_ids.to_vec() } else { Vec::new() };
+        match Self::recv_req(req_id, &rp, local, num_external_tokens == 0) {
+            Ok(r) => {
+                if num_external_tokens > 0 {
+                    self.base.loading.insert(req_id.to_string());
+                }
+                self.base.push_recv(r);
+            }
+            Err(e) => {
+                tracing::error!(request_id = %req_id, error = %e, "kvbridge: cannot load remote KV");
+                if num_external_tokens > 0 {
+                    self.base.loading.insert(req_id.to_string());
+                    self.base.push_failed(req_id, e.to_string());
+                }
+                // Still free P's blocks.
+                if let Ok(r) = Self::recv_req(req_id, &rp, Vec::new(), true) {
+                    self.base.push_recv(r);
+                }
+            }
+        }
+    }
+
+    fn request_finished(&mut self, req_id: &str, block_ids: &[u32], reason: FinishReason, num_computed_tokens: u64, kv_transfer_params: Option<&str>, now_unix: f64) -> Finished {
+        let none = Finished { delay_free: false, kv_transfer_params: None };
+        self.base.rejected.remove(req_id);
+        // D: aborted before its blocks were allocated. Tell P to free its blocks.
+        if let Some(rp) = self.awaiting_alloc.remove(req_id) {
+            if let Ok(r) = Self::recv_req(req_id, &rp, Vec::new(), true) {
+                self.base.push_recv(r);
+            }
+            return none;
+        }
+        let Ok(KvParams::RemoteDecode) = KvParams::parse_json(kv_transfer_params) else { return none };
+        if !self.cfg.role.can_produce() || !reason.completed() || block_ids.is_empty() {
+            return none;
+        }
+        let Some(port) = self.cfg.advertised_port() else { return none };
+        let expiry = now_unix + self.cfg.kv_lease_duration.as_secs_f64();
+        self.base.leased.insert(req_id.to_string(), expiry);
+        self.base.push_send(SendLease { req_id: req_id.to_string(), expiry_unix: expiry, expected_readers: 1 });
+        Finished {
+            delay_free: true,
+            kv_transfer_params: Some(json!({
+                "do_remote_prefill": true,
+                "do_remote_decode": false,
+                "remote_block_ids": [block_ids],
+                "remote_engine_id": self.cfg.engine_id,
+                "remote_request_id": req_id,
+                "remote_host": self.cfg.side_channel_host,
+                "remote_port": port,
+                "tp_size": self.cfg.tp_size,
+                "remote_num_tokens": num_computed_tokens,
+                "remote_blocks_expiry_time": expiry,
+                "transfer_mode": self.cfg.mode.as_str(),
+            })),
+        }
+    }
+
+    fn build_connector_meta(&mut self) -> ConnectorMetadata {
+        self.base.build_connector_meta()
+    }
+
+    fn update_connector_output(&mut self, finished_sending: &[String], finished_recving: &[String]) {
+        self.base.update_connector_output(finished_sending.iter().map(String::as_str), finished_recving.iter().map(String::as_str));
+    }
+
+    fn has_pending_block_frees(&self) -> bool {
+        self.base.has_pending_block_frees()
+    }
+}

@@ -1,0 +1,45 @@
+//! The one seam between the sans-IO core and real I/O: a transport moves bytes between
+//! registered regions and carries short notifications. `kvbridge-nixl` implements it over
+//! NIXL; unit tests use an in-process double.
+use crate::error::TransportError;
+use crate::layout::KvLayout;
+use crate::wire::AgentMetadata;
+
+/// Identifies a posted transfer within one transport.
+pub type XferId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XferPoll {
+    Pending,
+    Done,
+}
+
+/// Statistics a transport can report about a finished transfer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XferInfo {
+    pub bytes: u64,
+    pub descriptors: u64,
+}
+
+pub trait Transport: Send {
+    /// This agent's name as peers must address it.
+    fn agent_name(&self) -> &str;
+    /// Opaque transport metadata a peer loads to reach us (NIXL: `get_local_md`).
+    fn local_metadata(&mut self) -> Result<Vec<u8>, TransportError>;
+    /// Register the KV regions and prepare the local descriptor list (index rule in `plan`).
+    fn register(&mut self, layout: &KvLayout) -> Result<(), TransportError>;
+    /// Load a peer's metadata and prepare its descriptor list. Idempotent per engine.
+    fn add_remote(&mut self, md: &AgentMetadata) -> Result<(), TransportError>;
+    /// Forget a peer (after a failure, so the next request re-handshakes).
+    fn remove_remote(&mut self, engine_id: &str);
+    /// Post a READ of remote descriptors into local ones; `notif` is delivered to the
+    /// peer when the transfer completes.
+    fn read(&mut self, engine_id: &str, local: &[i32], remote: &[i32], notif: &[u8]) -> Result<XferId, TransportError>;
+    fn poll(&mut self, xfer: XferId) -> Result<XferPoll, TransportError>;
+    /// Release a transfer's handle (done, failed or abandoned).
+    fn release(&mut self, xfer: XferId);
+    /// Send a notification without a transfer.
+    fn notify(&mut self, engine_id: &str, msg: &[u8]) -> Result<(), TransportError>;
+    /// Notifications received since the last call.
+    fn take_notifs(&mut self) -> Result<Vec<Vec<u8>>, TransportError>;
+}

@@ -1,0 +1,219 @@
+//! Versioned msgpack (rmp-serde) types that cross a process boundary: scheduler→worker
+//! metadata, the handshake, and transfer notifications. Every decode checks a size limit
+//! first and returns a typed [`WireError`].
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::{CompatInfo, TransferMode};
+use crate::error::WireError;
+use crate::layout::MemKind;
+
+/// Bumped on any incompatible change to the types below; part of the compatibility hash.
+pub const WIRE_VERSION: u32 = 1;
+/// The kvbridge version, also hashed: P and D must run the same release.
+pub const KVBRIDGE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Limits on what we accept from a peer.
+pub const MAX_HANDSHAKE_BYTES: usize = 64 << 20;
+pub const MAX_NOTIF_BYTES: usize = 64 << 10;
+pub const MAX_METADATA_BYTES: usize = 256 << 20;
+
+pub fn encode<T: Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>, WireError> {
+    rmp_serde::to_vec_named(v).map_err(|e| WireError::Encode { what, reason: e.to_string() })
+}
+
+pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8], limit: usize) -> Result<T, WireError> {
+    if bytes.len() > limit {
+        return Err(WireError::TooLarge { size: bytes.len(), limit });
+    }
+    rmp_serde::from_slice(bytes).map_err(|e| WireError::Decode { what, reason: e.to_string() })
+}
+
+/// Compatibility hash: sha256 over the wire version, kvbridge version, transfer mode and
+/// the model/cache facts. Compared before anything else in a handshake.
+pub fn compat_hash(info: &CompatInfo, mode: TransferMode) -> String {
+    let mut h = Sha256::new();
+    h.update(format!("kvbridge/{KVBRIDGE_VERSION}/wire{WIRE_VERSION}/{}\n", mode.as_str()));
+    // serde_json of a struct is field-ordered, so this is canonical.
+    h.update(serde_json::to_vec(info).unwrap_or_default());
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Scheduler → worker
+
+/// Where a request's KV lives on the prefill side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteRef {
+    pub engine_id: String,
+    pub host: String,
+    pub port: u16,
+    pub request_id: String,
+    pub block_ids: Vec<u32>,
+    pub tp_size: u32,
+}
+
+/// One request the worker must load (pull: READ remote blocks into `local_block_ids`).
+/// Zero local blocks is legal: the worker still notifies P so it frees its blocks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecvReq {
+    pub req_id: String,
+    pub local_block_ids: Vec<u32>,
+    /// True when nothing is loaded (full local prefix hit, or an abort before
+    /// allocation): the worker only notifies P and reports nothing to vLLM.
+    pub notify_only: bool,
+    pub remote: RemoteRef,
+}
+
+/// One request whose blocks P holds for remote readers until notified or expired.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SendLease {
+    pub req_id: String,
+    /// Unix time (seconds) after which the worker releases the blocks anyway.
+    pub expiry_unix: f64,
+    /// How many remote worker ranks must report before the blocks are free.
+    pub expected_readers: u32,
+}
+
+/// A request the scheduler already knows failed (bad params, role error): the worker
+/// reports it as a failed load so vLLM ends it with an error and frees its blocks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedReq {
+    pub req_id: String,
+    pub reason: String,
+}
+
+/// Per-step metadata from the scheduler to every worker; opaque bytes to Python.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConnectorMetadata {
+    pub version: u32,
+    pub reqs_to_recv: Vec<RecvReq>,
+    pub reqs_to_send: Vec<SendLease>,
+    pub reqs_failed: Vec<FailedReq>,
+}
+
+impl ConnectorMetadata {
+    pub fn is_empty(&self) -> bool {
+        self.reqs_to_recv.is_empty() && self.reqs_to_send.is_empty() && self.reqs_failed.is_empty()
+    }
+    pub fn to_bytes(&self) -> Result<Vec<u8>, WireError> {
+        encode("ConnectorMetadata", self)
+    }
+    pub fn from_bytes(b: &[u8]) -> Result<Self, WireError> {
+        if b.is_empty() {
+            return Ok(Self::default());
+        }
+        let m: Self = decode("ConnectorMetadata", b, MAX_METADATA_BYTES)?;
+        if m.version != WIRE_VERSION {
+            return Err(WireError::Version { got: m.version, want: WIRE_VERSION });
+        }
+        Ok(m)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Handshake (ZMQ side channel)
+
+/// One registered region as advertised to peers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionDesc {
+    pub base: u64,
+    pub block_len: u64,
+    pub block_stride: u64,
+    pub num_blocks: u64,
+    pub device_id: u64,
+    pub mem: MemKind,
+}
+
+/// Everything a peer needs to read from (or write to) this worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentMetadata {
+    pub engine_id: String,
+    pub agent_name: String,
+    pub tp_rank: u32,
+    pub tp_size: u32,
+    pub block_size: u32,
+    pub regions: Vec<RegionDesc>,
+    #[serde(with = "serde_bytes")]
+    pub nixl_md: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandshakeRequest {
+    pub version: u32,
+    /// The requester's engine id, for logs.
+    pub from_engine: String,
+    pub from_tp_rank: u32,
+}
+
+/// The answer: the hash first, then the agent metadata as still-encoded bytes, so an
+/// incompatible peer's metadata is never decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandshakePayload {
+    pub compat_hash: String,
+    #[serde(with = "serde_bytes")]
+    pub agent_metadata: Vec<u8>,
+    /// Set when the listener cannot answer (e.g. caches not registered yet).
+    pub error: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Notifications (over NIXL, reader → holder)
+
+/// "I am done with request X": sent by a D rank to the P rank it read from, attached to
+/// the READ (or alone, when zero blocks had to be read).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notif {
+    pub version: u32,
+    pub request_id: String,
+    pub from_engine: String,
+    pub from_tp_rank: u32,
+    pub ok: bool,
+}
+
+impl Notif {
+    pub fn to_bytes(&self) -> Result<Vec<u8>, WireError> {
+        encode("Notif", self)
+    }
+    pub fn from_bytes(b: &[u8]) -> Result<Self, WireError> {
+        decode("Notif", b, MAX_NOTIF_BYTES)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_roundtrip_and_limits() {
+        let m = ConnectorMetadata {
+            version: WIRE_VERSION,
+            reqs_to_recv: vec![RecvReq {
+                req_id: "r".into(),
+                local_block_ids: vec![1, 2],
+                notify_only: false,
+                remote: RemoteRef { engine_id: "p".into(), host: "h".into(), port: 1, request_id: "x".into(), block_ids: vec![5, 6], tp_size: 1 },
+            }],
+            reqs_to_send: vec![SendLease { req_id: "s".into(), expiry_unix: 1.5, expected_readers: 1 }],
+            reqs_failed: vec![],
+        };
+        let b = m.to_bytes().unwrap();
+        assert_eq!(ConnectorMetadata::from_bytes(&b).unwrap(), m);
+        assert!(ConnectorMetadata::from_bytes(&[]).unwrap().is_empty());
+        assert!(matches!(ConnectorMetadata::from_bytes(b"\xc1garbage"), Err(WireError::Decode { .. })));
+        let big = vec![0u8; MAX_NOTIF_BYTES + 1];
+        assert!(matches!(Notif::from_bytes(&big), Err(WireError::TooLarge { .. })));
+        let mut old = m.clone();
+        old.version = 99;
+        assert!(matches!(ConnectorMetadata::from_bytes(&old.to_bytes().unwrap()), Err(WireError::Version { .. })));
+    }
+
+    #[test]
+    fn compat_hash_depends_on_model_facts() {
+        let a = CompatInfo { model: "m".into(), block_size: 16, ..Default::default() };
+        let mut b = a.clone();
+        assert_eq!(compat_hash(&a, TransferMode::Pull), compat_hash(&b, TransferMode::Pull));
+        b.block_size = 32;
+        assert_ne!(compat_hash(&a, TransferMode::Pull), compat_hash(&b, TransferMode::Pull));
+    }
+}

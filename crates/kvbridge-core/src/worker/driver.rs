@@ -1,0 +1,226 @@
+//! Runs the pull worker's actions against a [`Transport`] and the side channel.
+//!
+//! Threads: the engine's thread calls `start_load` / `get_finished`; handshakes run on the
+//! side channel's tokio thread, which, when a handshake completes, loads the peer and posts
+//! the queued READs at once instead of waiting for the next engine step. Both paths go
+//! through one mutex; NIXL calls made under it are short (post, poll, notify).
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::pull::{Action, PullStats, PullWorker};
+use super::FinishedSets;
+use crate::config::ConnectorConfig;
+use crate::error::{Error, HandshakeError, TransportError};
+use crate::layout::{KvLayout, TensorInfo};
+use crate::side_channel::{PayloadCell, SideChannel};
+use crate::transport::{Transport, XferId, XferPoll};
+use crate::wire::{self, AgentMetadata, ConnectorMetadata, HandshakePayload, HandshakeRequest, RegionDesc, WIRE_VERSION};
+
+pub fn now_unix() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+struct Inner<T: Transport> {
+    core: PullWorker,
+    transport: T,
+    xfers: HashMap<String, XferId>,
+}
+
+/// A worker-side connector: state machine + transport + side channel.
+pub struct WorkerDriver<T: Transport + 'static> {
+    cfg: ConnectorConfig,
+    inner: Arc<Mutex<Inner<T>>>,
+    side: Arc<SideChannel>,
+    payload: PayloadCell,
+    block_size: u32,
+    read_timeout: Duration,
+}
+
+fn lock<T: Transport>(m: &Mutex<Inner<T>>) -> MutexGuard<'_, Inner<T>> {
+    // A panic while holding the lock would be a bug in this crate; keep serving anyway.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<T: Transport + 'static> WorkerDriver<T> {
+    pub fn new(cfg: ConnectorConfig, transport: T) -> Result<Self, Error> {
+        cfg.log_startup("worker");
+        let hash = wire::compat_hash(&cfg.compat, cfg.mode);
+        let core = PullWorker::new(cfg.engine_id.clone(), cfg.tp_rank, cfg.tp_size, hash, cfg.enforce_handshake_compat);
+        let side = SideChannel::new().map_err(|e| Error::Other(format!("cannot start side-channel runtime: {e}")))?;
+        Ok(Self {
+            block_size: cfg.compat.block_size,
+            read_timeout: cfg.kv_lease_duration,
+            cfg,
+            inner: Arc::new(Mutex::new(Inner { core, transport, xfers: HashMap::new() })),
+            side: Arc::new(side),
+            payload: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    pub fn config(&self) -> &ConnectorConfig {
+        &self.cfg
+    }
+
+    /// Register the KV cache tensors, prepare descriptors, and start serving handshakes.
+    pub fn register(&self, tensors: &[TensorInfo], num_blocks: u64) -> Result<KvLayout, Error> {
+        let layout = KvLayout::from_tensors(tensors, num_blocks)?;
+        let payload = {
+            let mut g = lock(&self.inner);
+            g.transport.register(&layout)?;
+            let nixl_md = g.transport.local_metadata()?;
+            let md = AgentMetadata {
+                engine_id: self.cfg.engine_id.clone(),
+                agent_name: g.transport.agent_name().to_string(),
+                tp_rank: self.cfg.tp_rank,
+                tp_size: self.cfg.tp_size,
+                block_size: self.block_size,
+                regions: layout
+                    .regions
+                    .iter()
+                    .map(|r| RegionDesc { base: r.base, block_len: r.block_len, block_stride: r.block_stride, num_blocks: r.num_blocks, device_id: r.device_id, mem: r.mem })
+                    .collect(),
+                nixl_md,
+            };
+            g.core.on_registered(layout.clone());
+            wire::encode(
+                "HandshakePayload",
+                &HandshakePayload { compat_hash: g.core.compat_hash().to_string(), agent_metadata: wire::encode("AgentMetadata", &md)?, error: None },
+            )?
+        };
+        if let Ok(mut p) = self.payload.lock() {
+            *p = Some(payload);
+        }
+        let port = self.cfg.local_listener_port().ok_or_else(|| Error::Other("side-channel port out of range".into()))?;
+        self.side.serve(&self.cfg.side_channel_host, port, self.payload.clone())?;
+        tracing::info!(regions = layout.regions.len(), num_blocks, port, "kvbridge: KV caches registered");
+        Ok(layout)
+    }
+
+    /// Bind a step's metadata (opaque bytes from the scheduler) and start loads.
+    pub fn start_load(&self, metadata: &[u8]) -> Result<(), Error> {
+        let md = ConnectorMetadata::from_bytes(metadata)?;
+        if md.is_empty() {
+            return Ok(());
+        }
+        let actions = lock(&self.inner).core.on_metadata(md, now_unix());
+        run(&self.inner, &self.side, &self.cfg, actions);
+        Ok(())
+    }
+
+    /// Poll transfers and notifications; return what finished since the last call.
+    pub fn get_finished(&self) -> FinishedSets {
+        let now = now_unix();
+        let mut g = lock(&self.inner);
+        let mut follow = Vec::new();
+        let xfers: Vec<(String, XferId)> = g.xfers.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        for (req, x) in xfers {
+            let res = match g.transport.poll(x) {
+                Ok(XferPoll::Pending) => {
+                    let started = g.core.loading().find(|l| l.req_id == req).map(|l| l.started_unix).unwrap_or(now);
+                    if now - started > self.read_timeout.as_secs_f64() {
+                        Some(Err(TransportError::new("timeout", format!("READ for {req} did not finish in {:?}", self.read_timeout))))
+                    } else {
+                        None
+                    }
+                }
+                Ok(XferPoll::Done) => Some(Ok(())),
+                Err(e) => Some(Err(e)),
+            };
+            if let Some(res) = res {
+                g.transport.release(x);
+                g.xfers.remove(&req);
+                follow.extend(g.core.on_read_done(&req, res, now));
+            }
+        }
+        match g.transport.take_notifs() {
+            Ok(ns) => {
+                for n in ns {
+                    g.core.base.on_notif(&n, now);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "kvbridge: reading notifications failed"),
+        }
+        g.core.base.tick(now);
+        drop(g);
+        if !follow.is_empty() {
+            run(&self.inner, &self.side, &self.cfg, follow);
+        }
+        lock(&self.inner).core.base.take_finished()
+    }
+
+    pub fn stats(&self) -> PullStats {
+        lock(&self.inner).core.stats.clone()
+    }
+
+    /// Requests whose blocks this rank still holds for remote readers.
+    pub fn held_requests(&self) -> usize {
+        lock(&self.inner).core.base.held_requests()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        lock(&self.inner).xfers.len()
+    }
+
+    /// Run a closure against the transport (tests, tools).
+    pub fn with_transport<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        f(&mut lock(&self.inner).transport)
+    }
+
+    /// Fetch a peer's raw handshake payload, blocking (tools, benchmarks).
+    pub fn fetch_payload(&self, host: &str, port: u16) -> Result<Vec<u8>, HandshakeError> {
+        let req = HandshakeRequest { version: WIRE_VERSION, from_engine: self.cfg.engine_id.clone(), from_tp_rank: self.cfg.tp_rank };
+        self.side.fetch_blocking(host, port, req, self.cfg.handshake_timeout)
+    }
+}
+
+/// Execute actions until none are left. Handshakes go to the side channel; their
+/// completion re-enters here on the side-channel thread.
+fn run<T: Transport + 'static>(inner: &Arc<Mutex<Inner<T>>>, side: &Arc<SideChannel>, cfg: &ConnectorConfig, actions: Vec<Action>) {
+    let mut q: VecDeque<Action> = actions.into();
+    while let Some(a) = q.pop_front() {
+        match a {
+            Action::Handshake { engine_id, host, port } => {
+                tracing::debug!(engine = %engine_id, %host, port, "kvbridge: handshake");
+                let inner2 = inner.clone();
+                let side2 = side.clone();
+                let cfg2 = cfg.clone();
+                let addr = format!("{host}:{port}");
+                let req = HandshakeRequest { version: WIRE_VERSION, from_engine: cfg.engine_id.clone(), from_tp_rank: cfg.tp_rank };
+                let t0 = std::time::Instant::now();
+                side.fetch(host, port, req, cfg.handshake_timeout, move |res| {
+                    let follow = lock(&inner2).core.on_handshake_payload(&engine_id, &addr, res);
+                    run(&inner2, &side2, &cfg2, follow);
+                    tracing::info!(engine = %engine_id, ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: handshake finished");
+                });
+            }
+            Action::AddRemote { md } => {
+                let mut g = lock(inner);
+                let res = g.transport.add_remote(&md);
+                let follow = g.core.on_remote_added(&md.engine_id, res, now_unix());
+                q.extend(follow);
+            }
+            Action::RemoveRemote { engine_id } => lock(inner).transport.remove_remote(&engine_id),
+            Action::Read { req_id, engine_id, local, remote, notif, bytes } => {
+                let mut g = lock(inner);
+                let now = now_unix();
+                match g.transport.read(&engine_id, &local, &remote, &notif) {
+                    Ok(x) => {
+                        tracing::debug!(request_id = %req_id, bytes, descs = local.len(), "kvbridge: READ posted");
+                        g.core.mark_posted(&req_id, now);
+                        g.xfers.insert(req_id, x);
+                    }
+                    Err(e) => {
+                        let follow = g.core.on_read_done(&req_id, Err(e), now);
+                        q.extend(follow);
+                    }
+                }
+            }
+            Action::Notify { engine_id, msg } => {
+                if let Err(e) = lock(inner).transport.notify(&engine_id, &msg) {
+                    tracing::warn!(engine = %engine_id, error = %e, "kvbridge: notification failed");
+                }
+            }
+        }
+    }
+}
