@@ -1,0 +1,276 @@
+//! [`NixlTransport`]: the core's `Transport` over a NIXL agent (UCX by default).
+//!
+//! RAII: transfer requests, prepared descriptor lists and memory registrations are owned
+//! handles, released on drop, and dropped before the agent (field order below).
+use std::collections::HashMap;
+use std::path::Path;
+
+use kvbridge_core::error::TransportError;
+use kvbridge_core::layout::{KvLayout, MemKind};
+use kvbridge_core::plan::descriptors_of;
+use kvbridge_core::transport::{Transport, XferId, XferPoll};
+use kvbridge_core::wire::AgentMetadata;
+use nixl_sys::{Agent, AgentConfig, MemType, MemoryRegion, NixlDescriptor, NotificationMap, OptArgs, RegistrationHandle, ThreadSync, XferDescList, XferDlistHandle, XferOp, XferRequest, XferStatus};
+
+use crate::error::NixlError;
+use crate::runtime;
+
+/// Transport settings.
+#[derive(Debug, Clone)]
+pub struct NixlOptions {
+    /// NIXL backends to create, e.g. `["UCX"]`.
+    pub backends: Vec<String>,
+    /// Progress-thread sleep between polls, in µs. 0 would busy-spin a core, so 0 here
+    /// means "no progress thread": transfers then progress only when polled.
+    pub progress_delay_us: u64,
+    /// Where to look for `libnixl_capi.so` besides the env vars.
+    pub lib_dir_hint: Option<std::path::PathBuf>,
+}
+
+impl Default for NixlOptions {
+    fn default() -> Self {
+        Self { backends: vec!["UCX".into()], progress_delay_us: 100, lib_dir_hint: None }
+    }
+}
+
+/// A memory range to register (a KV region's span).
+#[derive(Debug)]
+struct Span {
+    ptr: u64,
+    len: usize,
+    mem: MemType,
+    dev: u64,
+}
+
+impl MemoryRegion for Span {
+    unsafe fn as_ptr(&self) -> *const u8 {
+        self.ptr as usize as *const u8
+    }
+    fn size(&self) -> usize {
+        self.len
+    }
+}
+
+impl NixlDescriptor for Span {
+    fn mem_type(&self) -> MemType {
+        self.mem
+    }
+    fn device_id(&self) -> u64 {
+        self.dev
+    }
+}
+
+/// A prepared descriptor list.
+struct Prepped(XferDlistHandle);
+// SAFETY: the handle is an opaque pointer into the NIXL agent, which is created with a
+// thread-safe sync mode; kvbridge only touches it while holding the transport (behind
+// the worker's mutex), never from two threads at once.
+unsafe impl Send for Prepped {}
+
+struct Remote {
+    agent_name: String,
+    dlist: Prepped,
+    num_descs: usize,
+}
+
+fn mem_type(m: MemKind) -> MemType {
+    match m {
+        MemKind::Dram => MemType::Dram,
+        MemKind::Vram => MemType::Vram,
+    }
+}
+
+pub struct NixlTransport {
+    // Drop order matters: requests, then prepared lists, then registrations, then agent.
+    xfers: HashMap<XferId, XferRequest>,
+    remotes: HashMap<String, Remote>,
+    local: Option<(Prepped, usize)>,
+    regs: Vec<RegistrationHandle>,
+    next_xfer: XferId,
+    name: String,
+    agent: Agent,
+}
+
+impl NixlTransport {
+    /// Create an agent named `name` with the configured backends. Fails with
+    /// [`NixlError::RuntimeMissing`] (never aborts) if the NIXL runtime is absent.
+    pub fn new(name: &str, opts: &NixlOptions) -> Result<Self, NixlError> {
+        runtime::ensure_loaded(opts.lib_dir_hint.as_deref())?;
+        let cfg = AgentConfig {
+            enable_prog_thread: opts.progress_delay_us > 0,
+            pthr_delay_us: opts.progress_delay_us,
+            thread_sync: ThreadSync::Rw,
+            ..AgentConfig::default()
+        };
+        let agent = Agent::new_configured(name, &cfg).map_err(NixlError::nixl("create agent"))?;
+        let plugins: Vec<String> = agent
+            .get_available_plugins()
+            .map_err(NixlError::nixl("list plugins"))?
+            .iter()
+            .filter_map(|p| p.ok().map(str::to_string))
+            .collect();
+        for b in &opts.backends {
+            if !plugins.iter().any(|p| p == b) {
+                return Err(NixlError::BackendUnavailable(b.clone(), plugins));
+            }
+            let (_mems, params) = agent.get_plugin_params(b).map_err(NixlError::nixl("get plugin params"))?;
+            agent.create_backend(b, &params).map_err(NixlError::nixl("create backend"))?;
+        }
+        tracing::info!(agent = name, backends = ?opts.backends, progress_delay_us = opts.progress_delay_us, "kvbridge: NIXL agent created");
+        Ok(Self { xfers: HashMap::new(), remotes: HashMap::new(), local: None, regs: Vec::new(), next_xfer: 1, name: name.to_string(), agent })
+    }
+
+    /// Is the runtime loadable here? (Never aborts.)
+    pub fn runtime_available(hint: Option<&Path>) -> bool {
+        runtime::available(hint)
+    }
+
+    fn prep(&self, agent: &str, mem: MemType, descs: &[(u64, u64, u64)]) -> Result<Prepped, NixlError> {
+        let mut list = XferDescList::new(mem).map_err(NixlError::nixl("create descriptor list"))?;
+        for &(addr, len, dev) in descs {
+            list.add_desc(addr as usize, len as usize, dev);
+        }
+        let h = self.agent.prepare_xfer_dlist(agent, &list, None).map_err(NixlError::nixl("prepare descriptor list"))?;
+        Ok(Prepped(h))
+    }
+
+    fn register_impl(&mut self, layout: &KvLayout) -> Result<(), NixlError> {
+        // Re-registration replaces everything.
+        self.xfers.clear();
+        self.local = None;
+        self.regs.clear();
+        let mem = layout.regions.first().map(|r| mem_type(r.mem)).unwrap_or(MemType::Dram);
+        for r in &layout.regions {
+            if r.mem == MemKind::Vram {
+                crate::cuda::check_device_pointer(r.base)?;
+            }
+            let span = Span { ptr: r.base, len: r.span() as usize, mem: mem_type(r.mem), dev: r.device_id };
+            let h = self.agent.register_memory(&span, None).map_err(NixlError::nixl("register memory"))?;
+            self.regs.push(h);
+        }
+        let descs = descriptors_of(layout.regions.iter().map(|r| (r.base, r.block_len, r.block_stride, r.num_blocks, r.device_id)));
+        let n = descs.len();
+        self.local = Some((self.prep("", mem, &descs)?, n));
+        tracing::info!(regions = layout.regions.len(), descriptors = n, "kvbridge: registered KV regions with NIXL");
+        Ok(())
+    }
+
+    fn add_remote_impl(&mut self, md: &AgentMetadata) -> Result<(), NixlError> {
+        if self.remotes.contains_key(&md.engine_id) {
+            return Ok(());
+        }
+        let name = self.agent.load_remote_md(&md.nixl_md).map_err(NixlError::nixl("load remote metadata"))?;
+        if name != md.agent_name {
+            let _ = self.agent.invalidate_remote_md(&name);
+            return Err(NixlError::AgentMismatch { want: md.agent_name.clone(), got: name });
+        }
+        let mem = md.regions.first().map(|r| mem_type(r.mem)).unwrap_or(MemType::Dram);
+        let descs = descriptors_of(md.regions.iter().map(|r| (r.base, r.block_len, r.block_stride, r.num_blocks, r.device_id)));
+        let dlist = match self.prep(&name, mem, &descs) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = self.agent.invalidate_remote_md(&name);
+                return Err(e);
+            }
+        };
+        self.remotes.insert(md.engine_id.clone(), Remote { agent_name: name, dlist, num_descs: descs.len() });
+        Ok(())
+    }
+
+    fn read_impl(&mut self, engine_id: &str, local: &[i32], remote: &[i32], notif: &[u8]) -> Result<XferId, NixlError> {
+        let (ldl, ln) = self.local.as_ref().ok_or(NixlError::NotRegistered)?;
+        let r = self.remotes.get(engine_id).ok_or_else(|| NixlError::UnknownRemote(engine_id.to_string()))?;
+        // Indices come from the plan, which checked them; check again, as NIXL would crash.
+        for &i in local {
+            if i < 0 || i as usize >= *ln {
+                return Err(NixlError::IndexOutOfRange(i.into()));
+            }
+        }
+        for &i in remote {
+            if i < 0 || i as usize >= r.num_descs {
+                return Err(NixlError::IndexOutOfRange(i.into()));
+            }
+        }
+        let mut opt = OptArgs::new().map_err(NixlError::nixl("create opt args"))?;
+        opt.set_notification_message(notif).map_err(NixlError::nixl("set notification"))?;
+        opt.set_has_notification(true).map_err(NixlError::nixl("set notification"))?;
+        let req = self.agent.make_xfer_req(XferOp::Read, &ldl.0, local, &r.dlist.0, remote, Some(&opt)).map_err(NixlError::nixl("make transfer"))?;
+        self.agent.post_xfer_req(&req, None).map_err(NixlError::nixl("post transfer"))?;
+        let id = self.next_xfer;
+        self.next_xfer += 1;
+        self.xfers.insert(id, req);
+        Ok(id)
+    }
+
+    fn take_notifs_impl(&mut self) -> Result<Vec<Vec<u8>>, NixlError> {
+        let mut map = NotificationMap::new().map_err(NixlError::nixl("create notification map"))?;
+        self.agent.get_notifications(&mut map, None).map_err(NixlError::nixl("get notifications"))?;
+        let mut out = Vec::new();
+        let agents: Vec<String> = map.agents().filter_map(|a| a.ok().map(str::to_string)).collect();
+        for a in agents {
+            let n = map.get_notifications_size(&a).map_err(NixlError::nixl("read notifications"))?;
+            for i in 0..n {
+                out.push(map.get_notification_bytes(&a, i).map_err(NixlError::nixl("read notification"))?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Write local descriptors into remote ones (used by tests and, later, push mode).
+    pub fn write(&mut self, engine_id: &str, local: &[i32], remote: &[i32], notif: &[u8]) -> Result<XferId, NixlError> {
+        let (ldl, _) = self.local.as_ref().ok_or(NixlError::NotRegistered)?;
+        let r = self.remotes.get(engine_id).ok_or_else(|| NixlError::UnknownRemote(engine_id.to_string()))?;
+        let mut opt = OptArgs::new().map_err(NixlError::nixl("create opt args"))?;
+        opt.set_notification_message(notif).map_err(NixlError::nixl("set notification"))?;
+        opt.set_has_notification(true).map_err(NixlError::nixl("set notification"))?;
+        let req = self.agent.make_xfer_req(XferOp::Write, &ldl.0, local, &r.dlist.0, remote, Some(&opt)).map_err(NixlError::nixl("make transfer"))?;
+        self.agent.post_xfer_req(&req, None).map_err(NixlError::nixl("post transfer"))?;
+        let id = self.next_xfer;
+        self.next_xfer += 1;
+        self.xfers.insert(id, req);
+        Ok(id)
+    }
+}
+
+impl Transport for NixlTransport {
+    fn agent_name(&self) -> &str {
+        &self.name
+    }
+    fn local_metadata(&mut self) -> Result<Vec<u8>, TransportError> {
+        Ok(self.agent.get_local_md().map_err(NixlError::nixl("get local metadata"))?)
+    }
+    fn register(&mut self, layout: &KvLayout) -> Result<(), TransportError> {
+        Ok(self.register_impl(layout)?)
+    }
+    fn add_remote(&mut self, md: &AgentMetadata) -> Result<(), TransportError> {
+        Ok(self.add_remote_impl(md)?)
+    }
+    fn remove_remote(&mut self, engine_id: &str) {
+        if let Some(r) = self.remotes.remove(engine_id) {
+            drop(r.dlist);
+            if let Err(e) = self.agent.invalidate_remote_md(&r.agent_name) {
+                tracing::debug!(agent = %r.agent_name, error = %e, "kvbridge: invalidate remote failed");
+            }
+        }
+    }
+    fn read(&mut self, engine_id: &str, local: &[i32], remote: &[i32], notif: &[u8]) -> Result<XferId, TransportError> {
+        Ok(self.read_impl(engine_id, local, remote, notif)?)
+    }
+    fn poll(&mut self, xfer: XferId) -> Result<XferPoll, TransportError> {
+        let req = self.xfers.get(&xfer).ok_or(NixlError::UnknownXfer(xfer))?;
+        match self.agent.get_xfer_status(req).map_err(NixlError::nixl("transfer status"))? {
+            XferStatus::Success => Ok(XferPoll::Done),
+            XferStatus::InProgress => Ok(XferPoll::Pending),
+        }
+    }
+    fn release(&mut self, xfer: XferId) {
+        self.xfers.remove(&xfer);
+    }
+    fn notify(&mut self, engine_id: &str, msg: &[u8]) -> Result<(), TransportError> {
+        let r = self.remotes.get(engine_id).ok_or_else(|| NixlError::UnknownRemote(engine_id.to_string()))?;
+        Ok(self.agent.send_notification(&r.agent_name, msg, None).map_err(NixlError::nixl("send notification"))?)
+    }
+    fn take_notifs(&mut self) -> Result<Vec<Vec<u8>>, TransportError> {
+        Ok(self.take_notifs_impl()?)
+    }
+}

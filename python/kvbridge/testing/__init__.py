@@ -1,0 +1,21 @@
+"""Test and benchmark helpers for running vLLM prefill/decode pairs locally (see ``cluster``)."""
+
+from kvbridge.testing.cluster import (
+    Cluster,
+    CompletionResult,
+    XferRecord,
+    complete,
+    cpu_seconds,
+    parse_xfer_lines,
+    random_prompt,
+)
+
+__all__ = [
+    "Cluster",
+    "CompletionResult",
+    "XferRecord",
+    "complete",
+    "cpu_seconds",
+    "parse_xfer_lines",
+    "random_prompt",
+]

@@ -1,0 +1,569 @@
+"""A local vLLM prefill/decode (P/D) cluster for tests, demos and benchmarks.
+
+``Cluster`` starts one prefill (P, ``kv_producer``) and one decode (D, ``kv_consumer``) vLLM
+OpenAI server plus the ``kvbridge.proxy`` in front of them, all bound to 127.0.0.1, each in its own
+process group with stdout/stderr in ``log_dir``.  The KV connector is a parameter: ``"kvbridge"``
+(ours, ``kvbridge.vllm.KVBridgeConnector``) or ``"nixl"`` (vLLM's built-in ``NixlConnector``).
+
+    with Cluster(model_dir, connector="nixl", log_dir="out/logs") as c:
+        prompt = random_prompt(512, seed=1)
+        pd = c.pd_request(prompt, max_tokens=16)       # explicit P then D (streaming)
+        ref = c.reference(prompt, max_tokens=16)       # same prompt straight to D
+        assert pd.tokens == ref.tokens
+        print(pd.ttft)                                 # decode-side TTFT, seconds
+
+The servers run with the interpreter from ``$KVBRIDGE_PYTHON`` (else ``$KVBRIDGE_VENV/bin/python``,
+else ``sys.executable``); ``<repo>/python`` is prepended to their ``PYTHONPATH``.
+This module imports neither vllm nor ``kvbridge._native``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+PYTHON_DIR = REPO_ROOT / "python"
+
+VOCAB_SIZE = 4096
+BLOCK_SIZE = 128  # vLLM's CPU backend block size (tokens per KV block)
+
+#: kv_transfer_params the proxy sends to P: "prefill only, keep the KV for a remote decode".
+PREFILL_PARAMS: dict[str, Any] = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+
+XFER_RE = re.compile(r"kvbridge-xfer request_id=(\S+) bytes=(\d+) secs=([0-9.eE+\-]+)")
+
+REQUEST_TIMEOUT_S = 180.0
+
+
+# ----------------------------------------------------------------------------- utilities
+
+
+def random_prompt(n_tokens: int, seed: int) -> list[int]:
+    """Return ``n_tokens`` random token ids in [2, VOCAB_SIZE) (no <s>/</s>), deterministic in seed."""
+    rng = random.Random(seed)
+    return [rng.randrange(2, VOCAB_SIZE) for _ in range(n_tokens)]
+
+
+def _children_map() -> dict[int, list[int]]:
+    """Map pid -> child pids, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def process_tree(pid: int) -> list[int]:
+    """Return ``pid`` and all its live descendants."""
+    children = _children_map()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds used so far by ``pid`` and all its live descendants."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return total / ticks
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _tail(path: Path, n: int = 60) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(lines[-n:])
+
+
+def default_python() -> str:
+    """Interpreter for the servers: $KVBRIDGE_PYTHON, else $KVBRIDGE_VENV/bin/python, else ours."""
+    if py := os.environ.get("KVBRIDGE_PYTHON"):
+        return py
+    if venv := os.environ.get("KVBRIDGE_VENV"):
+        return str(Path(venv) / "bin" / "python")
+    return sys.executable
+
+
+# ----------------------------------------------------------------------------- HTTP client
+
+
+@dataclass
+class CompletionResult:
+    """Outcome of one /v1/completions request."""
+
+    status: int
+    tokens: list[int] = field(default_factory=list)
+    ttft: float | None = None  # seconds from send to first token (streaming only)
+    latency: float = 0.0  # seconds from send to the end of the response
+    finish_reason: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    error: str | None = None  # error body/message, when the request failed
+
+    @property
+    def ok(self) -> bool:
+        """True when the request succeeded: HTTP < 400, no error, no error/abort finish."""
+        return self.status < 400 and self.error is None and self.finish_reason not in ("error", "abort")
+
+
+@dataclass
+class PDResult:
+    """Outcome of an explicit two-phase request: P (max_tokens=1) then D (streaming)."""
+
+    prefill: CompletionResult
+    decode: CompletionResult
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.decode.tokens
+
+    @property
+    def ttft(self) -> float | None:
+        """Decode-side TTFT: from sending the D request to D's first token."""
+        return self.decode.ttft
+
+
+_client: httpx.Client | None = None
+
+
+def _http() -> httpx.Client:
+    global _client
+    if _client is None:
+        _client = httpx.Client(timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0))
+    return _client
+
+
+def completion_body(
+    prompt_ids: list[int],
+    max_tokens: int,
+    kv_transfer_params: dict[str, Any] | None = None,
+    stream: bool = False,
+) -> dict[str, Any]:
+    """Greedy, EOS-ignoring completion request body that returns token ids."""
+    body: dict[str, Any] = {
+        "prompt": list(prompt_ids),
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+        "stream": stream,
+    }
+    if kv_transfer_params is not None:
+        body["kv_transfer_params"] = kv_transfer_params
+    return body
+
+
+def post_completion(
+    url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> CompletionResult:
+    """POST ``body`` to ``url``/v1/completions; parses streaming (SSE) and plain JSON replies."""
+    stream = bool(body.get("stream"))
+    t0 = time.perf_counter()
+    try:
+        with _http().stream("POST", f"{url}/v1/completions", json=body, headers=headers) as resp:
+            if resp.status_code >= 400 or not stream:
+                raw = resp.read()
+                res = CompletionResult(status=resp.status_code, latency=time.perf_counter() - t0)
+                if resp.status_code >= 400:
+                    res.error = raw.decode(errors="replace")
+                    return res
+                data = json.loads(raw)
+                choice = data["choices"][0]
+                res.tokens = list(choice.get("token_ids") or [])
+                res.finish_reason = choice.get("finish_reason")
+                res.kv_transfer_params = data.get("kv_transfer_params")
+                return res
+            res = CompletionResult(status=resp.status_code)
+            for line in resp.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                data = json.loads(payload)
+                if "error" in data:
+                    res.error = json.dumps(data["error"])
+                    continue
+                for choice in data.get("choices", []):
+                    ids = choice.get("token_ids") or []
+                    if ids and res.ttft is None:
+                        res.ttft = time.perf_counter() - t0
+                    res.tokens.extend(ids)
+                    if choice.get("finish_reason") is not None:
+                        res.finish_reason = choice["finish_reason"]
+            res.latency = time.perf_counter() - t0
+            return res
+    except httpx.HTTPError as e:
+        return CompletionResult(status=599, latency=time.perf_counter() - t0, error=repr(e))
+
+
+def complete(
+    url: str,
+    prompt_ids: list[int],
+    max_tokens: int = 16,
+    kv_transfer_params: dict[str, Any] | None = None,
+    stream: bool = False,
+) -> CompletionResult:
+    """Greedy completion of ``prompt_ids`` at server ``url`` (e.g. ``http://127.0.0.1:8200``)."""
+    return post_completion(url, completion_body(prompt_ids, max_tokens, kv_transfer_params, stream))
+
+
+# ----------------------------------------------------------------------------- log parsing
+
+
+@dataclass
+class XferRecord:
+    """One ``kvbridge-xfer`` line: a finished KV read on the decode side."""
+
+    request_id: str
+    bytes: int
+    secs: float
+
+
+def parse_xfer_lines(text: str) -> list[XferRecord]:
+    """All ``kvbridge-xfer request_id=<id> bytes=<int> secs=<float>`` records in ``text``."""
+    return [XferRecord(m[1], int(m[2]), float(m[3])) for m in XFER_RE.finditer(text)]
+
+
+# ----------------------------------------------------------------------------- cluster
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    url: str
+
+
+class Cluster:
+    """One P and one D vLLM server plus the kvbridge proxy, on 127.0.0.1.
+
+    ``prefix_caching`` applies to both servers. ``extra_env`` is added to every process's env.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        connector: str = "kvbridge",
+        log_dir: str | os.PathLike[str] | None = None,
+        p_port: int = 8100,
+        d_port: int = 8200,
+        proxy_port: int = 8000,
+        side_ports: tuple[int, int] = (5600, 5700),
+        prefix_caching: bool = False,
+        extra_env: dict[str, str] | None = None,
+        start_timeout: float = 300.0,
+        python: str | None = None,
+    ) -> None:
+        if connector not in ("kvbridge", "nixl"):
+            raise ValueError(f"connector must be 'kvbridge' or 'nixl', not {connector!r}")
+        self.model_dir = str(Path(model_dir).resolve())
+        self.connector = connector
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="kvbridge-cluster-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.p_port, self.d_port, self.proxy_port = p_port, d_port, proxy_port
+        self.side_ports = side_ports
+        self.prefix_caching = prefix_caching
+        self.extra_env = dict(extra_env or {})
+        self.start_timeout = start_timeout
+        self.python = python or default_python()
+        self.procs: dict[str, _Proc] = {}
+        self._atexit = False
+
+    # -- urls / paths
+
+    @property
+    def p_url(self) -> str:
+        return f"http://127.0.0.1:{self.p_port}"
+
+    @property
+    def d_url(self) -> str:
+        return f"http://127.0.0.1:{self.d_port}"
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    def log_path(self, name: str) -> Path:
+        """Log file of process ``name`` ("prefill", "decode" or "proxy")."""
+        return self.log_dir / f"{name}.log"
+
+    # -- configuration
+
+    def kv_transfer_config(self, role: str) -> dict[str, Any]:
+        """The --kv-transfer-config for ``role`` ("kv_producer" or "kv_consumer")."""
+        if self.connector == "nixl":
+            return {"kv_connector": "NixlConnector", "kv_role": role}
+        return {
+            "kv_connector": "KVBridgeConnector",
+            "kv_connector_module_path": "kvbridge.vllm",
+            "kv_role": role,
+        }
+
+    def _env(self, cpu: str | None = None, side_port: int | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        pythonpath = [str(PYTHON_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env.update(
+            PYTHONPATH=os.pathsep.join(pythonpath),
+            PYTHONUNBUFFERED="1",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            VLLM_CPU_KVCACHE_SPACE="1",
+            UCX_NET_DEVICES="lo",
+            VLLM_NIXL_SIDE_CHANNEL_HOST="127.0.0.1",
+        )
+        if cpu is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu
+        if side_port is not None:
+            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(side_port)
+        env.update(self.extra_env)
+        return env
+
+    def _server_cmd(self, role: str, port: int) -> list[str]:
+        return [
+            self.python, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model_dir,
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--enforce-eager",
+            "--dtype", "bfloat16",
+            "--max-model-len", "4096",
+            "--max-num-seqs", "8",
+            "--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching",
+            "--kv-transfer-config", json.dumps(self.kv_transfer_config(role)),
+        ]  # fmt: skip
+
+    # -- lifecycle
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str], url: str) -> None:
+        log = self.log_path(name)
+        with open(log, "ab") as fh:
+            fh.write(f"\n===== {time.strftime('%F %T')} {' '.join(cmd)}\n".encode())
+            fh.flush()
+            popen = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                env=env, cwd=str(REPO_ROOT), start_new_session=True,
+            )  # fmt: skip
+        self.procs[name] = _Proc(name, popen, log, url)
+
+    def _wait_healthy(self, names: Iterable[str], deadline: float) -> None:
+        pending = set(names)
+        while pending:
+            for name in sorted(pending):
+                proc = self.procs[name]
+                if proc.popen.poll() is not None:
+                    raise RuntimeError(
+                        f"{name} exited with status {proc.popen.returncode} while starting; "
+                        f"log {proc.log}:\n{_tail(proc.log)}"
+                    )
+                try:
+                    if httpx.get(f"{proc.url}/health", timeout=2.0).status_code == 200:
+                        pending.discard(name)
+                except httpx.HTTPError:
+                    pass
+            if pending and time.monotonic() > deadline:
+                tails = "\n".join(f"--- {n} ({self.procs[n].log}):\n{_tail(self.procs[n].log)}" for n in pending)
+                raise TimeoutError(f"not healthy after {self.start_timeout:.0f}s: {sorted(pending)}\n{tails}")
+            if pending:
+                time.sleep(1.0)
+
+    def start(self) -> Cluster:
+        """Start P and D in parallel, then the proxy; return when all answer /health."""
+        ports = [self.p_port, self.d_port, self.proxy_port, *self.side_ports]
+        busy = [p for p in ports if not _port_free(p)]
+        if busy:
+            raise RuntimeError(f"ports already in use on 127.0.0.1: {busy} (a leftover server?)")
+        if not self._atexit:
+            atexit.register(self.stop)
+            self._atexit = True
+        try:
+            deadline = time.monotonic() + self.start_timeout
+            self._spawn("prefill", self._server_cmd("kv_producer", self.p_port),
+                        self._env("0", self.side_ports[0]), self.p_url)  # fmt: skip
+            self._spawn("decode", self._server_cmd("kv_consumer", self.d_port),
+                        self._env("1", self.side_ports[1]), self.d_url)  # fmt: skip
+            self._wait_healthy(["prefill", "decode"], deadline)
+            proxy_cmd = [
+                self.python, "-m", "kvbridge.proxy", "--host", "127.0.0.1",
+                "--port", str(self.proxy_port), "--prefill", self.p_url, "--decode", self.d_url,
+            ]  # fmt: skip
+            self._spawn("proxy", proxy_cmd, self._env(), self.proxy_url)
+            self._wait_healthy(["proxy"], time.monotonic() + 60.0)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Kill every process group (and stray descendants); idempotent."""
+        for name in ("proxy", "decode", "prefill"):
+            proc = self.procs.pop(name, None)
+            if proc is not None:
+                _kill_group(proc.popen)
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def pid(self, name: str) -> int:
+        """Pid of the top process of ``name`` ("prefill", "decode" or "proxy")."""
+        return self.procs[name].popen.pid
+
+    def alive(self, name: str) -> bool:
+        """Whether process ``name`` is still running."""
+        proc = self.procs.get(name)
+        return proc is not None and proc.popen.poll() is None
+
+    # -- requests
+
+    def prefill(self, prompt_ids: list[int]) -> CompletionResult:
+        """Run the P phase (max_tokens=1, do_remote_decode); ``.kv_transfer_params`` is for D."""
+        return complete(self.p_url, prompt_ids, 1, dict(PREFILL_PARAMS), stream=False)
+
+    def pd_request(self, prompt_ids: list[int], max_tokens: int = 16) -> PDResult:
+        """Explicit two-phase flow: P, then D streaming with P's kv_transfer_params."""
+        p = self.prefill(prompt_ids)
+        if not p.ok or not p.kv_transfer_params:
+            raise RuntimeError(f"prefill failed: status={p.status} params={p.kv_transfer_params} {p.error}")
+        d = complete(self.d_url, prompt_ids, max_tokens, p.kv_transfer_params, stream=True)
+        return PDResult(p, d)
+
+    def proxy_request(self, prompt_ids: list[int], max_tokens: int = 16, stream: bool = True) -> CompletionResult:
+        """Request through the proxy (TTFT measured at the client of the proxy)."""
+        return complete(self.proxy_url, prompt_ids, max_tokens, None, stream=stream)
+
+    def reference(self, prompt_ids: list[int], max_tokens: int = 16) -> CompletionResult:
+        """Single-instance reference: the prompt sent straight to D, no kv_transfer_params."""
+        return complete(self.d_url, prompt_ids, max_tokens, None, stream=False)
+
+    # -- logs
+
+    def log_offset(self, name: str = "decode") -> int:
+        """Current size of ``name``'s log: pass it to ``xfer_since`` to see only newer lines."""
+        try:
+            return self.log_path(name).stat().st_size
+        except OSError:
+            return 0
+
+    def xfer_since(
+        self, offset: int, count: int = 1, timeout: float = 2.0, name: str = "decode"
+    ) -> list[XferRecord]:
+        """``kvbridge-xfer`` records written to ``name``'s log after ``offset``.
+
+        Polls until at least ``count`` records appear or ``timeout`` seconds pass.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(self.log_path(name), "rb") as fh:
+                fh.seek(offset)
+                text = fh.read().decode(errors="replace")
+            # Only complete lines: a record being written may still lack its end.
+            text = text[: text.rfind("\n") + 1]
+            records = parse_xfer_lines(text)
+            if len(records) >= count or time.monotonic() >= deadline:
+                return records
+            time.sleep(0.05)
+
+
+def _kill_group(popen: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+    """SIGTERM the process group of ``popen`` (and descendants that left it), then SIGKILL."""
+    if popen.poll() is not None and not _group_alive(popen.pid):
+        return
+    tree = process_tree(popen.pid) if popen.poll() is None else []
+    _signal_all(popen.pid, tree, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if popen.poll() is not None and not _group_alive(popen.pid) and not _any_alive(tree):
+            return
+        time.sleep(0.1)
+    _signal_all(popen.pid, tree + process_tree(popen.pid), signal.SIGKILL)
+    try:
+        popen.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _signal_all(pgid: int, pids: list[int], sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _any_alive(pids: list[int]) -> bool:
+    for p in pids:
+        try:
+            os.kill(p, 0)
+        except ProcessLookupError:
+            continue
+        # A zombie still "exists"; treat it as dead.
+        try:
+            if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+        except OSError:
+            continue
+        return True
+    return False
