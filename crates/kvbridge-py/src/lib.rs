@@ -1,1 +1,223 @@
+//! `kvbridge._native`: thin pyo3 classes over the core state machines and the NIXL
+//! worker. Every call that can wait releases the GIL. Errors map to one exception
+//! hierarchy rooted at `KvbridgeError`.
+use std::path::PathBuf;
+use std::sync::Mutex;
 
+use kvbridge_core::config::{ConnectorConfig, EngineInfo};
+use kvbridge_core::error::Error;
+use kvbridge_core::layout::{MemKind, TensorInfo};
+use kvbridge_core::params::KvParams;
+use kvbridge_core::scheduler::{FinishReason, PullScheduler, SchedulerSide};
+use kvbridge_core::worker::driver::now_unix;
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+create_exception!(_native, KvbridgeError, PyException, "Base class of every kvbridge error.");
+create_exception!(_native, ConfigError, KvbridgeError, "Invalid local configuration.");
+create_exception!(_native, ParamsError, KvbridgeError, "Malformed kv_transfer_params.");
+create_exception!(_native, RoleError, KvbridgeError, "A request contradicts the engine's kv_role.");
+create_exception!(_native, WireError, KvbridgeError, "Undecodable bytes from a peer or the scheduler.");
+create_exception!(_native, HandshakeError, KvbridgeError, "The handshake with a remote engine failed.");
+create_exception!(_native, PlanError, KvbridgeError, "The transfer plan cannot be built or applied.");
+create_exception!(_native, TransportError, KvbridgeError, "The transport (NIXL) failed.");
+create_exception!(_native, NixlRuntimeMissing, TransportError, "libnixl_capi.so could not be loaded.");
+
+fn to_py(e: Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        Error::Config(_) => ConfigError::new_err(msg),
+        Error::Params(_) => ParamsError::new_err(msg),
+        Error::Role(_) => RoleError::new_err(msg),
+        Error::Wire(_) => WireError::new_err(msg),
+        Error::Handshake(_) => HandshakeError::new_err(msg),
+        Error::Plan(_) => PlanError::new_err(msg),
+        Error::Transport(t) if t.kind == "runtime_missing" => NixlRuntimeMissing::new_err(msg),
+        Error::Transport(_) => TransportError::new_err(msg),
+        Error::Other(_) => KvbridgeError::new_err(msg),
+    }
+}
+
+fn parse_config(kv_transfer_config: &str, engine_info: &str) -> PyResult<ConnectorConfig> {
+    let info: EngineInfo = serde_json::from_str(engine_info).map_err(|e| ConfigError::new_err(format!("engine info is not valid JSON: {e}")))?;
+    ConnectorConfig::from_json(kv_transfer_config, info, |k| std::env::var(k).ok()).map_err(|e| to_py(e.into()))
+}
+
+/// Scheduler-side connector (vLLM role SCHEDULER).
+#[pyclass(module = "kvbridge._native")]
+struct Scheduler {
+    inner: PullScheduler,
+}
+
+#[pymethods]
+impl Scheduler {
+    #[new]
+    fn new(kv_transfer_config: &str, engine_info: &str) -> PyResult<Self> {
+        Ok(Self { inner: PullScheduler::new(parse_config(kv_transfer_config, engine_info)?) })
+    }
+
+    #[getter]
+    fn engine_id(&self) -> String {
+        self.inner.config().engine_id.clone()
+    }
+
+    #[getter]
+    fn role(&self) -> &'static str {
+        self.inner.config().role.as_str()
+    }
+
+    /// Returns `(num_tokens, load_async)`.
+    #[pyo3(signature = (req_id, num_prompt_tokens, num_computed_tokens, kv_transfer_params=None))]
+    fn get_num_new_matched_tokens(&mut self, req_id: &str, num_prompt_tokens: u64, num_computed_tokens: u64, kv_transfer_params: Option<&str>) -> (u64, bool) {
+        let m = self.inner.get_num_new_matched_tokens(req_id, num_prompt_tokens, num_computed_tokens, kv_transfer_params);
+        (m.num_tokens, m.load_async)
+    }
+
+    fn update_state_after_alloc(&mut self, req_id: &str, unhashed_block_ids: Vec<u32>, num_external_tokens: u64) {
+        self.inner.update_state_after_alloc(req_id, &unhashed_block_ids, num_external_tokens);
+    }
+
+    /// This step's metadata for the workers, as opaque bytes.
+    fn build_connector_meta<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let b = self.inner.build_connector_meta().to_bytes().map_err(|e| to_py(e.into()))?;
+        Ok(PyBytes::new(py, &b))
+    }
+
+    /// Returns `(delay_free_blocks, kv_transfer_params as JSON text or None)`.
+    #[pyo3(signature = (req_id, block_ids, finish_reason, num_computed_tokens, kv_transfer_params=None))]
+    fn request_finished(&mut self, req_id: &str, block_ids: Vec<u32>, finish_reason: &str, num_computed_tokens: u64, kv_transfer_params: Option<&str>) -> (bool, Option<String>) {
+        let f = self.inner.request_finished(req_id, &block_ids, FinishReason::parse(finish_reason), num_computed_tokens, kv_transfer_params, now_unix());
+        (f.delay_free, f.kv_transfer_params.map(|v| v.to_string()))
+    }
+
+    fn update_connector_output(&mut self, finished_sending: Vec<String>, finished_recving: Vec<String>) {
+        self.inner.update_connector_output(&finished_sending, &finished_recving);
+    }
+
+    fn has_pending_block_frees(&self) -> bool {
+        self.inner.has_pending_block_frees()
+    }
+}
+
+/// Worker-side connector (vLLM role WORKER), over a NIXL agent.
+#[pyclass(module = "kvbridge._native", frozen)]
+struct Worker {
+    inner: kvbridge_nixl::NixlWorker,
+    invalid_blocks: Mutex<Vec<u32>>,
+}
+
+type TensorTuple = (String, u64, Vec<u64>, Vec<u64>, u64, String, u64);
+
+#[pymethods]
+impl Worker {
+    #[new]
+    #[pyo3(signature = (kv_transfer_config, engine_info, nixl_lib_dir=None))]
+    fn new(py: Python<'_>, kv_transfer_config: &str, engine_info: &str, nixl_lib_dir: Option<String>) -> PyResult<Self> {
+        let cfg = parse_config(kv_transfer_config, engine_info)?;
+        let inner = py.allow_threads(|| kvbridge_nixl::new_worker(cfg, nixl_lib_dir.map(PathBuf::from))).map_err(to_py)?;
+        Ok(Self { inner, invalid_blocks: Mutex::new(Vec::new()) })
+    }
+
+    /// `tensors`: `(name, data_ptr, shape, stride, itemsize, device_type, device_index)`.
+    fn register_kv_caches(&self, py: Python<'_>, tensors: Vec<TensorTuple>, num_blocks: u64) -> PyResult<()> {
+        let infos = tensors
+            .into_iter()
+            .map(|(name, ptr, shape, stride, itemsize, dev, idx)| {
+                let mem = match dev.as_str() {
+                    "cpu" => Ok(MemKind::Dram),
+                    "cuda" => Ok(MemKind::Vram),
+                    other => Err(ConfigError::new_err(format!("tensor {name}: device {other:?} is not supported (cpu or cuda)"))),
+                }?;
+                Ok(TensorInfo { name, ptr, shape, stride, itemsize, mem, device_id: idx })
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        py.allow_threads(|| self.inner.register(&infos, num_blocks)).map(|_| ()).map_err(to_py)
+    }
+
+    /// Bind one step's metadata and start loads. Never blocks on the network.
+    fn start_load_kv(&self, py: Python<'_>, metadata: &[u8]) -> PyResult<()> {
+        let md = metadata.to_vec();
+        py.allow_threads(|| self.inner.start_load(&md)).map_err(to_py)
+    }
+
+    /// Returns `(finished_sending, finished_recving, failed_recving)`.
+    fn get_finished(&self, py: Python<'_>) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let f = py.allow_threads(|| self.inner.get_finished());
+        if !f.invalid_block_ids.is_empty() {
+            if let Ok(mut v) = self.invalid_blocks.lock() {
+                v.extend_from_slice(&f.invalid_block_ids);
+            }
+        }
+        (f.sending, f.recving, f.failed_recving)
+    }
+
+    fn get_block_ids_with_load_errors(&self) -> Vec<u32> {
+        self.invalid_blocks.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default()
+    }
+
+    /// Counters as a JSON object.
+    fn stats(&self) -> String {
+        let s = self.inner.stats();
+        serde_json::json!({
+            "reads_ok": s.reads_ok, "reads_failed": s.reads_failed, "bytes_read": s.bytes_read,
+            "read_secs_total": s.read_secs_total, "last_read_secs": s.last_read_secs,
+            "last_read_bytes": s.last_read_bytes, "handshakes_ok": s.handshakes_ok,
+            "handshakes_failed": s.handshakes_failed, "descriptors": s.descriptors, "runs": s.runs,
+            "held_requests": self.inner.held_requests(), "in_flight": self.inner.in_flight(),
+        })
+        .to_string()
+    }
+}
+
+/// Validate a request's `kv_transfer_params` (JSON text). Returns "none",
+/// "remote_decode" or "remote_prefill"; raises `ParamsError` if malformed.
+#[pyfunction]
+fn validate_kv_transfer_params(params: &str) -> PyResult<&'static str> {
+    match KvParams::parse_json(Some(params)).map_err(|e| to_py(e.into()))? {
+        KvParams::None => Ok("none"),
+        KvParams::RemoteDecode => Ok("remote_decode"),
+        KvParams::RemotePrefill(_) => Ok("remote_prefill"),
+    }
+}
+
+/// True if the NIXL runtime can be loaded (never aborts).
+#[pyfunction]
+#[pyo3(signature = (lib_dir=None))]
+fn nixl_runtime_available(lib_dir: Option<String>) -> bool {
+    kvbridge_nixl::NixlTransport::runtime_available(lib_dir.as_deref().map(std::path::Path::new))
+}
+
+/// Route `tracing` logs to stderr. Level from `level`, else `KVBRIDGE_LOG`, else "info".
+#[pyfunction]
+#[pyo3(signature = (level=None))]
+fn init_logging(level: Option<String>) {
+    let filter = level.or_else(|| std::env::var("KVBRIDGE_LOG").ok()).unwrap_or_else(|| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_class::<Scheduler>()?;
+    m.add_class::<Worker>()?;
+    m.add_function(wrap_pyfunction!(validate_kv_transfer_params, m)?)?;
+    m.add_function(wrap_pyfunction!(nixl_runtime_available, m)?)?;
+    m.add_function(wrap_pyfunction!(init_logging, m)?)?;
+    m.add("KvbridgeError", py.get_type::<KvbridgeError>())?;
+    m.add("ConfigError", py.get_type::<ConfigError>())?;
+    m.add("ParamsError", py.get_type::<ParamsError>())?;
+    m.add("RoleError", py.get_type::<RoleError>())?;
+    m.add("WireError", py.get_type::<WireError>())?;
+    m.add("HandshakeError", py.get_type::<HandshakeError>())?;
+    m.add("PlanError", py.get_type::<PlanError>())?;
+    m.add("TransportError", py.get_type::<TransportError>())?;
+    m.add("NixlRuntimeMissing", py.get_type::<NixlRuntimeMissing>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -292,6 +292,7 @@ impl PullWorker {
                 self.stats.read_secs_total += secs;
                 self.stats.last_read_secs = secs;
                 self.stats.last_read_bytes = l.bytes;
+                tracing::info!(request_id = %l.req_id, bytes = l.bytes, secs, "kvbridge-xfer");
                 self.base.out.recving.push(l.req_id);
                 Vec::new()
             }

@@ -1,0 +1,191 @@
+"""vLLM connector: ``KVBridgeConnector``, a thin ``KVConnectorBase_V1`` over Rust.
+
+Use it with::
+
+    --kv-transfer-config '{"kv_connector":"KVBridgeConnector",
+                           "kv_connector_module_path":"kvbridge.vllm",
+                           "kv_role":"kv_producer"}'      # or "kv_consumer" on decode
+
+Every method turns vLLM objects into plain data and forwards to ``kvbridge._native``;
+the scheduler-to-worker metadata is opaque bytes that Rust writes and Rust reads.
+"""
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import vllm
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorTransferResults,
+)
+from vllm.logger import init_logger
+
+from kvbridge import _native, nixl_lib_dir
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = init_logger("vllm.kvbridge")
+_native.init_logging()
+
+
+class KVBridgeMetadata(KVConnectorMetadata):
+    """One step's scheduler→worker metadata: msgpack bytes built and read by Rust."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def _config_json(vllm_config: "VllmConfig") -> str:
+    ktc = vllm_config.kv_transfer_config
+    return json.dumps({
+        "kv_role": ktc.kv_role,
+        "engine_id": ktc.engine_id,
+        "kv_connector_extra_config": ktc.kv_connector_extra_config or {},
+        "kv_load_failure_policy": getattr(ktc, "kv_load_failure_policy", "fail"),
+    })
+
+
+def _engine_info(vllm_config: "VllmConfig", tp_rank: int) -> str:
+    mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+    return json.dumps({
+        "tp_size": pc.tensor_parallel_size,
+        "tp_rank": tp_rank,
+        "dp_rank": getattr(pc, "data_parallel_index", None) or getattr(pc, "data_parallel_rank", 0) or 0,
+        "compat": {
+            "vllm_version": vllm.__version__,
+            "model": str(mc.model),
+            "dtype": str(mc.dtype),
+            "cache_dtype": str(cc.cache_dtype),
+            "num_layers": mc.get_num_layers(pc),
+            "num_kv_heads": mc.get_total_num_kv_heads(),
+            "head_size": mc.get_head_size(),
+            "block_size": cc.block_size,
+            "attn_backend": "",
+        },
+    })
+
+
+def _params(request: "Request") -> str | None:
+    p = request.kv_transfer_params
+    return None if p is None else json.dumps(p, default=str)
+
+
+class KVBridgeConnector(KVConnectorBase_V1):
+    """Pull-mode P/D connector: D reads P's KV blocks over NIXL (see docs/architecture.md)."""
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig | None" = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        cfg = _config_json(vllm_config)
+        self._sched: _native.Scheduler | None = None
+        self._worker: _native.Worker | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._sched = _native.Scheduler(cfg, _engine_info(vllm_config, 0))
+        else:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            self._worker = _native.Worker(cfg, _engine_info(vllm_config, get_tensor_model_parallel_rank()), nixl_lib_dir())
+
+    # ---------------------------------------------------------------- scheduler side
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self._sched is not None
+        params = _params(request)
+        if params is None:
+            return 0, False
+        return self._sched.get_num_new_matched_tokens(request.request_id, request.num_prompt_tokens, num_computed_tokens, params)
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        assert self._sched is not None
+        if request.kv_transfer_params is None:
+            return
+        unhashed = blocks.get_unhashed_block_ids() if num_external_tokens > 0 else []
+        self._sched.update_state_after_alloc(request.request_id, unhashed, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        assert self._sched is not None
+        return KVBridgeMetadata(self._sched.build_connector_meta())
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self._sched is not None
+        params = _params(request)
+        if params is None:
+            return False, None
+        delay, out = self._sched.request_finished(request.request_id, list(block_ids), request.status.name, request.num_computed_tokens, params)
+        return delay, (json.loads(out) if out is not None else None)
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        if self._sched is None:
+            return
+        sending = connector_output.finished_sending or ()
+        recving = connector_output.finished_recving or ()
+        if sending or recving:
+            self._sched.update_connector_output(list(sending), list(recving))
+
+    def has_pending_block_frees(self) -> bool:
+        return self._sched is not None and self._sched.has_pending_block_frees()
+
+    # ---------------------------------------------------------------- worker side
+    def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]) -> None:
+        assert self._worker is not None
+        seen: set[int] = set()
+        tensors = []
+        for name, t in kv_caches.items():
+            if t.data_ptr() in seen:  # layers sharing one cache tensor
+                continue
+            seen.add(t.data_ptr())
+            tensors.append((name, t.data_ptr(), list(t.shape), list(t.stride()), t.element_size(), t.device.type, t.device.index or 0))
+        num_blocks = self._kv_cache_config.num_blocks if self._kv_cache_config is not None else next(iter(kv_caches.values())).shape[0]
+        self._worker.register_kv_caches(tensors, num_blocks)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        assert self._worker is not None
+        md = self._get_connector_metadata()
+        assert isinstance(md, KVBridgeMetadata)
+        self._worker.start_load_kv(md.data)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None  # loads complete before the request is scheduled (async pull)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: "torch.Tensor", attn_metadata: Any, **kwargs: Any) -> None:
+        return None  # pull mode: P's blocks are read in place; nothing to save
+
+    def wait_for_save(self) -> None:
+        return None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        assert self._worker is not None
+        sending, recving, failed = self._worker.get_finished()
+        return KVConnectorTransferResults(finished_sending=set(sending), finished_recving=set(recving), failed_recving=set(failed))
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        r = self.get_transfer_results(finished_req_ids)
+        return (r.finished_sending or None), (r.finished_recving or None)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return set(self._worker.get_block_ids_with_load_errors()) if self._worker is not None else set()
+
+    def get_kv_connector_stats(self) -> None:
+        return None
+
+    def shutdown(self) -> None:
+        # Dropping the native objects releases NIXL handles, registrations and the
+        # side-channel listener (RAII).
+        self._worker = None
+        self._sched = None
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: "VllmConfig") -> str | None:
+        return None  # any layout whose block axis is first (or second after a K/V axis)
+
+
+__all__ = ["KVBridgeConnector", "KVBridgeMetadata"]
