@@ -67,6 +67,13 @@ fn consumer_lifecycle_and_prefix_hit() {
     assert_eq!((r.local_block_ids.clone(), r.remote.block_ids.clone(), r.notify_only), (vec![1, 2, 3, 4], vec![10, 11, 12, 13], false));
     assert_eq!(r.remote.request_id, "r1");
     d.update_connector_output(&[], &["d1".into()]);
+    // Back in WAITING after the load, vLLM asks again: no second transfer.
+    let m = d.get_num_new_matched_tokens("d1", 64, 63, Some(&params));
+    assert_eq!((m.num_tokens, m.load_async), (0, false));
+    d.update_state_after_alloc("d1", &[1, 2, 3, 4], 0);
+    assert!(d.build_connector_meta().is_empty());
+    d.request_finished("d1", &[1, 2, 3, 4], FinishReason::LengthCapped, 80, Some(&params), 0.0);
+    assert!(d.build_connector_meta().is_empty());
 
     // Partial prefix hit (2 blocks cached locally): read only the tail blocks.
     let m = d.get_num_new_matched_tokens("d2", 64, 32, Some(&params));
@@ -136,6 +143,8 @@ fn role_errors_and_malformed_params_fail_only_that_request() {
         let md = d.build_connector_meta();
         assert_eq!(md.reqs_failed.len(), 1, "{bad}");
         assert!(md.reqs_to_recv.is_empty());
+        // Under kv_load_failure_policy=recompute the request comes back: it runs locally.
+        assert_eq!(d.get_num_new_matched_tokens(&id, 20, 0, Some(bad)), kvbridge_core::scheduler::Matched::NONE);
     }
 
     // A good request right after still works.

