@@ -28,18 +28,19 @@ pub trait Transport: Send {
     fn local_metadata(&mut self) -> Result<Vec<u8>, TransportError>;
     /// Register the KV regions and prepare the local descriptor list (index rule in `plan`).
     fn register(&mut self, layout: &KvLayout) -> Result<(), TransportError>;
-    /// Load a peer's metadata and prepare its descriptor list. Idempotent per engine.
-    fn add_remote(&mut self, md: &AgentMetadata) -> Result<(), TransportError>;
+    /// Load a peer's metadata and prepare its descriptor list, under the key `peer`.
+    /// Idempotent per key; several keys may name the same remote agent.
+    fn add_remote(&mut self, peer: &str, md: &AgentMetadata) -> Result<(), TransportError>;
     /// Forget a peer (after a failure, so the next request re-handshakes).
-    fn remove_remote(&mut self, engine_id: &str);
+    fn remove_remote(&mut self, peer: &str);
     /// Post a READ of remote descriptors into local ones; `notif` is delivered to the
     /// peer when the transfer completes.
-    fn read(&mut self, engine_id: &str, local: &[i32], remote: &[i32], notif: &[u8]) -> Result<XferId, TransportError>;
+    fn read(&mut self, peer: &str, local: &[i32], remote: &[i32], notif: &[u8]) -> Result<XferId, TransportError>;
     fn poll(&mut self, xfer: XferId) -> Result<XferPoll, TransportError>;
     /// Release a transfer's handle (done, failed or abandoned).
     fn release(&mut self, xfer: XferId);
     /// Send a notification without a transfer.
-    fn notify(&mut self, engine_id: &str, msg: &[u8]) -> Result<(), TransportError>;
+    fn notify(&mut self, peer: &str, msg: &[u8]) -> Result<(), TransportError>;
     /// Notifications received since the last call.
     fn take_notifs(&mut self) -> Result<Vec<Vec<u8>>, TransportError>;
 }

@@ -13,6 +13,7 @@ fn cfg(role: &str, engine: &str) -> ConnectorConfig {
     ConnectorConfig::from_json(&json, EngineInfo { tp_size: 1, compat: CompatInfo { model: "m".into(), block_size: 16, ..Default::default() }, ..Default::default() }, |_| None).unwrap()
 }
 
+const PEER: &str = "P@127.0.0.1:7000";
 const DECODE: &str = r#"{"do_remote_decode":true}"#;
 
 /// P finishes a request and returns the params D will get.
@@ -213,12 +214,12 @@ fn worker_handshakes_once_then_reads_and_reports() {
     let (mut p, mut d) = (PullScheduler::new(cfg("kv_producer", "P")), PullScheduler::new(cfg("kv_consumer", "D")));
     let mut w = d_worker();
     let a = w.on_metadata(d_meta(&mut d, &mut p, "d1", &[4, 5, 9], &[1, 2, 3], 0), 0.0);
-    assert!(matches!(&a[..], [Action::Handshake { engine_id, port: 7000, .. }] if engine_id == "P"));
+    assert!(matches!(&a[..], [Action::Handshake { peer, port: 7000, .. }] if peer == "P@127.0.0.1:7000"));
     // A second request for the same engine queues behind the same handshake.
     assert!(w.on_metadata(d_meta(&mut d, &mut p, "d2", &[6], &[7], 0), 0.0).is_empty());
-    let a = w.on_handshake_payload("P", "x", Ok(payload("P", "H", 32)));
+    let a = w.on_handshake_payload(PEER, "x", Ok(payload("P", "H", 32)));
     assert!(matches!(&a[..], [Action::AddRemote { .. }]));
-    let a = w.on_remote_added("P", Ok(()), 1.0);
+    let a = w.on_remote_added(PEER, Ok(()), 1.0);
     assert_eq!(a.len(), 2);
     match &a[0] {
         Action::Read { req_id, local, remote, notif, bytes, .. } => {
@@ -246,9 +247,9 @@ fn worker_zero_block_request_notifies_without_reporting() {
     let (mut p, mut d) = (PullScheduler::new(cfg("kv_producer", "P")), PullScheduler::new(cfg("kv_consumer", "D")));
     let mut w = d_worker();
     w.on_metadata(d_meta(&mut d, &mut p, "d1", &[4, 5], &[], 32), 0.0);
-    w.on_handshake_payload("P", "x", Ok(payload("P", "H", 32)));
-    let a = w.on_remote_added("P", Ok(()), 0.0);
-    assert!(matches!(&a[..], [Action::Notify { engine_id, .. }] if engine_id == "P"));
+    w.on_handshake_payload(PEER, "x", Ok(payload("P", "H", 32)));
+    let a = w.on_remote_added(PEER, Ok(()), 0.0);
+    assert!(matches!(&a[..], [Action::Notify { peer, .. }] if peer == PEER));
     assert_eq!(w.base.take_finished(), Default::default(), "a full prefix hit is not reported to vLLM");
 }
 
@@ -265,7 +266,7 @@ fn worker_handshake_failures_fail_queued_requests() {
         let (mut p, mut d) = (PullScheduler::new(cfg("kv_producer", "P")), PullScheduler::new(cfg("kv_consumer", "D")));
         let mut w = d_worker();
         w.on_metadata(d_meta(&mut d, &mut p, "d1", &[4], &[1], 0), 0.0);
-        assert!(w.on_handshake_payload("P", "h:1", res).is_empty());
+        assert!(w.on_handshake_payload(PEER, "h:1", res).is_empty());
         let f = w.base.take_finished();
         assert_eq!(f.failed_recving, vec!["d1"]);
         assert_eq!(f.recving, vec!["d1"], "failed loads are also finished, so vLLM releases them");
@@ -281,8 +282,8 @@ fn worker_rejects_out_of_range_remote_blocks() {
     let (mut p, mut d) = (PullScheduler::new(cfg("kv_producer", "P")), PullScheduler::new(cfg("kv_consumer", "D")));
     let mut w = d_worker();
     w.on_metadata(d_meta(&mut d, &mut p, "d1", &[4, 999], &[1, 2], 0), 0.0);
-    w.on_handshake_payload("P", "x", Ok(payload("P", "H", 32)));
-    let a = w.on_remote_added("P", Ok(()), 0.0);
+    w.on_handshake_payload(PEER, "x", Ok(payload("P", "H", 32)));
+    let a = w.on_remote_added(PEER, Ok(()), 0.0);
     // P is told the read failed so it frees; D fails the request.
     assert!(matches!(&a[..], [Action::Notify { .. }]));
     assert_eq!(w.base.take_finished().failed_recving, vec!["d1"]);
@@ -293,12 +294,12 @@ fn worker_read_failure_forgets_peer() {
     let (mut p, mut d) = (PullScheduler::new(cfg("kv_producer", "P")), PullScheduler::new(cfg("kv_consumer", "D")));
     let mut w = d_worker();
     w.on_metadata(d_meta(&mut d, &mut p, "d1", &[4], &[1], 0), 0.0);
-    w.on_handshake_payload("P", "x", Ok(payload("P", "H", 32)));
-    w.on_remote_added("P", Ok(()), 0.0);
+    w.on_handshake_payload(PEER, "x", Ok(payload("P", "H", 32)));
+    w.on_remote_added(PEER, Ok(()), 0.0);
     let a = w.on_read_done("d1", Err(kvbridge_core::error::TransportError::new("nixl", "peer died")), 1.0);
     assert!(matches!(&a[..], [Action::Notify { .. }, Action::RemoveRemote { .. }]));
     assert_eq!(w.base.take_finished().failed_recving, vec!["d1"]);
-    assert!(!w.is_engine_ready("P"));
+    assert!(!w.is_peer_ready(PEER));
 }
 
 #[test]

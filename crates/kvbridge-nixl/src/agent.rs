@@ -69,6 +69,8 @@ unsafe impl Send for Prepped {}
 
 struct Remote {
     agent_name: String,
+    /// True if this entry loaded the agent's metadata (and must invalidate it).
+    owns_md: bool,
     dlist: Prepped,
     num_descs: usize,
 }
@@ -155,31 +157,40 @@ impl NixlTransport {
         Ok(())
     }
 
-    fn add_remote_impl(&mut self, md: &AgentMetadata) -> Result<(), NixlError> {
-        if self.remotes.contains_key(&md.engine_id) {
+    fn add_remote_impl(&mut self, peer: &str, md: &AgentMetadata) -> Result<(), NixlError> {
+        if self.remotes.contains_key(peer) {
             return Ok(());
         }
-        let name = self.agent.load_remote_md(&md.nixl_md).map_err(NixlError::nixl("load remote metadata"))?;
-        if name != md.agent_name {
-            let _ = self.agent.invalidate_remote_md(&name);
-            return Err(NixlError::AgentMismatch { want: md.agent_name.clone(), got: name });
-        }
+        // The same agent reached under another key (e.g. another host name): reuse its metadata.
+        let loaded = self.remotes.values().any(|r| r.agent_name == md.agent_name);
+        let name = if loaded {
+            md.agent_name.clone()
+        } else {
+            let name = self.agent.load_remote_md(&md.nixl_md).map_err(NixlError::nixl("load remote metadata"))?;
+            if name != md.agent_name {
+                let _ = self.agent.invalidate_remote_md(&name);
+                return Err(NixlError::AgentMismatch { want: md.agent_name.clone(), got: name });
+            }
+            name
+        };
         let mem = md.regions.first().map(|r| mem_type(r.mem)).unwrap_or(MemType::Dram);
         let descs = descriptors_of(md.regions.iter().map(|r| (r.base, r.block_len, r.block_stride, r.num_blocks, r.device_id)));
         let dlist = match self.prep(&name, mem, &descs) {
             Ok(d) => d,
             Err(e) => {
-                let _ = self.agent.invalidate_remote_md(&name);
+                if !loaded {
+                    let _ = self.agent.invalidate_remote_md(&name);
+                }
                 return Err(e);
             }
         };
-        self.remotes.insert(md.engine_id.clone(), Remote { agent_name: name, dlist, num_descs: descs.len() });
+        self.remotes.insert(peer.to_string(), Remote { agent_name: name, owns_md: !loaded, dlist, num_descs: descs.len() });
         Ok(())
     }
 
-    fn read_impl(&mut self, engine_id: &str, local: &[i32], remote: &[i32], notif: &[u8]) -> Result<XferId, NixlError> {
+    fn read_impl(&mut self, peer: &str, local: &[i32], remote: &[i32], notif: &[u8]) -> Result<XferId, NixlError> {
         let (ldl, ln) = self.local.as_ref().ok_or(NixlError::NotRegistered)?;
-        let r = self.remotes.get(engine_id).ok_or_else(|| NixlError::UnknownRemote(engine_id.to_string()))?;
+        let r = self.remotes.get(peer).ok_or_else(|| NixlError::UnknownRemote(peer.to_string()))?;
         // Indices come from the plan, which checked them; check again, as NIXL would crash.
         for &i in local {
             if i < 0 || i as usize >= *ln {
@@ -217,9 +228,9 @@ impl NixlTransport {
     }
 
     /// Write local descriptors into remote ones (used by tests and, later, push mode).
-    pub fn write(&mut self, engine_id: &str, local: &[i32], remote: &[i32], notif: &[u8]) -> Result<XferId, NixlError> {
+    pub fn write(&mut self, peer: &str, local: &[i32], remote: &[i32], notif: &[u8]) -> Result<XferId, NixlError> {
         let (ldl, _) = self.local.as_ref().ok_or(NixlError::NotRegistered)?;
-        let r = self.remotes.get(engine_id).ok_or_else(|| NixlError::UnknownRemote(engine_id.to_string()))?;
+        let r = self.remotes.get(peer).ok_or_else(|| NixlError::UnknownRemote(peer.to_string()))?;
         let mut opt = OptArgs::new().map_err(NixlError::nixl("create opt args"))?;
         opt.set_notification_message(notif).map_err(NixlError::nixl("set notification"))?;
         opt.set_has_notification(true).map_err(NixlError::nixl("set notification"))?;
@@ -242,19 +253,29 @@ impl Transport for NixlTransport {
     fn register(&mut self, layout: &KvLayout) -> Result<(), TransportError> {
         Ok(self.register_impl(layout)?)
     }
-    fn add_remote(&mut self, md: &AgentMetadata) -> Result<(), TransportError> {
-        Ok(self.add_remote_impl(md)?)
+    fn add_remote(&mut self, peer: &str, md: &AgentMetadata) -> Result<(), TransportError> {
+        Ok(self.add_remote_impl(peer, md)?)
     }
-    fn remove_remote(&mut self, engine_id: &str) {
-        if let Some(r) = self.remotes.remove(engine_id) {
+    fn remove_remote(&mut self, peer: &str) {
+        if let Some(r) = self.remotes.remove(peer) {
             drop(r.dlist);
+            let still_used = self.remotes.values().any(|o| o.agent_name == r.agent_name);
+            if still_used {
+                // Hand the metadata's ownership to a remaining entry.
+                if r.owns_md {
+                    if let Some(o) = self.remotes.values_mut().find(|o| o.agent_name == r.agent_name) {
+                        o.owns_md = true;
+                    }
+                }
+                return;
+            }
             if let Err(e) = self.agent.invalidate_remote_md(&r.agent_name) {
                 tracing::debug!(agent = %r.agent_name, error = %e, "kvbridge: invalidate remote failed");
             }
         }
     }
-    fn read(&mut self, engine_id: &str, local: &[i32], remote: &[i32], notif: &[u8]) -> Result<XferId, TransportError> {
-        Ok(self.read_impl(engine_id, local, remote, notif)?)
+    fn read(&mut self, peer: &str, local: &[i32], remote: &[i32], notif: &[u8]) -> Result<XferId, TransportError> {
+        Ok(self.read_impl(peer, local, remote, notif)?)
     }
     fn poll(&mut self, xfer: XferId) -> Result<XferPoll, TransportError> {
         let req = self.xfers.get(&xfer).ok_or(NixlError::UnknownXfer(xfer))?;
@@ -266,8 +287,8 @@ impl Transport for NixlTransport {
     fn release(&mut self, xfer: XferId) {
         self.xfers.remove(&xfer);
     }
-    fn notify(&mut self, engine_id: &str, msg: &[u8]) -> Result<(), TransportError> {
-        let r = self.remotes.get(engine_id).ok_or_else(|| NixlError::UnknownRemote(engine_id.to_string()))?;
+    fn notify(&mut self, peer: &str, msg: &[u8]) -> Result<(), TransportError> {
+        let r = self.remotes.get(peer).ok_or_else(|| NixlError::UnknownRemote(peer.to_string()))?;
         Ok(self.agent.send_notification(&r.agent_name, msg, None).map_err(NixlError::nixl("send notification"))?)
     }
     fn take_notifs(&mut self) -> Result<Vec<Vec<u8>>, TransportError> {

@@ -139,6 +139,9 @@ fn run_prefill(dir: &Path, port: u16) {
 
 #[test]
 fn two_process_pull_read_with_notification() {
+    if let Ok(f) = std::env::var("KVBRIDGE_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(f)).with_writer(std::io::stderr).try_init();
+    }
     if std::env::var("KVB_TEST_ROLE").as_deref() == Ok("p") {
         let dir = PathBuf::from(std::env::var("KVB_TEST_DIR").unwrap());
         let port: u16 = std::env::var("KVB_TEST_PORT").unwrap().parse().unwrap();

@@ -180,8 +180,8 @@ fn run<T: Transport + 'static>(inner: &Arc<Mutex<Inner<T>>>, side: &Arc<SideChan
     let mut q: VecDeque<Action> = actions.into();
     while let Some(a) = q.pop_front() {
         match a {
-            Action::Handshake { engine_id, host, port } => {
-                tracing::debug!(engine = %engine_id, %host, port, "kvbridge: handshake");
+            Action::Handshake { peer, host, port } => {
+                tracing::debug!(%peer, %host, port, "kvbridge: handshake");
                 let inner2 = inner.clone();
                 let side2 = side.clone();
                 let cfg2 = cfg.clone();
@@ -189,22 +189,25 @@ fn run<T: Transport + 'static>(inner: &Arc<Mutex<Inner<T>>>, side: &Arc<SideChan
                 let req = HandshakeRequest { version: WIRE_VERSION, from_engine: cfg.engine_id.clone(), from_tp_rank: cfg.tp_rank };
                 let t0 = std::time::Instant::now();
                 side.fetch(host, port, req, cfg.handshake_timeout, move |res| {
-                    let follow = lock(&inner2).core.on_handshake_payload(&engine_id, &addr, res);
+                    let fetched_ms = t0.elapsed().as_secs_f64() * 1e3;
+                    let follow = lock(&inner2).core.on_handshake_payload(&peer, &addr, res);
                     run(&inner2, &side2, &cfg2, follow);
-                    tracing::info!(engine = %engine_id, ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: handshake finished");
+                    tracing::info!(%peer, fetch_ms = fetched_ms, total_ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: handshake finished");
                 });
             }
-            Action::AddRemote { md } => {
+            Action::AddRemote { peer, md } => {
                 let mut g = lock(inner);
-                let res = g.transport.add_remote(&md);
-                let follow = g.core.on_remote_added(&md.engine_id, res, now_unix());
+                let t0 = std::time::Instant::now();
+                let res = g.transport.add_remote(&peer, &md);
+                tracing::debug!(%peer, ms = t0.elapsed().as_secs_f64() * 1e3, ok = res.is_ok(), "kvbridge: peer loaded");
+                let follow = g.core.on_remote_added(&peer, res, now_unix());
                 q.extend(follow);
             }
-            Action::RemoveRemote { engine_id } => lock(inner).transport.remove_remote(&engine_id),
-            Action::Read { req_id, engine_id, local, remote, notif, bytes } => {
+            Action::RemoveRemote { peer } => lock(inner).transport.remove_remote(&peer),
+            Action::Read { req_id, peer, local, remote, notif, bytes } => {
                 let mut g = lock(inner);
                 let now = now_unix();
-                match g.transport.read(&engine_id, &local, &remote, &notif) {
+                match g.transport.read(&peer, &local, &remote, &notif) {
                     Ok(x) => {
                         tracing::debug!(request_id = %req_id, bytes, descs = local.len(), "kvbridge: READ posted");
                         g.core.mark_posted(&req_id, now);
@@ -216,9 +219,9 @@ fn run<T: Transport + 'static>(inner: &Arc<Mutex<Inner<T>>>, side: &Arc<SideChan
                     }
                 }
             }
-            Action::Notify { engine_id, msg } => {
-                if let Err(e) = lock(inner).transport.notify(&engine_id, &msg) {
-                    tracing::warn!(engine = %engine_id, error = %e, "kvbridge: notification failed");
+            Action::Notify { peer, msg } => {
+                if let Err(e) = lock(inner).transport.notify(&peer, &msg) {
+                    tracing::warn!(%peer, error = %e, "kvbridge: notification failed");
                 }
             }
         }

@@ -11,30 +11,36 @@ use crate::wire::{self, AgentMetadata, ConnectorMetadata, HandshakePayload, Noti
 /// What the driver must do next.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Fetch the handshake payload of `engine_id` from `host:port`, then call
+    /// Fetch the handshake payload of peer `peer` from `host:port`, then call
     /// [`PullWorker::on_handshake_payload`].
-    Handshake { engine_id: String, host: String, port: u16 },
+    Handshake { peer: String, host: String, port: u16 },
     /// Load the peer's transport metadata and prepare its descriptors, then call
     /// [`PullWorker::on_remote_added`].
-    AddRemote { md: AgentMetadata },
+    AddRemote { peer: String, md: AgentMetadata },
     /// Forget a peer that failed.
-    RemoveRemote { engine_id: String },
+    RemoveRemote { peer: String },
     /// Post a READ; then report its end with [`PullWorker::on_read_done`].
-    Read { req_id: String, engine_id: String, local: Vec<i32>, remote: Vec<i32>, notif: Vec<u8>, bytes: u64 },
+    Read { req_id: String, peer: String, local: Vec<i32>, remote: Vec<i32>, notif: Vec<u8>, bytes: u64 },
     /// Send a notification with no transfer (zero blocks to read, or a failed read).
-    Notify { engine_id: String, msg: Vec<u8> },
+    Notify { peer: String, msg: Vec<u8> },
 }
 
 #[derive(Debug)]
 enum Engine {
-    Handshaking { queued: Vec<RecvReq>, plan: Option<TransferPlan> },
+    Handshaking { engine_id: String, queued: Vec<RecvReq>, plan: Option<TransferPlan> },
     Ready { plan: TransferPlan },
+}
+
+/// A peer is a remote engine *at an address*: `engine_id@host:port`. A request naming a
+/// known engine at another address gets its own handshake, which checks the claim.
+pub fn peer_key(r: &crate::wire::RemoteRef) -> String {
+    format!("{}@{}:{}", r.engine_id, r.host, r.port)
 }
 
 #[derive(Debug, Clone)]
 pub struct Loading {
     pub req_id: String,
-    pub engine_id: String,
+    pub peer: String,
     pub remote_request_id: String,
     pub local_block_ids: Vec<u32>,
     pub bytes: u64,
@@ -102,8 +108,8 @@ impl PullWorker {
         self.loading.values()
     }
 
-    pub fn is_engine_ready(&self, engine_id: &str) -> bool {
-        matches!(self.engines.get(engine_id), Some(Engine::Ready { .. }))
+    pub fn is_peer_ready(&self, peer: &str) -> bool {
+        matches!(self.engines.get(peer), Some(Engine::Ready { .. }))
     }
 
     fn notif(&self, request_id: &str, ok: bool) -> Vec<u8> {
@@ -145,10 +151,11 @@ impl PullWorker {
             self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e);
             return;
         }
-        match self.engines.get_mut(&r.remote.engine_id) {
+        let peer = peer_key(&r.remote);
+        match self.engines.get_mut(&peer) {
             Some(Engine::Ready { plan }) => {
                 let plan = plan.clone();
-                self.start(r, &plan, 0.0, actions);
+                self.start(r, &peer, &plan, 0.0, actions);
             }
             Some(Engine::Handshaking { queued, .. }) => queued.push(r),
             None => {
@@ -159,17 +166,17 @@ impl PullWorker {
                     self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e);
                     return;
                 };
-                actions.push(Action::Handshake { engine_id: r.remote.engine_id.clone(), host: r.remote.host.clone(), port });
-                self.engines.insert(r.remote.engine_id.clone(), Engine::Handshaking { queued: vec![r], plan: None });
+                actions.push(Action::Handshake { peer: peer.clone(), host: r.remote.host.clone(), port });
+                self.engines.insert(peer, Engine::Handshaking { engine_id: r.remote.engine_id.clone(), queued: vec![r], plan: None });
             }
         }
     }
 
-    fn start(&mut self, r: RecvReq, plan: &TransferPlan, now_unix: f64, actions: &mut Vec<Action>) {
+    fn start(&mut self, r: RecvReq, peer: &str, plan: &TransferPlan, now_unix: f64, actions: &mut Vec<Action>) {
         if r.local_block_ids.is_empty() {
             // Nothing to read (full local prefix hit, or aborted before allocation):
             // still tell P so it frees its blocks now rather than at lease expiry.
-            actions.push(Action::Notify { engine_id: plan.remote_engine_id.clone(), msg: self.notif(&r.remote.request_id, true) });
+            actions.push(Action::Notify { peer: peer.to_string(), msg: self.notif(&r.remote.request_id, true) });
             if !r.notify_only {
                 self.base.out.recving.push(r.req_id);
             }
@@ -177,7 +184,7 @@ impl PullWorker {
         }
         match plan.indices(&r.local_block_ids, &r.remote.block_ids) {
             Err(e) => {
-                actions.push(Action::Notify { engine_id: plan.remote_engine_id.clone(), msg: self.notif(&r.remote.request_id, false) });
+                actions.push(Action::Notify { peer: peer.to_string(), msg: self.notif(&r.remote.request_id, false) });
                 self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e.into());
             }
             Ok(ix) => {
@@ -185,7 +192,7 @@ impl PullWorker {
                 self.stats.runs += ix.runs as u64;
                 actions.push(Action::Read {
                     req_id: r.req_id.clone(),
-                    engine_id: plan.remote_engine_id.clone(),
+                    peer: peer.to_string(),
                     local: ix.local,
                     remote: ix.remote,
                     notif: self.notif(&r.remote.request_id, true),
@@ -195,7 +202,7 @@ impl PullWorker {
                     r.req_id.clone(),
                     Loading {
                         req_id: r.req_id,
-                        engine_id: plan.remote_engine_id.clone(),
+                        peer: peer.to_string(),
                         remote_request_id: r.remote.request_id,
                         local_block_ids: r.local_block_ids,
                         bytes: ix.bytes,
@@ -228,52 +235,54 @@ impl PullWorker {
     }
 
     /// The side channel answered (or failed).
-    pub fn on_handshake_payload(&mut self, engine_id: &str, addr: &str, res: Result<Vec<u8>, HandshakeError>) -> Vec<Action> {
-        let checked = res.map_err(Error::from).and_then(|b| self.check_payload(engine_id, addr, &b));
+    pub fn on_handshake_payload(&mut self, peer: &str, addr: &str, res: Result<Vec<u8>, HandshakeError>) -> Vec<Action> {
+        let engine_id = match self.engines.get(peer) {
+            Some(Engine::Handshaking { engine_id, .. }) => engine_id.clone(),
+            _ => return Vec::new(),
+        };
+        let checked = res.map_err(Error::from).and_then(|b| self.check_payload(&engine_id, addr, &b));
         match checked {
             Ok((md, plan)) => {
-                if let Some(Engine::Handshaking { plan: p, .. }) = self.engines.get_mut(engine_id) {
+                if let Some(Engine::Handshaking { plan: p, .. }) = self.engines.get_mut(peer) {
                     *p = Some(plan);
-                    vec![Action::AddRemote { md }]
-                } else {
-                    Vec::new()
                 }
+                vec![Action::AddRemote { peer: peer.to_string(), md }]
             }
             Err(e) => {
                 self.stats.handshakes_failed += 1;
-                self.fail_engine(engine_id, &e);
+                self.fail_engine(peer, &e);
                 Vec::new()
             }
         }
     }
 
     /// The transport loaded the peer (or could not).
-    pub fn on_remote_added(&mut self, engine_id: &str, res: Result<(), TransportError>, now_unix: f64) -> Vec<Action> {
+    pub fn on_remote_added(&mut self, peer: &str, res: Result<(), TransportError>, now_unix: f64) -> Vec<Action> {
         let mut actions = Vec::new();
-        match (res, self.engines.remove(engine_id)) {
-            (Ok(()), Some(Engine::Handshaking { queued, plan: Some(plan) })) => {
+        match (res, self.engines.remove(peer)) {
+            (Ok(()), Some(Engine::Handshaking { queued, plan: Some(plan), .. })) => {
                 self.stats.handshakes_ok += 1;
-                tracing::info!(engine = %engine_id, regions = plan.num_regions, remote_blocks = plan.remote_num_blocks, "kvbridge: handshake done, transfer plan ready");
+                tracing::info!(peer, regions = plan.num_regions, remote_blocks = plan.remote_num_blocks, "kvbridge: handshake done, transfer plan ready");
                 for r in queued {
-                    self.start(r, &plan, now_unix, &mut actions);
+                    self.start(r, peer, &plan, now_unix, &mut actions);
                 }
-                self.engines.insert(engine_id.to_string(), Engine::Ready { plan });
+                self.engines.insert(peer.to_string(), Engine::Ready { plan });
             }
             (Err(e), Some(state)) => {
                 self.stats.handshakes_failed += 1;
-                self.engines.insert(engine_id.to_string(), state);
-                self.fail_engine(engine_id, &e.into());
+                self.engines.insert(peer.to_string(), state);
+                self.fail_engine(peer, &e.into());
             }
             (_, Some(state)) => {
-                self.engines.insert(engine_id.to_string(), state);
+                self.engines.insert(peer.to_string(), state);
             }
             (_, None) => {}
         }
         actions
     }
 
-    fn fail_engine(&mut self, engine_id: &str, e: &Error) {
-        if let Some(Engine::Handshaking { queued, .. }) = self.engines.remove(engine_id) {
+    fn fail_engine(&mut self, peer: &str, e: &Error) {
+        if let Some(Engine::Handshaking { queued, .. }) = self.engines.remove(peer) {
             for r in queued {
                 self.fail(&r.req_id, &r.local_block_ids, r.notify_only, e);
             }
@@ -298,10 +307,10 @@ impl PullWorker {
             }
             Err(e) => {
                 self.fail(&l.req_id, &l.local_block_ids, false, &e.into());
-                self.engines.remove(&l.engine_id);
+                self.engines.remove(&l.peer);
                 vec![
-                    Action::Notify { engine_id: l.engine_id.clone(), msg: self.notif(&l.remote_request_id, false) },
-                    Action::RemoveRemote { engine_id: l.engine_id },
+                    Action::Notify { peer: l.peer.clone(), msg: self.notif(&l.remote_request_id, false) },
+                    Action::RemoveRemote { peer: l.peer },
                 ]
             }
         }
