@@ -341,3 +341,34 @@ fn scheduler_failed_requests_reach_worker_as_failed() {
     let f = w.base.take_finished();
     assert_eq!((f.recving, f.failed_recving), (vec!["bad".to_string()], vec!["bad".to_string()]));
 }
+
+#[test]
+fn consumer_abort_after_scheduling_lets_the_load_finish() {
+    let (mut p, mut d) = (PullScheduler::new(cfg("kv_producer", "P")), PullScheduler::new(cfg("kv_consumer", "D")));
+    let mut w = d_worker();
+    let md = d_meta(&mut d, &mut p, "d1", &[4, 5], &[1, 2], 0);
+    // Aborted while its READ is in flight: vLLM keeps the blocks until finished_recving,
+    // so the scheduler must not send a second (zero-block) notification.
+    let f = d.request_finished("d1", &[1, 2], FinishReason::Aborted, 0, None, 0.0);
+    assert!(!f.delay_free);
+    assert!(d.build_connector_meta().is_empty());
+    w.on_metadata(md, 0.0);
+    w.on_handshake_payload(PEER, "x", Ok(payload("P", "H", 32)));
+    let a = w.on_remote_added(PEER, Ok(()), 0.0);
+    assert!(matches!(&a[..], [Action::Read { .. }]));
+    w.on_read_done("d1", Ok(()), 1.0);
+    assert_eq!(w.base.take_finished().recving, vec!["d1"], "reported so vLLM frees the blocks");
+    d.update_connector_output(&[], &["d1".into()]);
+    assert!(d.base.loading.is_empty());
+}
+
+#[test]
+fn producer_abort_during_prefill_holds_nothing() {
+    let mut p = PullScheduler::new(cfg("kv_producer", "P"));
+    p.get_num_new_matched_tokens("r", 500, 0, Some(DECODE));
+    let f = p.request_finished("r", &[1, 2, 3, 4], FinishReason::Aborted, 256, Some(DECODE), 0.0);
+    assert!(!f.delay_free);
+    assert!(!p.has_pending_block_frees());
+    let f = p.request_finished("r2", &[1], FinishReason::Error, 256, Some(DECODE), 0.0);
+    assert!(!f.delay_free && f.kv_transfer_params.is_none());
+}
