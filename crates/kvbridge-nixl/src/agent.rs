@@ -161,6 +161,7 @@ impl NixlTransport {
         if self.remotes.contains_key(peer) {
             return Ok(());
         }
+        let t0 = std::time::Instant::now();
         // The same agent reached under another key (e.g. another host name): reuse its metadata.
         let loaded = self.remotes.values().any(|r| r.agent_name == md.agent_name);
         let name = if loaded {
@@ -173,6 +174,7 @@ impl NixlTransport {
             }
             name
         };
+        let t_load = t0.elapsed();
         let mem = md.regions.first().map(|r| mem_type(r.mem)).unwrap_or(MemType::Dram);
         let descs = descriptors_of(md.regions.iter().map(|r| (r.base, r.block_len, r.block_stride, r.num_blocks, r.device_id)));
         let dlist = match self.prep(&name, mem, &descs) {
@@ -184,6 +186,7 @@ impl NixlTransport {
                 return Err(e);
             }
         };
+        tracing::debug!(peer, load_ms = t_load.as_secs_f64() * 1e3, prep_ms = (t0.elapsed() - t_load).as_secs_f64() * 1e3, descriptors = descs.len(), "kvbridge: remote agent loaded");
         self.remotes.insert(peer.to_string(), Remote { agent_name: name, owns_md: !loaded, dlist, num_descs: descs.len() });
         Ok(())
     }

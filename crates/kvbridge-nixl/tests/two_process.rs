@@ -70,7 +70,7 @@ fn pattern(layer: usize, i: usize) -> u8 {
 
 fn config(role: &str, engine: &str, port: u16) -> ConnectorConfig {
     let compat = CompatInfo { model: "test-kv".into(), dtype: "bfloat16".into(), num_layers: LAYERS as u32, num_kv_heads: HEADS as u32, head_size: HEAD as u32, block_size: BLOCK_TOKENS as u32, ..Default::default() };
-    let json = format!(r#"{{"kv_role":"{role}","engine_id":"{engine}","kv_connector_extra_config":{{"side_channel_host":"127.0.0.1","side_channel_port":{port},"kv_lease_duration":60}}}}"#);
+    let json = format!(r#"{{"kv_role":"{role}","engine_id":"{engine}","kv_connector_extra_config":{{"side_channel_host":"127.0.0.1","side_channel_port":{port},"kv_lease_duration":60,"progress_delay_us":{}}}}}"#, std::env::var("KVB_TEST_PROGRESS_US").unwrap_or_else(|_| "100".into()));
     ConnectorConfig::from_json(&json, EngineInfo { tp_size: 1, tp_rank: 0, dp_rank: 0, compat }, |_| None).expect("config")
 }
 
