@@ -37,7 +37,7 @@ pub type PayloadCell = Arc<Mutex<Option<Vec<u8>>>>;
 
 /// Owns the runtime (one worker thread, parked when idle) and the listener task.
 pub struct SideChannel {
-    rt: Runtime,
+    rt: Option<Runtime>,
     listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -49,7 +49,12 @@ impl SideChannel {
             .thread_name("kvbridge-side")
             .enable_all()
             .build()?;
-        Ok(Self { rt, listener: Mutex::new(None) })
+        Ok(Self { rt: Some(rt), listener: Mutex::new(None) })
+    }
+
+    fn rt(&self) -> &Runtime {
+        // Present from `new` until `drop`.
+        self.rt.as_ref().expect("side-channel runtime")
     }
 
     /// Bind `host:port` and serve `payload` to every handshake request. Returns the bound
@@ -58,11 +63,11 @@ impl SideChannel {
         let endpoint = resolve_host(host, port).map_err(|reason| HandshakeError::Io { addr: format!("{host}:{port}"), reason })?;
         let mut sock = RouterSocket::new();
         let bound = self
-            .rt
+            .rt()
             .block_on(sock.bind(&endpoint))
             .map_err(|e| HandshakeError::Io { addr: endpoint.clone(), reason: format!("cannot bind handshake listener: {e}") })?;
         let ep = endpoint.clone();
-        let handle = self.rt.spawn(async move {
+        let handle = self.rt().spawn(async move {
             // Supervise: a panic inside the zeromq socket (peer-triggered) must not
             // leave the engine without a listener.
             let mut sock = Some(sock);
@@ -99,7 +104,7 @@ impl SideChannel {
     /// raw payload bytes or a typed error. Never blocks the caller.
     pub fn fetch(&self, host: String, port: u16, req: HandshakeRequest, timeout: Duration, done: impl FnOnce(Result<Vec<u8>, HandshakeError>) + Send + 'static) {
         let addr = format!("{host}:{port}");
-        self.rt.spawn(async move {
+        self.rt().spawn(async move {
             let a2 = addr.clone();
             let task = tokio::spawn(async move { fetch_once(&host, port, &req).await });
             let res = match tokio::time::timeout(timeout, task).await {
@@ -127,6 +132,10 @@ impl Drop for SideChannel {
             if let Some(h) = l.take() {
                 h.abort();
             }
+        }
+        // Never blocks, so it is safe even when the last owner is a side-channel task.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
         }
     }
 }
