@@ -5,7 +5,10 @@ from kvbridge.testing.cluster import (
     CompletionResult,
     XferRecord,
     complete,
+    cpu_delta,
     cpu_seconds,
+    cpu_snapshot,
+    cpu_used,
     parse_xfer_lines,
     random_prompt,
 )
@@ -15,7 +18,10 @@ __all__ = [
     "CompletionResult",
     "XferRecord",
     "complete",
+    "cpu_delta",
     "cpu_seconds",
+    "cpu_snapshot",
+    "cpu_used",
     "parse_xfer_lines",
     "random_prompt",
 ]

@@ -13,7 +13,8 @@ process group with stdout/stderr in ``log_dir``.  The KV connector is a paramete
         print(pd.ttft)                                 # decode-side TTFT, seconds
 
 The servers run with the interpreter from ``$KVBRIDGE_PYTHON`` (else ``$KVBRIDGE_VENV/bin/python``,
-else ``sys.executable``); ``<repo>/python`` is prepended to their ``PYTHONPATH``.
+else ``sys.executable``). When this package is imported from a source tree (``<repo>/python``), that
+directory is prepended to the servers' ``PYTHONPATH``; an installed wheel needs nothing.
 This module imports neither vllm nor ``kvbridge._native``.
 """
 
@@ -36,8 +37,9 @@ from typing import Any, Iterable
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-PYTHON_DIR = REPO_ROOT / "python"
+#: The directory holding the ``kvbridge`` package in use (``<repo>/python`` or site-packages).
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+PROXY_SCRIPT = PACKAGE_ROOT / "kvbridge" / "proxy.py"
 
 VOCAB_SIZE = 4096
 BLOCK_SIZE = 128  # vLLM's CPU backend block size (tokens per KV block)
@@ -53,6 +55,7 @@ PREFILL_PARAMS: dict[str, Any] = {
 }
 
 XFER_RE = re.compile(r"kvbridge-xfer request_id=(\S+) bytes=(\d+) secs=([0-9.eE+\-]+)")
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colour codes a log formatter may add
 
 REQUEST_TIMEOUT_S = 180.0
 
@@ -66,18 +69,20 @@ def random_prompt(n_tokens: int, seed: int) -> list[int]:
     return [rng.randrange(2, VOCAB_SIZE) for _ in range(n_tokens)]
 
 
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (state first), or None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def _children_map() -> dict[int, list[int]]:
     """Map pid -> child pids, from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
+        if entry.isdigit() and (f := _stat_fields(int(entry))) is not None:
+            children.setdefault(int(f[1]), []).append(int(entry))
     return children
 
 
@@ -92,17 +97,35 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
+def cpu_snapshot(pid: int) -> dict[int, float]:
+    """User+system CPU seconds used so far by ``pid`` and each of its live descendants."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for p in process_tree(pid):
+        if (f := _stat_fields(p)) is not None:  # else: exited meanwhile
+            out[p] = (int(f[11]) + int(f[12])) / ticks  # utime + stime (stat fields 14, 15)
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
     """User+system CPU seconds used so far by ``pid`` and all its live descendants."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for p in process_tree(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
-    return total / ticks
+    return sum(cpu_snapshot(pid).values())
+
+
+def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds used between two ``cpu_snapshot``s of one tree.
+
+    Summed per process: a process that left the tree meanwhile loses only its last slice, and
+    one that joined counts from its start.
+    """
+    return sum(max(0.0, t - before.get(p, 0.0)) for p, t in after.items())
+
+
+def cpu_used(pid: int, seconds: float) -> float:
+    """CPU seconds used by ``pid``'s process tree during the next ``seconds`` of wall time."""
+    before = cpu_snapshot(pid)
+    time.sleep(seconds)
+    return cpu_delta(before, cpu_snapshot(pid))
 
 
 def _port_free(port: int) -> bool:
@@ -176,7 +199,11 @@ _client: httpx.Client | None = None
 def _http() -> httpx.Client:
     global _client
     if _client is None:
-        _client = httpx.Client(timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0))
+        # Idle connections are dropped before the servers' 5 s keep-alive timeout closes them.
+        _client = httpx.Client(
+            timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0),
+            limits=httpx.Limits(keepalive_expiry=2.0),
+        )
     return _client
 
 
@@ -269,6 +296,7 @@ class XferRecord:
 
 def parse_xfer_lines(text: str) -> list[XferRecord]:
     """All ``kvbridge-xfer request_id=<id> bytes=<int> secs=<float>`` records in ``text``."""
+    text = ANSI_RE.sub("", text)
     return [XferRecord(m[1], int(m[2]), float(m[3])) for m in XFER_RE.finditer(text)]
 
 
@@ -350,10 +378,13 @@ class Cluster:
 
     def _env(self, cpu: str | None = None, side_port: int | None = None) -> dict[str, str]:
         env = dict(os.environ)
-        pythonpath = [str(PYTHON_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        pythonpath = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if PACKAGE_ROOT.name not in ("site-packages", "dist-packages"):
+            pythonpath.insert(0, str(PACKAGE_ROOT))  # a source checkout: let servers import kvbridge
         env.update(
             PYTHONPATH=os.pathsep.join(pythonpath),
             PYTHONUNBUFFERED="1",
+            NO_COLOR="1",
             HF_HUB_OFFLINE="1",
             TRANSFORMERS_OFFLINE="1",
             VLLM_CPU_KVCACHE_SPACE="1",
@@ -390,7 +421,7 @@ class Cluster:
             fh.flush()
             popen = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                env=env, cwd=str(REPO_ROOT), start_new_session=True,
+                env=env, cwd=str(self.log_dir), start_new_session=True,
             )  # fmt: skip
         self.procs[name] = _Proc(name, popen, log, url)
 
@@ -431,8 +462,9 @@ class Cluster:
             self._spawn("decode", self._server_cmd("kv_consumer", self.d_port),
                         self._env("1", self.side_ports[1]), self.d_url)  # fmt: skip
             self._wait_healthy(["prefill", "decode"], deadline)
+            # Run proxy.py as a script: it needs neither the package's __init__ nor _native.
             proxy_cmd = [
-                self.python, "-m", "kvbridge.proxy", "--host", "127.0.0.1",
+                self.python, str(PROXY_SCRIPT), "--host", "127.0.0.1",
                 "--port", str(self.proxy_port), "--prefill", self.p_url, "--decode", self.d_url,
             ]  # fmt: skip
             self._spawn("proxy", proxy_cmd, self._env(), self.proxy_url)
@@ -517,53 +549,47 @@ class Cluster:
 
 def _kill_group(popen: subprocess.Popen[bytes], grace: float = 15.0) -> None:
     """SIGTERM the process group of ``popen`` (and descendants that left it), then SIGKILL."""
-    if popen.poll() is not None and not _group_alive(popen.pid):
-        return
-    tree = process_tree(popen.pid) if popen.poll() is None else []
-    _signal_all(popen.pid, tree, signal.SIGTERM)
+    pgid = popen.pid
+
+    def members() -> set[int]:
+        return set(process_tree(pgid) if popen.poll() is None else []) | _group_members(pgid)
+
+    tracked = members()
+    _signal_all(pgid, tracked, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if popen.poll() is not None and not _group_alive(popen.pid) and not _any_alive(tree):
+        tracked |= members()
+        if popen.poll() is not None and not _live(tracked):
             return
         time.sleep(0.1)
-    _signal_all(popen.pid, tree + process_tree(popen.pid), signal.SIGKILL)
+    _signal_all(pgid, tracked | members(), signal.SIGKILL)
     try:
         popen.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
 
 
-def _signal_all(pgid: int, pids: list[int], sig: int) -> None:
+def _group_members(pgid: int) -> set[int]:
+    """Live (non-zombie) processes whose process group is ``pgid``."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (f := _stat_fields(int(entry))) and f[0] != "Z" and int(f[2]) == pgid:
+            out.add(int(entry))
+    return out
+
+
+def _live(pids: Iterable[int]) -> set[int]:
+    """The members of ``pids`` still running (zombies count as dead)."""
+    return {p for p in pids if (f := _stat_fields(p)) is not None and f[0] != "Z"}
+
+
+def _signal_all(pgid: int, pids: Iterable[int], sig: int) -> None:
     try:
         os.killpg(pgid, sig)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         pass
-    for p in pids:
+    for p in _live(pids):
         try:
             os.kill(p, sig)
         except (ProcessLookupError, PermissionError):
             pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _any_alive(pids: list[int]) -> bool:
-    for p in pids:
-        try:
-            os.kill(p, 0)
-        except ProcessLookupError:
-            continue
-        # A zombie still "exists"; treat it as dead.
-        try:
-            if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue
-        except OSError:
-            continue
-        return True
-    return False

@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Decode-side TTFT and idle CPU of P/D disaggregation: kvbridge vs vLLM's NixlConnector.
+
+Usage: python benches/pd_ttft.py [--only kvbridge|nixl] [--reps 8] [--lengths 512 2048]
+                                 [--out benches/results/pd_ttft.json]
+
+For each connector (kvbridge first, then nixl) it starts P + D (prefix caching off) + proxy and:
+  1. sends a warm-up request; its decode-side TTFT (it includes the first handshake) is reported
+     as "first request";
+  2. for each length, sends ``--reps`` fresh random prompts with the explicit two-phase flow
+     (P with max_tokens=1, then D streaming with P's kv_transfer_params) and records the
+     decode-side TTFT: from sending the D request to D's first token. Every sample's tokens are
+     checked against a D-local run of the same prompt;
+  3. measures the CPU seconds each instance's process tree uses in ``--idle-secs`` (10) s with
+     no requests.
+For kvbridge it also reads D's ``kvbridge-xfer`` log lines (transfer time, bytes).
+Writes a JSON file and prints a markdown table. Exits non-zero if any tokens differ or a
+request fails. Timings are only comparable on the same machine under the same load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+try:  # an installed kvbridge wheel, or a source tree already on sys.path
+    import kvbridge.testing  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(REPO / "python"))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from kvbridge.testing.cluster import Cluster, cpu_delta, cpu_snapshot, random_prompt  # noqa: E402
+from make_model import make_model  # noqa: E402
+
+CONNECTORS = ("kvbridge", "nixl")
+MIB = 1 << 20
+
+
+def _raise_exit(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def summarize(ms: list[float]) -> dict[str, float]:
+    """median / min / max / max-over-median of a list of milliseconds."""
+    med = statistics.median(ms)
+    return {"median": med, "min": min(ms), "max": max(ms), "max_over_median": max(ms) / med if med else 0.0}
+
+
+def idle_cpu(cluster: Cluster, seconds: float) -> dict[str, float]:
+    """CPU seconds each instance's process tree uses over ``seconds`` with no requests."""
+    names = ("prefill", "decode")
+    before = {n: cpu_snapshot(cluster.pid(n)) for n in names}
+    time.sleep(seconds)
+    after = {n: cpu_snapshot(cluster.pid(n)) for n in names}
+    return {n: cpu_delta(before[n], after[n]) for n in names}
+
+
+class Bench:
+    """Runs the measurements for one connector on a started cluster."""
+
+    def __init__(self, cluster: Cluster, max_tokens: int, seed: int) -> None:
+        self.c = cluster
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self.mismatches = 0
+
+    def sample(self, n_tokens: int) -> dict[str, Any]:
+        """One fresh prompt through P then D; TTFT, token check and (kvbridge) transfer stats."""
+        self.seed += 1
+        prompt = random_prompt(n_tokens, self.seed)
+        offset = self.c.log_offset("decode")
+        pd = self.c.pd_request(prompt, self.max_tokens)
+        if not pd.decode.ok or pd.ttft is None:
+            raise RuntimeError(f"decode request failed ({n_tokens} tokens): {pd.decode}")
+        xfers = self.c.xfer_since(offset, count=1, timeout=2.0) if self.c.connector == "kvbridge" else []
+        ref = self.c.reference(prompt, self.max_tokens)
+        equal = ref.ok and pd.tokens == ref.tokens
+        self.mismatches += not equal
+        out: dict[str, Any] = {"ttft_ms": pd.ttft * 1e3, "tokens_equal": equal,
+                               "prefill_ms": pd.prefill.latency * 1e3}  # fmt: skip
+        if xfers:
+            out["xfer_ms"] = sum(x.secs for x in xfers) * 1e3
+            out["xfer_bytes"] = sum(x.bytes for x in xfers)
+        return out
+
+    def run(self, lengths: list[int], reps: int, idle_secs: float) -> dict[str, Any]:
+        first = self.sample(lengths[0])
+        print(f"  first request ({lengths[0]} tokens): {first['ttft_ms']:.1f} ms", flush=True)
+        result: dict[str, Any] = {"first_request": first, "lengths": {}}
+        for n in lengths:
+            samples = [self.sample(n) for _ in range(reps)]
+            ttfts = [s["ttft_ms"] for s in samples]
+            entry: dict[str, Any] = {"samples": samples, "ttft_ms": summarize(ttfts),
+                                     "tokens_equal": all(s["tokens_equal"] for s in samples)}  # fmt: skip
+            xfer = [s for s in samples if "xfer_ms" in s]
+            if xfer:
+                med_ms = statistics.median(s["xfer_ms"] for s in xfer)
+                entry["xfer_ms_median"] = med_ms
+                entry["xfer_bytes"] = statistics.median(s["xfer_bytes"] for s in xfer)
+                entry["xfer_ms_per_mib"] = statistics.median(
+                    s["xfer_ms"] / (s["xfer_bytes"] / MIB) for s in xfer if s["xfer_bytes"]
+                ) if any(s["xfer_bytes"] for s in xfer) else None  # fmt: skip
+            result["lengths"][str(n)] = entry
+            t = entry["ttft_ms"]
+            print(f"  {n} tokens: median {t['median']:.1f} ms (min {t['min']:.1f}, max {t['max']:.1f}), "
+                  f"tokens equal: {entry['tokens_equal']}", flush=True)  # fmt: skip
+        time.sleep(2.0)  # let the last request's bookkeeping settle
+        result["idle_cpu_s"] = idle_cpu(self.c, idle_secs)
+        result["idle_secs"] = idle_secs
+        print(f"  idle CPU over {idle_secs:.0f} s: P {result['idle_cpu_s']['prefill']:.2f} s, "
+              f"D {result['idle_cpu_s']['decode']:.2f} s", flush=True)  # fmt: skip
+        return result
+
+
+def fmt(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(results: dict[str, Any], lengths: list[int]) -> str:
+    """The results as markdown tables."""
+    conns = [c for c in CONNECTORS if c in results]
+    lines = ["| connector | prompt tokens | median TTFT (ms) | min | max | max/median | "
+             "median xfer (ms) | xfer ms/MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for c in conns:
+        for n in lengths:
+            e = results[c]["lengths"][str(n)]
+            t = e["ttft_ms"]
+            lines.append(f"| {c} | {n} | {t['median']:.1f} | {t['min']:.1f} | {t['max']:.1f} | "
+                         f"{t['max_over_median']:.2f} | {fmt(e.get('xfer_ms_median'), 2)} | "
+                         f"{fmt(e.get('xfer_ms_per_mib'), 2)} |")  # fmt: skip
+    lines += ["", "| connector | first-request TTFT (ms) | idle CPU-s / 10 s, P | idle CPU-s / 10 s, D |",
+              "|---|---:|---:|---:|"]  # fmt: skip
+    for c in conns:
+        r = results[c]
+        scale = 10.0 / r["idle_secs"]
+        lines.append(f"| {c} | {r['first_request']['ttft_ms']:.1f} | {r['idle_cpu_s']['prefill'] * scale:.2f} | "
+                     f"{r['idle_cpu_s']['decode'] * scale:.2f} |")  # fmt: skip
+    if len(conns) == 2:
+        k, x = results["kvbridge"], results["nixl"]
+        lines += ["", "| kvbridge / nixl | ratio |", "|---|---:|"]
+        for n in lengths:
+            a, b = k["lengths"][str(n)]["ttft_ms"]["median"], x["lengths"][str(n)]["ttft_ms"]["median"]
+            lines.append(f"| median TTFT, {n} tokens | {a / b:.2f} |")
+        a, b = k["first_request"]["ttft_ms"], x["first_request"]["ttft_ms"]
+        lines.append(f"| first-request TTFT | {a / b:.2f} |")
+        for inst, label in (("prefill", "P"), ("decode", "D")):
+            a, b = k["idle_cpu_s"][inst], x["idle_cpu_s"][inst]
+            lines.append(f"| idle CPU, {label} | {fmt(a / b if b else None, 2)} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=CONNECTORS, default=None, help="run one connector only")
+    ap.add_argument("--reps", type=int, default=8, help="prompts per length (>= 1)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--idle-secs", type=float, default=10.0)
+    ap.add_argument("--out", type=Path, default=REPO / "benches" / "results" / "pd_ttft.json")
+    ap.add_argument("--log-dir", type=Path, default=REPO / "out" / "bench")
+    ap.add_argument("--model-dir", type=Path,
+                    default=Path(os.environ.get("KVBRIDGE_CACHE", Path.home() / ".cache" / "kvbridge")) / "tiny-llama")
+    args = ap.parse_args()
+    signal.signal(signal.SIGTERM, _raise_exit)  # so `finally` stops the servers
+
+    model = make_model(args.model_dir)
+    conns = [args.only] if args.only else list(CONNECTORS)
+    results: dict[str, Any] = {}
+    mismatches = 0
+    seed = int(time.time()) * 100_000
+    for conn in conns:
+        print(f"== {conn}: starting P + D + proxy (logs: {args.log_dir / conn})", flush=True)
+        cluster = Cluster(model, connector=conn, log_dir=args.log_dir / conn)
+        try:
+            cluster.start()
+            bench = Bench(cluster, args.max_tokens, seed)
+            results[conn] = bench.run(args.lengths, args.reps, args.idle_secs)
+            mismatches += bench.mismatches
+            seed = bench.seed + 1
+        finally:
+            cluster.stop()
+
+    doc = {
+        "bench": "pd_ttft",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "config": {"reps": args.reps, "lengths": args.lengths, "max_tokens": args.max_tokens,
+                   "model": "tiny-llama (scripts/make_model.py)", "prefix_caching": False},  # fmt: skip
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print("\n" + markdown(results, args.lengths))
+    print(f"\nresults: {args.out}")
+    if mismatches:
+        print(f"FAILED: {mismatches} sample(s) with tokens different from the D-local reference")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Helpers shared by the real-vLLM tests (imported by conftest.py and the test modules)."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+try:  # an installed kvbridge wheel, or a source tree already on sys.path
+    import kvbridge.testing  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(REPO / "python"))
+if str(REPO / "scripts") not in sys.path:
+    sys.path.insert(0, str(REPO / "scripts"))
+
+from kvbridge.testing.cluster import random_prompt  # noqa: E402
+
+#: Tiny model geometry (scripts/make_model.py) and vLLM's CPU block size.
+LAYERS, KV_HEADS, HEAD_DIM, DTYPE_BYTES, BLOCK_TOKENS = 4, 2, 64, 2, 128
+#: Bytes of one KV block across all layers: K and V, 64 KiB per layer.
+BLOCK_BYTES = LAYERS * 2 * KV_HEADS * HEAD_DIM * DTYPE_BYTES * BLOCK_TOKENS
+
+_seed = int(time.time()) * 1000
+
+
+def expected_kv_bytes(n_tokens: int) -> int:
+    """Bytes D reads for an n-token prompt with nothing cached: every prompt block."""
+    return math.ceil(n_tokens / BLOCK_TOKENS) * BLOCK_BYTES
+
+
+def fresh_prompt(n_tokens: int) -> list[int]:
+    """Random token ids that no earlier request of this session used."""
+    global _seed
+    _seed += 1
+    return random_prompt(n_tokens, _seed)
+
+
+def log_dir_for(module_name: str) -> Path:
+    """Where a test module's cluster writes its logs: <repo>/out/pytest/<module>."""
+    return REPO / "out" / "pytest" / module_name.rsplit(".", 1)[-1]
