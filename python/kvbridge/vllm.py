@@ -89,6 +89,7 @@ class KVBridgeConnector(KVConnectorBase_V1):
         cfg = _config_json(vllm_config)
         self._sched: _native.Scheduler | None = None
         self._worker: _native.Worker | None = None
+        self._idle_step = False
         if role == KVConnectorRole.SCHEDULER:
             self._sched = _native.Scheduler(cfg, _engine_info(vllm_config, 0))
         else:
@@ -151,6 +152,9 @@ class KVBridgeConnector(KVConnectorBase_V1):
         assert self._worker is not None
         md = self._get_connector_metadata()
         assert isinstance(md, KVBridgeMetadata)
+        # vLLM runs steps with nothing scheduled with attn_metadata=None; on those the
+        # worker may wait briefly for completions instead of spinning the engine loop.
+        self._idle_step = getattr(forward_context, "attn_metadata", None) is None
         self._worker.start_load_kv(md.data)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -164,7 +168,8 @@ class KVBridgeConnector(KVConnectorBase_V1):
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         assert self._worker is not None
-        sending, recving, failed = self._worker.get_finished()
+        sending, recving, failed = self._worker.get_finished(self._idle_step)
+        self._idle_step = False
         return KVConnectorTransferResults(finished_sending=set(sending), finished_recving=set(recving), failed_recving=set(failed))
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:

@@ -117,6 +117,8 @@ pub struct ConnectorConfig {
     pub kv_lease_duration: Duration,
     pub handshake_timeout: Duration,
     pub progress_delay_us: u64,
+    /// Longest a no-forward step waits for a notification or READ completion (µs).
+    pub idle_wait_us: u64,
     pub load_failure_policy: LoadFailurePolicy,
     pub enforce_handshake_compat: bool,
     pub compat: CompatInfo,
@@ -129,6 +131,7 @@ pub const EXTRA_KEYS: &[&str] = &[
     "kv_lease_duration",
     "handshake_timeout",
     "progress_delay_us",
+    "idle_wait_us",
     "side_channel_host",
     "side_channel_port",
     "enforce_handshake_compat",
@@ -140,6 +143,7 @@ pub const DEFAULT_SIDE_CHANNEL_PORT: u16 = 5600;
 pub const DEFAULT_LEASE_SECS: f64 = 120.0;
 pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: f64 = 5.0;
 pub const DEFAULT_PROGRESS_DELAY_US: u64 = 100;
+pub const DEFAULT_IDLE_WAIT_US: u64 = 2000;
 
 fn num(v: &Value, key: &str) -> Result<f64, ConfigError> {
     v.as_f64().ok_or_else(|| ConfigError::InvalidValue {
@@ -241,6 +245,13 @@ impl ConnectorConfig {
                 reason: format!("expected a non-negative integer, got {v}"),
             })?,
         };
+        let idle_wait_us = match extra.get("idle_wait_us") {
+            None => DEFAULT_IDLE_WAIT_US,
+            Some(v) => v.as_u64().filter(|n| *n <= 1_000_000).ok_or_else(|| ConfigError::InvalidValue {
+                key: "idle_wait_us".into(),
+                reason: format!("expected an integer in 0..=1000000, got {v}"),
+            })?,
+        };
         let enforce_handshake_compat = match extra.get("enforce_handshake_compat") {
             None => true,
             Some(Value::Bool(b)) => *b,
@@ -280,6 +291,7 @@ impl ConnectorConfig {
             kv_lease_duration,
             handshake_timeout,
             progress_delay_us,
+            idle_wait_us,
             load_failure_policy,
             enforce_handshake_compat,
             compat: engine.compat,

@@ -142,9 +142,12 @@ impl Worker {
         py.allow_threads(|| self.inner.start_load(&md)).map_err(to_py)
     }
 
-    /// Returns `(finished_sending, finished_recving, failed_recving)`.
-    fn get_finished(&self, py: Python<'_>) -> (Vec<String>, Vec<String>, Vec<String>) {
-        let f = py.allow_threads(|| self.inner.get_finished());
+    /// Returns `(finished_sending, finished_recving, failed_recving)`. With `idle=True`
+    /// (a step with no forward pass) it may wait up to `idle_wait_us` for a completion.
+    #[pyo3(signature = (idle=false))]
+    fn get_finished(&self, py: Python<'_>, idle: bool) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let wait = if idle { std::time::Duration::from_micros(self.inner.config().idle_wait_us) } else { std::time::Duration::ZERO };
+        let f = py.allow_threads(|| self.inner.get_finished_wait(wait));
         if !f.invalid_block_ids.is_empty() {
             if let Ok(mut v) = self.invalid_blocks.lock() {
                 v.extend_from_slice(&f.invalid_block_ids);

@@ -92,6 +92,7 @@ impl SchedulerSide for PullScheduler {
             }
             KvParams::RemotePrefill(rp) => {
                 let count = num_prompt_tokens.saturating_sub(num_computed_tokens);
+                tracing::debug!(request_id = %req_id, count, "kvbridge: remote prefill matched");
                 self.awaiting_alloc.insert(req_id.to_string(), rp);
                 // count == 0: a full local prefix hit. No load, but P must still be told
                 // to free its blocks (done in update_state_after_alloc).
@@ -173,6 +174,9 @@ impl SchedulerSide for PullScheduler {
     }
 
     fn update_connector_output(&mut self, finished_sending: &[String], finished_recving: &[String]) {
+        if !finished_recving.is_empty() {
+            tracing::debug!(requests = ?finished_recving, "kvbridge: loads finished");
+        }
         self.base.update_connector_output(finished_sending.iter().map(String::as_str), finished_recving.iter().map(String::as_str));
     }
 

@@ -110,6 +110,30 @@ impl<T: Transport + 'static> WorkerDriver<T> {
 
     /// Poll transfers and notifications; return what finished since the last call.
     pub fn get_finished(&self) -> FinishedSets {
+        self.get_finished_wait(Duration::ZERO)
+    }
+
+    /// Like [`get_finished`](Self::get_finished), but when this rank is only waiting (it
+    /// holds blocks for a remote reader, or a READ is in flight) and nothing has finished,
+    /// keep polling — sleeping 100 µs between polls — for up to `max_wait`. An engine calls
+    /// this on steps with no forward pass, so a P that holds leases (vLLM keeps stepping it)
+    /// does not spin a core while D needs the CPU, and completions are still seen at once.
+    pub fn get_finished_wait(&self, max_wait: Duration) -> FinishedSets {
+        let t0 = std::time::Instant::now();
+        loop {
+            let f = self.poll_once();
+            let waiting = {
+                let g = lock(&self.inner);
+                g.core.base.held_requests() > 0 || !g.xfers.is_empty()
+            };
+            if f != FinishedSets::default() || !waiting || t0.elapsed() >= max_wait {
+                return f;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    fn poll_once(&self) -> FinishedSets {
         let now = now_unix();
         let mut g = lock(&self.inner);
         let mut follow = Vec::new();
