@@ -191,24 +191,21 @@ impl NixlTransport {
         Ok(())
     }
 
-    fn read_impl(&mut self, peer: &str, local: &[i32], remote: &[i32], notif: &[u8]) -> Result<XferId, NixlError> {
+    /// Post a transfer between prepared local and remote descriptors, with `notif`
+    /// delivered to the peer on completion. Indices are re-checked: NIXL would crash on
+    /// out-of-range ones.
+    fn post(&mut self, op: XferOp, peer: &str, local: &[i32], remote: &[i32], notif: &[u8]) -> Result<XferId, NixlError> {
         let (ldl, ln) = self.local.as_ref().ok_or(NixlError::NotRegistered)?;
         let r = self.remotes.get(peer).ok_or_else(|| NixlError::UnknownRemote(peer.to_string()))?;
-        // Indices come from the plan, which checked them; check again, as NIXL would crash.
-        for &i in local {
-            if i < 0 || i as usize >= *ln {
-                return Err(NixlError::IndexOutOfRange(i.into()));
-            }
-        }
-        for &i in remote {
-            if i < 0 || i as usize >= r.num_descs {
-                return Err(NixlError::IndexOutOfRange(i.into()));
+        for (idx, n) in [(local, *ln), (remote, r.num_descs)] {
+            if let Some(&bad) = idx.iter().find(|&&i| i < 0 || i as usize >= n) {
+                return Err(NixlError::IndexOutOfRange(bad.into()));
             }
         }
         let mut opt = OptArgs::new().map_err(NixlError::nixl("create opt args"))?;
         opt.set_notification_message(notif).map_err(NixlError::nixl("set notification"))?;
         opt.set_has_notification(true).map_err(NixlError::nixl("set notification"))?;
-        let req = self.agent.make_xfer_req(XferOp::Read, &ldl.0, local, &r.dlist.0, remote, Some(&opt)).map_err(NixlError::nixl("make transfer"))?;
+        let req = self.agent.make_xfer_req(op, &ldl.0, local, &r.dlist.0, remote, Some(&opt)).map_err(NixlError::nixl("make transfer"))?;
         self.agent.post_xfer_req(&req, None).map_err(NixlError::nixl("post transfer"))?;
         let id = self.next_xfer;
         self.next_xfer += 1;
@@ -232,17 +229,7 @@ impl NixlTransport {
 
     /// Write local descriptors into remote ones (used by tests and, later, push mode).
     pub fn write(&mut self, peer: &str, local: &[i32], remote: &[i32], notif: &[u8]) -> Result<XferId, NixlError> {
-        let (ldl, _) = self.local.as_ref().ok_or(NixlError::NotRegistered)?;
-        let r = self.remotes.get(peer).ok_or_else(|| NixlError::UnknownRemote(peer.to_string()))?;
-        let mut opt = OptArgs::new().map_err(NixlError::nixl("create opt args"))?;
-        opt.set_notification_message(notif).map_err(NixlError::nixl("set notification"))?;
-        opt.set_has_notification(true).map_err(NixlError::nixl("set notification"))?;
-        let req = self.agent.make_xfer_req(XferOp::Write, &ldl.0, local, &r.dlist.0, remote, Some(&opt)).map_err(NixlError::nixl("make transfer"))?;
-        self.agent.post_xfer_req(&req, None).map_err(NixlError::nixl("post transfer"))?;
-        let id = self.next_xfer;
-        self.next_xfer += 1;
-        self.xfers.insert(id, req);
-        Ok(id)
+        self.post(XferOp::Write, peer, local, remote, notif)
     }
 }
 
@@ -278,7 +265,7 @@ impl Transport for NixlTransport {
         }
     }
     fn read(&mut self, peer: &str, local: &[i32], remote: &[i32], notif: &[u8]) -> Result<XferId, TransportError> {
-        Ok(self.read_impl(peer, local, remote, notif)?)
+        Ok(self.post(XferOp::Read, peer, local, remote, notif)?)
     }
     fn poll(&mut self, xfer: XferId) -> Result<XferPoll, TransportError> {
         let req = self.xfers.get(&xfer).ok_or(NixlError::UnknownXfer(xfer))?;
