@@ -45,14 +45,7 @@ VOCAB_SIZE = 4096
 BLOCK_SIZE = 128  # vLLM's CPU backend block size (tokens per KV block)
 
 #: kv_transfer_params the proxy sends to P: "prefill only, keep the KV for a remote decode".
-PREFILL_PARAMS: dict[str, Any] = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
+from kvbridge.proxy import PREFILL_PARAMS  # noqa: E402  (one definition, shared with the proxy)
 
 XFER_RE = re.compile(r"kvbridge-xfer request_id=(\S+) bytes=(\d+) secs=([0-9.eE+\-]+)")
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colour codes a log formatter may add
