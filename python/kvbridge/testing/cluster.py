@@ -15,7 +15,7 @@ process group with stdout/stderr in ``log_dir``.  The KV connector is a paramete
 The servers run with the interpreter from ``$KVBRIDGE_PYTHON`` (else ``$KVBRIDGE_VENV/bin/python``,
 else ``sys.executable``). When this package is imported from a source tree (``<repo>/python``), that
 directory is prepended to the servers' ``PYTHONPATH``; an installed wheel needs nothing.
-This module imports neither vllm nor ``kvbridge._native``.
+It does not import vllm; the servers it starts do.
 """
 
 from __future__ import annotations
