@@ -31,6 +31,11 @@ impl TpMapping {
     }
 }
 
+/// Upper bound on one engine's prepared descriptors (regions x blocks): far above any real
+/// cache (80 layers x K/V x 100k blocks = 16M), low enough that a hostile peer cannot make
+/// us allocate without bound. Also keeps indices within `i32`.
+pub const MAX_DESCRIPTORS: u64 = 1 << 25;
+
 /// Everything needed to read a request's blocks from one remote worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransferPlan {
@@ -73,8 +78,8 @@ impl TransferPlan {
             block_len.push(l.block_len);
         }
         let max_idx = (local.regions.len() as u64).saturating_mul(local.num_blocks.max(remote_blocks));
-        if max_idx > i32::MAX as u64 {
-            return Err(PlanError::Layout("too many descriptors for 32-bit indices".into()));
+        if max_idx > MAX_DESCRIPTORS {
+            return Err(PlanError::Layout(format!("peer advertises {max_idx} descriptors; the limit is {MAX_DESCRIPTORS}")));
         }
         Ok(Self {
             remote_engine_id: remote.engine_id.clone(),
@@ -137,6 +142,11 @@ fn check_region(i: usize, l: &Region, r: &RegionDesc, remote_blocks: u64) -> Res
     }
     if r.block_stride < r.block_len {
         return Err(PlanError::Layout(format!("region {i}: remote blocks overlap")));
+    }
+    // The whole region must be addressable: base + (n-1)*stride + len without overflow.
+    let end = (r.num_blocks - 1).checked_mul(r.block_stride).and_then(|x| x.checked_add(r.block_len)).and_then(|x| x.checked_add(r.base));
+    if end.is_none() {
+        return Err(PlanError::Layout(format!("region {i}: remote address range overflows")));
     }
     Ok(())
 }
@@ -203,6 +213,18 @@ mod tests {
         assert!(TransferPlan::build(&l, 1, 0, &md(&layout(2, 20, 64), 2)).is_err());
         let mut bad = md(&layout(2, 20, 64), 1);
         bad.regions[1].num_blocks = 3;
+        assert!(TransferPlan::build(&l, 1, 0, &bad).is_err());
+        // Hostile sizes: overflowing addresses, absurd block counts.
+        let mut bad = md(&layout(2, 20, 64), 1);
+        bad.regions[0].base = u64::MAX - 10;
+        assert!(TransferPlan::build(&l, 1, 0, &bad).is_err());
+        let mut bad = md(&layout(2, 20, 64), 1);
+        for r in &mut bad.regions {
+            r.num_blocks = 1 << 40;
+        }
+        assert!(TransferPlan::build(&l, 1, 0, &bad).is_err());
+        let mut bad = md(&layout(2, 20, 64), 1);
+        bad.regions[0].block_stride = u64::MAX / 2;
         assert!(TransferPlan::build(&l, 1, 0, &bad).is_err());
     }
 

@@ -214,8 +214,16 @@ fn run<T: Transport + 'static>(inner: &Arc<Mutex<Inner<T>>>, side: &Arc<SideChan
                 let t0 = std::time::Instant::now();
                 side.fetch(host, port, req, cfg.handshake_timeout, move |res| {
                     let fetched_ms = t0.elapsed().as_secs_f64() * 1e3;
-                    let follow = lock(&inner2).core.on_handshake_payload(&peer, &addr, res);
-                    run(&inner2, &side2, &cfg2, follow);
+                    let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let follow = lock(&inner2).core.on_handshake_payload(&peer, &addr, res);
+                        run(&inner2, &side2, &cfg2, follow);
+                    }));
+                    if handled.is_err() {
+                        // Never leave requests queued behind a handshake that cannot finish.
+                        tracing::error!(%peer, "kvbridge: internal error while completing a handshake; failing its requests");
+                        let err = HandshakeError::Io { addr: addr.clone(), reason: "internal error completing the handshake".into() };
+                        lock(&inner2).core.on_handshake_payload(&peer, &addr, Err(err));
+                    }
                     tracing::info!(%peer, fetch_ms = fetched_ms, total_ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: handshake finished");
                 });
             }
