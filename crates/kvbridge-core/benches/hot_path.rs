@@ -11,13 +11,28 @@ use kvbridge_core::wire::{AgentMetadata, ConnectorMetadata, RegionDesc};
 
 fn layout(n: u64) -> KvLayout {
     KvLayout {
-        regions: (0..4).map(|i| Region { name: format!("l{i}"), base: (i + 1) << 32, block_len: 65536, block_stride: 65536, num_blocks: n, mem: MemKind::Dram, device_id: 0 }).collect(),
+        regions: (0..4)
+            .map(|i| Region {
+                name: format!("l{i}"),
+                base: (i + 1) << 32,
+                block_len: 65536,
+                block_stride: 65536,
+                num_blocks: n,
+                mem: MemKind::Dram,
+                device_id: 0,
+            })
+            .collect(),
         num_blocks: n,
     }
 }
 
 fn cfg(role: &str) -> ConnectorConfig {
-    ConnectorConfig::from_json(&format!(r#"{{"kv_role":"{role}","engine_id":"e"}}"#), EngineInfo { tp_size: 1, compat: CompatInfo::default(), ..Default::default() }, |_| None).unwrap()
+    ConnectorConfig::from_json(
+        &format!(r#"{{"kv_role":"{role}","engine_id":"e"}}"#),
+        EngineInfo { tp_size: 1, compat: CompatInfo::default(), ..Default::default() },
+        |_| None,
+    )
+    .unwrap()
 }
 
 fn bench(c: &mut Criterion) {
@@ -28,7 +43,18 @@ fn bench(c: &mut Criterion) {
         tp_rank: 0,
         tp_size: 1,
         block_size: 128,
-        regions: l.regions.iter().map(|r| RegionDesc { base: r.base, block_len: r.block_len, block_stride: r.block_stride, num_blocks: r.num_blocks, device_id: 0, mem: MemKind::Dram }).collect(),
+        regions: l
+            .regions
+            .iter()
+            .map(|r| RegionDesc {
+                base: r.base,
+                block_len: r.block_len,
+                block_stride: r.block_stride,
+                num_blocks: r.num_blocks,
+                device_id: 0,
+                mem: MemKind::Dram,
+            })
+            .collect(),
         nixl_md: vec![0; 4096],
     };
     let plan = TransferPlan::build(&l, 1, 0, &md).unwrap();
@@ -38,7 +64,11 @@ fn bench(c: &mut Criterion) {
     c.bench_function("plan_build_4096_blocks", |b| b.iter(|| TransferPlan::build(&l, 1, 0, &md).unwrap()));
 
     let mut p = PullScheduler::new(cfg("kv_producer"));
-    let params = p.request_finished("r", &remote, FinishReason::LengthCapped, 2048, Some(r#"{"do_remote_decode":true}"#), 0.0).kv_transfer_params.unwrap().to_string();
+    let params = p
+        .request_finished("r", &remote, FinishReason::LengthCapped, 2048, Some(r#"{"do_remote_decode":true}"#), 0.0)
+        .kv_transfer_params
+        .unwrap()
+        .to_string();
     c.bench_function("parse_kv_transfer_params", |b| b.iter(|| KvParams::parse_json(Some(&params)).unwrap()));
     c.bench_function("consumer_schedule_request_and_build_meta", |b| {
         b.iter_batched(

@@ -146,37 +146,23 @@ pub const DEFAULT_PROGRESS_DELAY_US: u64 = 100;
 pub const DEFAULT_IDLE_WAIT_US: u64 = 2000;
 
 fn num(v: &Value, key: &str) -> Result<f64, ConfigError> {
-    v.as_f64().ok_or_else(|| ConfigError::InvalidValue {
-        key: key.into(),
-        reason: format!("expected a number, got {v}"),
-    })
+    v.as_f64().ok_or_else(|| ConfigError::InvalidValue { key: key.into(), reason: format!("expected a number, got {v}") })
 }
 
 impl ConnectorConfig {
     /// Parse vLLM's `kv_transfer_config` (as JSON) plus engine facts. `env` looks up
     /// environment variables (pass `|k| std::env::var(k).ok()` in production).
-    pub fn from_json(
-        kv_transfer_config: &str,
-        engine: EngineInfo,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigError> {
-        let v: Value = serde_json::from_str(kv_transfer_config)
-            .map_err(|e| ConfigError::Json(e.to_string()))?;
+    pub fn from_json(kv_transfer_config: &str, engine: EngineInfo, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let v: Value = serde_json::from_str(kv_transfer_config).map_err(|e| ConfigError::Json(e.to_string()))?;
         let obj = v.as_object().ok_or_else(|| ConfigError::Json("expected an object".into()))?;
-        let role_s = obj
-            .get("kv_role")
-            .and_then(Value::as_str)
-            .ok_or_else(|| ConfigError::InvalidRole("<missing>".into()))?;
+        let role_s = obj.get("kv_role").and_then(Value::as_str).ok_or_else(|| ConfigError::InvalidRole("<missing>".into()))?;
         let role = KvRole::parse(role_s)?;
         let engine_id = obj
             .get("engine_id")
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .map(str::to_string)
-            .ok_or_else(|| ConfigError::InvalidValue {
-                key: "engine_id".into(),
-                reason: "missing or empty".into(),
-            })?;
+            .ok_or_else(|| ConfigError::InvalidValue { key: "engine_id".into(), reason: "missing or empty".into() })?;
         let load_failure_policy = match obj.get("kv_load_failure_policy").and_then(Value::as_str) {
             None | Some("fail") => LoadFailurePolicy::Fail,
             Some("recompute") => LoadFailurePolicy::Recompute,
@@ -267,9 +253,10 @@ impl ConnectorConfig {
             None => env("VLLM_NIXL_SIDE_CHANNEL_HOST").unwrap_or_else(|| DEFAULT_SIDE_CHANNEL_HOST.into()),
         };
         let side_channel_port = match extra.get("side_channel_port") {
-            Some(v) => v.as_u64().and_then(|p| u16::try_from(p).ok()).ok_or_else(|| {
-                ConfigError::InvalidValue { key: "side_channel_port".into(), reason: format!("not a port: {v}") }
-            })?,
+            Some(v) => v
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+                .ok_or_else(|| ConfigError::InvalidValue { key: "side_channel_port".into(), reason: format!("not a port: {v}") })?,
             None => match env("VLLM_NIXL_SIDE_CHANNEL_PORT") {
                 Some(p) => p.trim().parse::<u16>().map_err(|_| ConfigError::InvalidValue {
                     key: "VLLM_NIXL_SIDE_CHANNEL_PORT".into(),
@@ -340,12 +327,7 @@ mod tests {
 
     #[test]
     fn parses_roles_and_defaults() {
-        let c = ConnectorConfig::from_json(
-            r#"{"kv_role":"kv_producer","engine_id":"e1"}"#,
-            EngineInfo::default(),
-            no_env,
-        )
-        .unwrap();
+        let c = ConnectorConfig::from_json(r#"{"kv_role":"kv_producer","engine_id":"e1"}"#, EngineInfo::default(), no_env).unwrap();
         assert_eq!(c.role, KvRole::Producer);
         assert_eq!(c.backends, vec!["UCX"]);
         assert_eq!(c.side_channel_port, 5600);
@@ -389,18 +371,14 @@ mod tests {
         for b in bad {
             assert!(ConnectorConfig::from_json(b, EngineInfo::default(), no_env).is_err(), "{b}");
         }
-        let e = ConnectorConfig::from_json(
-            r#"{"kv_role":"kv_producer","engine_id":"e"}"#,
-            EngineInfo::default(),
-            |_| Some("notaport".into()),
-        );
+        let e =
+            ConnectorConfig::from_json(r#"{"kv_role":"kv_producer","engine_id":"e"}"#, EngineInfo::default(), |_| Some("notaport".into()));
         assert!(matches!(e, Err(ConfigError::InvalidValue { .. })));
     }
 
     #[test]
     fn kv_both_is_accepted() {
-        let c = ConnectorConfig::from_json(r#"{"kv_role":"kv_both","engine_id":"e"}"#, EngineInfo::default(), no_env)
-            .unwrap();
+        let c = ConnectorConfig::from_json(r#"{"kv_role":"kv_both","engine_id":"e"}"#, EngineInfo::default(), no_env).unwrap();
         assert!(c.role.can_consume() && c.role.can_produce());
     }
 }

@@ -141,7 +141,15 @@ mod tests {
     use super::*;
 
     fn t(shape: &[u64], stride: &[u64]) -> TensorInfo {
-        TensorInfo { name: "l0".into(), ptr: 0x1000, shape: shape.into(), stride: stride.into(), itemsize: 2, mem: MemKind::Dram, device_id: 0 }
+        TensorInfo {
+            name: "l0".into(),
+            ptr: 0x1000,
+            shape: shape.into(),
+            stride: stride.into(),
+            itemsize: 2,
+            mem: MemKind::Dram,
+            device_id: 0,
+        }
     }
 
     #[test]

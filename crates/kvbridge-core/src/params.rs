@@ -83,7 +83,11 @@ fn block_ids(v: &Value) -> Result<Vec<u32>, ParamsError> {
                     arr.len()
                 )));
             }
-            arr[0].as_array().ok_or_else(|| ParamsError::WrongType { field: F, expected: "a list of block ids", got: type_name(&arr[0]) })?
+            arr[0].as_array().ok_or_else(|| ParamsError::WrongType {
+                field: F,
+                expected: "a list of block ids",
+                got: type_name(&arr[0]),
+            })?
         }
         _ => arr,
     };
@@ -196,17 +200,94 @@ mod tests {
             (json!([1]), "must be a JSON object"),
             (json!({"do_remote_prefill": "yes"}), "must be a boolean"),
             (json!({"do_remote_prefill": true}), "missing field \"remote_engine_id\""),
-            ({ let mut g = good(); g.as_object_mut().unwrap().remove("remote_block_ids"); g }, "missing field \"remote_block_ids\""),
-            ({ let mut g = good(); g["remote_block_ids"] = json!("1,2"); g }, "remote_block_ids"),
-            ({ let mut g = good(); g["remote_block_ids"] = json!([-1]); g }, "remote_block_ids"),
-            ({ let mut g = good(); g["remote_block_ids"] = json!([[1], [2]]); g }, "KV cache groups"),
-            ({ let mut g = good(); g["remote_port"] = json!("5600"); g }, "remote_port"),
-            ({ let mut g = good(); g["remote_port"] = json!(70000); g }, "remote_port"),
-            ({ let mut g = good(); g["remote_host"] = json!("bad host!"); g }, "invalid remote_host"),
-            ({ let mut g = good(); g["remote_host"] = json!(42); g }, "remote_host"),
-            ({ let mut g = good(); g["remote_engine_id"] = json!(""); g }, "non-empty"),
-            ({ let mut g = good(); g["do_remote_decode"] = json!(true); g }, "both true"),
-            ({ let mut g = good(); g["tp_size"] = json!(0); g }, "tp_size"),
+            (
+                {
+                    let mut g = good();
+                    g.as_object_mut().unwrap().remove("remote_block_ids");
+                    g
+                },
+                "missing field \"remote_block_ids\"",
+            ),
+            (
+                {
+                    let mut g = good();
+                    g["remote_block_ids"] = json!("1,2");
+                    g
+                },
+                "remote_block_ids",
+            ),
+            (
+                {
+                    let mut g = good();
+                    g["remote_block_ids"] = json!([-1]);
+                    g
+                },
+                "remote_block_ids",
+            ),
+            (
+                {
+                    let mut g = good();
+                    g["remote_block_ids"] = json!([[1], [2]]);
+                    g
+                },
+                "KV cache groups",
+            ),
+            (
+                {
+                    let mut g = good();
+                    g["remote_port"] = json!("5600");
+                    g
+                },
+                "remote_port",
+            ),
+            (
+                {
+                    let mut g = good();
+                    g["remote_port"] = json!(70000);
+                    g
+                },
+                "remote_port",
+            ),
+            (
+                {
+                    let mut g = good();
+                    g["remote_host"] = json!("bad host!");
+                    g
+                },
+                "invalid remote_host",
+            ),
+            (
+                {
+                    let mut g = good();
+                    g["remote_host"] = json!(42);
+                    g
+                },
+                "remote_host",
+            ),
+            (
+                {
+                    let mut g = good();
+                    g["remote_engine_id"] = json!("");
+                    g
+                },
+                "non-empty",
+            ),
+            (
+                {
+                    let mut g = good();
+                    g["do_remote_decode"] = json!(true);
+                    g
+                },
+                "both true",
+            ),
+            (
+                {
+                    let mut g = good();
+                    g["tp_size"] = json!(0);
+                    g
+                },
+                "tp_size",
+            ),
         ];
         for (v, want) in cases {
             let e = KvParams::parse(&v).expect_err(&v.to_string()).to_string();

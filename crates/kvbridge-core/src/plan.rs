@@ -112,7 +112,8 @@ impl TransferPlan {
         // Runs of blocks consecutive on both sides.
         let mut runs_per_region = 0usize;
         for i in 0..local_blocks.len() {
-            if i == 0 || local_blocks[i] != local_blocks[i - 1].wrapping_add(1) || remote_blocks[i] != remote_blocks[i - 1].wrapping_add(1) {
+            if i == 0 || local_blocks[i] != local_blocks[i - 1].wrapping_add(1) || remote_blocks[i] != remote_blocks[i - 1].wrapping_add(1)
+            {
                 runs_per_region += 1;
             }
         }
@@ -171,7 +172,15 @@ mod tests {
     fn layout(nregions: usize, nblocks: u64, len: u64) -> KvLayout {
         KvLayout {
             regions: (0..nregions)
-                .map(|i| Region { name: format!("r{i}"), base: 1 << 20, block_len: len, block_stride: len, num_blocks: nblocks, mem: MemKind::Dram, device_id: 0 })
+                .map(|i| Region {
+                    name: format!("r{i}"),
+                    base: 1 << 20,
+                    block_len: len,
+                    block_stride: len,
+                    num_blocks: nblocks,
+                    mem: MemKind::Dram,
+                    device_id: 0,
+                })
                 .collect(),
             num_blocks: nblocks,
         }
@@ -184,7 +193,18 @@ mod tests {
             tp_rank: 0,
             tp_size: tp,
             block_size: 16,
-            regions: l.regions.iter().map(|r| RegionDesc { base: r.base, block_len: r.block_len, block_stride: r.block_stride, num_blocks: r.num_blocks, device_id: 0, mem: MemKind::Dram }).collect(),
+            regions: l
+                .regions
+                .iter()
+                .map(|r| RegionDesc {
+                    base: r.base,
+                    block_len: r.block_len,
+                    block_stride: r.block_stride,
+                    num_blocks: r.num_blocks,
+                    device_id: 0,
+                    mem: MemKind::Dram,
+                })
+                .collect(),
             nixl_md: vec![],
         }
     }

@@ -13,7 +13,7 @@ use tokio::runtime::Runtime;
 use zeromq::{DealerSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::error::HandshakeError;
-use crate::wire::{self, HandshakeRequest, HandshakePayload, MAX_HANDSHAKE_BYTES};
+use crate::wire::{self, HandshakePayload, HandshakeRequest, MAX_HANDSHAKE_BYTES};
 
 /// Resolve a host name to a literal IP for zeromq endpoints (`localhost` → `127.0.0.1`).
 pub fn resolve_host(host: &str, port: u16) -> Result<String, String> {
@@ -102,7 +102,14 @@ impl SideChannel {
 
     /// Fetch a peer's handshake payload; `done` runs on the side-channel thread with the
     /// raw payload bytes or a typed error. Never blocks the caller.
-    pub fn fetch(&self, host: String, port: u16, req: HandshakeRequest, timeout: Duration, done: impl FnOnce(Result<Vec<u8>, HandshakeError>) + Send + 'static) {
+    pub fn fetch(
+        &self,
+        host: String,
+        port: u16,
+        req: HandshakeRequest,
+        timeout: Duration,
+        done: impl FnOnce(Result<Vec<u8>, HandshakeError>) + Send + 'static,
+    ) {
         let addr = format!("{host}:{port}");
         self.rt().spawn(async move {
             let a2 = addr.clone();
@@ -160,7 +167,9 @@ async fn serve_loop(mut sock: RouterSocket, payload: PayloadCell) {
                 tracing::warn!(error = %e, "kvbridge: malformed handshake request");
                 err_payload(format!("malformed handshake request: {e}"))
             }
-            Ok(r) if r.version != wire::WIRE_VERSION => err_payload(format!("wire version {} not supported (want {})", r.version, wire::WIRE_VERSION)),
+            Ok(r) if r.version != wire::WIRE_VERSION => {
+                err_payload(format!("wire version {} not supported (want {})", r.version, wire::WIRE_VERSION))
+            }
             Ok(r) => {
                 tracing::debug!(from = %r.from_engine, rank = r.from_tp_rank, "kvbridge: serving handshake");
                 match payload.lock().ok().and_then(|p| p.clone()) {
@@ -178,7 +187,8 @@ async fn serve_loop(mut sock: RouterSocket, payload: PayloadCell) {
 }
 
 fn err_payload(reason: String) -> Vec<u8> {
-    wire::encode("HandshakePayload", &HandshakePayload { compat_hash: String::new(), agent_metadata: Vec::new(), error: Some(reason) }).unwrap_or_default()
+    wire::encode("HandshakePayload", &HandshakePayload { compat_hash: String::new(), agent_metadata: Vec::new(), error: Some(reason) })
+        .unwrap_or_default()
 }
 
 async fn fetch_once(host: &str, port: u16, req: &HandshakeRequest) -> Result<Vec<u8>, HandshakeError> {

@@ -31,7 +31,8 @@ fn serves_payload_and_reports_unregistered() {
     // A wrong wire version gets an error payload, not silence.
     let mut old = req();
     old.version = 999;
-    let p: HandshakePayload = wire::decode("p", &client.fetch_blocking("127.0.0.1", port, old, Duration::from_secs(5)).unwrap(), 1 << 20).unwrap();
+    let p: HandshakePayload =
+        wire::decode("p", &client.fetch_blocking("127.0.0.1", port, old, Duration::from_secs(5)).unwrap(), 1 << 20).unwrap();
     assert!(p.error.unwrap().contains("wire version"));
 }
 

@@ -9,8 +9,15 @@ use kvbridge_core::wire::{self, AgentMetadata, ConnectorMetadata, HandshakePaylo
 use kvbridge_core::worker::pull::{Action, PullWorker};
 
 fn cfg(role: &str, engine: &str) -> ConnectorConfig {
-    let json = format!(r#"{{"kv_role":"{role}","engine_id":"{engine}","kv_connector_extra_config":{{"side_channel_host":"127.0.0.1","side_channel_port":7000,"kv_lease_duration":30}}}}"#);
-    ConnectorConfig::from_json(&json, EngineInfo { tp_size: 1, compat: CompatInfo { model: "m".into(), block_size: 16, ..Default::default() }, ..Default::default() }, |_| None).unwrap()
+    let json = format!(
+        r#"{{"kv_role":"{role}","engine_id":"{engine}","kv_connector_extra_config":{{"side_channel_host":"127.0.0.1","side_channel_port":7000,"kv_lease_duration":30}}}}"#
+    );
+    ConnectorConfig::from_json(
+        &json,
+        EngineInfo { tp_size: 1, compat: CompatInfo { model: "m".into(), block_size: 16, ..Default::default() }, ..Default::default() },
+        |_| None,
+    )
+    .unwrap()
 }
 
 const PEER: &str = "P@127.0.0.1:7000";
@@ -176,7 +183,17 @@ fn block_count_mismatch_is_a_failed_request() {
 
 fn layout(blocks: u64) -> KvLayout {
     KvLayout {
-        regions: (0..4).map(|i| Region { name: format!("l{i}"), base: 0x10000 * (i + 1), block_len: 256, block_stride: 256, num_blocks: blocks, mem: MemKind::Dram, device_id: 0 }).collect(),
+        regions: (0..4)
+            .map(|i| Region {
+                name: format!("l{i}"),
+                base: 0x10000 * (i + 1),
+                block_len: 256,
+                block_stride: 256,
+                num_blocks: blocks,
+                mem: MemKind::Dram,
+                device_id: 0,
+            })
+            .collect(),
         num_blocks: blocks,
     }
 }
@@ -189,7 +206,18 @@ fn payload(engine: &str, hash: &str, blocks: u64) -> Vec<u8> {
         tp_rank: 0,
         tp_size: 1,
         block_size: 16,
-        regions: l.regions.iter().map(|r| RegionDesc { base: r.base, block_len: r.block_len, block_stride: r.block_stride, num_blocks: r.num_blocks, device_id: 0, mem: MemKind::Dram }).collect(),
+        regions: l
+            .regions
+            .iter()
+            .map(|r| RegionDesc {
+                base: r.base,
+                block_len: r.block_len,
+                block_stride: r.block_stride,
+                num_blocks: r.num_blocks,
+                device_id: 0,
+                mem: MemKind::Dram,
+            })
+            .collect(),
         nixl_md: vec![1, 2, 3],
     };
     wire::encode("p", &HandshakePayload { compat_hash: hash.into(), agent_metadata: wire::encode("m", &md).unwrap(), error: None }).unwrap()
@@ -201,7 +229,14 @@ fn d_worker() -> PullWorker {
     w
 }
 
-fn d_meta(d: &mut PullScheduler, p: &mut PullScheduler, req: &str, remote_blocks: &[u32], local: &[u32], computed: u64) -> ConnectorMetadata {
+fn d_meta(
+    d: &mut PullScheduler,
+    p: &mut PullScheduler,
+    req: &str,
+    remote_blocks: &[u32],
+    local: &[u32],
+    computed: u64,
+) -> ConnectorMetadata {
     let params = prefill(p, &format!("p-{req}"), remote_blocks);
     let n = remote_blocks.len() as u64 * 16;
     let m = d.get_num_new_matched_tokens(req, n, computed, Some(&params));
@@ -308,7 +343,9 @@ fn producer_worker_frees_on_notif_early_or_late_and_on_expiry() {
     let mut w = PullWorker::new("P".into(), 0, 1, "H".into(), true);
     prefill(&mut p, "a", &[1]);
     prefill(&mut p, "b", &[2]);
-    let notif = |r: &str| Notif { version: WIRE_VERSION, request_id: r.into(), from_engine: "D".into(), from_tp_rank: 0, ok: true }.to_bytes().unwrap();
+    let notif = |r: &str| {
+        Notif { version: WIRE_VERSION, request_id: r.into(), from_engine: "D".into(), from_tp_rank: 0, ok: true }.to_bytes().unwrap()
+    };
     // "b" is read before its lease reaches the worker.
     w.base.on_notif(&notif("b"), 1000.0);
     w.on_metadata(p.build_connector_meta(), 1000.0);

@@ -10,7 +10,10 @@ use kvbridge_core::layout::{KvLayout, MemKind};
 use kvbridge_core::plan::descriptors_of;
 use kvbridge_core::transport::{Transport, XferId, XferPoll};
 use kvbridge_core::wire::AgentMetadata;
-use nixl_sys::{Agent, AgentConfig, MemType, MemoryRegion, NixlDescriptor, NotificationMap, OptArgs, RegistrationHandle, ThreadSync, XferDescList, XferDlistHandle, XferOp, XferRequest, XferStatus};
+use nixl_sys::{
+    Agent, AgentConfig, MemType, MemoryRegion, NixlDescriptor, NotificationMap, OptArgs, RegistrationHandle, ThreadSync, XferDescList,
+    XferDlistHandle, XferOp, XferRequest, XferStatus,
+};
 
 use crate::error::NixlError;
 use crate::runtime;
@@ -121,7 +124,15 @@ impl NixlTransport {
             agent.create_backend(b, &params).map_err(NixlError::nixl("create backend"))?;
         }
         tracing::info!(agent = name, backends = ?opts.backends, progress_delay_us = opts.progress_delay_us, "kvbridge: NIXL agent created");
-        Ok(Self { xfers: HashMap::new(), remotes: HashMap::new(), local: None, regs: Vec::new(), next_xfer: 1, name: name.to_string(), agent })
+        Ok(Self {
+            xfers: HashMap::new(),
+            remotes: HashMap::new(),
+            local: None,
+            regs: Vec::new(),
+            next_xfer: 1,
+            name: name.to_string(),
+            agent,
+        })
     }
 
     /// Is the runtime loadable here? (Never aborts.)
@@ -188,7 +199,13 @@ impl NixlTransport {
                 return Err(e);
             }
         };
-        tracing::debug!(peer, load_ms = t_load.as_secs_f64() * 1e3, prep_ms = (t0.elapsed() - t_load).as_secs_f64() * 1e3, descriptors = descs.len(), "kvbridge: remote agent loaded");
+        tracing::debug!(
+            peer,
+            load_ms = t_load.as_secs_f64() * 1e3,
+            prep_ms = (t0.elapsed() - t_load).as_secs_f64() * 1e3,
+            descriptors = descs.len(),
+            "kvbridge: remote agent loaded"
+        );
         self.remotes.insert(peer.to_string(), Remote { agent_name: name, owns_md: !loaded, dlist, num_descs: descs.len() });
         Ok(())
     }

@@ -6,7 +6,11 @@ pub enum NixlError {
     #[error("NIXL runtime (libnixl_capi.so) not found; searched {searched:?}. Run `make setup` or point KVBRIDGE_NIXL_LIB_DIR (or NIXL_LIB_DIR) at the nixl-cu12 wheel's .nixl_cu12.mesonpy.libs directory")]
     RuntimeMissing { searched: Vec<String> },
     #[error("NIXL {op} failed: {source}")]
-    Nixl { op: &'static str, #[source] source: nixl_sys::NixlError },
+    Nixl {
+        op: &'static str,
+        #[source]
+        source: nixl_sys::NixlError,
+    },
     #[error("NIXL backend {0:?} is not available (available plugins: {1:?})")]
     BackendUnavailable(String, Vec<String>),
     #[error("unknown remote engine {0:?} (no handshake yet)")]

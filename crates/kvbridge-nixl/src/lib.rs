@@ -25,7 +25,10 @@ pub type NixlWorker = kvbridge_core::worker::WorkerDriver<NixlTransport>;
 
 /// Build a NIXL-backed worker from a parsed config. The agent is named
 /// `<engine_id>-dp<dp>-tp<rank>-<pid>`, unique per process.
-pub fn new_worker(cfg: kvbridge_core::ConnectorConfig, lib_dir_hint: Option<std::path::PathBuf>) -> Result<NixlWorker, kvbridge_core::Error> {
+pub fn new_worker(
+    cfg: kvbridge_core::ConnectorConfig,
+    lib_dir_hint: Option<std::path::PathBuf>,
+) -> Result<NixlWorker, kvbridge_core::Error> {
     let opts = NixlOptions { backends: cfg.backends.clone(), progress_delay_us: cfg.progress_delay_us, lib_dir_hint };
     let name = format!("{}-dp{}-tp{}-{}", cfg.engine_id, cfg.dp_rank, cfg.tp_rank, std::process::id());
     let t = NixlTransport::new(&name, &opts)?;

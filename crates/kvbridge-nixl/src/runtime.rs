@@ -37,7 +37,11 @@ fn dlopen_global(path: &str) -> Result<(), String> {
     if h.is_null() {
         // SAFETY: dlerror returns a thread-local C string or null.
         let err = unsafe { libc::dlerror() };
-        let msg = if err.is_null() { "unknown dlopen error".to_string() } else { unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned() };
+        let msg = if err.is_null() {
+            "unknown dlopen error".to_string()
+        } else {
+            unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned()
+        };
         return Err(format!("{path}: {msg}"));
     }
     Ok(())
@@ -72,7 +76,9 @@ pub fn ensure_loaded(hint: Option<&Path>) -> Result<PathBuf, NixlError> {
         Ok(p) => {
             // The library is loaded; nixl-sys's own dlopen will now succeed.
             if nixl_sys::is_stub() {
-                return Err(NixlError::RuntimeMissing { searched: vec![format!("{} loaded but nixl-sys still reports stub mode", p.display())] });
+                return Err(NixlError::RuntimeMissing {
+                    searched: vec![format!("{} loaded but nixl-sys still reports stub mode", p.display())],
+                });
             }
             Ok(p.clone())
         }

@@ -69,7 +69,15 @@ fn hostile_peer_metadata_is_an_error() {
     let mut t = NixlTransport::new("hostile-test", &NixlOptions::default()).expect("agent");
     let buf = vec![0u8; 1 << 16];
     let layout = KvLayout {
-        regions: vec![Region { name: "l0".into(), base: buf.as_ptr() as u64, block_len: 4096, block_stride: 4096, num_blocks: 16, mem: MemKind::Dram, device_id: 0 }],
+        regions: vec![Region {
+            name: "l0".into(),
+            base: buf.as_ptr() as u64,
+            block_len: 4096,
+            block_stride: 4096,
+            num_blocks: 16,
+            mem: MemKind::Dram,
+            device_id: 0,
+        }],
         num_blocks: 16,
     };
     t.register(&layout).expect("register");

@@ -69,8 +69,19 @@ fn pattern(layer: usize, i: usize) -> u8 {
 }
 
 fn config(role: &str, engine: &str, port: u16) -> ConnectorConfig {
-    let compat = CompatInfo { model: "test-kv".into(), dtype: "bfloat16".into(), num_layers: LAYERS as u32, num_kv_heads: HEADS as u32, head_size: HEAD as u32, block_size: BLOCK_TOKENS as u32, ..Default::default() };
-    let json = format!(r#"{{"kv_role":"{role}","engine_id":"{engine}","kv_connector_extra_config":{{"side_channel_host":"127.0.0.1","side_channel_port":{port},"kv_lease_duration":60,"progress_delay_us":{}}}}}"#, std::env::var("KVB_TEST_PROGRESS_US").unwrap_or_else(|_| "100".into()));
+    let compat = CompatInfo {
+        model: "test-kv".into(),
+        dtype: "bfloat16".into(),
+        num_layers: LAYERS as u32,
+        num_kv_heads: HEADS as u32,
+        head_size: HEAD as u32,
+        block_size: BLOCK_TOKENS as u32,
+        ..Default::default()
+    };
+    let json = format!(
+        r#"{{"kv_role":"{role}","engine_id":"{engine}","kv_connector_extra_config":{{"side_channel_host":"127.0.0.1","side_channel_port":{port},"kv_lease_duration":60,"progress_delay_us":{}}}}}"#,
+        std::env::var("KVB_TEST_PROGRESS_US").unwrap_or_else(|_| "100".into())
+    );
     ConnectorConfig::from_json(&json, EngineInfo { tp_size: 1, tp_rank: 0, dp_rank: 0, compat }, |_| None).expect("config")
 }
 
@@ -78,7 +89,10 @@ fn runtime_or_skip() -> bool {
     if kvbridge_nixl::NixlTransport::runtime_available(None) {
         return true;
     }
-    assert!(std::env::var("CI").map(|v| v != "true").unwrap_or(true), "CI=true but the NIXL runtime is missing: set KVBRIDGE_NIXL_LIB_DIR (make test does)");
+    assert!(
+        std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+        "CI=true but the NIXL runtime is missing: set KVBRIDGE_NIXL_LIB_DIR (make test does)"
+    );
     eprintln!("SKIP: NIXL runtime not found (set KVBRIDGE_NIXL_LIB_DIR)");
     false
 }
@@ -112,7 +126,14 @@ fn run_prefill(dir: &Path, port: u16) {
     // The request arrives with do_remote_decode, is prefilled, and finishes (max_tokens=1).
     let m = sched.get_num_new_matched_tokens("req-p", 96, 0, Some(r#"{"do_remote_decode":true}"#));
     assert_eq!((m.num_tokens, m.load_async), (0, false));
-    let fin = sched.request_finished("req-p", &P_BLOCKS, FinishReason::LengthCapped, 96, Some(r#"{"do_remote_decode":true}"#), kvbridge_core::worker::driver::now_unix());
+    let fin = sched.request_finished(
+        "req-p",
+        &P_BLOCKS,
+        FinishReason::LengthCapped,
+        96,
+        Some(r#"{"do_remote_decode":true}"#),
+        kvbridge_core::worker::driver::now_unix(),
+    );
     assert!(fin.delay_free);
     let params = fin.kv_transfer_params.expect("params").to_string();
     // The lease goes to the worker with the next step's metadata.

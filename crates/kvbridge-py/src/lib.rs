@@ -41,7 +41,8 @@ fn to_py(e: Error) -> PyErr {
 }
 
 fn parse_config(kv_transfer_config: &str, engine_info: &str) -> PyResult<ConnectorConfig> {
-    let info: EngineInfo = serde_json::from_str(engine_info).map_err(|e| ConfigError::new_err(format!("engine info is not valid JSON: {e}")))?;
+    let info: EngineInfo =
+        serde_json::from_str(engine_info).map_err(|e| ConfigError::new_err(format!("engine info is not valid JSON: {e}")))?;
     ConnectorConfig::from_json(kv_transfer_config, info, |k| std::env::var(k).ok()).map_err(|e| to_py(e.into()))
 }
 
@@ -70,7 +71,13 @@ impl Scheduler {
 
     /// Returns `(num_tokens, load_async)`.
     #[pyo3(signature = (req_id, num_prompt_tokens, num_computed_tokens, kv_transfer_params=None))]
-    fn get_num_new_matched_tokens(&mut self, req_id: &str, num_prompt_tokens: u64, num_computed_tokens: u64, kv_transfer_params: Option<&str>) -> (u64, bool) {
+    fn get_num_new_matched_tokens(
+        &mut self,
+        req_id: &str,
+        num_prompt_tokens: u64,
+        num_computed_tokens: u64,
+        kv_transfer_params: Option<&str>,
+    ) -> (u64, bool) {
         let m = self.inner.get_num_new_matched_tokens(req_id, num_prompt_tokens, num_computed_tokens, kv_transfer_params);
         (m.num_tokens, m.load_async)
     }
@@ -87,8 +94,22 @@ impl Scheduler {
 
     /// Returns `(delay_free_blocks, kv_transfer_params as JSON text or None)`.
     #[pyo3(signature = (req_id, block_ids, finish_reason, num_computed_tokens, kv_transfer_params=None))]
-    fn request_finished(&mut self, req_id: &str, block_ids: Vec<u32>, finish_reason: &str, num_computed_tokens: u64, kv_transfer_params: Option<&str>) -> (bool, Option<String>) {
-        let f = self.inner.request_finished(req_id, &block_ids, FinishReason::parse(finish_reason), num_computed_tokens, kv_transfer_params, now_unix());
+    fn request_finished(
+        &mut self,
+        req_id: &str,
+        block_ids: Vec<u32>,
+        finish_reason: &str,
+        num_computed_tokens: u64,
+        kv_transfer_params: Option<&str>,
+    ) -> (bool, Option<String>) {
+        let f = self.inner.request_finished(
+            req_id,
+            &block_ids,
+            FinishReason::parse(finish_reason),
+            num_computed_tokens,
+            kv_transfer_params,
+            now_unix(),
+        );
         (f.delay_free, f.kv_transfer_params.map(|v| v.to_string()))
     }
 

@@ -124,9 +124,23 @@ impl SchedulerBase {
 /// Everything a scheduler-side connector must answer, whatever the transfer mode.
 pub trait SchedulerSide {
     fn config(&self) -> &ConnectorConfig;
-    fn get_num_new_matched_tokens(&mut self, req_id: &str, num_prompt_tokens: u64, num_computed_tokens: u64, kv_transfer_params: Option<&str>) -> Matched;
+    fn get_num_new_matched_tokens(
+        &mut self,
+        req_id: &str,
+        num_prompt_tokens: u64,
+        num_computed_tokens: u64,
+        kv_transfer_params: Option<&str>,
+    ) -> Matched;
     fn update_state_after_alloc(&mut self, req_id: &str, unhashed_block_ids: &[u32], num_external_tokens: u64);
-    fn request_finished(&mut self, req_id: &str, block_ids: &[u32], reason: FinishReason, num_computed_tokens: u64, kv_transfer_params: Option<&str>, now_unix: f64) -> Finished;
+    fn request_finished(
+        &mut self,
+        req_id: &str,
+        block_ids: &[u32],
+        reason: FinishReason,
+        num_computed_tokens: u64,
+        kv_transfer_params: Option<&str>,
+        now_unix: f64,
+    ) -> Finished;
     fn build_connector_meta(&mut self) -> ConnectorMetadata;
     fn update_connector_output(&mut self, finished_sending: &[String], finished_recving: &[String]);
     fn has_pending_block_frees(&self) -> bool;

@@ -72,7 +72,13 @@ impl SchedulerSide for PullScheduler {
         &self.cfg
     }
 
-    fn get_num_new_matched_tokens(&mut self, req_id: &str, num_prompt_tokens: u64, num_computed_tokens: u64, kv_transfer_params: Option<&str>) -> Matched {
+    fn get_num_new_matched_tokens(
+        &mut self,
+        req_id: &str,
+        num_prompt_tokens: u64,
+        num_computed_tokens: u64,
+        kv_transfer_params: Option<&str>,
+    ) -> Matched {
         if self.consumed.contains(req_id) {
             return Matched::NONE;
         }
@@ -132,7 +138,15 @@ impl SchedulerSide for PullScheduler {
         }
     }
 
-    fn request_finished(&mut self, req_id: &str, block_ids: &[u32], reason: FinishReason, num_computed_tokens: u64, kv_transfer_params: Option<&str>, now_unix: f64) -> Finished {
+    fn request_finished(
+        &mut self,
+        req_id: &str,
+        block_ids: &[u32],
+        reason: FinishReason,
+        num_computed_tokens: u64,
+        kv_transfer_params: Option<&str>,
+        now_unix: f64,
+    ) -> Finished {
         let none = Finished { delay_free: false, kv_transfer_params: None };
         self.base.rejected.remove(req_id);
         self.consumed.remove(req_id);

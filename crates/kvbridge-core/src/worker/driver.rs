@@ -78,14 +78,25 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 regions: layout
                     .regions
                     .iter()
-                    .map(|r| RegionDesc { base: r.base, block_len: r.block_len, block_stride: r.block_stride, num_blocks: r.num_blocks, device_id: r.device_id, mem: r.mem })
+                    .map(|r| RegionDesc {
+                        base: r.base,
+                        block_len: r.block_len,
+                        block_stride: r.block_stride,
+                        num_blocks: r.num_blocks,
+                        device_id: r.device_id,
+                        mem: r.mem,
+                    })
                     .collect(),
                 nixl_md,
             };
             g.core.on_registered(layout.clone());
             wire::encode(
                 "HandshakePayload",
-                &HandshakePayload { compat_hash: g.core.compat_hash().to_string(), agent_metadata: wire::encode("AgentMetadata", &md)?, error: None },
+                &HandshakePayload {
+                    compat_hash: g.core.compat_hash().to_string(),
+                    agent_metadata: wire::encode("AgentMetadata", &md)?,
+                    error: None,
+                },
             )?
         };
         if let Ok(mut p) = self.payload.lock() {

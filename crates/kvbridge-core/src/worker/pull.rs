@@ -113,9 +113,15 @@ impl PullWorker {
     }
 
     fn notif(&self, request_id: &str, ok: bool) -> Vec<u8> {
-        Notif { version: WIRE_VERSION, request_id: request_id.to_string(), from_engine: self.engine_id.clone(), from_tp_rank: self.tp_rank, ok }
-            .to_bytes()
-            .unwrap_or_default()
+        Notif {
+            version: WIRE_VERSION,
+            request_id: request_id.to_string(),
+            from_engine: self.engine_id.clone(),
+            from_tp_rank: self.tp_rank,
+            ok,
+        }
+        .to_bytes()
+        .unwrap_or_default()
     }
 
     fn fail(&mut self, req_id: &str, local_block_ids: &[u32], notify_only: bool, err: &Error) {
@@ -221,7 +227,9 @@ impl PullWorker {
         }
         if p.compat_hash != self.compat_hash {
             if self.enforce_compat {
-                return Err(HandshakeError::Incompatible { addr: addr.into(), local: self.compat_hash.clone(), remote: p.compat_hash }.into());
+                return Err(
+                    HandshakeError::Incompatible { addr: addr.into(), local: self.compat_hash.clone(), remote: p.compat_hash }.into()
+                );
             }
             tracing::warn!(addr, "kvbridge: compatibility hash differs but enforce_handshake_compat=false; continuing");
         }
@@ -262,7 +270,12 @@ impl PullWorker {
         match (res, self.engines.remove(peer)) {
             (Ok(()), Some(Engine::Handshaking { queued, plan: Some(plan), .. })) => {
                 self.stats.handshakes_ok += 1;
-                tracing::info!(peer, regions = plan.num_regions, remote_blocks = plan.remote_num_blocks, "kvbridge: handshake done, transfer plan ready");
+                tracing::info!(
+                    peer,
+                    regions = plan.num_regions,
+                    remote_blocks = plan.remote_num_blocks,
+                    "kvbridge: handshake done, transfer plan ready"
+                );
                 for r in queued {
                     self.start(r, peer, &plan, now_unix, &mut actions);
                 }
