@@ -43,18 +43,7 @@ fn bench(c: &mut Criterion) {
         tp_rank: 0,
         tp_size: 1,
         block_size: 128,
-        regions: l
-            .regions
-            .iter()
-            .map(|r| RegionDesc {
-                base: r.base,
-                block_len: r.block_len,
-                block_stride: r.block_stride,
-                num_blocks: r.num_blocks,
-                device_id: 0,
-                mem: MemKind::Dram,
-            })
-            .collect(),
+        regions: l.regions.iter().map(RegionDesc::from).collect(),
         nixl_md: vec![0; 4096],
     };
     let plan = TransferPlan::build(&l, 1, 0, &md).unwrap();

@@ -193,18 +193,7 @@ mod tests {
             tp_rank: 0,
             tp_size: tp,
             block_size: 16,
-            regions: l
-                .regions
-                .iter()
-                .map(|r| RegionDesc {
-                    base: r.base,
-                    block_len: r.block_len,
-                    block_stride: r.block_stride,
-                    num_blocks: r.num_blocks,
-                    device_id: 0,
-                    mem: MemKind::Dram,
-                })
-                .collect(),
+            regions: l.regions.iter().map(RegionDesc::from).collect(),
             nixl_md: vec![],
         }
     }

@@ -125,6 +125,19 @@ pub struct RegionDesc {
     pub mem: MemKind,
 }
 
+impl From<&crate::layout::Region> for RegionDesc {
+    fn from(r: &crate::layout::Region) -> Self {
+        Self {
+            base: r.base,
+            block_len: r.block_len,
+            block_stride: r.block_stride,
+            num_blocks: r.num_blocks,
+            device_id: r.device_id,
+            mem: r.mem,
+        }
+    }
+}
+
 /// Everything a peer needs to read from (or write to) this worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentMetadata {

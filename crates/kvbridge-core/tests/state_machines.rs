@@ -206,18 +206,7 @@ fn payload(engine: &str, hash: &str, blocks: u64) -> Vec<u8> {
         tp_rank: 0,
         tp_size: 1,
         block_size: 16,
-        regions: l
-            .regions
-            .iter()
-            .map(|r| RegionDesc {
-                base: r.base,
-                block_len: r.block_len,
-                block_stride: r.block_stride,
-                num_blocks: r.num_blocks,
-                device_id: 0,
-                mem: MemKind::Dram,
-            })
-            .collect(),
+        regions: l.regions.iter().map(RegionDesc::from).collect(),
         nixl_md: vec![1, 2, 3],
     };
     wire::encode("p", &HandshakePayload { compat_hash: hash.into(), agent_metadata: wire::encode("m", &md).unwrap(), error: None }).unwrap()

@@ -75,18 +75,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 tp_rank: self.cfg.tp_rank,
                 tp_size: self.cfg.tp_size,
                 block_size: self.block_size,
-                regions: layout
-                    .regions
-                    .iter()
-                    .map(|r| RegionDesc {
-                        base: r.base,
-                        block_len: r.block_len,
-                        block_stride: r.block_stride,
-                        num_blocks: r.num_blocks,
-                        device_id: r.device_id,
-                        mem: r.mem,
-                    })
-                    .collect(),
+                regions: layout.regions.iter().map(RegionDesc::from).collect(),
                 nixl_md,
             };
             g.core.on_registered(layout.clone());
