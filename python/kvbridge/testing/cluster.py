@@ -307,7 +307,7 @@ class _Proc:
 class Cluster:
     """One P and one D vLLM server plus the kvbridge proxy, on 127.0.0.1.
 
-    ``prefix_caching`` applies to both servers. ``extra_env`` is added to every process's env.
+    ``prefix_caching`` applies to both servers unless ``p_prefix_caching`` sets P's on its own. ``extra_env`` is added to every process's env.
     """
 
     def __init__(
@@ -320,6 +320,7 @@ class Cluster:
         proxy_port: int = 8000,
         side_ports: tuple[int, int] = (5600, 5700),
         prefix_caching: bool = False,
+        p_prefix_caching: bool | None = None,
         extra_env: dict[str, str] | None = None,
         start_timeout: float = 300.0,
         python: str | None = None,
@@ -333,6 +334,7 @@ class Cluster:
         self.p_port, self.d_port, self.proxy_port = p_port, d_port, proxy_port
         self.side_ports = side_ports
         self.prefix_caching = prefix_caching
+        self.p_prefix_caching = prefix_caching if p_prefix_caching is None else p_prefix_caching
         self.extra_env = dict(extra_env or {})
         self.start_timeout = start_timeout
         self.python = python or default_python()
@@ -401,7 +403,9 @@ class Cluster:
             "--dtype", "bfloat16",
             "--max-model-len", "4096",
             "--max-num-seqs", "8",
-            "--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching",
+            "--enable-prefix-caching"
+            if (self.p_prefix_caching if role == "kv_producer" else self.prefix_caching)
+            else "--no-enable-prefix-caching",
             "--kv-transfer-config", json.dumps(self.kv_transfer_config(role)),
         ]  # fmt: skip
 
