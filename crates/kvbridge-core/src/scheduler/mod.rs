@@ -7,7 +7,6 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::config::ConnectorConfig;
-use crate::error::WireError;
 use crate::wire::{ConnectorMetadata, FailedReq, RecvReq, SendLease, WIRE_VERSION};
 
 pub mod pull;
@@ -96,10 +95,6 @@ impl SchedulerBase {
             reqs_to_send: std::mem::take(&mut self.step_send),
             reqs_failed: std::mem::take(&mut self.step_failed),
         }
-    }
-
-    pub fn build_connector_meta_bytes(&mut self) -> Result<Vec<u8>, WireError> {
-        self.build_connector_meta().to_bytes()
     }
 
     /// Workers reported these requests done: drop their ledger entries.

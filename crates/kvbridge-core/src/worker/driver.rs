@@ -141,7 +141,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         for (req, x) in xfers {
             let res = match g.transport.poll(x) {
                 Ok(XferPoll::Pending) => {
-                    let started = g.core.loading().find(|l| l.req_id == req).map(|l| l.started_unix).unwrap_or(now);
+                    let started = g.core.read_started(&req).unwrap_or(now);
                     if now - started > self.read_timeout.as_secs_f64() {
                         Some(Err(TransportError::new("timeout", format!("READ for {req} did not finish in {:?}", self.read_timeout))))
                     } else {
@@ -184,17 +184,6 @@ impl<T: Transport + 'static> WorkerDriver<T> {
 
     pub fn in_flight(&self) -> usize {
         lock(&self.inner).xfers.len()
-    }
-
-    /// Run a closure against the transport (tests, tools).
-    pub fn with_transport<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
-        f(&mut lock(&self.inner).transport)
-    }
-
-    /// Fetch a peer's raw handshake payload, blocking (tools, benchmarks).
-    pub fn fetch_payload(&self, host: &str, port: u16) -> Result<Vec<u8>, HandshakeError> {
-        let req = HandshakeRequest { version: WIRE_VERSION, from_engine: self.cfg.engine_id.clone(), from_tp_rank: self.cfg.tp_rank };
-        self.side.fetch_blocking(host, port, req, self.cfg.handshake_timeout)
     }
 }
 

@@ -104,8 +104,9 @@ impl PullWorker {
         self.layout.as_ref()
     }
 
-    pub fn loading(&self) -> impl Iterator<Item = &Loading> {
-        self.loading.values()
+    /// When the READ for `req_id` was posted (Unix seconds), if it is in flight.
+    pub fn read_started(&self, req_id: &str) -> Option<f64> {
+        self.loading.get(req_id).map(|l| l.started_unix)
     }
 
     pub fn is_peer_ready(&self, peer: &str) -> bool {
