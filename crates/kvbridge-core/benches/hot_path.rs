@@ -3,27 +3,29 @@
 //! plan exists. `cargo bench -p kvbridge-core`.
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use kvbridge_core::config::{CompatInfo, ConnectorConfig, EngineInfo};
-use kvbridge_core::layout::{KvLayout, MemKind, Region};
+use kvbridge_core::layout::{Axis, KvLayout, RegionKind, TensorInfo};
 use kvbridge_core::params::KvParams;
-use kvbridge_core::plan::TransferPlan;
+use kvbridge_core::plan::{GroupBlocks, TransferPlan};
 use kvbridge_core::scheduler::{FinishReason, PullScheduler, SchedulerSide};
-use kvbridge_core::wire::{AgentMetadata, ConnectorMetadata, RegionDesc};
+use kvbridge_core::wire::{AgentMetadata, ConnectorMetadata};
 
+/// vLLM's CPU cache: 4 layers of `[n, 2 heads, 128 tokens, 128]` bf16, axes labelled.
 fn layout(n: u64) -> KvLayout {
-    KvLayout {
-        regions: (0..4)
-            .map(|i| Region {
-                name: format!("l{i}"),
-                base: (i + 1) << 32,
-                block_len: 65536,
-                block_stride: 65536,
-                num_blocks: n,
-                mem: MemKind::Dram,
-                device_id: 0,
-            })
-            .collect(),
-        num_blocks: n,
-    }
+    let t: Vec<TensorInfo> = (0..4u64)
+        .map(|i| {
+            TensorInfo::labelled(
+                &format!("l{i}"),
+                (i + 1) << 32,
+                &[n, 2, 128, 128],
+                &[32768, 16384, 128, 1],
+                &[Axis::Block, Axis::Head, Axis::Token, Axis::Dim],
+                2,
+                RegionKind::Attention,
+                2,
+            )
+        })
+        .collect();
+    KvLayout::from_tensors(&t, n, 0, 1).unwrap()
 }
 
 fn cfg(role: &str) -> ConnectorConfig {
@@ -43,14 +45,16 @@ fn bench(c: &mut Criterion) {
         tp_rank: 0,
         tp_size: 1,
         block_size: 128,
-        regions: l.regions.iter().map(RegionDesc::from).collect(),
+        blocks_per_logical: 1,
+        regions: l.regions.clone(),
         nixl_md: vec![0; 4096],
     };
-    let plan = TransferPlan::build(&l, 1, 0, &md).unwrap();
+    let plan = TransferPlan::build(&l, 1, 0, 128, &[md.clone()], Some(0)).unwrap();
     let local: Vec<u32> = (100..116).collect();
     let remote: Vec<u32> = (0..16).map(|i| 3000 - 7 * i).collect();
-    c.bench_function("plan_indices_16_blocks_4_layers", |b| b.iter(|| plan.indices(&local, &remote).unwrap()));
-    c.bench_function("plan_build_4096_blocks", |b| b.iter(|| TransferPlan::build(&l, 1, 0, &md).unwrap()));
+    let gb = [GroupBlocks { local: &local, remote: &remote }];
+    c.bench_function("plan_transfer_16_blocks_4_layers", |b| b.iter(|| plan.transfer(&gb, 2048, true).unwrap()));
+    c.bench_function("plan_build_4096_blocks", |b| b.iter(|| TransferPlan::build(&l, 1, 0, 128, &[md.clone()], Some(0)).unwrap()));
 
     let mut p = PullScheduler::new(cfg("kv_producer"));
     let params = p

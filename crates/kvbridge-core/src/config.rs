@@ -121,6 +121,10 @@ pub struct ConnectorConfig {
     pub idle_wait_us: u64,
     pub load_failure_policy: LoadFailurePolicy,
     pub enforce_handshake_compat: bool,
+    /// Merge reads of contiguous blocks into one descriptor (default true).
+    pub coalesce_descriptors: bool,
+    /// The engine's null block id, never transferred (vLLM: 0; `null` for none).
+    pub null_block_id: Option<u32>,
     pub compat: CompatInfo,
 }
 
@@ -136,6 +140,8 @@ pub const EXTRA_KEYS: &[&str] = &[
     "side_channel_port",
     "enforce_handshake_compat",
     "num_threads",
+    "coalesce_descriptors",
+    "null_block_id",
 ];
 
 pub const DEFAULT_SIDE_CHANNEL_HOST: &str = "localhost";
@@ -248,6 +254,24 @@ impl ConnectorConfig {
                 })
             }
         };
+        let coalesce_descriptors = match extra.get("coalesce_descriptors") {
+            None => true,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(ConfigError::InvalidValue {
+                    key: "coalesce_descriptors".into(),
+                    reason: format!("expected a boolean, got {other}"),
+                })
+            }
+        };
+        let null_block_id = match extra.get("null_block_id") {
+            None => Some(0),
+            Some(Value::Null) => None,
+            Some(v) => Some(v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| ConfigError::InvalidValue {
+                key: "null_block_id".into(),
+                reason: format!("expected a block id or null, got {v}"),
+            })?),
+        };
         let side_channel_host = match extra.get("side_channel_host").and_then(Value::as_str) {
             Some(h) => h.to_string(),
             None => env("VLLM_NIXL_SIDE_CHANNEL_HOST").unwrap_or_else(|| DEFAULT_SIDE_CHANNEL_HOST.into()),
@@ -281,6 +305,8 @@ impl ConnectorConfig {
             idle_wait_us,
             load_failure_policy,
             enforce_handshake_compat,
+            coalesce_descriptors,
+            null_block_id,
             compat: engine.compat,
         })
     }

@@ -1,5 +1,9 @@
-//! How a KV cache is laid out in memory: which regions to register, and where block `b`
-//! of each region starts. Built from the engine's tensors (pointer, shape, strides).
+//! How a KV cache is laid out in memory: which regions to register, where block `b` of
+//! each region starts, and — inside a block — where each (K/V, head, token) unit lives.
+//! Built from the engine's tensors (pointer, shape, strides, and what each axis means).
+//!
+//! The geometry inside a block is what lets two engines with different tensor-parallel
+//! sizes, block sizes or layouts exchange KV byte-exactly: see [`crate::plan`].
 use serde::{Deserialize, Serialize};
 
 use crate::error::PlanError;
@@ -9,6 +13,41 @@ use crate::error::PlanError;
 pub enum MemKind {
     Dram,
     Vram,
+}
+
+/// What an axis of a cache tensor means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Axis {
+    /// The block (page) index.
+    Block,
+    /// K or V (size 2). Outside the block axis (FlashAttention `[2, B, ...]`) it splits the
+    /// tensor into a K region and a V region; inside (FlashInfer `[B, 2, ...]`) K and V
+    /// share each block.
+    Kv,
+    /// KV heads held by this rank.
+    Head,
+    /// Token slot within a block (the kernel block size).
+    Token,
+    /// The innermost, contiguous content of one (K/V, head, token): head_dim, or vLLM's
+    /// packed `2*head_size` K|V content, or an MLA latent.
+    Dim,
+}
+
+/// How a region's blocks relate to tokens and heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RegionKind {
+    /// Per-token K/V, split over KV heads across TP ranks.
+    #[default]
+    Attention,
+    /// Per-token latent, replicated on every TP rank (MLA).
+    Mla,
+    /// Per-request state (Mamba/SSM): a block is an opaque whole, no token axis.
+    State,
+    /// A block of unknown structure (axes not given): transferable only between identical
+    /// geometries.
+    Opaque,
 }
 
 /// One KV cache tensor as the engine sees it. Strides are in elements, as in torch.
@@ -21,19 +60,91 @@ pub struct TensorInfo {
     pub itemsize: u64,
     pub mem: MemKind,
     pub device_id: u64,
+    /// What each axis means (same length as `shape`). Empty: inferred, and the block is
+    /// treated as [`RegionKind::Opaque`].
+    #[serde(default)]
+    pub axes: Vec<Axis>,
+    #[serde(default)]
+    pub kind: RegionKind,
+    /// The KV-cache group (hybrid models): which list of block ids a request uses for it.
+    #[serde(default)]
+    pub group: u32,
+    /// Sliding window in tokens (0: full attention). Only the blocks still in the window
+    /// are transferred.
+    #[serde(default)]
+    pub window: u32,
+    /// KV heads of the whole model (all ranks). 0: this tensor's heads × TP size.
+    #[serde(default)]
+    pub total_heads: u32,
 }
 
-/// A registered memory range made of `num_blocks` equally sized blocks:
-/// block `b` is the `block_len` bytes at `base + b * block_stride`.
+impl TensorInfo {
+    /// A tensor with unlabelled axes (opaque blocks, full attention, group 0).
+    pub fn opaque(name: &str, ptr: u64, shape: &[u64], stride: &[u64], itemsize: u64, mem: MemKind, device_id: u64) -> Self {
+        Self {
+            name: name.into(),
+            ptr,
+            shape: shape.into(),
+            stride: stride.into(),
+            itemsize,
+            mem,
+            device_id,
+            axes: Vec::new(),
+            kind: RegionKind::Opaque,
+            group: 0,
+            window: 0,
+            total_heads: 0,
+        }
+    }
+
+    /// A tensor whose axes are labelled.
+    #[allow(clippy::too_many_arguments)]
+    pub fn labelled(
+        name: &str,
+        ptr: u64,
+        shape: &[u64],
+        stride: &[u64],
+        axes: &[Axis],
+        itemsize: u64,
+        kind: RegionKind,
+        total_heads: u32,
+    ) -> Self {
+        Self { axes: axes.into(), kind, total_heads, ..Self::opaque(name, ptr, shape, stride, itemsize, MemKind::Dram, 0) }
+    }
+}
+
+/// A registered memory range of `num_blocks` equally sized blocks: block `b` is the
+/// `block_len` bytes at `base + b * block_stride`. The fields after `device_id` say
+/// where unit (kv, head, token) sits inside a block:
+/// `kv_index * kv_stride + (head - first_head) * head_stride + token * token_stride`,
+/// `unit_len` contiguous bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Region {
+    /// The tensor (layer) name, suffixed `.k`/`.v` when K and V are separate regions.
     pub name: String,
+    /// The tensor (layer) name: regions of the same layer pair up across engines.
+    pub layer: String,
     pub base: u64,
     pub block_len: u64,
     pub block_stride: u64,
     pub num_blocks: u64,
     pub mem: MemKind,
     pub device_id: u64,
+    pub kind: RegionKind,
+    pub group: u32,
+    pub window: u32,
+    /// Tokens per (kernel) block; 0 when the block has no token axis.
+    pub block_tokens: u32,
+    /// Which of K (0) and V (1) this region holds, in order of `kv_stride`. Empty when the
+    /// tensor has no K/V axis (vLLM packs K|V into the content; MLA; state).
+    pub kv_parts: Vec<u8>,
+    pub kv_stride: u64,
+    pub first_head: u32,
+    pub num_heads: u32,
+    pub total_heads: u32,
+    pub head_stride: u64,
+    pub token_stride: u64,
+    pub unit_len: u64,
 }
 
 impl Region {
@@ -48,24 +159,48 @@ impl Region {
     pub fn block_addr(&self, b: u64) -> u64 {
         self.base + b * self.block_stride
     }
+    /// Blocks are back to back, so a run of consecutive blocks is one contiguous range.
+    pub fn dense_blocks(&self) -> bool {
+        self.block_stride == self.block_len
+    }
 }
 
-/// The regions of one engine's KV cache, in a fixed order (tensor order, K before V).
+/// The regions of one engine's KV cache, in tensor order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvLayout {
     pub regions: Vec<Region>,
+    /// Kernel blocks per tensor (what the block axis counts).
     pub num_blocks: u64,
+    /// Kernel blocks per logical block (the scheduler's block ids are logical): vLLM's
+    /// `physical_blocks_per_logical_kv_block`.
+    pub blocks_per_logical: u32,
+}
+
+/// Heads `[first, first + count)` held by `rank` of `tp_size`, for `total` KV heads:
+/// split when `tp_size <= total`, one replicated head per rank otherwise (as vLLM does).
+pub fn heads_of_rank(total: u32, tp_size: u32, rank: u32) -> Result<(u32, u32), PlanError> {
+    if total == 0 || tp_size == 0 || rank >= tp_size {
+        return Err(PlanError::Layout(format!("bad head split: {total} KV heads, TP size {tp_size}, rank {rank}")));
+    }
+    if tp_size <= total {
+        if total % tp_size != 0 {
+            return Err(PlanError::Layout(format!("{total} KV heads do not split over TP size {tp_size}")));
+        }
+        let n = total / tp_size;
+        Ok((rank * n, n))
+    } else {
+        if tp_size % total != 0 {
+            return Err(PlanError::Layout(format!("TP size {tp_size} is not a multiple of {total} KV heads")));
+        }
+        Ok((rank / (tp_size / total), 1))
+    }
 }
 
 impl KvLayout {
-    /// Work out the regions from tensors, given the number of blocks in the cache.
-    ///
-    /// Supported shapes (the block axis is found by its size):
-    /// - blocks first, e.g. CPU `[num_blocks, kv_heads, block_size, 2*head]` or
-    ///   FlashInfer `[num_blocks, 2, block_size, kv_heads, head]`: one region per tensor;
-    /// - K/V first, e.g. FlashAttention `[2, num_blocks, block_size, kv_heads, head]`:
-    ///   two regions per tensor (K then V).
-    pub fn from_tensors(tensors: &[TensorInfo], num_blocks: u64) -> Result<Self, PlanError> {
+    /// Work out the regions from tensors. `num_blocks` is the number of *logical* blocks
+    /// (the scheduler's); a labelled block axis may hold a multiple of it (kernel blocks).
+    /// `tp_rank`/`tp_size` place this rank's heads among the model's.
+    pub fn from_tensors(tensors: &[TensorInfo], num_blocks: u64, tp_rank: u32, tp_size: u32) -> Result<Self, PlanError> {
         if tensors.is_empty() {
             return Err(PlanError::NotRegistered);
         }
@@ -73,55 +208,201 @@ impl KvLayout {
             return Err(PlanError::Layout("cache has zero blocks".into()));
         }
         let mut regions = Vec::with_capacity(tensors.len() * 2);
+        let mut kernel_blocks: Option<u64> = None;
         for t in tensors {
-            let bad = |why: &str| PlanError::Layout(format!("tensor {}: {why} (shape {:?}, stride {:?})", t.name, t.shape, t.stride));
-            if t.shape.len() != t.stride.len() || t.shape.is_empty() {
-                return Err(bad("shape and stride disagree"));
-            }
-            if t.itemsize == 0 {
-                return Err(bad("zero itemsize"));
-            }
-            let bytes = |elems: u64| elems.checked_mul(t.itemsize).ok_or_else(|| bad("size overflow"));
-            if t.shape[0] == num_blocks {
-                // Blocks first: everything after dim 0 must be one dense block.
-                let inner: u64 = t.shape[1..].iter().product();
-                if t.stride[0] < inner {
-                    return Err(bad("blocks overlap"));
-                }
-                if !dense(&t.shape[1..], &t.stride[1..]) {
-                    return Err(bad("a block is not contiguous"));
-                }
-                regions.push(Region {
-                    name: t.name.clone(),
-                    base: t.ptr,
-                    block_len: bytes(inner)?,
-                    block_stride: bytes(t.stride[0])?,
-                    num_blocks,
-                    mem: t.mem,
-                    device_id: t.device_id,
-                });
-            } else if t.shape.len() >= 2 && t.shape[0] == 2 && t.shape[1] == num_blocks {
-                let inner: u64 = t.shape[2..].iter().product();
-                if !dense(&t.shape[2..], &t.stride[2..]) || t.stride[1] < inner {
-                    return Err(bad("a block is not contiguous"));
-                }
-                for (i, kv) in ["k", "v"].iter().enumerate() {
-                    regions.push(Region {
-                        name: format!("{}.{kv}", t.name),
-                        base: t.ptr + bytes(t.stride[0] * i as u64)?,
-                        block_len: bytes(inner)?,
-                        block_stride: bytes(t.stride[1])?,
-                        num_blocks,
-                        mem: t.mem,
-                        device_id: t.device_id,
-                    });
-                }
+            let before = regions.len();
+            if t.axes.is_empty() {
+                infer_opaque(t, num_blocks, &mut regions)?;
             } else {
-                return Err(bad(&format!("no axis of size num_blocks={num_blocks} in position 0 (or 1 after a K/V axis of 2)")));
+                labelled(t, tp_rank, tp_size, &mut regions)?;
+            }
+            for r in &regions[before..] {
+                match kernel_blocks {
+                    None => kernel_blocks = Some(r.num_blocks),
+                    Some(n) if n != r.num_blocks && r.kind != RegionKind::State => {
+                        return Err(PlanError::Layout(format!("tensor {}: {} blocks, other tensors have {n}", t.name, r.num_blocks)));
+                    }
+                    _ => {}
+                }
             }
         }
-        Ok(Self { regions, num_blocks })
+        let nb = kernel_blocks.unwrap_or(num_blocks);
+        if nb % num_blocks != 0 {
+            return Err(PlanError::Layout(format!("{nb} kernel blocks is not a multiple of {num_blocks} logical blocks")));
+        }
+        let bpl = u32::try_from(nb / num_blocks).map_err(|_| PlanError::Layout("absurd kernel/logical block ratio".into()))?;
+        Ok(Self { regions, num_blocks: nb, blocks_per_logical: bpl })
     }
+}
+
+fn bad(t: &TensorInfo, why: &str) -> PlanError {
+    PlanError::Layout(format!("tensor {}: {why} (shape {:?}, stride {:?}, axes {:?})", t.name, t.shape, t.stride, t.axes))
+}
+
+/// Old-style inference: the block axis first, or second after a K/V axis of 2.
+fn infer_opaque(t: &TensorInfo, num_blocks: u64, out: &mut Vec<Region>) -> Result<(), PlanError> {
+    if t.shape.len() != t.stride.len() || t.shape.is_empty() {
+        return Err(bad(t, "shape and stride disagree"));
+    }
+    if t.itemsize == 0 {
+        return Err(bad(t, "zero itemsize"));
+    }
+    let bytes = |elems: u64| elems.checked_mul(t.itemsize).ok_or_else(|| bad(t, "size overflow"));
+    let kind = if t.kind == RegionKind::State { RegionKind::State } else { RegionKind::Opaque };
+    let region = |name: String, base: u64, len: u64, stride: u64, kv: Vec<u8>| Region {
+        name,
+        layer: t.name.clone(),
+        base,
+        block_len: len,
+        block_stride: stride,
+        num_blocks,
+        mem: t.mem,
+        device_id: t.device_id,
+        kind,
+        group: t.group,
+        window: t.window,
+        block_tokens: 0,
+        kv_parts: kv,
+        kv_stride: 0,
+        first_head: 0,
+        num_heads: 1,
+        total_heads: 1,
+        head_stride: 0,
+        token_stride: 0,
+        unit_len: len,
+    };
+    if t.shape[0] == num_blocks {
+        let inner: u64 = t.shape[1..].iter().product();
+        if t.stride[0] < inner {
+            return Err(bad(t, "blocks overlap"));
+        }
+        if !dense(&t.shape[1..], &t.stride[1..]) {
+            return Err(bad(t, "a block is not contiguous"));
+        }
+        out.push(region(t.name.clone(), t.ptr, bytes(inner)?, bytes(t.stride[0])?, vec![]));
+    } else if t.shape.len() >= 2 && t.shape[0] == 2 && t.shape[1] == num_blocks {
+        let inner: u64 = t.shape[2..].iter().product();
+        if !dense(&t.shape[2..], &t.stride[2..]) || t.stride[1] < inner {
+            return Err(bad(t, "a block is not contiguous"));
+        }
+        for (i, kv) in ["k", "v"].iter().enumerate() {
+            let base = t.ptr.checked_add(bytes(t.stride[0] * i as u64)?).ok_or_else(|| bad(t, "address overflow"))?;
+            out.push(region(format!("{}.{kv}", t.name), base, bytes(inner)?, bytes(t.stride[1])?, vec![i as u8]));
+        }
+    } else {
+        return Err(bad(t, &format!("no axis of size num_blocks={num_blocks} in position 0 (or 1 after a K/V axis of 2)")));
+    }
+    Ok(())
+}
+
+/// A tensor with labelled axes.
+fn labelled(t: &TensorInfo, tp_rank: u32, tp_size: u32, out: &mut Vec<Region>) -> Result<(), PlanError> {
+    let n = t.shape.len();
+    if t.axes.len() != n || t.stride.len() != n {
+        return Err(bad(t, "shape, stride and axes disagree"));
+    }
+    if t.itemsize == 0 {
+        return Err(bad(t, "zero itemsize"));
+    }
+    let find = |a: Axis| -> Result<Option<usize>, PlanError> {
+        let mut it = t.axes.iter().enumerate().filter(|(_, x)| **x == a).map(|(i, _)| i);
+        let first = it.next();
+        if it.next().is_some() {
+            return Err(bad(t, &format!("axis {a:?} appears twice")));
+        }
+        Ok(first)
+    };
+    let blk = find(Axis::Block)?.ok_or_else(|| bad(t, "no block axis"))?;
+    let dim = find(Axis::Dim)?.ok_or_else(|| bad(t, "no content (dim) axis"))?;
+    let kv = find(Axis::Kv)?;
+    let head = find(Axis::Head)?;
+    let tok = find(Axis::Token)?;
+    if t.stride[dim] != 1 && t.shape[dim] != 1 {
+        return Err(bad(t, "the content axis must be contiguous (stride 1)"));
+    }
+    if let Some(k) = kv {
+        if t.shape[k] != 2 && t.shape[k] != 1 {
+            return Err(bad(t, "the K/V axis must have size 1 or 2"));
+        }
+    }
+    match t.kind {
+        RegionKind::Mla if kv.is_some() || head.map(|h| t.shape[h]).unwrap_or(1) != 1 => {
+            return Err(bad(t, "an MLA cache has one latent per token: no K/V axis and at most one head"));
+        }
+        RegionKind::Attention | RegionKind::Mla if tok.is_none() => return Err(bad(t, "attention caches need a token axis")),
+        RegionKind::Opaque => return Err(bad(t, "labelled axes need a kind other than opaque")),
+        _ => {}
+    }
+    let item = t.itemsize;
+    let b = |elems: u64| elems.checked_mul(item).ok_or_else(|| bad(t, "size overflow"));
+    let kv_outer = kv.map(|k| t.shape[k] == 2 && t.stride[k] > t.stride[blk]).unwrap_or(false);
+    // The axes inside a block must tile it densely.
+    let inner: Vec<usize> = (0..n).filter(|&i| i != blk && !(kv_outer && Some(i) == kv)).collect();
+    let mut by_stride: Vec<(u64, u64)> = inner.iter().map(|&i| (t.stride[i], t.shape[i])).collect();
+    by_stride.sort();
+    let mut expect = 1u64;
+    for (st, sz) in by_stride {
+        if sz != 1 && st != expect {
+            return Err(bad(t, "a block is not one dense range"));
+        }
+        expect = expect.checked_mul(sz).ok_or_else(|| bad(t, "size overflow"))?;
+    }
+    if t.stride[blk] < expect && t.shape[blk] > 1 {
+        return Err(bad(t, "blocks overlap"));
+    }
+    let block_len = b(expect)?;
+    let size = |a: Option<usize>| a.map(|i| t.shape[i]).unwrap_or(1);
+    let stride_b = |a: Option<usize>| -> Result<u64, PlanError> { a.map(|i| b(t.stride[i])).unwrap_or(Ok(0)) };
+    let local_heads = u32::try_from(size(head)).map_err(|_| bad(t, "too many heads"))?;
+    let (first_head, num_heads, total_heads) = match t.kind {
+        RegionKind::Attention => {
+            let total = if t.total_heads > 0 { t.total_heads } else { local_heads.saturating_mul(tp_size.max(1)) };
+            let (first, count) = heads_of_rank(total, tp_size.max(1), tp_rank)?;
+            if count != local_heads {
+                return Err(bad(
+                    t,
+                    &format!("rank {tp_rank} of {tp_size} should hold {count} of {total} KV heads, tensor has {local_heads}"),
+                ));
+            }
+            (first, count, total)
+        }
+        _ => (0, 1, 1),
+    };
+    let kv_count = size(kv);
+    let parts: Vec<Vec<u8>> = if kv_outer {
+        vec![vec![0], vec![1]]
+    } else if kv.is_some() {
+        vec![(0..kv_count as u8).collect()]
+    } else {
+        vec![vec![]]
+    };
+    for (i, kv_parts) in parts.into_iter().enumerate() {
+        let off = if kv_outer { b(t.stride[kv.unwrap_or(0)] * i as u64)? } else { 0 };
+        let name = if kv_outer { format!("{}.{}", t.name, ["k", "v"][i]) } else { t.name.clone() };
+        out.push(Region {
+            name,
+            layer: t.name.clone(),
+            base: t.ptr.checked_add(off).ok_or_else(|| bad(t, "address overflow"))?,
+            block_len,
+            block_stride: b(t.stride[blk])?,
+            num_blocks: t.shape[blk],
+            mem: t.mem,
+            device_id: t.device_id,
+            kind: t.kind,
+            group: t.group,
+            window: t.window,
+            block_tokens: if t.kind == RegionKind::State { 0 } else { u32::try_from(size(tok)).map_err(|_| bad(t, "block too large"))? },
+            kv_parts,
+            kv_stride: if kv_outer { 0 } else { stride_b(kv)? },
+            first_head,
+            num_heads,
+            total_heads,
+            head_stride: stride_b(head)?,
+            token_stride: stride_b(tok)?,
+            unit_len: if t.kind == RegionKind::State { block_len } else { b(t.shape[dim])? },
+        });
+    }
+    Ok(())
 }
 
 /// True if `shape` with `stride` (elements) is C-contiguous.
@@ -141,21 +422,13 @@ mod tests {
     use super::*;
 
     fn t(shape: &[u64], stride: &[u64]) -> TensorInfo {
-        TensorInfo {
-            name: "l0".into(),
-            ptr: 0x1000,
-            shape: shape.into(),
-            stride: stride.into(),
-            itemsize: 2,
-            mem: MemKind::Dram,
-            device_id: 0,
-        }
+        TensorInfo::opaque("l0", 0x1000, shape, stride, 2, MemKind::Dram, 0)
     }
 
     #[test]
     fn cpu_layout_is_one_region_per_layer() {
         // [num_blocks, kv_heads, block_size, 2*head] bf16, as vLLM's CPU backend.
-        let l = KvLayout::from_tensors(&[t(&[4096, 2, 128, 128], &[32768, 16384, 128, 1])], 4096).unwrap();
+        let l = KvLayout::from_tensors(&[t(&[4096, 2, 128, 128], &[32768, 16384, 128, 1])], 4096, 0, 1).unwrap();
         assert_eq!(l.regions.len(), 1);
         assert_eq!(l.regions[0].block_len, 65536);
         assert_eq!(l.regions[0].block_stride, 65536);
@@ -163,18 +436,75 @@ mod tests {
     }
 
     #[test]
+    fn labelled_cpu_layout_knows_heads_and_tokens() {
+        use Axis::*;
+        let mut x = TensorInfo::labelled(
+            "l0",
+            0x1000,
+            &[64, 2, 128, 128],
+            &[32768, 16384, 128, 1],
+            &[Block, Head, Token, Dim],
+            2,
+            RegionKind::Attention,
+            4,
+        );
+        x.group = 1;
+        let l = KvLayout::from_tensors(&[x], 32, 1, 2).unwrap();
+        let r = &l.regions[0];
+        assert_eq!(l.blocks_per_logical, 2, "64 kernel blocks over 32 logical ones");
+        assert_eq!((r.first_head, r.num_heads, r.total_heads), (2, 2, 4));
+        assert_eq!((r.head_stride, r.token_stride, r.unit_len, r.block_tokens), (32768, 256, 256, 128));
+        assert_eq!(r.group, 1);
+    }
+
+    #[test]
     fn kv_first_layout_splits_k_and_v() {
-        let l = KvLayout::from_tensors(&[t(&[2, 10, 16, 2, 64], &[10 * 2048, 2048, 128, 64, 1])], 10).unwrap();
+        let l = KvLayout::from_tensors(&[t(&[2, 10, 16, 2, 64], &[10 * 2048, 2048, 128, 64, 1])], 10, 0, 1).unwrap();
         assert_eq!(l.regions.len(), 2);
         assert_eq!(l.regions[1].base, 0x1000 + 10 * 2048 * 2);
         assert_eq!(l.regions[0].block_len, 4096);
+        use Axis::*;
+        // The same, labelled: NHD inside each block.
+        let x = TensorInfo::labelled(
+            "l0",
+            0x1000,
+            &[2, 10, 16, 2, 64],
+            &[10 * 2048, 2048, 128, 64, 1],
+            &[Kv, Block, Token, Head, Dim],
+            2,
+            RegionKind::Attention,
+            2,
+        );
+        let l = KvLayout::from_tensors(&[x], 10, 0, 1).unwrap();
+        assert_eq!(l.regions.len(), 2);
+        assert_eq!((l.regions[1].kv_parts.clone(), l.regions[1].head_stride, l.regions[1].token_stride), (vec![1], 128, 256));
     }
 
     #[test]
     fn rejects_unknown_layouts() {
-        assert!(KvLayout::from_tensors(&[t(&[3, 5], &[5, 1])], 7).is_err());
-        assert!(KvLayout::from_tensors(&[t(&[7, 4, 2], &[8, 1, 4])], 7).is_err());
-        assert!(KvLayout::from_tensors(&[], 7).is_err());
-        assert!(KvLayout::from_tensors(&[t(&[7, 5], &[5])], 7).is_err());
+        use Axis::*;
+        assert!(KvLayout::from_tensors(&[t(&[3, 5], &[5, 1])], 7, 0, 1).is_err());
+        assert!(KvLayout::from_tensors(&[t(&[7, 4, 2], &[8, 1, 4])], 7, 0, 1).is_err());
+        assert!(KvLayout::from_tensors(&[], 7, 0, 1).is_err());
+        assert!(KvLayout::from_tensors(&[t(&[7, 5], &[5])], 7, 0, 1).is_err());
+        let lab = |shape: &[u64], stride: &[u64], axes: &[Axis], heads| {
+            KvLayout::from_tensors(&[TensorInfo::labelled("x", 0, shape, stride, axes, 2, RegionKind::Attention, heads)], 4, 0, 2)
+        };
+        // Heads that do not match the TP split, a strided content axis, a gap in a block.
+        assert!(lab(&[4, 2, 16, 8], &[256, 128, 8, 1], &[Block, Head, Token, Dim], 8).is_err());
+        assert!(lab(&[4, 2, 16, 8], &[256, 128, 8, 2], &[Block, Head, Token, Dim], 4).is_err());
+        assert!(lab(&[4, 2, 16, 8], &[512, 256, 8, 1], &[Block, Head, Token, Dim], 4).is_err());
+        assert!(lab(&[4, 2, 16, 8], &[256, 128, 8, 1], &[Block, Head, Head, Dim], 4).is_err());
+        assert!(lab(&[4, 2, 16, 8], &[256, 128, 8, 1], &[Block, Head, Token, Dim], 4).is_ok());
+    }
+
+    #[test]
+    fn head_split_matches_vllm() {
+        assert_eq!(heads_of_rank(8, 2, 1).unwrap(), (4, 4));
+        assert_eq!(heads_of_rank(2, 4, 3).unwrap(), (1, 1));
+        assert_eq!(heads_of_rank(1, 4, 2).unwrap(), (0, 1));
+        assert!(heads_of_rank(3, 2, 0).is_err());
+        assert!(heads_of_rank(2, 3, 0).is_err());
+        assert!(heads_of_rank(2, 2, 2).is_err());
     }
 }

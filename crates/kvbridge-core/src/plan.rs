@@ -1,167 +1,578 @@
-//! The transfer plan: computed once per remote engine at handshake, then the hot path
-//! only turns block ids into descriptor indices.
+//! The transfer plan: all geometry worked out once per remote engine at handshake, so the
+//! hot path only walks a request's block ids and emits `(local, remote, len)` pieces.
 //!
-//! Descriptor numbering (both sides, same rule): the prepared descriptor list of an
-//! engine holds, for region `r` and block `b`, the descriptor at index
-//! `r * num_blocks + b`. Indices are emitted region-major with blocks in request order,
-//! so a run of consecutive blocks is a run of adjacent memory that NIXL can merge.
+//! **TP mapping.** A local (D) rank reads from, and notifies, a fixed set of remote (P)
+//! ranks ([`TpMapping`]). Each (K/V part, head) unit the local rank holds is read from the
+//! first of those ranks that holds it, which deduplicates GQA heads and replicated KV; MLA
+//! latents are read from one rank. Every rank of the set gets exactly one notification
+//! per request, so P frees a request's blocks once every D rank that needs them is done.
+//!
+//! **Blocks and tokens.** Tokens are cut into segments of `gcd(local kernel block,
+//! remote kernel block)` tokens; a segment lies inside one block on each side. For each
+//! pairing of in-block offsets there is a precomputed *template*: the byte ranges to copy,
+//! already merged where they are contiguous on both sides (one range for identical
+//! layouts, one per head for a head split, one per token for a head split of an
+//! NHD layout). Block-size ratios work both ways, and kernel blocks may be smaller than
+//! the scheduler's logical blocks.
+//!
+//! **Coalescing.** Pieces that are contiguous on both sides merge, so a run of consecutive
+//! block ids becomes one descriptor per region. A piece never crosses a region boundary.
+//!
+//! **Groups.** Each region belongs to a KV-cache group with its own block ids. Attention
+//! groups align blocks from the end (a local prefix hit reads only the missing tail);
+//! sliding-window groups read only the segments still in the window; state (Mamba/SSM)
+//! groups copy whole blocks, emitted after the attention pieces (`[FA | SSM]`).
+use std::collections::HashMap;
+
 use crate::error::PlanError;
-use crate::layout::{KvLayout, Region};
-use crate::wire::{AgentMetadata, RegionDesc};
+use crate::layout::{KvLayout, Region, RegionKind};
+use crate::wire::AgentMetadata;
 
 /// How a local worker rank maps onto the remote engine's ranks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TpMapping {
     pub local_tp_size: u32,
+    pub local_tp_rank: u32,
     pub remote_tp_size: u32,
-    /// The remote ranks this local rank reads from (homogeneous TP: exactly its own rank).
-    pub remote_ranks: Vec<u32>,
+    /// Remote ranks this rank reads from or notifies, in preference order.
+    pub sources: Vec<u32>,
+    /// Notifications each of those remote ranks gets per request, from all local ranks.
+    pub notifs_per_remote_rank: u32,
 }
 
 impl TpMapping {
-    /// Homogeneous TP only (equal sizes); heterogeneous TP is a later issue.
+    /// `local >= remote`: local rank `r` pairs with remote rank `r * remote / local`.
+    /// `local < remote`: with the `remote / local` ranks starting at `r * remote / local`.
     pub fn new(local_tp_size: u32, local_tp_rank: u32, remote_tp_size: u32) -> Result<Self, PlanError> {
-        if local_tp_size != remote_tp_size {
+        if local_tp_size == 0 || remote_tp_size == 0 || local_tp_rank >= local_tp_size {
+            return Err(PlanError::Layout(format!("bad TP sizes: local {local_tp_size} (rank {local_tp_rank}), remote {remote_tp_size}")));
+        }
+        let (big, small) = (local_tp_size.max(remote_tp_size), local_tp_size.min(remote_tp_size));
+        if big % small != 0 {
             return Err(PlanError::Layout(format!(
-                "tensor-parallel sizes differ (local {local_tp_size}, remote {remote_tp_size}); \
-                 kvbridge currently needs equal TP on P and D"
+                "TP sizes {local_tp_size} (local) and {remote_tp_size} (remote) must divide one another"
             )));
         }
-        Ok(Self { local_tp_size, remote_tp_size, remote_ranks: vec![local_tp_rank] })
+        let (sources, notifs) = if local_tp_size >= remote_tp_size {
+            (vec![local_tp_rank / (local_tp_size / remote_tp_size)], local_tp_size / remote_tp_size)
+        } else {
+            let k = remote_tp_size / local_tp_size;
+            ((local_tp_rank * k..local_tp_rank * k + k).collect(), 1)
+        };
+        Ok(Self { local_tp_size, local_tp_rank, remote_tp_size, sources, notifs_per_remote_rank: notifs })
     }
 }
 
-/// Upper bound on one engine's prepared descriptors (regions x blocks): far above any real
-/// cache (80 layers x K/V x 100k blocks = 16M), low enough that a hostile peer cannot make
-/// us allocate without bound. Also keeps indices within `i32`.
-pub const MAX_DESCRIPTORS: u64 = 1 << 25;
+/// Upper bound on blocks in one remote region, and on the work a handshake may cause:
+/// far above real caches, low enough that a hostile peer cannot make us allocate without
+/// bound.
+pub const MAX_BLOCKS: u64 = 1 << 32;
+const MAX_TEMPLATE_UNITS: u64 = 1 << 22;
 
-/// Everything needed to read a request's blocks from one remote worker.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One copy: `len` bytes from remote address `remote` to local address `local`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    pub local: u64,
+    pub remote: u64,
+    pub len: u64,
+    pub local_dev: u32,
+    pub remote_dev: u32,
+}
+
+/// The pieces to read from one remote rank.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceRead {
+    /// Index into [`TpMapping::sources`].
+    pub source: usize,
+    pub remote_rank: u32,
+    pub pieces: Vec<Piece>,
+}
+
+/// What one request needs: reads per remote rank (ranks with nothing to read are only
+/// notified), plus counts for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestTransfer {
+    pub reads: Vec<SourceRead>,
+    pub bytes: u64,
+    /// Descriptors after coalescing.
+    pub descriptors: u64,
+    /// Descriptors without cross-block coalescing (one per region, block and template
+    /// range): what a per-block scheme would post.
+    pub uncoalesced: u64,
+}
+
+/// A request's block ids for one KV-cache group, local and remote (logical ids).
+#[derive(Debug, Clone, Copy)]
+pub struct GroupBlocks<'a> {
+    pub local: &'a [u32],
+    pub remote: &'a [u32],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Rel {
+    dst: u64,
+    src: u64,
+    len: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geo {
+    base: u64,
+    stride: u64,
+    len: u64,
+    num_blocks: u64,
+    dev: u32,
+}
+
+impl Geo {
+    fn of(r: &Region) -> Self {
+        Self { base: r.base, stride: r.block_stride, len: r.block_len, num_blocks: r.num_blocks, dev: r.device_id as u32 }
+    }
+}
+
+/// How a request's blocks turn into segments; jobs with equal keys share them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SegKey {
+    group: u32,
+    window: u32,
+    state: bool,
+    kbs_d: u32,
+    bpl_d: u32,
+    kbs_p: u32,
+    bpl_p: u32,
+}
+
+/// One segment: a local kernel block, a remote kernel block, and which template applies.
+#[derive(Debug, Clone, Copy)]
+struct Seg {
+    d: u64,
+    p: u64,
+    combo: u32,
+}
+
+/// Copy work between one local region and one region of one remote rank.
+#[derive(Debug, Clone)]
+struct Job {
+    local: usize,
+    src: usize,
+    remote: usize,
+    key: usize,
+    templates: Vec<Vec<Rel>>,
+}
+
+/// Everything needed to read requests' blocks from one remote engine.
+#[derive(Debug, Clone)]
 pub struct TransferPlan {
     pub remote_engine_id: String,
-    pub remote_agent: String,
+    /// Agent name per source rank (same order as `tp.sources`).
+    pub remote_agents: Vec<String>,
+    pub tp: TpMapping,
     pub num_regions: usize,
     pub local_num_blocks: u64,
     pub remote_num_blocks: u64,
-    pub block_len: Vec<u64>,
-    pub tp: TpMapping,
+    /// Block ids equal to this are the engine's null block (vLLM: 0): never read or written.
+    pub null_block: Option<u32>,
+    /// Byte ranges per block in the templates (1.0 = whole blocks): a measure of how
+    /// fragmented the layouts make the copy.
+    pub ranges_per_block: f64,
+    local: Vec<Geo>,
+    remote: Vec<Vec<Geo>>,
+    keys: Vec<SegKey>,
+    jobs: Vec<Job>,
 }
 
-/// Descriptor indices for one transfer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DescIndices {
-    pub local: Vec<i32>,
-    pub remote: Vec<i32>,
-    /// Bytes moved.
-    pub bytes: u64,
-    /// Contiguous runs (on both sides) — what NIXL can merge into one descriptor each.
-    pub runs: usize,
-}
-
-impl TransferPlan {
-    /// Check the two layouts match and build the plan. Every check is against data a peer
-    /// sent, so nothing here panics.
-    pub fn build(local: &KvLayout, local_tp_size: u32, local_tp_rank: u32, remote: &AgentMetadata) -> Result<Self, PlanError> {
-        let tp = TpMapping::new(local_tp_size, local_tp_rank, remote.tp_size)?;
-        if remote.regions.len() != local.regions.len() {
-            return Err(PlanError::Layout(format!(
-                "region count differs: local {} remote {} (different number of layers or K/V split)",
-                local.regions.len(),
-                remote.regions.len()
-            )));
-        }
-        let remote_blocks = remote.regions.first().map(|r| r.num_blocks).unwrap_or(0);
-        let mut block_len = Vec::with_capacity(local.regions.len());
-        for (i, (l, r)) in local.regions.iter().zip(&remote.regions).enumerate() {
-            check_region(i, l, r, remote_blocks)?;
-            block_len.push(l.block_len);
-        }
-        let max_idx = (local.regions.len() as u64).saturating_mul(local.num_blocks.max(remote_blocks));
-        if max_idx > MAX_DESCRIPTORS {
-            return Err(PlanError::Layout(format!("peer advertises {max_idx} descriptors; the limit is {MAX_DESCRIPTORS}")));
-        }
-        Ok(Self {
-            remote_engine_id: remote.engine_id.clone(),
-            remote_agent: remote.agent_name.clone(),
-            num_regions: local.regions.len(),
-            local_num_blocks: local.num_blocks,
-            remote_num_blocks: remote_blocks,
-            block_len,
-            tp,
-        })
-    }
-
-    /// Map (local block, remote block) pairs to descriptor indices on both sides.
-    pub fn indices(&self, local_blocks: &[u32], remote_blocks: &[u32]) -> Result<DescIndices, PlanError> {
-        if local_blocks.len() != remote_blocks.len() {
-            return Err(PlanError::BlockCountMismatch { local: local_blocks.len(), remote: remote_blocks.len() });
-        }
-        for &b in local_blocks {
-            if u64::from(b) >= self.local_num_blocks {
-                return Err(PlanError::BlockOutOfRange { side: "local", block: b.into(), num_blocks: self.local_num_blocks });
-            }
-        }
-        for &b in remote_blocks {
-            if u64::from(b) >= self.remote_num_blocks {
-                return Err(PlanError::BlockOutOfRange { side: "remote", block: b.into(), num_blocks: self.remote_num_blocks });
-            }
-        }
-        let n = local_blocks.len() * self.num_regions;
-        let mut out = DescIndices { local: Vec::with_capacity(n), remote: Vec::with_capacity(n), bytes: 0, runs: 0 };
-        // Runs of blocks consecutive on both sides.
-        let mut runs_per_region = 0usize;
-        for i in 0..local_blocks.len() {
-            if i == 0 || local_blocks[i] != local_blocks[i - 1].wrapping_add(1) || remote_blocks[i] != remote_blocks[i - 1].wrapping_add(1)
-            {
-                runs_per_region += 1;
-            }
-        }
-        for r in 0..self.num_regions {
-            let lbase = r as u64 * self.local_num_blocks;
-            let rbase = r as u64 * self.remote_num_blocks;
-            for (&lb, &rb) in local_blocks.iter().zip(remote_blocks) {
-                out.local.push((lbase + u64::from(lb)) as i32);
-                out.remote.push((rbase + u64::from(rb)) as i32);
-            }
-            out.bytes += self.block_len[r] * local_blocks.len() as u64;
-        }
-        out.runs = runs_per_region * self.num_regions;
-        Ok(out)
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }
 
-fn check_region(i: usize, l: &Region, r: &RegionDesc, remote_blocks: u64) -> Result<(), PlanError> {
-    if l.block_len != r.block_len {
-        return Err(PlanError::Layout(format!(
-            "region {i} ({}): block length differs (local {} bytes, remote {} bytes): block size, heads or dtype differ",
-            l.name, l.block_len, r.block_len
-        )));
+fn layout_err(msg: String) -> PlanError {
+    PlanError::Layout(msg)
+}
+
+/// A remote region, checked: every value in it came from a peer.
+fn check_remote(rank: u32, i: usize, r: &Region) -> Result<(), PlanError> {
+    let e = |why: &str| layout_err(format!("remote rank {rank} region {i} ({}): {why}", r.name));
+    if r.num_blocks == 0 || r.num_blocks > MAX_BLOCKS {
+        return Err(e(&format!("{} blocks", r.num_blocks)));
     }
-    if r.num_blocks != remote_blocks || r.num_blocks == 0 {
-        return Err(PlanError::Layout(format!("region {i}: remote regions disagree on block count")));
+    if r.block_len == 0 || r.block_stride < r.block_len {
+        return Err(e("blocks overlap or are empty"));
     }
-    if r.block_stride < r.block_len {
-        return Err(PlanError::Layout(format!("region {i}: remote blocks overlap")));
-    }
-    // The whole region must be addressable: base + (n-1)*stride + len without overflow.
     let end = (r.num_blocks - 1).checked_mul(r.block_stride).and_then(|x| x.checked_add(r.block_len)).and_then(|x| x.checked_add(r.base));
     if end.is_none() {
-        return Err(PlanError::Layout(format!("region {i}: remote address range overflows")));
+        return Err(e("address range overflows"));
+    }
+    if r.kv_parts.iter().any(|&k| k > 1) || r.unit_len == 0 {
+        return Err(e("bad K/V parts or unit length"));
+    }
+    if r.num_heads == 0 || u64::from(r.first_head) + u64::from(r.num_heads) > u64::from(r.total_heads) {
+        return Err(e("heads out of range"));
     }
     Ok(())
 }
 
-/// The descriptors of one engine's prepared list, in index order: `(addr, len, device)`.
-pub fn descriptors_of(regions: impl IntoIterator<Item = (u64, u64, u64, u64, u64)>) -> Vec<(u64, u64, u64)> {
-    // (base, block_len, block_stride, num_blocks, device_id)
-    let mut out = Vec::new();
-    for (base, len, stride, n, dev) in regions {
-        for b in 0..n {
-            out.push((base + b * stride, len, dev));
+/// Byte offset of unit (kv, head, token) in a block of `r`, checked against the block.
+fn unit_off(r: &Region, kv: Option<u8>, head: u32, token: u64) -> Option<u64> {
+    let kvpos = match kv {
+        None => 0,
+        Some(k) => r.kv_parts.iter().position(|&x| x == k)? as u64,
+    };
+    let h = u64::from(head.checked_sub(r.first_head)?);
+    let off =
+        kvpos.checked_mul(r.kv_stride)?.checked_add(h.checked_mul(r.head_stride)?)?.checked_add(token.checked_mul(r.token_stride)?)?;
+    (off.checked_add(r.unit_len)? <= r.block_len).then_some(off)
+}
+
+/// Merge ranges sorted by destination where both sides continue.
+fn merge_sorted(mut v: Vec<Rel>) -> Vec<Rel> {
+    v.sort_by_key(|r| r.dst);
+    let mut out: Vec<Rel> = Vec::with_capacity(v.len());
+    for r in v {
+        match out.last_mut() {
+            Some(l) if l.dst + l.len == r.dst && l.src + l.len == r.src => l.len += r.len,
+            _ => out.push(r),
         }
     }
     out
+}
+
+impl TransferPlan {
+    /// Build the plan from the local layout and the metadata of every remote rank in
+    /// `TpMapping::new(local_tp_size, local_tp_rank, remote_tp).sources` (same order).
+    /// `local_block_size` is the scheduler's (logical) block size. Everything a peer sent
+    /// is checked; nothing here panics.
+    pub fn build(
+        local: &KvLayout,
+        local_tp_size: u32,
+        local_tp_rank: u32,
+        local_block_size: u32,
+        remote: &[AgentMetadata],
+        null_block: Option<u32>,
+    ) -> Result<Self, PlanError> {
+        let first = remote.first().ok_or_else(|| layout_err("no remote metadata".into()))?;
+        let tp = TpMapping::new(local_tp_size, local_tp_rank, first.tp_size)?;
+        if remote.len() != tp.sources.len() {
+            return Err(layout_err(format!("expected metadata of {} remote ranks, got {}", tp.sources.len(), remote.len())));
+        }
+        for (md, &rank) in remote.iter().zip(&tp.sources) {
+            if md.tp_rank != rank || md.tp_size != first.tp_size || md.engine_id != first.engine_id {
+                return Err(layout_err(format!(
+                    "remote rank {rank}: metadata says engine {} rank {} of {} (expected {} rank {rank} of {})",
+                    md.engine_id, md.tp_rank, md.tp_size, first.engine_id, first.tp_size
+                )));
+            }
+            if md.blocks_per_logical == 0 || md.blocks_per_logical > 1024 || md.block_size == 0 {
+                return Err(layout_err(format!("remote rank {rank}: bad block size {} / {}", md.block_size, md.blocks_per_logical)));
+            }
+            for (i, r) in md.regions.iter().enumerate() {
+                check_remote(rank, i, r)?;
+            }
+        }
+        let bpl_d = local.blocks_per_logical.max(1);
+        let kbs = |r: &Region, block_size: u32, bpl: u32| -> Result<u32, PlanError> {
+            if r.block_tokens > 0 {
+                Ok(r.block_tokens)
+            } else if block_size % bpl == 0 {
+                Ok(block_size / bpl)
+            } else {
+                Err(layout_err(format!("block size {block_size} does not split into {bpl} kernel blocks")))
+            }
+        };
+        let mut keys: Vec<SegKey> = Vec::new();
+        let mut jobs: Vec<Job> = Vec::new();
+        for (li, l) in local.regions.iter().enumerate() {
+            let state_like = matches!(l.kind, RegionKind::State | RegionKind::Opaque);
+            if state_like && local_tp_size != tp.remote_tp_size {
+                return Err(layout_err(format!(
+                    "region {} is {:?}: its blocks have no head structure, so P and D need equal TP (local {local_tp_size}, remote {})",
+                    l.name, l.kind, tp.remote_tp_size
+                )));
+            }
+            // Units this local region needs: (kv part, head).
+            let kvs: Vec<Option<u8>> = if l.kv_parts.is_empty() { vec![None] } else { l.kv_parts.iter().map(|&k| Some(k)).collect() };
+            let heads: Vec<u32> = match l.kind {
+                RegionKind::Attention => (l.first_head..l.first_head + l.num_heads).collect(),
+                _ => vec![0],
+            };
+            // (src, remote region) -> units
+            let mut by_src: Vec<((usize, usize), Vec<(Option<u8>, u32)>)> = Vec::new();
+            for &kv in &kvs {
+                for &h in &heads {
+                    let mut found = None;
+                    for (si, md) in remote.iter().enumerate() {
+                        let Some(ri) = md.regions.iter().position(|r| {
+                            r.layer == l.layer
+                                && match kv {
+                                    None => r.kv_parts.is_empty() || (state_like && r.kv_parts == l.kv_parts),
+                                    Some(k) => r.kv_parts.contains(&k),
+                                }
+                        }) else {
+                            continue;
+                        };
+                        let r = &md.regions[ri];
+                        if r.kind != l.kind {
+                            return Err(layout_err(format!("layer {}: local region is {:?}, remote is {:?}", l.layer, l.kind, r.kind)));
+                        }
+                        let holds = match l.kind {
+                            RegionKind::Attention => {
+                                if r.total_heads != l.total_heads {
+                                    return Err(layout_err(format!(
+                                        "layer {}: {} KV heads locally, {} remotely",
+                                        l.layer, l.total_heads, r.total_heads
+                                    )));
+                                }
+                                h >= r.first_head && h < r.first_head + r.num_heads
+                            }
+                            _ => true,
+                        };
+                        if holds {
+                            found = Some((si, ri));
+                            break;
+                        }
+                    }
+                    let Some(k) = found else {
+                        return Err(layout_err(format!(
+                            "layer {} ({:?}{}): no remote rank of {:?} holds head {h}{}",
+                            l.layer,
+                            l.kind,
+                            if l.kv_parts.is_empty() { "" } else { ", K/V split" },
+                            tp.sources,
+                            if l.kv_parts.is_empty() { "" } else { " (or K/V packing differs)" }
+                        )));
+                    };
+                    match by_src.iter_mut().find(|(kk, _)| *kk == k) {
+                        Some((_, u)) => u.push((kv, h)),
+                        None => by_src.push((k, vec![(kv, h)])),
+                    }
+                }
+            }
+            for ((si, ri), units) in by_src {
+                let md = &remote[si];
+                let r = &md.regions[ri];
+                let kd = kbs(l, local_block_size, bpl_d)?;
+                let kp = kbs(r, md.block_size, md.blocks_per_logical)?;
+                let state = l.kind == RegionKind::State;
+                if state_like && l.block_len != r.block_len {
+                    return Err(layout_err(format!(
+                        "layer {}: {:?} blocks of {} bytes locally, {} remotely",
+                        l.layer, l.kind, l.block_len, r.block_len
+                    )));
+                }
+                if l.kind == RegionKind::Opaque && (kd != kp || bpl_d != md.blocks_per_logical) {
+                    return Err(layout_err(format!(
+                        "layer {}: block sizes differ ({kd} vs {kp} tokens) but the cache layout is opaque; \
+                         label the tensor axes so kvbridge can split blocks",
+                        l.layer
+                    )));
+                }
+                if !state_like && l.unit_len != r.unit_len {
+                    return Err(layout_err(format!(
+                        "layer {}: {} bytes per head and token locally, {} remotely (head size or dtype differ)",
+                        l.layer, l.unit_len, r.unit_len
+                    )));
+                }
+                let key = SegKey {
+                    group: l.group,
+                    window: l.window,
+                    state,
+                    kbs_d: if state { 1 } else { kd },
+                    bpl_d: if state { 1 } else { bpl_d },
+                    kbs_p: if state { 1 } else { kp },
+                    bpl_p: if state { 1 } else { md.blocks_per_logical },
+                };
+                let key_ix = match keys.iter().position(|k| *k == key) {
+                    Some(i) => i,
+                    None => {
+                        keys.push(key);
+                        keys.len() - 1
+                    }
+                };
+                let templates =
+                    if state_like { vec![vec![Rel { dst: 0, src: 0, len: l.block_len }]] } else { Self::templates(l, r, &units, kd, kp)? };
+                jobs.push(Job { local: li, src: si, remote: ri, key: key_ix, templates });
+            }
+        }
+        // [attention | state]: state jobs last.
+        jobs.sort_by_key(|j| keys[j.key].state);
+        let (mut ranges, mut blocks) = (0usize, 0usize);
+        for j in &jobs {
+            ranges += j.templates.iter().map(Vec::len).sum::<usize>();
+            blocks += j.templates.len();
+        }
+        Ok(Self {
+            remote_engine_id: first.engine_id.clone(),
+            remote_agents: remote.iter().map(|m| m.agent_name.clone()).collect(),
+            num_regions: local.regions.len(),
+            local_num_blocks: local.num_blocks,
+            remote_num_blocks: first.regions.first().map(|r| r.num_blocks).unwrap_or(0),
+            null_block,
+            ranges_per_block: if blocks == 0 { 0.0 } else { ranges as f64 / blocks as f64 },
+            local: local.regions.iter().map(Geo::of).collect(),
+            remote: remote.iter().map(|m| m.regions.iter().map(Geo::of).collect()).collect(),
+            keys,
+            jobs,
+            tp,
+        })
+    }
+
+    /// Byte ranges for each pairing of in-block token offsets (local `od`, remote `op`,
+    /// multiples of `g`): combo `c` is `(od/g) * (kp/g) + op/g`.
+    fn templates(l: &Region, r: &Region, units: &[(Option<u8>, u32)], kd: u32, kp: u32) -> Result<Vec<Vec<Rel>>, PlanError> {
+        let g = gcd(u64::from(kd), u64::from(kp));
+        if g == 0 {
+            return Err(layout_err(format!("layer {}: zero block size", l.layer)));
+        }
+        let (cd, cp) = (u64::from(kd) / g, u64::from(kp) / g);
+        let work = (units.len() as u64).saturating_mul(g).saturating_mul(cd).saturating_mul(cp);
+        if work > MAX_TEMPLATE_UNITS {
+            return Err(layout_err(format!("layer {}: block geometry too large ({work} units)", l.layer)));
+        }
+        let oob = |side: &str| layout_err(format!("layer {}: {side} unit offsets fall outside the block", l.layer));
+        let mut out = Vec::with_capacity((cd * cp) as usize);
+        for c in 0..cd * cp {
+            let (od, op) = ((c / cp) * g, (c % cp) * g);
+            let mut v = Vec::with_capacity(units.len() * g as usize);
+            for &(kv, h) in units {
+                for t in 0..g {
+                    let dst = unit_off(l, kv, h, od + t).ok_or_else(|| oob("local"))?;
+                    let src = unit_off(r, kv, h, op + t).ok_or_else(|| oob("remote"))?;
+                    v.push(Rel { dst, src, len: l.unit_len });
+                }
+            }
+            out.push(merge_sorted(v));
+        }
+        Ok(out)
+    }
+
+    /// Segments of one key for a request.
+    fn segments(&self, key: &SegKey, gb: &GroupBlocks<'_>, num_tokens: u64) -> Result<Vec<Seg>, PlanError> {
+        let null = |b: u32| self.null_block == Some(b);
+        let (nl, nr) = (gb.local.len(), gb.remote.len());
+        let mut out = Vec::new();
+        if key.state {
+            let k = nl.min(nr);
+            for i in 0..k {
+                let (d, p) = (gb.local[nl - k + i], gb.remote[nr - k + i]);
+                if !null(d) && !null(p) {
+                    out.push(Seg { d: d.into(), p: p.into(), combo: 0 });
+                }
+            }
+            return Ok(out);
+        }
+        let (kd, kp) = (u64::from(key.kbs_d), u64::from(key.kbs_p));
+        let (ld, lp) = (kd * u64::from(key.bpl_d), kp * u64::from(key.bpl_p));
+        let n = if num_tokens > 0 {
+            num_tokens
+        } else if ld == lp {
+            nr as u64 * lp
+        } else {
+            return Err(layout_err("block sizes differ, so the request's token count is needed".into()));
+        };
+        let (nd, np) = (n.div_ceil(ld), n.div_ceil(lp));
+        if nl as u64 > nd {
+            return Err(PlanError::BlockCountMismatch { local: nl, remote: nd as usize });
+        }
+        if (nr as u64) < np {
+            return Err(PlanError::BlockCountMismatch { local: np as usize, remote: nr });
+        }
+        let g = gcd(kd, kp);
+        let cp = kp / g;
+        let first_local = (nd - nl as u64) * ld;
+        let mut start = first_local;
+        if key.window > 0 && n > u64::from(key.window) {
+            start = start.max((n - u64::from(key.window)) / g * g);
+        }
+        let end = n.div_ceil(g) * g;
+        out.reserve(((end.saturating_sub(start)) / g) as usize);
+        let mut t = start;
+        while t < end {
+            let lb = gb.local[((t - first_local) / ld) as usize];
+            let pb = gb.remote[(t / lp) as usize];
+            if !null(lb) && !null(pb) {
+                let (lo, po) = (t % ld, t % lp);
+                let (od, op) = (lo % kd, po % kp);
+                out.push(Seg {
+                    d: u64::from(lb) * u64::from(key.bpl_d) + lo / kd,
+                    p: u64::from(pb) * u64::from(key.bpl_p) + po / kp,
+                    combo: ((od / g) * cp + op / g) as u32,
+                });
+            }
+            t += g;
+        }
+        Ok(out)
+    }
+
+    /// The pieces for one request. `groups[g]` holds the block ids of KV-cache group `g`:
+    /// local ids cover the *end* of the request's blocks (a local prefix hit is skipped),
+    /// remote ids all of them. `num_tokens` is the prompt length (0: `len(remote) * block
+    /// size`, only when block sizes are equal). `coalesce=false` keeps one descriptor per
+    /// block range (for comparison).
+    pub fn transfer(&self, groups: &[GroupBlocks<'_>], num_tokens: u64, coalesce: bool) -> Result<RequestTransfer, PlanError> {
+        let mut segs: HashMap<usize, (Vec<Seg>, u64, u64)> = HashMap::new();
+        let mut reads: Vec<SourceRead> = self
+            .tp
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(source, &remote_rank)| SourceRead { source, remote_rank, pieces: Vec::new() })
+            .collect();
+        let mut out = RequestTransfer::default();
+        for job in &self.jobs {
+            if !segs.contains_key(&job.key) {
+                let key = &self.keys[job.key];
+                let gb = groups.get(key.group as usize).ok_or_else(|| {
+                    layout_err(format!("request has block ids for {} KV-cache groups; group {} is needed", groups.len(), key.group))
+                })?;
+                let s = self.segments(key, gb, num_tokens)?;
+                let max_d = s.iter().map(|x| x.d).max().unwrap_or(0);
+                let max_p = s.iter().map(|x| x.p).max().unwrap_or(0);
+                segs.insert(job.key, (s, max_d, max_p));
+            }
+            let (s, max_d, max_p) = &segs[&job.key];
+            if s.is_empty() {
+                continue;
+            }
+            let (lg, rg) = (self.local[job.local], self.remote[job.src][job.remote]);
+            if *max_d >= lg.num_blocks {
+                return Err(PlanError::BlockOutOfRange { side: "local", block: *max_d, num_blocks: lg.num_blocks });
+            }
+            if *max_p >= rg.num_blocks {
+                return Err(PlanError::BlockOutOfRange { side: "remote", block: *max_p, num_blocks: rg.num_blocks });
+            }
+            let pieces = &mut reads[job.src].pieces;
+            let start = pieces.len();
+            let mut push = |p: Piece, merge: bool| {
+                if merge && pieces.len() > start {
+                    if let Some(last) = pieces.last_mut() {
+                        if last.local + last.len == p.local && last.remote + last.len == p.remote {
+                            last.len += p.len;
+                            return;
+                        }
+                    }
+                }
+                pieces.push(p);
+            };
+            for sg in s {
+                let (lb, rb) = (lg.base + sg.d * lg.stride, rg.base + sg.p * rg.stride);
+                for rel in &job.templates[sg.combo as usize] {
+                    out.uncoalesced += 1;
+                    out.bytes += rel.len;
+                    push(
+                        Piece { local: lb + rel.dst, remote: rb + rel.src, len: rel.len, local_dev: lg.dev, remote_dev: rg.dev },
+                        coalesce,
+                    );
+                }
+            }
+        }
+        reads.retain(|r| !r.pieces.is_empty());
+        out.descriptors = reads.iter().map(|r| r.pieces.len() as u64).sum();
+        out.reads = reads;
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -169,20 +580,36 @@ mod tests {
     use super::*;
     use crate::layout::MemKind;
 
+    fn region(name: &str, base: u64, nblocks: u64, len: u64) -> Region {
+        Region {
+            name: name.into(),
+            layer: name.into(),
+            base,
+            block_len: len,
+            block_stride: len,
+            num_blocks: nblocks,
+            mem: MemKind::Dram,
+            device_id: 0,
+            kind: RegionKind::Opaque,
+            group: 0,
+            window: 0,
+            block_tokens: 0,
+            kv_parts: vec![],
+            kv_stride: 0,
+            first_head: 0,
+            num_heads: 1,
+            total_heads: 1,
+            head_stride: 0,
+            token_stride: 0,
+            unit_len: len,
+        }
+    }
+
     fn layout(nregions: usize, nblocks: u64, len: u64) -> KvLayout {
         KvLayout {
-            regions: (0..nregions)
-                .map(|i| Region {
-                    name: format!("r{i}"),
-                    base: 1 << 20,
-                    block_len: len,
-                    block_stride: len,
-                    num_blocks: nblocks,
-                    mem: MemKind::Dram,
-                    device_id: 0,
-                })
-                .collect(),
+            regions: (0..nregions).map(|i| region(&format!("r{i}"), (i as u64 + 1) << 32, nblocks, len)).collect(),
             num_blocks: nblocks,
+            blocks_per_logical: 1,
         }
     }
 
@@ -193,54 +620,71 @@ mod tests {
             tp_rank: 0,
             tp_size: tp,
             block_size: 16,
-            regions: l.regions.iter().map(RegionDesc::from).collect(),
+            blocks_per_logical: 1,
+            regions: l.regions.clone(),
             nixl_md: vec![],
         }
     }
 
     #[test]
-    fn indices_are_region_major_and_count_runs() {
+    fn tp_mapping_matches_vllm() {
+        let m = TpMapping::new(4, 3, 2).unwrap();
+        assert_eq!((m.sources.clone(), m.notifs_per_remote_rank), (vec![1], 2));
+        let m = TpMapping::new(2, 1, 4).unwrap();
+        assert_eq!((m.sources.clone(), m.notifs_per_remote_rank), (vec![2, 3], 1));
+        assert!(TpMapping::new(2, 0, 3).is_err());
+        assert!(TpMapping::new(2, 2, 2).is_err());
+        assert!(TpMapping::new(0, 0, 2).is_err());
+    }
+
+    #[test]
+    fn contiguous_runs_coalesce_per_region() {
         let l = layout(2, 10, 64);
         let r = layout(2, 20, 64);
-        let p = TransferPlan::build(&l, 1, 0, &md(&r, 1)).unwrap();
-        let d = p.indices(&[1, 2, 7], &[4, 5, 9]).unwrap();
-        assert_eq!(d.local, vec![1, 2, 7, 11, 12, 17]);
-        assert_eq!(d.remote, vec![4, 5, 9, 24, 25, 29]);
-        assert_eq!(d.bytes, 6 * 64);
-        assert_eq!(d.runs, 4);
+        let p = TransferPlan::build(&l, 1, 0, 16, &[md(&r, 1)], None).unwrap();
+        let gb = [GroupBlocks { local: &[1, 2, 7], remote: &[4, 5, 9] }];
+        let t = p.transfer(&gb, 0, true).unwrap();
+        assert_eq!(t.bytes, 6 * 64);
+        assert_eq!(t.descriptors, 4, "runs [1,2]<-[4,5] and [7]<-[9], per region");
+        assert_eq!(t.uncoalesced, 6);
+        let pcs = &t.reads[0].pieces;
+        assert_eq!(pcs[0], Piece { local: (1 << 32) + 64, remote: (1 << 32) + 4 * 64, len: 128, local_dev: 0, remote_dev: 0 });
+        assert_eq!(p.transfer(&gb, 0, false).unwrap().descriptors, 6);
+        // Partial prefix hit: 2 local blocks, 3 remote: the last two are read.
+        let t = p.transfer(&[GroupBlocks { local: &[3, 4], remote: &[7, 8, 9] }], 0, true).unwrap();
+        assert_eq!(t.reads[0].pieces[0].remote, (1 << 32) + 8 * 64);
     }
 
     #[test]
     fn peer_controlled_values_are_errors_not_panics() {
         let l = layout(2, 10, 64);
-        let p = TransferPlan::build(&l, 1, 0, &md(&layout(2, 20, 64), 1)).unwrap();
-        assert!(matches!(p.indices(&[10], &[0]), Err(PlanError::BlockOutOfRange { side: "local", .. })));
-        assert!(matches!(p.indices(&[0], &[20]), Err(PlanError::BlockOutOfRange { side: "remote", .. })));
-        assert!(matches!(p.indices(&[0, 1], &[0]), Err(PlanError::BlockCountMismatch { .. })));
-        assert!(TransferPlan::build(&l, 1, 0, &md(&layout(3, 20, 64), 1)).is_err());
-        assert!(TransferPlan::build(&l, 1, 0, &md(&layout(2, 20, 32), 1)).is_err());
-        assert!(TransferPlan::build(&l, 1, 0, &md(&layout(2, 20, 64), 2)).is_err());
-        let mut bad = md(&layout(2, 20, 64), 1);
-        bad.regions[1].num_blocks = 3;
-        assert!(TransferPlan::build(&l, 1, 0, &bad).is_err());
-        // Hostile sizes: overflowing addresses, absurd block counts.
+        let p = TransferPlan::build(&l, 1, 0, 16, &[md(&layout(2, 20, 64), 1)], None).unwrap();
+        let t = |a: &[u32], b: &[u32]| p.transfer(&[GroupBlocks { local: a, remote: b }], 0, true);
+        assert!(matches!(t(&[10], &[0]), Err(PlanError::BlockOutOfRange { side: "local", .. })));
+        assert!(matches!(t(&[0], &[20]), Err(PlanError::BlockOutOfRange { side: "remote", .. })));
+        assert!(matches!(t(&[0, 1], &[0]), Err(PlanError::BlockCountMismatch { .. })));
+        assert!(p.transfer(&[], 0, true).is_err(), "no block ids for group 0");
+        let b = |m: AgentMetadata| TransferPlan::build(&l, 1, 0, 16, &[m], None);
+        assert!(b(md(&layout(2, 20, 32), 1)).is_err(), "block length differs");
+        assert!(b(md(&layout(2, 20, 64), 3)).is_err(), "TP sizes do not divide");
+        assert!(b(md(&layout(2, 20, 64), 2)).is_err(), "opaque blocks need equal TP");
         let mut bad = md(&layout(2, 20, 64), 1);
         bad.regions[0].base = u64::MAX - 10;
-        assert!(TransferPlan::build(&l, 1, 0, &bad).is_err());
+        assert!(b(bad).is_err());
         let mut bad = md(&layout(2, 20, 64), 1);
-        for r in &mut bad.regions {
-            r.num_blocks = 1 << 40;
-        }
-        assert!(TransferPlan::build(&l, 1, 0, &bad).is_err());
+        bad.regions[0].num_blocks = 1 << 40;
+        assert!(b(bad).is_err());
         let mut bad = md(&layout(2, 20, 64), 1);
         bad.regions[0].block_stride = u64::MAX / 2;
-        assert!(TransferPlan::build(&l, 1, 0, &bad).is_err());
-    }
-
-    #[test]
-    fn descriptor_list_matches_index_rule() {
-        let d = descriptors_of([(100, 8, 16, 3, 0), (1000, 8, 8, 3, 0)]);
-        assert_eq!(d[4], (1008, 8, 0)); // region 1, block 1 = index 1*3+1
-        assert_eq!(d[2], (132, 8, 0));
+        assert!(b(bad).is_err());
+        let mut bad = md(&layout(2, 20, 64), 1);
+        bad.regions[1].layer = "other".into();
+        assert!(b(bad).is_err(), "a local layer the peer lacks");
+        let mut bad = md(&layout(2, 20, 64), 1);
+        bad.blocks_per_logical = 0;
+        assert!(b(bad).is_err());
+        let mut bad = md(&layout(2, 20, 64), 1);
+        bad.tp_rank = 1;
+        assert!(b(bad).is_err(), "metadata from the wrong rank");
     }
 }

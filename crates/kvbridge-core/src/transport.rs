@@ -3,6 +3,7 @@
 //! NIXL; unit tests use an in-process double.
 use crate::error::TransportError;
 use crate::layout::KvLayout;
+use crate::plan::Piece;
 use crate::wire::AgentMetadata;
 
 /// Identifies a posted transfer within one transport.
@@ -26,16 +27,16 @@ pub trait Transport: Send {
     fn agent_name(&self) -> &str;
     /// Opaque transport metadata a peer loads to reach us (NIXL: `get_local_md`).
     fn local_metadata(&mut self) -> Result<Vec<u8>, TransportError>;
-    /// Register the KV regions and prepare the local descriptor list (index rule in `plan`).
+    /// Register the KV regions' memory.
     fn register(&mut self, layout: &KvLayout) -> Result<(), TransportError>;
-    /// Load a peer's metadata and prepare its descriptor list, under the key `peer`.
+    /// Load a peer's transport metadata under the key `peer`.
     /// Idempotent per key; several keys may name the same remote agent.
     fn add_remote(&mut self, peer: &str, md: &AgentMetadata) -> Result<(), TransportError>;
     /// Forget a peer (after a failure, so the next request re-handshakes).
     fn remove_remote(&mut self, peer: &str);
-    /// Post a READ of remote descriptors into local ones; `notif` is delivered to the
-    /// peer when the transfer completes.
-    fn read(&mut self, peer: &str, local: &[i32], remote: &[i32], notif: &[u8]) -> Result<XferId, TransportError>;
+    /// READ `pieces` from remote `peer` into local memory; `notif` reaches the peer when
+    /// the transfer completes.
+    fn read(&mut self, peer: &str, pieces: &[Piece], notif: &[u8]) -> Result<XferId, TransportError>;
     fn poll(&mut self, xfer: XferId) -> Result<XferPoll, TransportError>;
     /// Release a transfer's handle (done, failed or abandoned).
     fn release(&mut self, xfer: XferId);

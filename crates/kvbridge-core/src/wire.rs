@@ -6,10 +6,10 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{CompatInfo, TransferMode};
 use crate::error::WireError;
-use crate::layout::MemKind;
+use crate::layout::Region;
 
 /// Bumped on any incompatible change to the types below; part of the compatibility hash.
-pub const WIRE_VERSION: u32 = 1;
+pub const WIRE_VERSION: u32 = 2;
 /// The kvbridge version, also hashed: P and D must run the same release.
 pub const KVBRIDGE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -34,8 +34,10 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8], limit: usiz
 pub fn compat_hash(info: &CompatInfo, mode: TransferMode) -> String {
     let mut h = Sha256::new();
     h.update(format!("kvbridge/{KVBRIDGE_VERSION}/wire{WIRE_VERSION}/{}\n", mode.as_str()));
-    // serde_json of a struct is field-ordered, so this is canonical.
-    h.update(serde_json::to_vec(info).unwrap_or_default());
+    // Block sizes may differ between P and D (the transfer plan maps them), so they are
+    // not part of the hash. serde_json of a struct is field-ordered, so this is canonical.
+    let info = CompatInfo { block_size: 0, ..info.clone() };
+    h.update(serde_json::to_vec(&info).unwrap_or_default());
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -49,7 +51,8 @@ pub struct RemoteRef {
     pub host: String,
     pub port: u16,
     pub request_id: String,
-    pub block_ids: Vec<u32>,
+    /// P's block ids, one list per KV-cache group, covering the whole prompt.
+    pub block_ids: Vec<Vec<u32>>,
     pub tp_size: u32,
 }
 
@@ -58,7 +61,11 @@ pub struct RemoteRef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecvReq {
     pub req_id: String,
-    pub local_block_ids: Vec<u32>,
+    /// D's blocks to fill, one list per KV-cache group: the end of the request's blocks
+    /// (a local prefix hit covers the rest).
+    pub local_block_ids: Vec<Vec<u32>>,
+    /// The prompt length in tokens (aligns blocks of different sizes).
+    pub num_tokens: u64,
     /// True when nothing is loaded (full local prefix hit, or an abort before
     /// allocation): the worker only notifies P and reports nothing to vLLM.
     pub notify_only: bool,
@@ -114,39 +121,19 @@ impl ConnectorMetadata {
 // ---------------------------------------------------------------------------------------
 // Handshake (ZMQ side channel)
 
-/// One registered region as advertised to peers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RegionDesc {
-    pub base: u64,
-    pub block_len: u64,
-    pub block_stride: u64,
-    pub num_blocks: u64,
-    pub device_id: u64,
-    pub mem: MemKind,
-}
-
-impl From<&crate::layout::Region> for RegionDesc {
-    fn from(r: &crate::layout::Region) -> Self {
-        Self {
-            base: r.base,
-            block_len: r.block_len,
-            block_stride: r.block_stride,
-            num_blocks: r.num_blocks,
-            device_id: r.device_id,
-            mem: r.mem,
-        }
-    }
-}
-
-/// Everything a peer needs to read from (or write to) this worker.
+/// What one worker rank advertises to peers: who it is, its transport metadata, and
+/// the full geometry of every registered region.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentMetadata {
     pub engine_id: String,
     pub agent_name: String,
     pub tp_rank: u32,
     pub tp_size: u32,
+    /// Logical (scheduler) block size in tokens.
     pub block_size: u32,
-    pub regions: Vec<RegionDesc>,
+    /// Kernel blocks per logical block.
+    pub blocks_per_logical: u32,
+    pub regions: Vec<Region>,
     #[serde(with = "serde_bytes")]
     pub nixl_md: Vec<u8>,
 }
@@ -182,6 +169,9 @@ pub struct Notif {
     pub from_engine: String,
     pub from_tp_rank: u32,
     pub ok: bool,
+    /// How many notifications the receiving rank gets for this request in all (one per
+    /// reading rank of D): it frees the blocks after the last.
+    pub expected: u32,
 }
 
 impl Notif {
@@ -203,14 +193,15 @@ mod tests {
             version: WIRE_VERSION,
             reqs_to_recv: vec![RecvReq {
                 req_id: "r".into(),
-                local_block_ids: vec![1, 2],
+                local_block_ids: vec![vec![1, 2]],
+                num_tokens: 20,
                 notify_only: false,
                 remote: RemoteRef {
                     engine_id: "p".into(),
                     host: "h".into(),
                     port: 1,
                     request_id: "x".into(),
-                    block_ids: vec![5, 6],
+                    block_ids: vec![vec![5, 6]],
                     tp_size: 1,
                 },
             }],
@@ -234,6 +225,8 @@ mod tests {
         let mut b = a.clone();
         assert_eq!(compat_hash(&a, TransferMode::Pull), compat_hash(&b, TransferMode::Pull));
         b.block_size = 32;
+        assert_eq!(compat_hash(&a, TransferMode::Pull), compat_hash(&b, TransferMode::Pull), "block sizes may differ");
+        b.head_size = 64;
         assert_ne!(compat_hash(&a, TransferMode::Pull), compat_hash(&b, TransferMode::Pull));
     }
 }

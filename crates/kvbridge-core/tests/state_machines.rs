@@ -3,9 +3,9 @@
 //! malformed params and hostile peer bytes.
 use kvbridge_core::config::{CompatInfo, ConnectorConfig, EngineInfo};
 use kvbridge_core::error::HandshakeError;
-use kvbridge_core::layout::{KvLayout, MemKind, Region};
+use kvbridge_core::layout::{KvLayout, MemKind, TensorInfo};
 use kvbridge_core::scheduler::{FinishReason, PullScheduler, SchedulerSide};
-use kvbridge_core::wire::{self, AgentMetadata, ConnectorMetadata, HandshakePayload, Notif, RegionDesc, WIRE_VERSION};
+use kvbridge_core::wire::{self, AgentMetadata, ConnectorMetadata, HandshakePayload, Notif, WIRE_VERSION};
 use kvbridge_core::worker::pull::{Action, PullWorker};
 
 fn cfg(role: &str, engine: &str) -> ConnectorConfig {
@@ -72,7 +72,11 @@ fn consumer_lifecycle_and_prefix_hit() {
     let md = d.build_connector_meta();
     assert_eq!(md.reqs_to_recv.len(), 1);
     let r = &md.reqs_to_recv[0];
-    assert_eq!((r.local_block_ids.clone(), r.remote.block_ids.clone(), r.notify_only), (vec![1, 2, 3, 4], vec![10, 11, 12, 13], false));
+    assert_eq!(
+        (r.local_block_ids.clone(), r.remote.block_ids.clone(), r.notify_only),
+        (vec![vec![1, 2, 3, 4]], vec![vec![10, 11, 12, 13]], false)
+    );
+    assert_eq!(r.num_tokens, 64);
     assert_eq!(r.remote.request_id, "r1");
     d.update_connector_output(&[], &["d1".into()]);
     // Back in WAITING after the load, vLLM asks again: no second transfer.
@@ -83,19 +87,20 @@ fn consumer_lifecycle_and_prefix_hit() {
     d.request_finished("d1", &[1, 2, 3, 4], FinishReason::LengthCapped, 80, Some(&params), 0.0);
     assert!(d.build_connector_meta().is_empty());
 
-    // Partial prefix hit (2 blocks cached locally): read only the tail blocks.
+    // Partial prefix hit (2 blocks cached locally): the local blocks cover the tail; the
+    // worker's plan aligns them with the last remote blocks.
     let m = d.get_num_new_matched_tokens("d2", 64, 32, Some(&params));
     assert_eq!(m.num_tokens, 32);
     d.update_state_after_alloc("d2", &[7, 8], 32);
     let r = d.build_connector_meta().reqs_to_recv.remove(0);
-    assert_eq!((r.local_block_ids, r.remote.block_ids), (vec![7, 8], vec![12, 13]));
+    assert_eq!((r.local_block_ids, r.remote.block_ids), (vec![vec![7, 8]], vec![vec![10, 11, 12, 13]]));
 
     // Full prefix hit: nothing to load, but P must still be notified (zero blocks).
     let m = d.get_num_new_matched_tokens("d3", 64, 64, Some(&params));
     assert_eq!((m.num_tokens, m.load_async), (0, false));
     d.update_state_after_alloc("d3", &[], 0);
     let r = d.build_connector_meta().reqs_to_recv.remove(0);
-    assert!(r.local_block_ids.is_empty() && r.notify_only);
+    assert!(r.local_block_ids.concat().is_empty() && r.notify_only);
 }
 
 #[test]
@@ -109,7 +114,7 @@ fn consumer_abort_before_scheduling_still_frees_p() {
     assert!(!f.delay_free);
     let md = d.build_connector_meta();
     assert_eq!(md.reqs_to_recv.len(), 1);
-    assert!(md.reqs_to_recv[0].notify_only && md.reqs_to_recv[0].local_block_ids.is_empty());
+    assert!(md.reqs_to_recv[0].notify_only && md.reqs_to_recv[0].local_block_ids.concat().is_empty());
     // Finishing again is harmless.
     d.request_finished("d1", &[], FinishReason::Aborted, 0, Some(&params), 0.0);
     assert!(d.build_connector_meta().is_empty());
@@ -164,37 +169,19 @@ fn role_errors_and_malformed_params_fail_only_that_request() {
     assert_eq!(md.reqs_to_recv.len(), 1);
 }
 
-#[test]
-fn block_count_mismatch_is_a_failed_request() {
-    let mut p = PullScheduler::new(cfg("kv_producer", "P"));
-    let params = prefill(&mut p, "r1", &[10]);
-    let mut d = PullScheduler::new(cfg("kv_consumer", "D"));
-    d.get_num_new_matched_tokens("d1", 64, 0, Some(&params));
-    d.update_state_after_alloc("d1", &[1, 2, 3, 4], 64);
-    let md = d.build_connector_meta();
-    assert_eq!(md.reqs_failed.len(), 1);
-    assert!(md.reqs_failed[0].reason.contains("block count mismatch"));
-    // P still gets a zero-block notification so it frees its block.
-    assert_eq!(md.reqs_to_recv.len(), 1);
-    assert!(md.reqs_to_recv[0].notify_only);
-}
-
 // ------------------------------------------------------------------------- worker
 
 fn layout(blocks: u64) -> KvLayout {
     KvLayout {
         regions: (0..4)
-            .map(|i| Region {
-                name: format!("l{i}"),
-                base: 0x10000 * (i + 1),
-                block_len: 256,
-                block_stride: 256,
-                num_blocks: blocks,
-                mem: MemKind::Dram,
-                device_id: 0,
+            .map(|i| {
+                let name = format!("l{i}");
+                let t = TensorInfo::opaque(&name, 0x10000 * (i + 1), &[blocks, 128], &[128, 1], 2, MemKind::Dram, 0);
+                KvLayout::from_tensors(&[t], blocks, 0, 1).unwrap().regions.remove(0)
             })
             .collect(),
         num_blocks: blocks,
+        blocks_per_logical: 1,
     }
 }
 
@@ -206,7 +193,8 @@ fn payload(engine: &str, hash: &str, blocks: u64) -> Vec<u8> {
         tp_rank: 0,
         tp_size: 1,
         block_size: 16,
-        regions: l.regions.iter().map(RegionDesc::from).collect(),
+        blocks_per_logical: 1,
+        regions: l.regions,
         nixl_md: vec![1, 2, 3],
     };
     wire::encode("p", &HandshakePayload { compat_hash: hash.into(), agent_metadata: wire::encode("m", &md).unwrap(), error: None }).unwrap()
@@ -214,7 +202,7 @@ fn payload(engine: &str, hash: &str, blocks: u64) -> Vec<u8> {
 
 fn d_worker() -> PullWorker {
     let mut w = PullWorker::new("D".into(), 0, 1, "H".into(), true);
-    w.on_registered(layout(32));
+    w.on_registered(layout(32), 16);
     w
 }
 
@@ -241,22 +229,23 @@ fn worker_handshakes_once_then_reads_and_reports() {
     assert!(matches!(&a[..], [Action::Handshake { peer, port: 7000, .. }] if peer == "P@127.0.0.1:7000"));
     // A second request for the same engine queues behind the same handshake.
     assert!(w.on_metadata(d_meta(&mut d, &mut p, "d2", &[6], &[7], 0), 0.0).is_empty());
-    let a = w.on_handshake_payload(PEER, "x", Ok(payload("P", "H", 32)));
+    let a = w.on_handshake_payload(PEER, 0, "x", Ok(payload("P", "H", 32)));
     assert!(matches!(&a[..], [Action::AddRemote { .. }]));
-    let a = w.on_remote_added(PEER, Ok(()), 1.0);
+    let a = w.on_remote_added(PEER, 0, Ok(()), 1.0);
     assert_eq!(a.len(), 2);
     match &a[0] {
-        Action::Read { req_id, local, remote, notif, bytes, .. } => {
+        Action::Read { req_id, key, pieces, notif, bytes } => {
             assert_eq!(req_id, "d1");
-            assert_eq!(&local[..3], &[1, 2, 3]);
-            assert_eq!(&remote[..3], &[4, 5, 9]);
-            assert_eq!(local.len(), 12); // 3 blocks x 4 regions
+            assert_eq!(key, &format!("{PEER}#0"));
+            // Local 1,2,3 <- remote 4,5,9: runs [1,2]<-[4,5] and [3]<-[9], per region.
+            assert_eq!(pieces.len(), 8);
+            assert_eq!((pieces[0].local, pieces[0].remote, pieces[0].len), (0x10000 + 256, 0x10000 + 4 * 256, 512));
             assert_eq!(*bytes, 12 * 256);
             assert_eq!(Notif::from_bytes(notif).unwrap().request_id, "p-d1");
         }
         other => panic!("{other:?}"),
     }
-    assert!(w.on_read_done("d1", Ok(()), 2.0).is_empty());
+    assert!(w.on_read_done("d1", &format!("{PEER}#0"), Ok(()), 2.0).is_empty());
     let f = w.base.take_finished();
     assert_eq!(f.recving, vec!["d1"]);
     assert!(f.failed_recving.is_empty());
@@ -271,9 +260,9 @@ fn worker_zero_block_request_notifies_without_reporting() {
     let (mut p, mut d) = (PullScheduler::new(cfg("kv_producer", "P")), PullScheduler::new(cfg("kv_consumer", "D")));
     let mut w = d_worker();
     w.on_metadata(d_meta(&mut d, &mut p, "d1", &[4, 5], &[], 32), 0.0);
-    w.on_handshake_payload(PEER, "x", Ok(payload("P", "H", 32)));
-    let a = w.on_remote_added(PEER, Ok(()), 0.0);
-    assert!(matches!(&a[..], [Action::Notify { peer, .. }] if peer == PEER));
+    w.on_handshake_payload(PEER, 0, "x", Ok(payload("P", "H", 32)));
+    let a = w.on_remote_added(PEER, 0, Ok(()), 0.0);
+    assert!(matches!(&a[..], [Action::Notify { key, .. }] if *key == format!("{PEER}#0")));
     assert_eq!(w.base.take_finished(), Default::default(), "a full prefix hit is not reported to vLLM");
 }
 
@@ -290,7 +279,7 @@ fn worker_handshake_failures_fail_queued_requests() {
         let (mut p, mut d) = (PullScheduler::new(cfg("kv_producer", "P")), PullScheduler::new(cfg("kv_consumer", "D")));
         let mut w = d_worker();
         w.on_metadata(d_meta(&mut d, &mut p, "d1", &[4], &[1], 0), 0.0);
-        assert!(w.on_handshake_payload(PEER, "h:1", res).is_empty());
+        assert!(w.on_handshake_payload(PEER, 0, "h:1", res).is_empty());
         let f = w.base.take_finished();
         assert_eq!(f.failed_recving, vec!["d1"]);
         assert_eq!(f.recving, vec!["d1"], "failed loads are also finished, so vLLM releases them");
@@ -306,11 +295,30 @@ fn worker_rejects_out_of_range_remote_blocks() {
     let (mut p, mut d) = (PullScheduler::new(cfg("kv_producer", "P")), PullScheduler::new(cfg("kv_consumer", "D")));
     let mut w = d_worker();
     w.on_metadata(d_meta(&mut d, &mut p, "d1", &[4, 999], &[1, 2], 0), 0.0);
-    w.on_handshake_payload(PEER, "x", Ok(payload("P", "H", 32)));
-    let a = w.on_remote_added(PEER, Ok(()), 0.0);
+    w.on_handshake_payload(PEER, 0, "x", Ok(payload("P", "H", 32)));
+    let a = w.on_remote_added(PEER, 0, Ok(()), 0.0);
     // P is told the read failed so it frees; D fails the request.
     assert!(matches!(&a[..], [Action::Notify { .. }]));
     assert_eq!(w.base.take_finished().failed_recving, vec!["d1"]);
+}
+
+#[test]
+fn worker_block_count_mismatch_fails_the_request_and_frees_p() {
+    let (mut p, mut d) = (PullScheduler::new(cfg("kv_producer", "P")), PullScheduler::new(cfg("kv_consumer", "D")));
+    let mut w = d_worker();
+    // 64 tokens but P offers one 16-token block.
+    let params = prefill(&mut p, "r1", &[10]);
+    d.get_num_new_matched_tokens("d1", 64, 0, Some(&params));
+    d.update_state_after_alloc("d1", &[1, 2, 3, 4], 64);
+    w.on_metadata(d.build_connector_meta(), 0.0);
+    w.on_handshake_payload(PEER, 0, "x", Ok(payload("P", "H", 32)));
+    let a = w.on_remote_added(PEER, 0, Ok(()), 0.0);
+    match &a[..] {
+        [Action::Notify { msg, .. }] => assert!(!Notif::from_bytes(msg).unwrap().ok),
+        other => panic!("{other:?}"),
+    }
+    let f = w.base.take_finished();
+    assert_eq!((f.failed_recving, f.invalid_block_ids), (vec!["d1".to_string()], vec![1, 2, 3, 4]));
 }
 
 #[test]
@@ -318,9 +326,9 @@ fn worker_read_failure_forgets_peer() {
     let (mut p, mut d) = (PullScheduler::new(cfg("kv_producer", "P")), PullScheduler::new(cfg("kv_consumer", "D")));
     let mut w = d_worker();
     w.on_metadata(d_meta(&mut d, &mut p, "d1", &[4], &[1], 0), 0.0);
-    w.on_handshake_payload(PEER, "x", Ok(payload("P", "H", 32)));
-    w.on_remote_added(PEER, Ok(()), 0.0);
-    let a = w.on_read_done("d1", Err(kvbridge_core::error::TransportError::new("nixl", "peer died")), 1.0);
+    w.on_handshake_payload(PEER, 0, "x", Ok(payload("P", "H", 32)));
+    w.on_remote_added(PEER, 0, Ok(()), 0.0);
+    let a = w.on_read_done("d1", &format!("{PEER}#0"), Err(kvbridge_core::error::TransportError::new("nixl", "peer died")), 1.0);
     assert!(matches!(&a[..], [Action::Notify { .. }, Action::RemoveRemote { .. }]));
     assert_eq!(w.base.take_finished().failed_recving, vec!["d1"]);
     assert!(!w.is_peer_ready(PEER));
@@ -333,7 +341,9 @@ fn producer_worker_frees_on_notif_early_or_late_and_on_expiry() {
     prefill(&mut p, "a", &[1]);
     prefill(&mut p, "b", &[2]);
     let notif = |r: &str| {
-        Notif { version: WIRE_VERSION, request_id: r.into(), from_engine: "D".into(), from_tp_rank: 0, ok: true }.to_bytes().unwrap()
+        Notif { version: WIRE_VERSION, request_id: r.into(), from_engine: "D".into(), from_tp_rank: 0, ok: true, expected: 1 }
+            .to_bytes()
+            .unwrap()
     };
     // "b" is read before its lease reaches the worker.
     w.base.on_notif(&notif("b"), 1000.0);
@@ -379,10 +389,10 @@ fn consumer_abort_after_scheduling_lets_the_load_finish() {
     assert!(!f.delay_free);
     assert!(d.build_connector_meta().is_empty());
     w.on_metadata(md, 0.0);
-    w.on_handshake_payload(PEER, "x", Ok(payload("P", "H", 32)));
-    let a = w.on_remote_added(PEER, Ok(()), 0.0);
+    w.on_handshake_payload(PEER, 0, "x", Ok(payload("P", "H", 32)));
+    let a = w.on_remote_added(PEER, 0, Ok(()), 0.0);
     assert!(matches!(&a[..], [Action::Read { .. }]));
-    w.on_read_done("d1", Ok(()), 1.0);
+    w.on_read_done("d1", &format!("{PEER}#0"), Ok(()), 1.0);
     assert_eq!(w.base.take_finished().recving, vec!["d1"], "reported so vLLM frees the blocks");
     d.update_connector_output(&[], &["d1".into()]);
     assert!(d.base.loading.is_empty());

@@ -1,18 +1,21 @@
 //! [`NixlTransport`]: the core's `Transport` over a NIXL agent (UCX by default).
 //!
-//! RAII: transfer requests, prepared descriptor lists and memory registrations are owned
+//! RAII: transfer requests, remote-agent entries and memory registrations are owned
 //! handles, released on drop, and dropped before the agent (field order below).
+//!
+//! Transfers use per-request descriptor lists built from the plan's coalesced pieces (a
+//! run of contiguous blocks is one descriptor), not prepared per-block lists.
 use std::collections::HashMap;
 use std::path::Path;
 
 use kvbridge_core::error::TransportError;
 use kvbridge_core::layout::{KvLayout, MemKind};
-use kvbridge_core::plan::descriptors_of;
+use kvbridge_core::plan::Piece;
 use kvbridge_core::transport::{Transport, XferId, XferPoll};
 use kvbridge_core::wire::AgentMetadata;
 use nixl_sys::{
     Agent, AgentConfig, MemType, MemoryRegion, NixlDescriptor, NotificationMap, OptArgs, RegistrationHandle, ThreadSync, XferDescList,
-    XferDlistHandle, XferOp, XferRequest, XferStatus,
+    XferOp, XferRequest, XferStatus,
 };
 
 use crate::error::NixlError;
@@ -63,19 +66,11 @@ impl NixlDescriptor for Span {
     }
 }
 
-/// A prepared descriptor list.
-struct Prepped(XferDlistHandle);
-// SAFETY: the handle is an opaque pointer into the NIXL agent. kvbridge only touches it
-// through the transport, which lives behind the worker driver's mutex, so it is used from
-// one thread at a time; NIXL synchronises its own progress thread internally.
-unsafe impl Send for Prepped {}
-
 struct Remote {
     agent_name: String,
     /// True if this entry loaded the agent's metadata (and must invalidate it).
     owns_md: bool,
-    dlist: Prepped,
-    num_descs: usize,
+    mem: MemType,
 }
 
 fn mem_type(m: MemKind) -> MemType {
@@ -89,7 +84,8 @@ pub struct NixlTransport {
     // Drop order matters: requests, then prepared lists, then registrations, then agent.
     xfers: HashMap<XferId, XferRequest>,
     remotes: HashMap<String, Remote>,
-    local: Option<(Prepped, usize)>,
+    /// Memory type of the registered regions (None until registered).
+    local: Option<MemType>,
     regs: Vec<RegistrationHandle>,
     next_xfer: XferId,
     name: String,
@@ -140,15 +136,6 @@ impl NixlTransport {
         runtime::available(hint)
     }
 
-    fn prep(&self, agent: &str, mem: MemType, descs: &[(u64, u64, u64)]) -> Result<Prepped, NixlError> {
-        let mut list = XferDescList::new(mem).map_err(NixlError::nixl("create descriptor list"))?;
-        for &(addr, len, dev) in descs {
-            list.add_desc(addr as usize, len as usize, dev);
-        }
-        let h = self.agent.prepare_xfer_dlist(agent, &list, None).map_err(NixlError::nixl("prepare descriptor list"))?;
-        Ok(Prepped(h))
-    }
-
     fn register_impl(&mut self, layout: &KvLayout) -> Result<(), NixlError> {
         // Re-registration replaces everything.
         self.xfers.clear();
@@ -163,10 +150,8 @@ impl NixlTransport {
             let h = self.agent.register_memory(&span, None).map_err(NixlError::nixl("register memory"))?;
             self.regs.push(h);
         }
-        let descs = descriptors_of(layout.regions.iter().map(|r| (r.base, r.block_len, r.block_stride, r.num_blocks, r.device_id)));
-        let n = descs.len();
-        self.local = Some((self.prep("", mem, &descs)?, n));
-        tracing::info!(regions = layout.regions.len(), descriptors = n, "kvbridge: registered KV regions with NIXL");
+        self.local = Some(mem);
+        tracing::info!(regions = layout.regions.len(), "kvbridge: registered KV regions with NIXL");
         Ok(())
     }
 
@@ -187,44 +172,28 @@ impl NixlTransport {
             }
             name
         };
-        let t_load = t0.elapsed();
         let mem = md.regions.first().map(|r| mem_type(r.mem)).unwrap_or(MemType::Dram);
-        let descs = descriptors_of(md.regions.iter().map(|r| (r.base, r.block_len, r.block_stride, r.num_blocks, r.device_id)));
-        let dlist = match self.prep(&name, mem, &descs) {
-            Ok(d) => d,
-            Err(e) => {
-                if !loaded {
-                    let _ = self.agent.invalidate_remote_md(&name);
-                }
-                return Err(e);
-            }
-        };
-        tracing::debug!(
-            peer,
-            load_ms = t_load.as_secs_f64() * 1e3,
-            prep_ms = (t0.elapsed() - t_load).as_secs_f64() * 1e3,
-            descriptors = descs.len(),
-            "kvbridge: remote agent loaded"
-        );
-        self.remotes.insert(peer.to_string(), Remote { agent_name: name, owns_md: !loaded, dlist, num_descs: descs.len() });
+        tracing::debug!(peer, load_ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: remote agent loaded");
+        self.remotes.insert(peer.to_string(), Remote { agent_name: name, owns_md: !loaded, mem });
         Ok(())
     }
 
-    /// Post a transfer between prepared local and remote descriptors, with `notif`
-    /// delivered to the peer on completion. Indices are re-checked: NIXL would crash on
-    /// out-of-range ones.
-    fn post(&mut self, op: XferOp, peer: &str, local: &[i32], remote: &[i32], notif: &[u8]) -> Result<XferId, NixlError> {
-        let (ldl, ln) = self.local.as_ref().ok_or(NixlError::NotRegistered)?;
+    /// Post a transfer of `pieces` (local ↔ remote), with `notif` delivered to the peer on
+    /// completion. NIXL checks every descriptor against the registered memory on both
+    /// sides, so a piece outside them is an error, not a stray write.
+    fn post(&mut self, op: XferOp, peer: &str, pieces: &[Piece], notif: &[u8]) -> Result<XferId, NixlError> {
+        let lmem = self.local.ok_or(NixlError::NotRegistered)?;
         let r = self.remotes.get(peer).ok_or_else(|| NixlError::UnknownRemote(peer.to_string()))?;
-        for (idx, n) in [(local, *ln), (remote, r.num_descs)] {
-            if let Some(&bad) = idx.iter().find(|&&i| i < 0 || i as usize >= n) {
-                return Err(NixlError::IndexOutOfRange(bad.into()));
-            }
+        let mut local = XferDescList::new(lmem).map_err(NixlError::nixl("create descriptor list"))?;
+        let mut remote = XferDescList::new(r.mem).map_err(NixlError::nixl("create descriptor list"))?;
+        for p in pieces {
+            local.add_desc(p.local as usize, p.len as usize, p.local_dev.into());
+            remote.add_desc(p.remote as usize, p.len as usize, p.remote_dev.into());
         }
         let mut opt = OptArgs::new().map_err(NixlError::nixl("create opt args"))?;
         opt.set_notification_message(notif).map_err(NixlError::nixl("set notification"))?;
         opt.set_has_notification(true).map_err(NixlError::nixl("set notification"))?;
-        let req = self.agent.make_xfer_req(op, &ldl.0, local, &r.dlist.0, remote, Some(&opt)).map_err(NixlError::nixl("make transfer"))?;
+        let req = self.agent.create_xfer_req(op, &local, &remote, &r.agent_name, Some(&opt)).map_err(NixlError::nixl("make transfer"))?;
         self.agent.post_xfer_req(&req, None).map_err(NixlError::nixl("post transfer"))?;
         let id = self.next_xfer;
         self.next_xfer += 1;
@@ -246,9 +215,9 @@ impl NixlTransport {
         Ok(out)
     }
 
-    /// Write local descriptors into remote ones (used by tests and, later, push mode).
-    pub fn write(&mut self, peer: &str, local: &[i32], remote: &[i32], notif: &[u8]) -> Result<XferId, NixlError> {
-        self.post(XferOp::Write, peer, local, remote, notif)
+    /// Write local pieces into remote memory (used by tests and, later, push mode).
+    pub fn write(&mut self, peer: &str, pieces: &[Piece], notif: &[u8]) -> Result<XferId, NixlError> {
+        self.post(XferOp::Write, peer, pieces, notif)
     }
 }
 
@@ -267,7 +236,6 @@ impl Transport for NixlTransport {
     }
     fn remove_remote(&mut self, peer: &str) {
         if let Some(r) = self.remotes.remove(peer) {
-            drop(r.dlist);
             let still_used = self.remotes.values().any(|o| o.agent_name == r.agent_name);
             if still_used {
                 // Hand the metadata's ownership to a remaining entry.
@@ -283,8 +251,8 @@ impl Transport for NixlTransport {
             }
         }
     }
-    fn read(&mut self, peer: &str, local: &[i32], remote: &[i32], notif: &[u8]) -> Result<XferId, TransportError> {
-        Ok(self.post(XferOp::Read, peer, local, remote, notif)?)
+    fn read(&mut self, peer: &str, pieces: &[Piece], notif: &[u8]) -> Result<XferId, TransportError> {
+        Ok(self.post(XferOp::Read, peer, pieces, notif)?)
     }
     fn poll(&mut self, xfer: XferId) -> Result<XferPoll, TransportError> {
         let req = self.xfers.get(&xfer).ok_or(NixlError::UnknownXfer(xfer))?;

@@ -25,8 +25,6 @@ pub enum NixlError {
     CudaUnavailable,
     #[error("pointer {ptr:#x} is not CUDA device memory (CUresult {code})")]
     NotDeviceMemory { ptr: u64, code: i64 },
-    #[error("descriptor index out of range: {0}")]
-    IndexOutOfRange(i64),
 }
 
 impl NixlError {
@@ -44,7 +42,6 @@ impl NixlError {
             Self::UnknownXfer(_) => "unknown_xfer",
             Self::NotRegistered => "not_registered",
             Self::CudaUnavailable | Self::NotDeviceMemory { .. } => "cuda",
-            Self::IndexOutOfRange(_) => "index",
         }
     }
 }

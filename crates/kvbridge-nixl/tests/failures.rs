@@ -3,9 +3,10 @@
 //! observable as a failed exit rather than taking the test harness down).
 use std::process::Command;
 
-use kvbridge_core::layout::{KvLayout, MemKind, Region};
-use kvbridge_core::transport::Transport;
-use kvbridge_core::wire::{AgentMetadata, RegionDesc};
+use kvbridge_core::layout::{KvLayout, MemKind, TensorInfo};
+use kvbridge_core::plan::Piece;
+use kvbridge_core::transport::{Transport, XferPoll};
+use kvbridge_core::wire::AgentMetadata;
 use kvbridge_nixl::{NixlError, NixlOptions, NixlTransport};
 
 fn child(test: &str, envs: &[(&str, Option<&str>)]) -> std::process::ExitStatus {
@@ -68,18 +69,8 @@ fn hostile_peer_metadata_is_an_error() {
     }
     let mut t = NixlTransport::new("hostile-test", &NixlOptions::default()).expect("agent");
     let buf = vec![0u8; 1 << 16];
-    let layout = KvLayout {
-        regions: vec![Region {
-            name: "l0".into(),
-            base: buf.as_ptr() as u64,
-            block_len: 4096,
-            block_stride: 4096,
-            num_blocks: 16,
-            mem: MemKind::Dram,
-            device_id: 0,
-        }],
-        num_blocks: 16,
-    };
+    let t0 = TensorInfo::opaque("l0", buf.as_ptr() as u64, &[16, 4096], &[4096, 1], 1, MemKind::Dram, 0);
+    let layout = KvLayout::from_tensors(&[t0], 16, 0, 1).expect("layout");
     t.register(&layout).expect("register");
     let md = AgentMetadata {
         engine_id: "evil".into(),
@@ -87,15 +78,18 @@ fn hostile_peer_metadata_is_an_error() {
         tp_rank: 0,
         tp_size: 1,
         block_size: 16,
-        regions: vec![RegionDesc { base: 0x1000, block_len: 4096, block_stride: 4096, num_blocks: 16, device_id: 0, mem: MemKind::Dram }],
+        blocks_per_logical: 1,
+        regions: layout.regions.clone(),
         nixl_md: b"this is not nixl metadata".to_vec(),
     };
     assert!(t.add_remote("evil@h:1", &md).is_err(), "garbage metadata accepted");
     // Reads and notifications to an unknown peer are errors too.
-    assert!(t.read("evil@h:1", &[0], &[0], b"n").is_err());
+    let piece = |l: u64, r: u64, len: u64| Piece { local: l, remote: r, len, local_dev: 0, remote_dev: 0 };
+    assert!(t.read("evil@h:1", &[piece(buf.as_ptr() as u64, 0x1000, 8)], b"n").is_err());
     assert!(t.notify("evil@h:1", b"n").is_err());
     assert!(t.poll(12345).is_err());
-    // Indices out of range never reach NIXL.
+    // Pieces outside registered memory, on either side, are refused by NIXL (no stray
+    // read or write).
     let mut peer = NixlTransport::new("hostile-peer", &NixlOptions::default()).expect("peer agent");
     let buf2 = vec![0u8; 1 << 16];
     let mut l2 = layout.clone();
@@ -106,8 +100,15 @@ fn hostile_peer_metadata_is_an_error() {
     pm.nixl_md = peer.local_metadata().unwrap();
     pm.regions[0].base = buf2.as_ptr() as u64;
     t.add_remote("peer", &pm).expect("load peer metadata");
-    assert!(matches!(t.read("peer", &[0], &[16], b"n"), Err(e) if e.kind == "index"));
-    assert!(matches!(t.read("peer", &[-1], &[0], b"n"), Err(e) if e.kind == "index"));
+    let (lb, rb) = (buf.as_ptr() as u64, buf2.as_ptr() as u64);
+    assert!(t.read("peer", &[piece(lb, rb + (1 << 16), 64)], b"n").is_err(), "remote piece past the registration");
+    assert!(t.read("peer", &[piece(lb + (1 << 16) - 8, rb, 64)], b"n").is_err(), "local piece past the registration");
+    let ok = t.read("peer", &[piece(lb, rb, 64)], b"n").expect("an in-range read posts");
+    let t_end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while t.poll(ok).expect("poll") == XferPoll::Pending && std::time::Instant::now() < t_end {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    t.release(ok);
     // A name mismatch between the handshake and the NIXL metadata is refused.
     let mut liar = pm.clone();
     liar.agent_name = "someone-else".into();

@@ -23,7 +23,7 @@ const ITEM: u64 = 2; // bf16
 const BLOCK_BYTES: usize = (BLOCK_TOKENS * HEADS * HEAD * ITEM) as usize; // per K or V block
 
 const P_BLOCKS: [u32; 6] = [5, 9, 10, 11, 40, 63];
-const D_BLOCKS: [u32; 6] = [1, 2, 30, 31, 7, 0];
+const D_BLOCKS: [u32; 6] = [1, 2, 30, 31, 7, 50];
 
 /// One layer's cache, `[2, NUM_BLOCKS, BLOCK_TOKENS, HEADS, HEAD]` (K/V first), as bytes.
 struct Cache {
@@ -39,14 +39,16 @@ impl Cache {
         self.layers
             .iter()
             .enumerate()
-            .map(|(i, l)| TensorInfo {
-                name: format!("model.layers.{i}.self_attn.attn"),
-                ptr: l.as_ptr() as u64,
-                shape: vec![2, NUM_BLOCKS, BLOCK_TOKENS, HEADS, HEAD],
-                stride: vec![NUM_BLOCKS * inner, inner, HEADS * HEAD, HEAD, 1],
-                itemsize: ITEM,
-                mem: MemKind::Dram,
-                device_id: 0,
+            .map(|(i, l)| {
+                TensorInfo::opaque(
+                    &format!("model.layers.{i}.self_attn.attn"),
+                    l.as_ptr() as u64,
+                    &[2, NUM_BLOCKS, BLOCK_TOKENS, HEADS, HEAD],
+                    &[NUM_BLOCKS * inner, inner, HEADS * HEAD, HEAD, 1],
+                    ITEM,
+                    MemKind::Dram,
+                    0,
+                )
             })
             .collect()
     }

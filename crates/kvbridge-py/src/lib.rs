@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use kvbridge_core::config::{ConnectorConfig, EngineInfo};
 use kvbridge_core::error::Error;
-use kvbridge_core::layout::{MemKind, TensorInfo};
+use kvbridge_core::layout::{MemKind, RegionKind, TensorInfo};
 use kvbridge_core::params::KvParams;
 use kvbridge_core::scheduler::{FinishReason, PullScheduler, SchedulerSide};
 use kvbridge_core::worker::driver::now_unix;
@@ -129,7 +129,25 @@ struct Worker {
     invalid_blocks: Mutex<Vec<u32>>,
 }
 
-type TensorTuple = (String, u64, Vec<u64>, Vec<u64>, u64, String, u64);
+/// `(name, data_ptr, shape, stride, itemsize, device type, device index, geometry)`:
+/// geometry is JSON `{"axes": [...], "kind": ..., "group": n, "window": n, "total_heads": n}`
+/// (all optional; see `kvbridge_core::layout::TensorInfo`).
+type TensorTuple = (String, u64, Vec<u64>, Vec<u64>, u64, String, u64, Option<String>);
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Geometry {
+    #[serde(default)]
+    axes: Vec<kvbridge_core::layout::Axis>,
+    #[serde(default)]
+    kind: Option<kvbridge_core::layout::RegionKind>,
+    #[serde(default)]
+    group: u32,
+    #[serde(default)]
+    window: u32,
+    #[serde(default)]
+    total_heads: u32,
+}
 
 #[pymethods]
 impl Worker {
@@ -145,13 +163,33 @@ impl Worker {
     fn register_kv_caches(&self, py: Python<'_>, tensors: Vec<TensorTuple>, num_blocks: u64) -> PyResult<()> {
         let infos = tensors
             .into_iter()
-            .map(|(name, ptr, shape, stride, itemsize, dev, idx)| {
+            .map(|(name, ptr, shape, stride, itemsize, dev, idx, geo)| {
                 let mem = match dev.as_str() {
                     "cpu" => Ok(MemKind::Dram),
                     "cuda" => Ok(MemKind::Vram),
                     other => Err(ConfigError::new_err(format!("tensor {name}: device {other:?} is not supported (cpu or cuda)"))),
                 }?;
-                Ok(TensorInfo { name, ptr, shape, stride, itemsize, mem, device_id: idx })
+                let g: Geometry = match geo.as_deref() {
+                    None | Some("") => Geometry::default(),
+                    Some(j) => {
+                        serde_json::from_str(j).map_err(|e| ConfigError::new_err(format!("tensor {name}: bad geometry {j}: {e}")))?
+                    }
+                };
+                let kind = g.kind.unwrap_or(if g.axes.is_empty() { RegionKind::Opaque } else { RegionKind::Attention });
+                Ok(TensorInfo {
+                    name,
+                    ptr,
+                    shape,
+                    stride,
+                    itemsize,
+                    mem,
+                    device_id: idx,
+                    axes: g.axes,
+                    kind,
+                    group: g.group,
+                    window: g.window,
+                    total_heads: g.total_heads,
+                })
             })
             .collect::<PyResult<Vec<_>>>()?;
         py.allow_threads(|| self.inner.register(&infos, num_blocks)).map(|_| ()).map_err(to_py)
@@ -188,7 +226,8 @@ impl Worker {
             "reads_ok": s.reads_ok, "reads_failed": s.reads_failed, "bytes_read": s.bytes_read,
             "read_secs_total": s.read_secs_total, "last_read_secs": s.last_read_secs,
             "last_read_bytes": s.last_read_bytes, "handshakes_ok": s.handshakes_ok,
-            "handshakes_failed": s.handshakes_failed, "descriptors": s.descriptors, "runs": s.runs,
+            "handshakes_failed": s.handshakes_failed, "descriptors": s.descriptors, "last_descriptors": s.last_descriptors,
+            "descriptors_uncoalesced": s.descriptors_uncoalesced,
             "held_requests": self.inner.held_requests(), "in_flight": self.inner.in_flight(),
         })
         .to_string()

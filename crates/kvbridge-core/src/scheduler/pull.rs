@@ -16,7 +16,7 @@ pub struct PullScheduler {
     cfg: ConnectorConfig,
     pub base: SchedulerBase,
     /// D: remote prefills matched but not yet allocated.
-    awaiting_alloc: HashMap<String, RemotePrefill>,
+    awaiting_alloc: HashMap<String, (RemotePrefill, u64)>,
     /// Requests whose params were acted on (a load shipped, or a failure): vLLM calls
     /// `get_num_new_matched_tokens` again when the request returns to WAITING after its
     /// load, and it must not trigger a second transfer (vLLM's NixlConnector flips
@@ -44,26 +44,24 @@ impl PullScheduler {
         Matched { num_tokens: count, load_async: true }
     }
 
-    fn recv_req(req_id: &str, rp: &RemotePrefill, local_block_ids: Vec<u32>, notify_only: bool) -> Result<RecvReq, Error> {
-        // A local prefix hit covers the first blocks; read only the tail.
-        let n = local_block_ids.len();
-        let remote = &rp.remote_block_ids;
-        if n > remote.len() {
-            return Err(crate::error::PlanError::BlockCountMismatch { local: n, remote: remote.len() }.into());
-        }
-        Ok(RecvReq {
+    /// The worker's plan aligns the blocks: the local ones cover the end of the prompt (a
+    /// local prefix hit covers the start), the remote ones all of it, in blocks of either
+    /// side's size.
+    fn recv_req(req_id: &str, rp: &RemotePrefill, num_tokens: u64, local_block_ids: Vec<u32>, notify_only: bool) -> RecvReq {
+        RecvReq {
             req_id: req_id.to_string(),
-            local_block_ids,
+            local_block_ids: vec![local_block_ids],
+            num_tokens,
             notify_only,
             remote: RemoteRef {
                 engine_id: rp.remote_engine_id.clone(),
                 host: rp.remote_host.clone(),
                 port: rp.remote_port,
                 request_id: rp.remote_request_id.clone(),
-                block_ids: remote[remote.len() - n..].to_vec(),
+                block_ids: vec![rp.remote_block_ids.clone()],
                 tp_size: rp.tp_size,
             },
-        })
+        }
     }
 }
 
@@ -99,7 +97,7 @@ impl SchedulerSide for PullScheduler {
             KvParams::RemotePrefill(rp) => {
                 let count = num_prompt_tokens.saturating_sub(num_computed_tokens);
                 tracing::debug!(request_id = %req_id, count, "kvbridge: remote prefill matched");
-                self.awaiting_alloc.insert(req_id.to_string(), rp);
+                self.awaiting_alloc.insert(req_id.to_string(), (rp, num_prompt_tokens));
                 // count == 0: a full local prefix hit. No load, but P must still be told
                 // to free its blocks (done in update_state_after_alloc).
                 Matched { num_tokens: count, load_async: count > 0 }
@@ -114,28 +112,13 @@ impl SchedulerSide for PullScheduler {
             self.base.push_failed(req_id, reason);
             return;
         }
-        let Some(rp) = self.awaiting_alloc.remove(req_id) else { return };
+        let Some((rp, n)) = self.awaiting_alloc.remove(req_id) else { return };
         self.consumed.insert(req_id.to_string());
         let local = if num_external_tokens > 0 { unhashed_block_ids.to_vec() } else { Vec::new() };
-        match Self::recv_req(req_id, &rp, local, num_external_tokens == 0) {
-            Ok(r) => {
-                if num_external_tokens > 0 {
-                    self.base.loading.insert(req_id.to_string());
-                }
-                self.base.push_recv(r);
-            }
-            Err(e) => {
-                tracing::error!(request_id = %req_id, error = %e, "kvbridge: cannot load remote KV");
-                if num_external_tokens > 0 {
-                    self.base.loading.insert(req_id.to_string());
-                    self.base.push_failed(req_id, e.to_string());
-                }
-                // Still free P's blocks.
-                if let Ok(r) = Self::recv_req(req_id, &rp, Vec::new(), true) {
-                    self.base.push_recv(r);
-                }
-            }
+        if num_external_tokens > 0 {
+            self.base.loading.insert(req_id.to_string());
         }
+        self.base.push_recv(Self::recv_req(req_id, &rp, n, local, num_external_tokens == 0));
     }
 
     fn request_finished(
@@ -151,10 +134,8 @@ impl SchedulerSide for PullScheduler {
         self.base.rejected.remove(req_id);
         self.consumed.remove(req_id);
         // D: aborted before its blocks were allocated. Tell P to free its blocks.
-        if let Some(rp) = self.awaiting_alloc.remove(req_id) {
-            if let Ok(r) = Self::recv_req(req_id, &rp, Vec::new(), true) {
-                self.base.push_recv(r);
-            }
+        if let Some((rp, n)) = self.awaiting_alloc.remove(req_id) {
+            self.base.push_recv(Self::recv_req(req_id, &rp, n, Vec::new(), true));
             return none;
         }
         let Ok(KvParams::RemoteDecode) = KvParams::parse_json(kv_transfer_params) else { return none };

@@ -15,7 +15,7 @@ use crate::error::{Error, HandshakeError, TransportError};
 use crate::layout::{KvLayout, TensorInfo};
 use crate::side_channel::{PayloadCell, SideChannel};
 use crate::transport::{Transport, XferId, XferPoll};
-use crate::wire::{self, AgentMetadata, ConnectorMetadata, HandshakePayload, HandshakeRequest, RegionDesc, WIRE_VERSION};
+use crate::wire::{self, AgentMetadata, ConnectorMetadata, HandshakePayload, HandshakeRequest, WIRE_VERSION};
 
 pub fn now_unix() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
@@ -24,7 +24,8 @@ pub fn now_unix() -> f64 {
 struct Inner<T: Transport> {
     core: PullWorker,
     transport: T,
-    xfers: HashMap<String, XferId>,
+    /// In-flight READs: transfer → (request, remote key).
+    xfers: HashMap<XferId, (String, String)>,
 }
 
 /// A worker-side connector: state machine + transport + side channel.
@@ -46,7 +47,9 @@ impl<T: Transport + 'static> WorkerDriver<T> {
     pub fn new(cfg: ConnectorConfig, transport: T) -> Result<Self, Error> {
         cfg.log_startup("worker");
         let hash = wire::compat_hash(&cfg.compat, cfg.mode);
-        let core = PullWorker::new(cfg.engine_id.clone(), cfg.tp_rank, cfg.tp_size, hash, cfg.enforce_handshake_compat);
+        let mut core = PullWorker::new(cfg.engine_id.clone(), cfg.tp_rank, cfg.tp_size, hash, cfg.enforce_handshake_compat);
+        core.coalesce = cfg.coalesce_descriptors;
+        core.null_block = cfg.null_block_id;
         let side = SideChannel::new().map_err(|e| Error::Other(format!("cannot start side-channel runtime: {e}")))?;
         Ok(Self {
             block_size: cfg.compat.block_size,
@@ -62,9 +65,10 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         &self.cfg
     }
 
-    /// Register the KV cache tensors, prepare descriptors, and start serving handshakes.
+    /// Register the KV cache tensors and start serving handshakes. `num_blocks` counts
+    /// logical (scheduler) blocks.
     pub fn register(&self, tensors: &[TensorInfo], num_blocks: u64) -> Result<KvLayout, Error> {
-        let layout = KvLayout::from_tensors(tensors, num_blocks)?;
+        let layout = KvLayout::from_tensors(tensors, num_blocks, self.cfg.tp_rank, self.cfg.tp_size)?;
         let payload = {
             let mut g = lock(&self.inner);
             g.transport.register(&layout)?;
@@ -75,10 +79,11 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 tp_rank: self.cfg.tp_rank,
                 tp_size: self.cfg.tp_size,
                 block_size: self.block_size,
-                regions: layout.regions.iter().map(RegionDesc::from).collect(),
+                blocks_per_logical: layout.blocks_per_logical,
+                regions: layout.regions.clone(),
                 nixl_md,
             };
-            g.core.on_registered(layout.clone());
+            g.core.on_registered(layout.clone(), self.block_size);
             wire::encode(
                 "HandshakePayload",
                 &HandshakePayload {
@@ -137,8 +142,8 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         let now = now_unix();
         let mut g = lock(&self.inner);
         let mut follow = Vec::new();
-        let xfers: Vec<(String, XferId)> = g.xfers.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        for (req, x) in xfers {
+        let xfers: Vec<(XferId, String, String)> = g.xfers.iter().map(|(x, (r, k))| (*x, r.clone(), k.clone())).collect();
+        for (x, req, key) in xfers {
             let res = match g.transport.poll(x) {
                 Ok(XferPoll::Pending) => {
                     let started = g.core.read_started(&req).unwrap_or(now);
@@ -153,8 +158,8 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             };
             if let Some(res) = res {
                 g.transport.release(x);
-                g.xfers.remove(&req);
-                follow.extend(g.core.on_read_done(&req, res, now));
+                g.xfers.remove(&x);
+                follow.extend(g.core.on_read_done(&req, &key, res, now));
             }
         }
         match g.transport.take_notifs() {
@@ -193,8 +198,8 @@ fn run<T: Transport + 'static>(inner: &Arc<Mutex<Inner<T>>>, side: &Arc<SideChan
     let mut q: VecDeque<Action> = actions.into();
     while let Some(a) = q.pop_front() {
         match a {
-            Action::Handshake { peer, host, port } => {
-                tracing::debug!(%peer, %host, port, "kvbridge: handshake");
+            Action::Handshake { peer, rank, host, port } => {
+                tracing::debug!(%peer, rank, %host, port, "kvbridge: handshake");
                 let inner2 = inner.clone();
                 let side2 = side.clone();
                 let cfg2 = cfg.clone();
@@ -204,45 +209,46 @@ fn run<T: Transport + 'static>(inner: &Arc<Mutex<Inner<T>>>, side: &Arc<SideChan
                 side.fetch(host, port, req, cfg.handshake_timeout, move |res| {
                     let fetched_ms = t0.elapsed().as_secs_f64() * 1e3;
                     let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        let follow = lock(&inner2).core.on_handshake_payload(&peer, &addr, res);
+                        let follow = lock(&inner2).core.on_handshake_payload(&peer, rank, &addr, res);
                         run(&inner2, &side2, &cfg2, follow);
                     }));
                     if handled.is_err() {
                         // Never leave requests queued behind a handshake that cannot finish.
                         tracing::error!(%peer, "kvbridge: internal error while completing a handshake; failing its requests");
                         let err = HandshakeError::Io { addr: addr.clone(), reason: "internal error completing the handshake".into() };
-                        lock(&inner2).core.on_handshake_payload(&peer, &addr, Err(err));
+                        let follow = lock(&inner2).core.on_handshake_payload(&peer, rank, &addr, Err(err));
+                        run(&inner2, &side2, &cfg2, follow);
                     }
-                    tracing::info!(%peer, fetch_ms = fetched_ms, total_ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: handshake finished");
+                    tracing::info!(%peer, rank, fetch_ms = fetched_ms, total_ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: handshake finished");
                 });
             }
-            Action::AddRemote { peer, md } => {
+            Action::AddRemote { peer, rank, key, md } => {
                 let mut g = lock(inner);
                 let t0 = std::time::Instant::now();
-                let res = g.transport.add_remote(&peer, &md);
-                tracing::debug!(%peer, ms = t0.elapsed().as_secs_f64() * 1e3, ok = res.is_ok(), "kvbridge: peer loaded");
-                let follow = g.core.on_remote_added(&peer, res, now_unix());
+                let res = g.transport.add_remote(&key, &md);
+                tracing::debug!(%key, ms = t0.elapsed().as_secs_f64() * 1e3, ok = res.is_ok(), "kvbridge: peer loaded");
+                let follow = g.core.on_remote_added(&peer, rank, res, now_unix());
                 q.extend(follow);
             }
-            Action::RemoveRemote { peer } => lock(inner).transport.remove_remote(&peer),
-            Action::Read { req_id, peer, local, remote, notif, bytes } => {
+            Action::RemoveRemote { key } => lock(inner).transport.remove_remote(&key),
+            Action::Read { req_id, key, pieces, notif, bytes } => {
                 let mut g = lock(inner);
                 let now = now_unix();
-                match g.transport.read(&peer, &local, &remote, &notif) {
+                match g.transport.read(&key, &pieces, &notif) {
                     Ok(x) => {
-                        tracing::debug!(request_id = %req_id, bytes, descs = local.len(), "kvbridge: READ posted");
+                        tracing::debug!(request_id = %req_id, %key, bytes, descs = pieces.len(), "kvbridge: READ posted");
                         g.core.mark_posted(&req_id, now);
-                        g.xfers.insert(req_id, x);
+                        g.xfers.insert(x, (req_id, key));
                     }
                     Err(e) => {
-                        let follow = g.core.on_read_done(&req_id, Err(e), now);
+                        let follow = g.core.on_read_done(&req_id, &key, Err(e), now);
                         q.extend(follow);
                     }
                 }
             }
-            Action::Notify { peer, msg } => {
-                if let Err(e) = lock(inner).transport.notify(&peer, &msg) {
-                    tracing::warn!(%peer, error = %e, "kvbridge: notification failed");
+            Action::Notify { key, msg } => {
+                if let Err(e) = lock(inner).transport.notify(&key, &msg) {
+                    tracing::warn!(%key, error = %e, "kvbridge: notification failed");
                 }
             }
         }

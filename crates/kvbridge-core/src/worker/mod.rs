@@ -34,11 +34,14 @@ struct Lease {
 /// so a chatty or hostile peer cannot grow memory without bound.
 const EARLY_NOTIF_TTL_SECS: f64 = 600.0;
 const EARLY_NOTIF_CAP: usize = 65_536;
+/// A notification's `expected` count is peer-controlled: clamp it.
+const MAX_READERS: u32 = 4096;
 
 #[derive(Debug, Default)]
 pub struct WorkerBase {
     leases: HashMap<String, Lease>,
-    early: HashMap<String, (u32, f64)>,
+    /// Notifications that arrived before their lease: (count, first seen, expected).
+    early: HashMap<String, (u32, f64, u32)>,
     pub(crate) out: FinishedSets,
     /// Counters for stats.
     pub expired_leases: u64,
@@ -50,11 +53,14 @@ impl WorkerBase {
     /// P: the scheduler says we hold these requests' blocks for remote readers.
     pub fn on_leases(&mut self, leases: &[SendLease]) {
         for l in leases {
-            let seen = self.early.remove(&l.req_id).map(|(n, _)| n).unwrap_or(0);
-            if seen >= l.expected_readers.max(1) {
+            let (seen, expected) = match self.early.remove(&l.req_id) {
+                Some((n, _, e)) => (n, e),
+                None => (0, l.expected_readers.clamp(1, MAX_READERS)),
+            };
+            if seen >= expected {
                 self.out.sending.push(l.req_id.clone());
             } else {
-                self.leases.insert(l.req_id.clone(), Lease { expiry_unix: l.expiry_unix, expected: l.expected_readers.max(1), seen });
+                self.leases.insert(l.req_id.clone(), Lease { expiry_unix: l.expiry_unix, expected, seen });
             }
         }
     }
@@ -73,9 +79,12 @@ impl WorkerBase {
         if !n.ok {
             tracing::warn!(request_id = %n.request_id, from = %n.from_engine, "kvbridge: remote reader reported a failed read; releasing blocks");
         }
+        // Every reader of a request sends the same count: how many readers there are.
+        let expected = n.expected.clamp(1, MAX_READERS);
         match self.leases.get_mut(&n.request_id) {
             Some(l) => {
                 l.seen += 1;
+                l.expected = expected;
                 if l.seen >= l.expected {
                     self.leases.remove(&n.request_id);
                     self.out.sending.push(n.request_id);
@@ -88,8 +97,9 @@ impl WorkerBase {
                     self.notifs_rejected += 1;
                     return;
                 }
-                let e = self.early.entry(n.request_id).or_insert((0, now_unix));
+                let e = self.early.entry(n.request_id).or_insert((0, now_unix, expected));
                 e.0 += 1;
+                e.2 = expected;
             }
         }
     }
@@ -103,7 +113,7 @@ impl WorkerBase {
             self.expired_leases += 1;
             self.out.sending.push(r);
         }
-        self.early.retain(|_, (_, t)| now_unix - *t < EARLY_NOTIF_TTL_SECS);
+        self.early.retain(|_, (_, t, _)| now_unix - *t < EARLY_NOTIF_TTL_SECS);
     }
 
     pub fn held_requests(&self) -> usize {

@@ -1,40 +1,58 @@
-//! Pull mode on the worker side: handshake with P once per engine (single-flight), build
-//! the plan, then READ each request's blocks with a notification carrying P's request id.
+//! Pull mode on the worker side: handshake once per P engine (single-flight) with every P
+//! rank this rank reads from, build the plan, then READ each request's blocks from those
+//! ranks, each READ carrying a notification with P's request id. Ranks with nothing to
+//! read (deduplicated heads, MLA) get a plain notification, so each P rank hears from
+//! every D rank that depends on it.
 use std::collections::HashMap;
 
 use super::WorkerBase;
-use crate::error::{Error, HandshakeError, TransportError};
+use crate::error::{Error, HandshakeError, PlanError, TransportError};
 use crate::layout::KvLayout;
-use crate::plan::TransferPlan;
+use crate::plan::{GroupBlocks, Piece, TpMapping, TransferPlan};
 use crate::wire::{self, AgentMetadata, ConnectorMetadata, HandshakePayload, Notif, RecvReq, MAX_HANDSHAKE_BYTES, WIRE_VERSION};
 
-/// What the driver must do next.
+/// What the driver must do next. `key` names one remote rank's transport connection:
+/// [`remote_key`]`(peer, rank)`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Fetch the handshake payload of peer `peer` from `host:port`, then call
-    /// [`PullWorker::on_handshake_payload`].
-    Handshake { peer: String, host: String, port: u16 },
-    /// Load the peer's transport metadata and prepare its descriptors, then call
-    /// [`PullWorker::on_remote_added`].
-    AddRemote { peer: String, md: AgentMetadata },
-    /// Forget a peer that failed.
-    RemoveRemote { peer: String },
-    /// Post a READ; then report its end with [`PullWorker::on_read_done`].
-    Read { req_id: String, peer: String, local: Vec<i32>, remote: Vec<i32>, notif: Vec<u8>, bytes: u64 },
-    /// Send a notification with no transfer (zero blocks to read, or a failed read).
-    Notify { peer: String, msg: Vec<u8> },
+    /// Fetch the handshake payload of remote rank `rank` of `peer` from `host:port`, then
+    /// call [`PullWorker::on_handshake_payload`].
+    Handshake { peer: String, rank: u32, host: String, port: u16 },
+    /// Load the remote rank's transport metadata, then call [`PullWorker::on_remote_added`].
+    AddRemote { peer: String, rank: u32, key: String, md: AgentMetadata },
+    /// Forget a remote rank's connection.
+    RemoveRemote { key: String },
+    /// Post a READ of `pieces` from `key`, with `notif` delivered on completion; then
+    /// report its end with [`PullWorker::on_read_done`].
+    Read { req_id: String, key: String, pieces: Vec<Piece>, notif: Vec<u8>, bytes: u64 },
+    /// Send a notification with no transfer (nothing to read from that rank, or a failure).
+    Notify { key: String, msg: Vec<u8> },
 }
 
 #[derive(Debug)]
 enum Engine {
-    Handshaking { engine_id: String, queued: Vec<RecvReq>, plan: Option<TransferPlan> },
-    Ready { plan: TransferPlan },
+    Handshaking {
+        engine_id: String,
+        tp: TpMapping,
+        mds: Vec<Option<AgentMetadata>>,
+        added: Vec<bool>,
+        queued: Vec<RecvReq>,
+        plan: Option<TransferPlan>,
+    },
+    Ready {
+        plan: TransferPlan,
+    },
 }
 
 /// A peer is a remote engine *at an address*: `engine_id@host:port`. A request naming a
 /// known engine at another address gets its own handshake, which checks the claim.
 pub fn peer_key(r: &crate::wire::RemoteRef) -> String {
     format!("{}@{}:{}", r.engine_id, r.host, r.port)
+}
+
+/// The transport connection to remote rank `rank` of `peer`.
+pub fn remote_key(peer: &str, rank: u32) -> String {
+    format!("{peer}#{rank}")
 }
 
 #[derive(Debug, Clone)]
@@ -44,7 +62,11 @@ pub struct Loading {
     pub remote_request_id: String,
     pub local_block_ids: Vec<u32>,
     pub bytes: u64,
+    pub descriptors: u64,
     pub started_unix: f64,
+    /// READs still in flight (one per remote rank read from).
+    pub pending: usize,
+    pub error: Option<TransportError>,
 }
 
 /// Counters kept by the worker, exported as stats.
@@ -58,8 +80,11 @@ pub struct PullStats {
     pub last_read_bytes: u64,
     pub handshakes_ok: u64,
     pub handshakes_failed: u64,
+    /// Descriptors posted (after coalescing), in all and for the last request.
     pub descriptors: u64,
-    pub runs: u64,
+    pub last_descriptors: u64,
+    /// Descriptors a per-block scheme would have posted for the same requests.
+    pub descriptors_uncoalesced: u64,
 }
 
 #[derive(Debug)]
@@ -67,8 +92,13 @@ pub struct PullWorker {
     engine_id: String,
     tp_rank: u32,
     tp_size: u32,
+    block_size: u32,
     compat_hash: String,
     enforce_compat: bool,
+    /// Merge contiguous pieces into one descriptor (off only for comparisons).
+    pub coalesce: bool,
+    /// The engine's null block id (vLLM: 0), never transferred.
+    pub null_block: Option<u32>,
     layout: Option<KvLayout>,
     engines: HashMap<String, Engine>,
     loading: HashMap<String, Loading>,
@@ -82,8 +112,11 @@ impl PullWorker {
             engine_id,
             tp_rank,
             tp_size,
+            block_size: 0,
             compat_hash,
             enforce_compat,
+            coalesce: true,
+            null_block: None,
             layout: None,
             engines: HashMap::new(),
             loading: HashMap::new(),
@@ -96,8 +129,10 @@ impl PullWorker {
         &self.compat_hash
     }
 
-    pub fn on_registered(&mut self, layout: KvLayout) {
+    /// The local caches are registered; `block_size` is the scheduler's (logical) one.
+    pub fn on_registered(&mut self, layout: KvLayout, block_size: u32) {
         self.layout = Some(layout);
+        self.block_size = block_size;
     }
 
     pub fn layout(&self) -> Option<&KvLayout> {
@@ -113,19 +148,20 @@ impl PullWorker {
         matches!(self.engines.get(peer), Some(Engine::Ready { .. }))
     }
 
-    fn notif(&self, request_id: &str, ok: bool) -> Vec<u8> {
+    fn notif(&self, request_id: &str, ok: bool, expected: u32) -> Vec<u8> {
         Notif {
             version: WIRE_VERSION,
             request_id: request_id.to_string(),
             from_engine: self.engine_id.clone(),
             from_tp_rank: self.tp_rank,
             ok,
+            expected,
         }
         .to_bytes()
         .unwrap_or_default()
     }
 
-    fn fail(&mut self, req_id: &str, local_block_ids: &[u32], notify_only: bool, err: &Error) {
+    fn fail(&mut self, req_id: &str, local_block_ids: &[Vec<u32>], notify_only: bool, err: &Error) {
         tracing::error!(request_id = %req_id, error = %err, "kvbridge: KV load failed");
         if notify_only {
             return;
@@ -133,7 +169,9 @@ impl PullWorker {
         self.stats.reads_failed += 1;
         self.base.out.recving.push(req_id.to_string());
         self.base.out.failed_recving.push(req_id.to_string());
-        self.base.out.invalid_block_ids.extend_from_slice(local_block_ids);
+        for g in local_block_ids {
+            self.base.out.invalid_block_ids.extend(g.iter().filter(|&&b| Some(b) != self.null_block));
+        }
     }
 
     /// A step's metadata from the scheduler.
@@ -150,78 +188,124 @@ impl PullWorker {
     }
 
     fn route(&mut self, r: RecvReq, actions: &mut Vec<Action>) {
-        if r.remote.tp_size != self.tp_size {
-            let e = Error::Plan(crate::error::PlanError::Layout(format!(
-                "remote TP size {} differs from local {}; kvbridge currently needs equal TP",
-                r.remote.tp_size, self.tp_size
-            )));
-            self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e);
-            return;
-        }
         let peer = peer_key(&r.remote);
         match self.engines.get_mut(&peer) {
             Some(Engine::Ready { plan }) => {
+                if plan.tp.remote_tp_size != r.remote.tp_size {
+                    let e = HandshakeError::Rejected {
+                        addr: peer.clone(),
+                        reason: format!("request says remote TP size {}, handshake said {}", r.remote.tp_size, plan.tp.remote_tp_size),
+                    };
+                    self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e.into());
+                    return;
+                }
                 let plan = plan.clone();
                 self.start(r, &peer, &plan, 0.0, actions);
             }
             Some(Engine::Handshaking { queued, .. }) => queued.push(r),
             None => {
-                // Single-flight: the first request for an engine starts the handshake; the
-                // rest queue behind it. D rank r talks to P rank r (equal TP).
-                let Some(port) = r.remote.port.checked_add(self.tp_rank as u16) else {
-                    let e = Error::Other(format!("remote_port {} + rank {} overflows", r.remote.port, self.tp_rank));
-                    self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e);
-                    return;
+                // Single-flight: the first request for an engine starts the handshakes
+                // (one per remote rank this rank reads from); the rest queue behind them.
+                let tp = match TpMapping::new(self.tp_size, self.tp_rank, r.remote.tp_size) {
+                    Ok(tp) => tp,
+                    Err(e) => return self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e.into()),
                 };
-                actions.push(Action::Handshake { peer: peer.clone(), host: r.remote.host.clone(), port });
-                self.engines.insert(peer, Engine::Handshaking { engine_id: r.remote.engine_id.clone(), queued: vec![r], plan: None });
-            }
-        }
-    }
-
-    fn start(&mut self, r: RecvReq, peer: &str, plan: &TransferPlan, now_unix: f64, actions: &mut Vec<Action>) {
-        if r.local_block_ids.is_empty() {
-            // Nothing to read (full local prefix hit, or aborted before allocation):
-            // still tell P so it frees its blocks now rather than at lease expiry.
-            actions.push(Action::Notify { peer: peer.to_string(), msg: self.notif(&r.remote.request_id, true) });
-            if !r.notify_only {
-                self.base.out.recving.push(r.req_id);
-            }
-            return;
-        }
-        match plan.indices(&r.local_block_ids, &r.remote.block_ids) {
-            Err(e) => {
-                actions.push(Action::Notify { peer: peer.to_string(), msg: self.notif(&r.remote.request_id, false) });
-                self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e.into());
-            }
-            Ok(ix) => {
-                self.stats.descriptors += ix.local.len() as u64;
-                self.stats.runs += ix.runs as u64;
-                actions.push(Action::Read {
-                    req_id: r.req_id.clone(),
-                    peer: peer.to_string(),
-                    local: ix.local,
-                    remote: ix.remote,
-                    notif: self.notif(&r.remote.request_id, true),
-                    bytes: ix.bytes,
-                });
-                self.loading.insert(
-                    r.req_id.clone(),
-                    Loading {
-                        req_id: r.req_id,
-                        peer: peer.to_string(),
-                        remote_request_id: r.remote.request_id,
-                        local_block_ids: r.local_block_ids,
-                        bytes: ix.bytes,
-                        started_unix: now_unix,
+                let mut hs = Vec::new();
+                for &rank in &tp.sources {
+                    let Some(port) = u16::try_from(rank).ok().and_then(|q| r.remote.port.checked_add(q)) else {
+                        let e = Error::Other(format!("remote_port {} + rank {rank} overflows", r.remote.port));
+                        return self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e);
+                    };
+                    hs.push(Action::Handshake { peer: peer.clone(), rank, host: r.remote.host.clone(), port });
+                }
+                actions.extend(hs);
+                let n = tp.sources.len();
+                self.engines.insert(
+                    peer,
+                    Engine::Handshaking {
+                        engine_id: r.remote.engine_id.clone(),
+                        tp,
+                        mds: vec![None; n],
+                        added: vec![false; n],
+                        queued: vec![r],
+                        plan: None,
                     },
                 );
             }
         }
     }
 
-    /// Check a handshake reply: the hash first, then the metadata, then the plan.
-    fn check_payload(&self, engine_id: &str, addr: &str, bytes: &[u8]) -> Result<(AgentMetadata, TransferPlan), Error> {
+    fn start(&mut self, r: RecvReq, peer: &str, plan: &TransferPlan, now_unix: f64, actions: &mut Vec<Action>) {
+        let expected = plan.tp.notifs_per_remote_rank;
+        let keys: Vec<String> = plan.tp.sources.iter().map(|&q| remote_key(peer, q)).collect();
+        let notify_all = |this: &Self, ok: bool, actions: &mut Vec<Action>| {
+            for k in &keys {
+                actions.push(Action::Notify { key: k.clone(), msg: this.notif(&r.remote.request_id, ok, expected) });
+            }
+        };
+        let groups: Vec<GroupBlocks<'_>> = r
+            .local_block_ids
+            .iter()
+            .enumerate()
+            .map(|(g, l)| GroupBlocks { local: l, remote: r.remote.block_ids.get(g).map(Vec::as_slice).unwrap_or(&[]) })
+            .collect();
+        let nothing = r.local_block_ids.iter().all(Vec::is_empty);
+        let planned = if nothing { Ok(Default::default()) } else { plan.transfer(&groups, r.num_tokens, self.coalesce) };
+        let t = match planned {
+            Err(e) => {
+                notify_all(self, false, actions);
+                return self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e.into());
+            }
+            Ok(t) => t,
+        };
+        if t.reads.is_empty() {
+            // Nothing to read (full local prefix hit, or aborted before allocation):
+            // still tell P so it frees its blocks now rather than at lease expiry.
+            notify_all(self, true, actions);
+            if !r.notify_only {
+                self.base.out.recving.push(r.req_id);
+            }
+            return;
+        }
+        self.stats.descriptors += t.descriptors;
+        self.stats.last_descriptors = t.descriptors;
+        self.stats.descriptors_uncoalesced += t.uncoalesced;
+        let ok = self.notif(&r.remote.request_id, true, expected);
+        for (i, k) in keys.iter().enumerate() {
+            if !t.reads.iter().any(|x| x.source == i) {
+                // A rank we need nothing from (deduplicated heads, MLA) still frees on our word.
+                actions.push(Action::Notify { key: k.clone(), msg: ok.clone() });
+            }
+        }
+        let pending = t.reads.len();
+        for read in t.reads {
+            let bytes = read.pieces.iter().map(|p| p.len).sum();
+            actions.push(Action::Read {
+                req_id: r.req_id.clone(),
+                key: keys[read.source].clone(),
+                pieces: read.pieces,
+                notif: ok.clone(),
+                bytes,
+            });
+        }
+        self.loading.insert(
+            r.req_id.clone(),
+            Loading {
+                req_id: r.req_id,
+                peer: peer.to_string(),
+                remote_request_id: r.remote.request_id,
+                local_block_ids: r.local_block_ids.concat(),
+                bytes: t.bytes,
+                descriptors: t.descriptors,
+                started_unix: now_unix,
+                pending,
+                error: None,
+            },
+        );
+    }
+
+    /// Check a handshake reply: the hash first, then the metadata.
+    fn check_payload(&self, engine_id: &str, addr: &str, bytes: &[u8]) -> Result<AgentMetadata, Error> {
         let p: HandshakePayload = wire::decode("HandshakePayload", bytes, MAX_HANDSHAKE_BYTES)?;
         if let Some(reason) = p.error {
             return Err(HandshakeError::Rejected { addr: addr.into(), reason }.into());
@@ -238,102 +322,153 @@ impl PullWorker {
         if md.engine_id != engine_id {
             return Err(HandshakeError::EngineMismatch { addr: addr.into(), expected: engine_id.into(), actual: md.engine_id }.into());
         }
-        let layout = self.layout.as_ref().ok_or(crate::error::PlanError::NotRegistered)?;
-        let plan = TransferPlan::build(layout, self.tp_size, self.tp_rank, &md)?;
-        Ok((md, plan))
+        Ok(md)
     }
 
-    /// The side channel answered (or failed).
-    pub fn on_handshake_payload(&mut self, peer: &str, addr: &str, res: Result<Vec<u8>, HandshakeError>) -> Vec<Action> {
-        let engine_id = match self.engines.get(peer) {
-            Some(Engine::Handshaking { engine_id, .. }) => engine_id.clone(),
-            _ => return Vec::new(),
+    /// Remote rank `rank`'s side channel answered (or failed). Once every rank has, the
+    /// plan is built — or the handshake fails with the reason — before any transport work.
+    pub fn on_handshake_payload(&mut self, peer: &str, rank: u32, addr: &str, res: Result<Vec<u8>, HandshakeError>) -> Vec<Action> {
+        let Some(Engine::Handshaking { engine_id, tp, mds, .. }) = self.engines.get(peer) else { return Vec::new() };
+        let Some(slot) = tp.sources.iter().position(|&q| q == rank) else { return Vec::new() };
+        if mds[slot].is_some() {
+            return Vec::new();
+        }
+        let engine_id = engine_id.clone();
+        let md = match res.map_err(Error::from).and_then(|b| self.check_payload(&engine_id, addr, &b)) {
+            Ok(md) => md,
+            Err(e) => {
+                self.stats.handshakes_failed += 1;
+                return self.fail_engine(peer, &e);
+            }
         };
-        let checked = res.map_err(Error::from).and_then(|b| self.check_payload(&engine_id, addr, &b));
-        match checked {
-            Ok((md, plan)) => {
+        let Some(Engine::Handshaking { mds, .. }) = self.engines.get_mut(peer) else { return Vec::new() };
+        mds[slot] = Some(md);
+        if mds.iter().any(Option::is_none) {
+            return Vec::new();
+        }
+        let all: Vec<AgentMetadata> = mds.iter().flatten().cloned().collect();
+        let built = self
+            .layout
+            .as_ref()
+            .ok_or(PlanError::NotRegistered)
+            .and_then(|l| TransferPlan::build(l, self.tp_size, self.tp_rank, self.block_size, &all, self.null_block));
+        match built {
+            Ok(plan) => {
+                let sources = plan.tp.sources.clone();
                 if let Some(Engine::Handshaking { plan: p, .. }) = self.engines.get_mut(peer) {
                     *p = Some(plan);
                 }
-                vec![Action::AddRemote { peer: peer.to_string(), md }]
+                sources
+                    .into_iter()
+                    .zip(all)
+                    .map(|(rank, md)| Action::AddRemote { peer: peer.to_string(), rank, key: remote_key(peer, rank), md })
+                    .collect()
             }
             Err(e) => {
                 self.stats.handshakes_failed += 1;
-                self.fail_engine(peer, &e);
-                Vec::new()
+                self.fail_engine(peer, &e.into())
             }
         }
     }
 
-    /// The transport loaded the peer (or could not).
-    pub fn on_remote_added(&mut self, peer: &str, res: Result<(), TransportError>, now_unix: f64) -> Vec<Action> {
+    /// The transport loaded remote rank `rank` (or could not).
+    pub fn on_remote_added(&mut self, peer: &str, rank: u32, res: Result<(), TransportError>, now_unix: f64) -> Vec<Action> {
+        if let Err(e) = res {
+            self.stats.handshakes_failed += 1;
+            return self.fail_engine(peer, &e.into());
+        }
+        let Some(Engine::Handshaking { tp, added, .. }) = self.engines.get_mut(peer) else { return Vec::new() };
+        if let Some(slot) = tp.sources.iter().position(|&q| q == rank) {
+            added[slot] = true;
+        }
+        if !added.iter().all(|&a| a) {
+            return Vec::new();
+        }
         let mut actions = Vec::new();
-        match (res, self.engines.remove(peer)) {
-            (Ok(()), Some(Engine::Handshaking { queued, plan: Some(plan), .. })) => {
-                self.stats.handshakes_ok += 1;
-                tracing::info!(
-                    peer,
-                    regions = plan.num_regions,
-                    remote_blocks = plan.remote_num_blocks,
-                    "kvbridge: handshake done, transfer plan ready"
-                );
-                for r in queued {
-                    self.start(r, peer, &plan, now_unix, &mut actions);
-                }
-                self.engines.insert(peer.to_string(), Engine::Ready { plan });
+        if let Some(Engine::Handshaking { queued, plan: Some(plan), .. }) = self.engines.remove(peer) {
+            self.stats.handshakes_ok += 1;
+            tracing::info!(
+                peer,
+                remote_ranks = ?plan.tp.sources,
+                regions = plan.num_regions,
+                remote_blocks = plan.remote_num_blocks,
+                ranges_per_block = plan.ranges_per_block,
+                "kvbridge: handshake done, transfer plan ready"
+            );
+            for r in queued {
+                self.start(r, peer, &plan, now_unix, &mut actions);
             }
-            (Err(e), Some(state)) => {
-                self.stats.handshakes_failed += 1;
-                self.engines.insert(peer.to_string(), state);
-                self.fail_engine(peer, &e.into());
-            }
-            (_, Some(state)) => {
-                self.engines.insert(peer.to_string(), state);
-            }
-            (_, None) => {}
+            self.engines.insert(peer.to_string(), Engine::Ready { plan });
         }
         actions
     }
 
-    fn fail_engine(&mut self, peer: &str, e: &Error) {
-        if let Some(Engine::Handshaking { queued, .. }) = self.engines.remove(peer) {
+    /// Fail every request queued on `peer` and forget it (and any ranks already loaded).
+    fn fail_engine(&mut self, peer: &str, e: &Error) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if let Some(Engine::Handshaking { queued, tp, added, .. }) = self.engines.remove(peer) {
             for r in queued {
                 self.fail(&r.req_id, &r.local_block_ids, r.notify_only, e);
             }
+            for (q, a) in tp.sources.iter().zip(added) {
+                if a {
+                    actions.push(Action::RemoveRemote { key: remote_key(peer, *q) });
+                }
+            }
         }
+        actions
     }
 
-    /// A READ finished (or failed). On failure, P is told so it can free its blocks, and
-    /// the peer is forgotten so the next request re-handshakes.
-    pub fn on_read_done(&mut self, req_id: &str, res: Result<(), TransportError>, now_unix: f64) -> Vec<Action> {
-        let Some(l) = self.loading.remove(req_id) else { return Vec::new() };
-        match res {
-            Ok(()) => {
+    /// A READ from `key` finished (or failed). The request is done when all its READs
+    /// are. On failure, that rank is told (its notification rode on the READ) and the
+    /// peer is forgotten so the next request re-handshakes.
+    pub fn on_read_done(&mut self, req_id: &str, key: &str, res: Result<(), TransportError>, now_unix: f64) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let Some(l) = self.loading.get_mut(req_id) else { return actions };
+        l.pending = l.pending.saturating_sub(1);
+        if let Err(e) = res {
+            let expected = match self.engines.get(&l.peer) {
+                Some(Engine::Ready { plan }) => plan.tp.notifs_per_remote_rank,
+                _ => 1,
+            };
+            let rid = l.remote_request_id.clone();
+            l.error.get_or_insert(e);
+            actions.push(Action::Notify { key: key.to_string(), msg: self.notif(&rid, false, expected) });
+        }
+        let Some(l) = self.loading.get(req_id) else { return actions };
+        if l.pending > 0 {
+            return actions;
+        }
+        let Some(l) = self.loading.remove(req_id) else { return actions };
+        match l.error {
+            None => {
                 let secs = if l.started_unix > 0.0 { (now_unix - l.started_unix).max(0.0) } else { 0.0 };
                 self.stats.reads_ok += 1;
                 self.stats.bytes_read += l.bytes;
                 self.stats.read_secs_total += secs;
                 self.stats.last_read_secs = secs;
                 self.stats.last_read_bytes = l.bytes;
-                tracing::info!(request_id = %l.req_id, bytes = l.bytes, secs, "kvbridge-xfer");
+                tracing::info!(request_id = %l.req_id, bytes = l.bytes, descs = l.descriptors, secs, "kvbridge-xfer");
                 self.base.out.recving.push(l.req_id);
-                Vec::new()
             }
-            Err(e) => {
-                self.fail(&l.req_id, &l.local_block_ids, false, &e.into());
-                self.engines.remove(&l.peer);
-                vec![
-                    Action::Notify { peer: l.peer.clone(), msg: self.notif(&l.remote_request_id, false) },
-                    Action::RemoveRemote { peer: l.peer },
-                ]
+            Some(e) => {
+                self.fail(&l.req_id, &[l.local_block_ids], false, &e.into());
+                if let Some(Engine::Ready { plan }) = self.engines.remove(&l.peer) {
+                    for &q in &plan.tp.sources {
+                        actions.push(Action::RemoveRemote { key: remote_key(&l.peer, q) });
+                    }
+                }
             }
         }
+        actions
     }
 
     /// Record when a read was actually posted (for transfer-time stats).
     pub fn mark_posted(&mut self, req_id: &str, now_unix: f64) {
         if let Some(l) = self.loading.get_mut(req_id) {
-            l.started_unix = now_unix;
+            if l.started_unix <= 0.0 {
+                l.started_unix = now_unix;
+            }
         }
     }
 }
