@@ -7,7 +7,8 @@
 //! - [`layout`] and [`plan`]: KV regions and the per-peer transfer plan;
 //! - [`scheduler`] and [`worker`]: sans-IO state machines (base + pull);
 //! - [`transport`]: the trait `kvbridge-nixl` implements;
-//! - [`side_channel`]: the ZMQ handshake channel (the only module here doing network I/O).
+//! - [`side_channel`]: the ZMQ handshake channel (the only module here doing network I/O);
+//! - [`testkit`]: synthetic KV caches with known contents, for tests and benchmarks.
 pub mod config;
 pub mod error;
 pub mod layout;
@@ -15,6 +16,7 @@ pub mod params;
 pub mod plan;
 pub mod scheduler;
 pub mod side_channel;
+pub mod testkit;
 pub mod transport;
 pub mod wire;
 pub mod worker;
