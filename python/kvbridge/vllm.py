@@ -76,6 +76,88 @@ def _engine_info(vllm_config: "VllmConfig", tp_rank: int) -> str:
     })
 
 
+def _classify(spec: Any) -> tuple[str, int]:
+    """(kind, sliding window) of a KV-cache spec: "attention", "mla" or "state".
+
+    ``UniformTypeKVCacheSpecs`` wraps per-layer specs of one type: it is classified by them
+    (vLLM's NixlConnector failed DeepSeek-V4 at handshake by classifying the wrapper).
+    """
+    from vllm.v1 import kv_cache_interface as kci
+
+    if isinstance(spec, kci.UniformTypeKVCacheSpecs):
+        kinds = {_classify(s) for s in spec.kv_cache_specs.values()}
+        if len(kinds) != 1:
+            raise _native.ConfigError(f"a UniformTypeKVCacheSpecs group mixes cache kinds {sorted(kinds)}")
+        return kinds.pop()
+    if isinstance(spec, kci.MambaSpec):
+        return ("state", 0)
+    if isinstance(spec, getattr(kci, "SlidingWindowMLASpec", ())):
+        return ("mla", int(spec.sliding_window))
+    if isinstance(spec, kci.MLAAttentionSpec):
+        return ("mla", 0)
+    if isinstance(spec, kci.SlidingWindowSpec):
+        return ("attention", int(spec.sliding_window))
+    if isinstance(spec, kci.FullAttentionSpec):
+        return ("attention", 0)
+    raise _native.ConfigError(
+        f"kvbridge cannot transfer KV-cache spec {type(spec).__name__} (supported: full attention, sliding window, MLA, "
+        "and their UniformTypeKVCacheSpecs)"
+    )
+
+
+def _layer_specs(kv_cache_config: "KVCacheConfig | None") -> dict[str, tuple[int, str, int]]:
+    """layer name -> (KV-cache group, kind, window), from vLLM's KV-cache config."""
+    out: dict[str, tuple[int, str, int]] = {}
+    if kv_cache_config is None:
+        return out
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) > 1:
+        raise _native.ConfigError(
+            f"this model has {len(groups)} KV-cache groups (a hybrid model under vLLM's hybrid allocator); the kvbridge "
+            "vLLM connector handles one group so far (the Rust plan handles several): run vLLM with "
+            "--disable-hybrid-kv-cache-manager"
+        )
+    for gi, g in enumerate(groups):
+        spec = g.kv_cache_spec
+        for layer in g.layer_names:
+            inner = spec.kv_cache_specs.get(layer, spec) if hasattr(spec, "kv_cache_specs") else spec
+            kind, window = _classify(inner)
+            if kind == "state":
+                raise _native.ConfigError(f"layer {layer}: Mamba/SSM state transfer is not wired into the vLLM connector yet")
+            out[layer] = (gi, kind, window)
+    return out
+
+
+def _geometry(name: str, t: "torch.Tensor", kind: str, window: int, group: int, total_heads: int, local_heads: int,
+              head_size: int) -> tuple[list[int], list[int], dict[str, Any]]:  # fmt: skip
+    """Shape, strides and axis labels of a layer's cache tensor, for the transfer plan.
+
+    vLLM's CPU attention cache is ``[blocks, heads, tokens, 2 * head_size]``, but the kernel
+    views each (block, head) as ``[2 * tokens, head_size]``: all K rows, then all V rows
+    (``cpu_attn.py``), stored in 32-token tiles. So kvbridge registers it as
+    ``[blocks, heads, K/V, tokens, head_size]``; block sizes are multiples of 32, so every
+    split the plan makes falls on a tile boundary. MLA caches are ``[blocks, tokens, latent]``.
+    A layout not recognised here is registered opaque: P and D then need equal TP and block
+    sizes (the plan says so at handshake).
+    """
+    shape, stride = list(t.shape), list(t.stride())
+    geo: dict[str, Any] = {"group": group, "window": window}
+    packed_cpu = (
+        t.device.type == "cpu" and len(shape) == 4 and shape[1] == local_heads and shape[3] == 2 * head_size and stride[3] == 1
+        and stride[2] == 2 * head_size
+    )  # fmt: skip
+    if kind == "attention" and packed_cpu:
+        b, h, n, _ = shape
+        shape = [b, h, 2, n, head_size]
+        stride = [stride[0], stride[1], n * head_size, head_size, 1]
+        geo.update(axes=["block", "head", "kv", "token", "dim"], kind="attention", total_heads=total_heads)
+    elif kind == "mla" and len(shape) == 3:
+        geo.update(axes=["block", "token", "dim"], kind="mla")
+    else:
+        logger.warning("kvbridge: layer %s cache shape %s not recognised; registering it opaque", name, shape)
+    return shape, stride, geo
+
+
 def _params(request: "Request") -> str | None:
     p = request.kv_transfer_params
     return None if p is None else json.dumps(p, default=str)
@@ -138,13 +220,20 @@ class KVBridgeConnector(KVConnectorBase_V1):
     # ---------------------------------------------------------------- worker side
     def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]) -> None:
         assert self._worker is not None
+        layers = _layer_specs(self._kv_cache_config)
+        mc, pc = self._vllm_config.model_config, self._vllm_config.parallel_config
+        total_heads, head_size, tp = mc.get_total_num_kv_heads(), mc.get_head_size(), pc.tensor_parallel_size
+        local_heads = total_heads // tp if tp <= total_heads else 1
         seen: set[int] = set()
         tensors = []
         for name, t in kv_caches.items():
             if t.data_ptr() in seen:  # layers sharing one cache tensor
                 continue
             seen.add(t.data_ptr())
-            tensors.append((name, t.data_ptr(), list(t.shape), list(t.stride()), t.element_size(), t.device.type, t.device.index or 0))
+            group, kind, window = layers.get(name, (0, "attention", 0))
+            shape, stride, geometry = _geometry(name, t, kind, window, group, total_heads, local_heads, head_size)
+            tensors.append((name, t.data_ptr(), shape, stride, t.element_size(), t.device.type, t.device.index or 0,
+                            json.dumps(geometry)))  # fmt: skip
         num_blocks = self._kv_cache_config.num_blocks if self._kv_cache_config is not None else next(iter(kv_caches.values())).shape[0]
         self._worker.register_kv_caches(tensors, num_blocks)
 

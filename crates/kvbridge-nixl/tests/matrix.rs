@@ -16,9 +16,9 @@
 //! with null blocks; a Mamba-style state region.
 use std::time::{Duration, Instant};
 
+use kvbridge_core::testkit::{CacheLayout, Scenario, Spec, NULL_BLOCK};
 use kvbridge_core::transport::{Transport, XferPoll};
 use kvbridge_core::wire::Notif;
-use kvbridge_core::testkit::{CacheLayout, Scenario, Spec, NULL_BLOCK};
 use kvbridge_nixl::{NixlOptions, NixlTransport};
 
 fn runtime_or_skip() -> bool {
@@ -90,7 +90,10 @@ fn run_case(ci: usize, c: &Case) {
         // both sides (vLLM frees them), and must be neither read nor written.
         let w0 = c.tokens.saturating_sub(40);
         let null_before = |bs: u32, ids: Vec<u32>, first: usize| -> Vec<u32> {
-            ids.into_iter().enumerate().map(|(i, b)| if (((i + first) as u64 + 1) * u64::from(bs)) <= w0 { NULL_BLOCK } else { b }).collect()
+            ids.into_iter()
+                .enumerate()
+                .map(|(i, b)| if (((i + first) as u64 + 1) * u64::from(bs)) <= w0 { NULL_BLOCK } else { b })
+                .collect()
         };
         p_blocks.push(null_before(c.p.block, block_ids(np, 9), 0));
         d_blocks.push(null_before(c.d.block, block_ids(nd, 11)[c.hit..].to_vec(), c.hit));
@@ -193,17 +196,8 @@ fn heterogeneous_pd_matrix_is_byte_exact() {
     }
     use CacheLayout::*;
     let side = |tp, block, layout| Side { tp, block, bpl: 1, layout };
-    let base = Case {
-        name: "",
-        p: side(1, 16, Hnd),
-        d: side(1, 16, Hnd),
-        heads: 8,
-        mla: false,
-        hybrid: false,
-        state: false,
-        tokens: 150,
-        hit: 0,
-    };
+    let base =
+        Case { name: "", p: side(1, 16, Hnd), d: side(1, 16, Hnd), heads: 8, mla: false, hybrid: false, state: false, tokens: 150, hit: 0 };
     let cases = [
         Case { name: "tp1->1 h8 bs16->16 HND", ..base },
         Case { name: "tp1->2 h8 bs16->32 NHD->HND prefix", p: side(1, 16, Nhd), d: side(2, 32, Hnd), hit: 1, ..base },

@@ -47,7 +47,7 @@ BLOCK_SIZE = 128  # vLLM's CPU backend block size (tokens per KV block)
 #: kv_transfer_params the proxy sends to P: "prefill only, keep the KV for a remote decode".
 from kvbridge.proxy import PREFILL_PARAMS  # noqa: E402  (one definition, shared with the proxy)
 
-XFER_RE = re.compile(r"kvbridge-xfer request_id=(\S+) bytes=(\d+) secs=([0-9.eE+\-]+)")
+XFER_RE = re.compile(r"kvbridge-xfer request_id=(\S+) bytes=(\d+) descs=(\d+) secs=([0-9.eE+\-]+)")
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colour codes a log formatter may add
 
 REQUEST_TIMEOUT_S = 180.0
@@ -285,12 +285,13 @@ class XferRecord:
     request_id: str
     bytes: int
     secs: float
+    descriptors: int = 0
 
 
 def parse_xfer_lines(text: str) -> list[XferRecord]:
-    """All ``kvbridge-xfer request_id=<id> bytes=<int> secs=<float>`` records in ``text``."""
+    """All ``kvbridge-xfer request_id=<id> bytes=<int> descs=<int> secs=<float>`` records in ``text``."""
     text = ANSI_RE.sub("", text)
-    return [XferRecord(m[1], int(m[2]), float(m[3])) for m in XFER_RE.finditer(text)]
+    return [XferRecord(m[1], int(m[2]), float(m[4]), int(m[3])) for m in XFER_RE.finditer(text)]
 
 
 # ----------------------------------------------------------------------------- cluster
@@ -307,7 +308,9 @@ class _Proc:
 class Cluster:
     """One P and one D vLLM server plus the kvbridge proxy, on 127.0.0.1.
 
-    ``prefix_caching`` applies to both servers unless ``p_prefix_caching`` sets P's on its own. ``extra_env`` is added to every process's env.
+    ``prefix_caching`` applies to both servers unless ``p_prefix_caching`` sets P's on its own.
+    ``block_sizes`` sets P's and D's ``--block-size`` (None: vLLM's default). ``extra_env`` is
+    added to every process's env.
     """
 
     def __init__(
@@ -321,6 +324,7 @@ class Cluster:
         side_ports: tuple[int, int] = (5600, 5700),
         prefix_caching: bool = False,
         p_prefix_caching: bool | None = None,
+        block_sizes: tuple[int | None, int | None] = (None, None),
         extra_env: dict[str, str] | None = None,
         start_timeout: float = 300.0,
         python: str | None = None,
@@ -335,6 +339,7 @@ class Cluster:
         self.side_ports = side_ports
         self.prefix_caching = prefix_caching
         self.p_prefix_caching = prefix_caching if p_prefix_caching is None else p_prefix_caching
+        self.block_sizes = block_sizes
         self.extra_env = dict(extra_env or {})
         self.start_timeout = start_timeout
         self.python = python or default_python()
@@ -394,6 +399,7 @@ class Cluster:
         return env
 
     def _server_cmd(self, role: str, port: int) -> list[str]:
+        bs = self.block_sizes[0 if role == "kv_producer" else 1]
         return [
             self.python, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model_dir,
@@ -407,6 +413,7 @@ class Cluster:
             if (self.p_prefix_caching if role == "kv_producer" else self.prefix_caching)
             else "--no-enable-prefix-caching",
             "--kv-transfer-config", json.dumps(self.kv_transfer_config(role)),
+            *(["--block-size", str(bs)] if bs else []),
         ]  # fmt: skip
 
     # -- lifecycle
