@@ -12,11 +12,12 @@ export KVBRIDGE_NIXL_LIB_DIR := $(KVBRIDGE_CACHE)/nixl-rt-1.5.1/.nixl_cu12.meson
 export UCX_NET_DEVICES := lo
 export KVBRIDGE_PYTHON := $(PY)
 
-.PHONY: help setup wheel install test test-rust test-python demo bench clean
+.PHONY: help setup wheel install test test-rust test-python demo bench bench-plan clean
 help:
 	@echo "make demo   - real P/D disaggregated generation with vLLM + kvbridge (tiny model)"
 	@echo "make test   - every test: Rust unit + NIXL integration, pytest with real vLLM"
 	@echo "make bench  - benches/pd_ttft.py: kvbridge vs vLLM NixlConnector"
+	@echo "make bench-plan - benches/plan_vs_numpy.py: plan vs vLLM numpy, coalescing vs raw NIXL"
 	@echo "make wheel  - build the kvbridge wheel into target/wheels"
 
 setup:
@@ -43,6 +44,9 @@ demo: install
 
 bench: install
 	$(PY) benches/pd_ttft.py
+
+bench-plan: setup
+	$(PY) benches/plan_vs_numpy.py
 
 clean:
 	cargo clean

@@ -41,12 +41,17 @@ def cluster(request: pytest.FixtureRequest, model_dir: Path, connector: str) -> 
 @pytest.mark.parametrize("n_tokens", [512, 300])
 def test_different_block_sizes_tokens_equal(cluster: Cluster, n_tokens: int) -> None:
     prompt = fresh_prompt(n_tokens)
+    # Attention sums over blocks in a block-size-dependent order, so P (block p) and D (block
+    # d) computing alone can differ by a few ulps, enough to flip a near-tied greedy choice of
+    # the tiny random model: P/D must equal one of the two single-instance runs (a wrong
+    # transfer diverges from both at once).
     ref = complete(cluster.p_url, prompt, MAX_TOKENS)
-    assert ref.ok, ref
+    ref_d = complete(cluster.d_url, prompt, MAX_TOKENS)
+    assert ref.ok and ref_d.ok, (ref, ref_d)
     offset = cluster.log_offset("decode")
     r = cluster.pd_request(prompt, MAX_TOKENS)
     assert r.decode.ok, r
-    assert r.tokens == ref.tokens, f"P/D tokens differ from the single-instance run: {r.tokens} vs {ref.tokens}"
+    assert r.tokens in (ref.tokens, ref_d.tokens), f"P/D tokens {r.tokens} differ from P alone {ref.tokens} and D alone {ref_d.tokens}"
     xfer = cluster.xfer_since(offset, count=1, timeout=5.0)
     assert len(xfer) == 1, xfer
     # Every token's KV exactly once: the prompt rounded up to whole segments of
