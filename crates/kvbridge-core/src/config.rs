@@ -244,26 +244,13 @@ impl ConnectorConfig {
                 reason: format!("expected an integer in 0..=1000000, got {v}"),
             })?,
         };
-        let enforce_handshake_compat = match extra.get("enforce_handshake_compat") {
-            None => true,
-            Some(Value::Bool(b)) => *b,
-            Some(other) => {
-                return Err(ConfigError::InvalidValue {
-                    key: "enforce_handshake_compat".into(),
-                    reason: format!("expected a boolean, got {other}"),
-                })
-            }
+        let flag = |key: &str, default: bool| match extra.get(key) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(other) => Err(ConfigError::InvalidValue { key: key.into(), reason: format!("expected a boolean, got {other}") }),
         };
-        let coalesce_descriptors = match extra.get("coalesce_descriptors") {
-            None => true,
-            Some(Value::Bool(b)) => *b,
-            Some(other) => {
-                return Err(ConfigError::InvalidValue {
-                    key: "coalesce_descriptors".into(),
-                    reason: format!("expected a boolean, got {other}"),
-                })
-            }
-        };
+        let enforce_handshake_compat = flag("enforce_handshake_compat", true)?;
+        let coalesce_descriptors = flag("coalesce_descriptors", true)?;
         let null_block_id = match extra.get("null_block_id") {
             None => Some(0),
             Some(Value::Null) => None,

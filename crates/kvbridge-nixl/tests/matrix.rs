@@ -16,22 +16,12 @@
 //! with null blocks; a Mamba-style state region.
 use std::time::{Duration, Instant};
 
+mod common;
+use common::runtime_or_skip;
 use kvbridge_core::testkit::{CacheLayout, Scenario, Spec, NULL_BLOCK};
 use kvbridge_core::transport::{Transport, XferPoll};
 use kvbridge_core::wire::Notif;
 use kvbridge_nixl::{NixlOptions, NixlTransport};
-
-fn runtime_or_skip() -> bool {
-    if NixlTransport::runtime_available(None) {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-        "CI=true but the NIXL runtime is missing: set KVBRIDGE_NIXL_LIB_DIR (make test does)"
-    );
-    eprintln!("SKIP: NIXL runtime not found (set KVBRIDGE_NIXL_LIB_DIR)");
-    false
-}
 
 #[derive(Clone, Copy)]
 struct Side {

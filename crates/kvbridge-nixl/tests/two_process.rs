@@ -10,6 +10,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::runtime_or_skip;
 use kvbridge_core::config::{CompatInfo, ConnectorConfig, EngineInfo};
 use kvbridge_core::layout::{MemKind, TensorInfo};
 use kvbridge_core::scheduler::{FinishReason, PullScheduler, SchedulerSide};
@@ -85,18 +87,6 @@ fn config(role: &str, engine: &str, port: u16) -> ConnectorConfig {
         std::env::var("KVB_TEST_PROGRESS_US").unwrap_or_else(|_| "100".into())
     );
     ConnectorConfig::from_json(&json, EngineInfo { tp_size: 1, tp_rank: 0, dp_rank: 0, compat }, |_| None).expect("config")
-}
-
-fn runtime_or_skip() -> bool {
-    if kvbridge_nixl::NixlTransport::runtime_available(None) {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-        "CI=true but the NIXL runtime is missing: set KVBRIDGE_NIXL_LIB_DIR (make test does)"
-    );
-    eprintln!("SKIP: NIXL runtime not found (set KVBRIDGE_NIXL_LIB_DIR)");
-    false
 }
 
 fn free_port() -> u16 {
