@@ -49,12 +49,14 @@ fn bench(c: &mut Criterion) {
         regions: l.regions.clone(),
         nixl_md: vec![0; 4096],
     };
-    let plan = TransferPlan::build(&l, 1, 0, 128, &[md.clone()], Some(0)).unwrap();
+    let plan = TransferPlan::build(&l, 1, 0, 128, std::slice::from_ref(&md), Some(0)).unwrap();
     let local: Vec<u32> = (100..116).collect();
     let remote: Vec<u32> = (0..16).map(|i| 3000 - 7 * i).collect();
     let gb = [GroupBlocks { local: &local, remote: &remote }];
     c.bench_function("plan_transfer_16_blocks_4_layers", |b| b.iter(|| plan.transfer(&gb, 2048, true).unwrap()));
-    c.bench_function("plan_build_4096_blocks", |b| b.iter(|| TransferPlan::build(&l, 1, 0, 128, &[md.clone()], Some(0)).unwrap()));
+    c.bench_function("plan_build_4096_blocks", |b| {
+        b.iter(|| TransferPlan::build(&l, 1, 0, 128, std::slice::from_ref(&md), Some(0)).unwrap())
+    });
 
     let mut p = PullScheduler::new(cfg("kv_producer"));
     let params = p

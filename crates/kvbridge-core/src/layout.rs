@@ -29,8 +29,10 @@ pub enum Axis {
     Head,
     /// Token slot within a block (the kernel block size).
     Token,
-    /// The innermost, contiguous content of one (K/V, head, token): head_dim, or vLLM's
-    /// packed `2*head_size` K|V content, or an MLA latent.
+    /// The content of one (K/V, head, token): head_dim, or vLLM's packed `2*head_size`
+    /// K|V content, or an MLA latent. Usually contiguous; when it is not (vLLM's CPU
+    /// kernel stores K dim-major, `[head_dim, tokens]` per head), each content element
+    /// is a row and a run of tokens is contiguous within a row instead.
     Dim,
 }
 
@@ -76,6 +78,11 @@ pub struct TensorInfo {
     /// KV heads of the whole model (all ranks). 0: this tensor's heads × TP size.
     #[serde(default)]
     pub total_heads: u32,
+    /// This tensor holds only K (0) or only V (1) of its layer, and has no K/V axis: for
+    /// caches whose K and V parts are laid out differently (two views of one buffer,
+    /// both named after the layer).
+    #[serde(default)]
+    pub kv_part: Option<u8>,
 }
 
 impl TensorInfo {
@@ -94,6 +101,7 @@ impl TensorInfo {
             group: 0,
             window: 0,
             total_heads: 0,
+            kv_part: None,
         }
     }
 
@@ -117,7 +125,8 @@ impl TensorInfo {
 /// `block_len` bytes at `base + b * block_stride`. The fields after `device_id` say
 /// where unit (kv, head, token) sits inside a block:
 /// `kv_index * kv_stride + (head - first_head) * head_stride + token * token_stride`,
-/// `unit_len` contiguous bytes.
+/// as `rows` rows of `unit_len` contiguous bytes, `row_stride` apart (one row when the
+/// content is contiguous).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Region {
     /// The tensor (layer) name, suffixed `.k`/`.v` when K and V are separate regions.
@@ -145,6 +154,8 @@ pub struct Region {
     pub head_stride: u64,
     pub token_stride: u64,
     pub unit_len: u64,
+    pub rows: u32,
+    pub row_stride: u64,
 }
 
 impl Region {
@@ -270,6 +281,8 @@ fn infer_opaque(t: &TensorInfo, num_blocks: u64, out: &mut Vec<Region>) -> Resul
         head_stride: 0,
         token_stride: 0,
         unit_len: len,
+        rows: 1,
+        row_stride: 0,
     };
     if t.shape[0] == num_blocks {
         let inner: u64 = t.shape[1..].iter().product();
@@ -317,13 +330,19 @@ fn labelled(t: &TensorInfo, tp_rank: u32, tp_size: u32, out: &mut Vec<Region>) -
     let kv = find(Axis::Kv)?;
     let head = find(Axis::Head)?;
     let tok = find(Axis::Token)?;
-    if t.stride[dim] != 1 && t.shape[dim] != 1 {
-        return Err(bad(t, "the content axis must be contiguous (stride 1)"));
+    // Content is contiguous, or (dim-major) the token axis is and each content element
+    // is a row.
+    let dim_major = t.stride[dim] != 1 && t.shape[dim] != 1;
+    if dim_major && (t.kind != RegionKind::Attention || tok.map(|i| t.stride[i]) != Some(1)) {
+        return Err(bad(t, "the content axis must be contiguous (stride 1), or, for attention, the token axis"));
     }
     if let Some(k) = kv {
         if t.shape[k] != 2 && t.shape[k] != 1 {
             return Err(bad(t, "the K/V axis must have size 1 or 2"));
         }
+    }
+    if t.kv_part.is_some_and(|p| p > 1 || kv.is_some()) {
+        return Err(bad(t, "kv_part must be 0 (K) or 1 (V), on a tensor without a K/V axis"));
     }
     match t.kind {
         RegionKind::Mla if kv.is_some() || head.map(|h| t.shape[h]).unwrap_or(1) != 1 => {
@@ -341,11 +360,18 @@ fn labelled(t: &TensorInfo, tp_rank: u32, tp_size: u32, out: &mut Vec<Region>) -
     let mut by_stride: Vec<(u64, u64)> = inner.iter().map(|&i| (t.stride[i], t.shape[i])).collect();
     by_stride.sort();
     let mut expect = 1u64;
-    for (st, sz) in by_stride {
-        if sz != 1 && st != expect {
-            return Err(bad(t, "a block is not one dense range"));
+    if t.kv_part.is_some() {
+        // A view of one part of a block (K or V): the block is the range the view spans.
+        for (st, sz) in by_stride {
+            expect = sz.saturating_sub(1).checked_mul(st).and_then(|x| x.checked_add(expect)).ok_or_else(|| bad(t, "size overflow"))?;
         }
-        expect = expect.checked_mul(sz).ok_or_else(|| bad(t, "size overflow"))?;
+    } else {
+        for (st, sz) in by_stride {
+            if sz != 1 && st != expect {
+                return Err(bad(t, "a block is not one dense range"));
+            }
+            expect = expect.checked_mul(sz).ok_or_else(|| bad(t, "size overflow"))?;
+        }
     }
     if t.stride[blk] < expect && t.shape[blk] > 1 {
         return Err(bad(t, "blocks overlap"));
@@ -369,7 +395,9 @@ fn labelled(t: &TensorInfo, tp_rank: u32, tp_size: u32, out: &mut Vec<Region>) -
         _ => (0, 1, 1),
     };
     let kv_count = size(kv);
-    let parts: Vec<Vec<u8>> = if kv_outer {
+    let parts: Vec<Vec<u8>> = if let Some(p) = t.kv_part {
+        vec![vec![p]]
+    } else if kv_outer {
         vec![vec![0], vec![1]]
     } else if kv.is_some() {
         vec![(0..kv_count as u8).collect()]
@@ -378,7 +406,11 @@ fn labelled(t: &TensorInfo, tp_rank: u32, tp_size: u32, out: &mut Vec<Region>) -
     };
     for (i, kv_parts) in parts.into_iter().enumerate() {
         let off = if kv_outer { b(t.stride[kv.unwrap_or(0)] * i as u64)? } else { 0 };
-        let name = if kv_outer { format!("{}.{}", t.name, ["k", "v"][i]) } else { t.name.clone() };
+        let name = match t.kv_part {
+            Some(p) => format!("{}.{}", t.name, ["k", "v"][usize::from(p)]),
+            None if kv_outer => format!("{}.{}", t.name, ["k", "v"][i]),
+            None => t.name.clone(),
+        };
         out.push(Region {
             name,
             layer: t.name.clone(),
@@ -399,7 +431,15 @@ fn labelled(t: &TensorInfo, tp_rank: u32, tp_size: u32, out: &mut Vec<Region>) -
             total_heads,
             head_stride: stride_b(head)?,
             token_stride: stride_b(tok)?,
-            unit_len: if t.kind == RegionKind::State { block_len } else { b(t.shape[dim])? },
+            unit_len: if t.kind == RegionKind::State {
+                block_len
+            } else if dim_major {
+                item
+            } else {
+                b(t.shape[dim])?
+            },
+            rows: if dim_major { u32::try_from(t.shape[dim]).map_err(|_| bad(t, "content too large"))? } else { 1 },
+            row_stride: if dim_major { b(t.stride[dim])? } else { 0 },
         });
     }
     Ok(())

@@ -22,8 +22,6 @@
 //! groups align blocks from the end (a local prefix hit reads only the missing tail);
 //! sliding-window groups read only the segments still in the window; state (Mamba/SSM)
 //! groups copy whole blocks, emitted after the attention pieces (`[FA | SSM]`).
-use std::collections::HashMap;
-
 use crate::error::PlanError;
 use crate::layout::{KvLayout, Region, RegionKind};
 use crate::wire::AgentMetadata;
@@ -68,6 +66,8 @@ impl TpMapping {
 /// bound.
 pub const MAX_BLOCKS: u64 = 1 << 32;
 const MAX_TEMPLATE_UNITS: u64 = 1 << 22;
+/// Upper bound on rows per unit (content elements of a dim-major cache).
+const MAX_ROWS: u32 = 1 << 16;
 
 /// One copy: `len` bytes from remote address `remote` to local address `local`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +150,9 @@ struct Seg {
     combo: u32,
 }
 
+/// A (K/V part, head) a local region needs.
+type Unit = (Option<u8>, u32);
+
 /// Copy work between one local region and one region of one remote rank.
 #[derive(Debug, Clone)]
 struct Job {
@@ -206,8 +209,8 @@ fn check_remote(rank: u32, i: usize, r: &Region) -> Result<(), PlanError> {
     if end.is_none() {
         return Err(e("address range overflows"));
     }
-    if r.kv_parts.iter().any(|&k| k > 1) || r.unit_len == 0 {
-        return Err(e("bad K/V parts or unit length"));
+    if r.kv_parts.iter().any(|&k| k > 1) || r.unit_len == 0 || r.rows == 0 || r.rows > MAX_ROWS {
+        return Err(e("bad K/V parts, unit length or rows"));
     }
     if r.num_heads == 0 || u64::from(r.first_head) + u64::from(r.num_heads) > u64::from(r.total_heads) {
         return Err(e("heads out of range"));
@@ -215,7 +218,8 @@ fn check_remote(rank: u32, i: usize, r: &Region) -> Result<(), PlanError> {
     Ok(())
 }
 
-/// Byte offset of unit (kv, head, token) in a block of `r`, checked against the block.
+/// Byte offset of unit (kv, head, token) in a block of `r` (its first row), checked
+/// against the block: every row must fit.
 fn unit_off(r: &Region, kv: Option<u8>, head: u32, token: u64) -> Option<u64> {
     let kvpos = match kv {
         None => 0,
@@ -224,7 +228,80 @@ fn unit_off(r: &Region, kv: Option<u8>, head: u32, token: u64) -> Option<u64> {
     let h = u64::from(head.checked_sub(r.first_head)?);
     let off =
         kvpos.checked_mul(r.kv_stride)?.checked_add(h.checked_mul(r.head_stride)?)?.checked_add(token.checked_mul(r.token_stride)?)?;
-    (off.checked_add(r.unit_len)? <= r.block_len).then_some(off)
+    let last_row = u64::from(r.rows.checked_sub(1)?).checked_mul(r.row_stride)?;
+    (off.checked_add(last_row)?.checked_add(r.unit_len)? <= r.block_len).then_some(off)
+}
+
+impl Geo {
+    fn end(&self) -> u64 {
+        self.base + self.num_blocks.saturating_sub(1) * self.stride + self.len
+    }
+    /// Blocks in lockstep whose ranges overlap: views of one buffer (K and V of a vLLM CPU
+    /// cache), which NIXL registration merges into one memory section.
+    fn interleaves(&self, o: &Geo) -> bool {
+        self.stride == o.stride && self.num_blocks == o.num_blocks && self.dev == o.dev && self.base < o.end() && o.base < self.end()
+    }
+    /// The geometry covering both, and the offsets of `self` and `o` inside its blocks.
+    fn union(&self, o: &Geo) -> (Geo, u64, u64) {
+        let base = self.base.min(o.base);
+        let (a, b) = (self.base - base, o.base - base);
+        (Geo { base, len: (a + self.len).max(b + o.len), ..*self }, a, b)
+    }
+}
+
+/// Fuse jobs that copy between interleaved views on both sides (same source, same
+/// segmentation) into one job over the union, so that ranges merge across the views:
+/// when K and V are two regions of one buffer, equal geometries still copy whole blocks.
+fn fuse_jobs(mut jobs: Vec<Job>, local: &mut Vec<Geo>, remote: &mut [Vec<Geo>]) -> Vec<Job> {
+    let mut out: Vec<Job> = Vec::with_capacity(jobs.len());
+    while !jobs.is_empty() {
+        let mut a = jobs.remove(0);
+        let mut i = 0;
+        while i < jobs.len() {
+            let b = &jobs[i];
+            let (la, lb) = (local[a.local], local[b.local]);
+            let (ra, rb) = (remote[a.src][a.remote], remote[b.src][b.remote]);
+            let fusable = a.src == b.src
+                && a.key == b.key
+                && a.templates.len() == b.templates.len()
+                && la.interleaves(&lb)
+                && ra.interleaves(&rb)
+                && la.len <= la.stride
+                && ra.len <= ra.stride;
+            if !fusable {
+                i += 1;
+                continue;
+            }
+            let b = jobs.remove(i);
+            let (lu, la_off, lb_off) = la.union(&lb);
+            let (ru, ra_off, rb_off) = ra.union(&rb);
+            if lu.len > lu.stride || ru.len > ru.stride {
+                // The union would overlap the next block: keep them apart.
+                jobs.insert(i, b);
+                i += 1;
+                continue;
+            }
+            let shift = |v: &[Rel], dl: u64, dr: u64| -> Vec<Rel> {
+                v.iter().map(|r| Rel { dst: r.dst + dl, src: r.src + dr, len: r.len }).collect()
+            };
+            a.templates = a
+                .templates
+                .iter()
+                .zip(&b.templates)
+                .map(|(x, y)| {
+                    let mut v = shift(x, la_off, ra_off);
+                    v.extend(shift(y, lb_off, rb_off));
+                    merge_sorted(v)
+                })
+                .collect();
+            local.push(lu);
+            a.local = local.len() - 1;
+            remote[a.src].push(ru);
+            a.remote = remote[a.src].len() - 1;
+        }
+        out.push(a);
+    }
+    out
 }
 
 /// Merge ranges sorted by destination where both sides continue.
@@ -299,7 +376,7 @@ impl TransferPlan {
                 _ => vec![0],
             };
             // (src, remote region) -> units
-            let mut by_src: Vec<((usize, usize), Vec<(Option<u8>, u32)>)> = Vec::new();
+            let mut by_src: Vec<((usize, usize), Vec<Unit>)> = Vec::new();
             for &kv in &kvs {
                 for &h in &heads {
                     let mut found = None;
@@ -336,12 +413,11 @@ impl TransferPlan {
                     }
                     let Some(k) = found else {
                         return Err(layout_err(format!(
-                            "layer {} ({:?}{}): no remote rank of {:?} holds head {h}{}",
+                            "layer {} ({:?}{}): no remote rank of {:?} holds head {h} (or K/V packing differs)",
                             l.layer,
                             l.kind,
                             if l.kv_parts.is_empty() { "" } else { ", K/V split" },
                             tp.sources,
-                            if l.kv_parts.is_empty() { "" } else { " (or K/V packing differs)" }
                         )));
                     };
                     match by_src.iter_mut().find(|(kk, _)| *kk == k) {
@@ -369,10 +445,11 @@ impl TransferPlan {
                         l.layer
                     )));
                 }
-                if !state_like && l.unit_len != r.unit_len {
+                if !state_like && (l.unit_len, l.rows) != (r.unit_len, r.rows) {
                     return Err(layout_err(format!(
-                        "layer {}: {} bytes per head and token locally, {} remotely (head size or dtype differ)",
-                        l.layer, l.unit_len, r.unit_len
+                        "layer {}: {} row(s) of {} bytes per head and token locally, {} of {} remotely \
+                         (head size, dtype, or content order — token-major vs dim-major — differ)",
+                        l.layer, l.rows, l.unit_len, r.rows, r.unit_len
                     )));
                 }
                 let key = SegKey {
@@ -396,6 +473,10 @@ impl TransferPlan {
                 jobs.push(Job { local: li, src: si, remote: ri, key: key_ix, templates });
             }
         }
+        let mut local_geo: Vec<Geo> = local.regions.iter().map(Geo::of).collect();
+        let mut remote_geo: Vec<Vec<Geo>> = remote.iter().map(|m| m.regions.iter().map(Geo::of).collect()).collect();
+        let jobs = fuse_jobs(jobs, &mut local_geo, &mut remote_geo);
+        let mut jobs = jobs;
         // [attention | state]: state jobs last.
         jobs.sort_by_key(|j| keys[j.key].state);
         let (mut ranges, mut blocks) = (0usize, 0usize);
@@ -411,8 +492,8 @@ impl TransferPlan {
             remote_num_blocks: first.regions.first().map(|r| r.num_blocks).unwrap_or(0),
             null_block,
             ranges_per_block: if blocks == 0 { 0.0 } else { ranges as f64 / blocks as f64 },
-            local: local.regions.iter().map(Geo::of).collect(),
-            remote: remote.iter().map(|m| m.regions.iter().map(Geo::of).collect()).collect(),
+            local: local_geo,
+            remote: remote_geo,
             keys,
             jobs,
             tp,
@@ -421,13 +502,14 @@ impl TransferPlan {
 
     /// Byte ranges for each pairing of in-block token offsets (local `od`, remote `op`,
     /// multiples of `g`): combo `c` is `(od/g) * (kp/g) + op/g`.
-    fn templates(l: &Region, r: &Region, units: &[(Option<u8>, u32)], kd: u32, kp: u32) -> Result<Vec<Vec<Rel>>, PlanError> {
+    fn templates(l: &Region, r: &Region, units: &[Unit], kd: u32, kp: u32) -> Result<Vec<Vec<Rel>>, PlanError> {
         let g = gcd(u64::from(kd), u64::from(kp));
         if g == 0 {
             return Err(layout_err(format!("layer {}: zero block size", l.layer)));
         }
         let (cd, cp) = (u64::from(kd) / g, u64::from(kp) / g);
-        let work = (units.len() as u64).saturating_mul(g).saturating_mul(cd).saturating_mul(cp);
+        let rows = u64::from(l.rows.max(1));
+        let work = (units.len() as u64).saturating_mul(g).saturating_mul(cd).saturating_mul(cp).saturating_mul(rows);
         if work > MAX_TEMPLATE_UNITS {
             return Err(layout_err(format!("layer {}: block geometry too large ({work} units)", l.layer)));
         }
@@ -435,12 +517,14 @@ impl TransferPlan {
         let mut out = Vec::with_capacity((cd * cp) as usize);
         for c in 0..cd * cp {
             let (od, op) = ((c / cp) * g, (c % cp) * g);
-            let mut v = Vec::with_capacity(units.len() * g as usize);
+            let mut v = Vec::with_capacity(units.len() * (g * rows) as usize);
             for &(kv, h) in units {
                 for t in 0..g {
                     let dst = unit_off(l, kv, h, od + t).ok_or_else(|| oob("local"))?;
                     let src = unit_off(r, kv, h, op + t).ok_or_else(|| oob("remote"))?;
-                    v.push(Rel { dst, src, len: l.unit_len });
+                    for row in 0..rows {
+                        v.push(Rel { dst: dst + row * l.row_stride, src: src + row * r.row_stride, len: l.unit_len });
+                    }
                 }
             }
             out.push(merge_sorted(v));
@@ -512,7 +596,8 @@ impl TransferPlan {
     /// size`, only when block sizes are equal). `coalesce=false` keeps one descriptor per
     /// block range (for comparison).
     pub fn transfer(&self, groups: &[GroupBlocks<'_>], num_tokens: u64, coalesce: bool) -> Result<RequestTransfer, PlanError> {
-        let mut segs: HashMap<usize, (Vec<Seg>, u64, u64)> = HashMap::new();
+        // Segments per key (jobs of one key share them), with their highest block ids.
+        let mut segs: Vec<Option<(Vec<Seg>, u64, u64)>> = vec![None; self.keys.len()];
         let mut reads: Vec<SourceRead> = self
             .tp
             .sources
@@ -522,7 +607,7 @@ impl TransferPlan {
             .collect();
         let mut out = RequestTransfer::default();
         for job in &self.jobs {
-            if !segs.contains_key(&job.key) {
+            if segs[job.key].is_none() {
                 let key = &self.keys[job.key];
                 let gb = groups.get(key.group as usize).ok_or_else(|| {
                     layout_err(format!("request has block ids for {} KV-cache groups; group {} is needed", groups.len(), key.group))
@@ -530,9 +615,9 @@ impl TransferPlan {
                 let s = self.segments(key, gb, num_tokens)?;
                 let max_d = s.iter().map(|x| x.d).max().unwrap_or(0);
                 let max_p = s.iter().map(|x| x.p).max().unwrap_or(0);
-                segs.insert(job.key, (s, max_d, max_p));
+                segs[job.key] = Some((s, max_d, max_p));
             }
-            let (s, max_d, max_p) = &segs[&job.key];
+            let Some((s, max_d, max_p)) = &segs[job.key] else { continue };
             if s.is_empty() {
                 continue;
             }
@@ -602,6 +687,8 @@ mod tests {
             head_stride: 0,
             token_stride: 0,
             unit_len: len,
+            rows: 1,
+            row_stride: 0,
         }
     }
 

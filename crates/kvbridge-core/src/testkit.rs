@@ -17,6 +17,9 @@ pub enum CacheLayout {
     KvSplitNhd,
     /// `[B, 2, H, T, C/2]`: K and V inside each block (FlashInfer-style, HND).
     KvInnerHnd,
+    /// vLLM's CPU kernel: `[B, H, 2, T*C/2]` with K dim-major (`[C/2, T]`) and V
+    /// token-major (`[T, C/2]`); registered as two views (`kv_part` K and V).
+    CpuVec,
 }
 
 /// One engine rank's cache.
@@ -94,6 +97,9 @@ struct Tensor {
     shape: Vec<u64>,
     stride: Vec<u64>,
     axes: Vec<Axis>,
+    /// [`CacheLayout::CpuVec`]: shape/stride/axes describe `[B, H, 2, T, C/2]`, but K is
+    /// stored dim-major.
+    cpu_vec: bool,
 }
 
 /// A rank's cache in real (heap) memory.
@@ -120,6 +126,7 @@ impl Cache {
                     CacheLayout::Nhd => (vec![nb, t, h, c], vec![Block, Token, Head, Dim]),
                     CacheLayout::KvSplitNhd => (vec![2, nb, t, h, c / 2], vec![Kv, Block, Token, Head, Dim]),
                     CacheLayout::KvInnerHnd => (vec![nb, 2, h, t, c / 2], vec![Block, Kv, Head, Token, Dim]),
+                    CacheLayout::CpuVec => (vec![nb, h, 2, t, c / 2], vec![Block, Head, Kv, Token, Dim]),
                 }
             };
             let mut stride = vec![1u64; shape.len()];
@@ -127,7 +134,8 @@ impl Cache {
                 stride[i] = stride[i + 1] * shape[i + 1];
             }
             let n: u64 = shape.iter().product();
-            Tensor { buf: vec![SENTINEL; n as usize], kind, group, shape, stride, axes }
+            let cpu_vec = spec.layout == CacheLayout::CpuVec && kind == RegionKind::Attention;
+            Tensor { buf: vec![SENTINEL; n as usize], kind, group, shape, stride, axes, cpu_vec }
         };
         let main = if spec.mla { RegionKind::Mla } else { RegionKind::Attention };
         for _ in 0..spec.layers {
@@ -146,6 +154,7 @@ impl Cache {
                 shape: vec![n, s],
                 stride: vec![s, 1],
                 axes: vec![Axis::Block, Axis::Dim],
+                cpu_vec: false,
             });
         }
         Self { spec, tensors }
@@ -153,10 +162,9 @@ impl Cache {
 
     /// The tensors to register (pointers into this cache's buffers).
     pub fn tensors(&self) -> Vec<TensorInfo> {
-        self.tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| TensorInfo {
+        let mut out = Vec::new();
+        for (i, t) in self.tensors.iter().enumerate() {
+            let info = TensorInfo {
                 name: format!("model.layers.{i}"),
                 ptr: t.buf.as_ptr() as u64,
                 shape: t.shape.clone(),
@@ -169,8 +177,33 @@ impl Cache {
                 group: t.group,
                 window: if t.group == 1 { self.spec.window } else { 0 },
                 total_heads: if t.kind == RegionKind::Attention { self.spec.total_heads } else { 0 },
-            })
-            .collect()
+                kv_part: None,
+            };
+            if !t.cpu_vec {
+                out.push(info);
+                continue;
+            }
+            // Two views of [B, H, 2, T, C/2]: K as [B, H, C/2, T], V as [B, H, T, C/2].
+            use Axis::*;
+            let (nb, h, tk, half) = (t.shape[0], t.shape[1], t.shape[3], t.shape[4]);
+            let (sb, sh) = (t.stride[0], t.stride[1]);
+            out.push(TensorInfo {
+                shape: vec![nb, h, half, tk],
+                stride: vec![sb, sh, tk, 1],
+                axes: vec![Block, Head, Dim, Token],
+                kv_part: Some(0),
+                ..info.clone()
+            });
+            out.push(TensorInfo {
+                ptr: info.ptr + tk * half,
+                shape: vec![nb, h, tk, half],
+                stride: vec![sb, sh, half, 1],
+                axes: vec![Block, Head, Token, Dim],
+                kv_part: Some(1),
+                ..info
+            });
+        }
+        out
     }
 
     pub fn layout(&self) -> KvLayout {
@@ -183,6 +216,11 @@ impl Cache {
         let t = &self.tensors[ti];
         let (first, _) = self.spec.heads();
         let half = u64::from(self.spec.content / 2);
+        if t.cpu_vec {
+            let (kv, d, tk) = (u64::from(c) / half, u64::from(c) % half, t.shape[3]);
+            let inner = if kv == 0 { d * tk + tok } else { tok * half + d };
+            return (kb * t.stride[0] + u64::from(head - first) * t.stride[1] + kv * tk * half + inner) as usize;
+        }
         let mut off = 0u64;
         for (i, a) in t.axes.iter().enumerate() {
             let v = match a {
@@ -308,37 +346,6 @@ impl Cache {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fill_then_check_roundtrips_on_one_cache() {
-        let spec = Spec {
-            layers: 2,
-            total_heads: 4,
-            content: 8,
-            tp_size: 2,
-            tp_rank: 1,
-            block_tokens: 4,
-            blocks_per_logical: 2,
-            num_blocks: 8,
-            layout: CacheLayout::KvInnerHnd,
-            mla: false,
-            swa_layers: 1,
-            window: 5,
-            state_layers: 1,
-            state_bytes: 16,
-        };
-        let mut c = Cache::new(spec);
-        let blocks = vec![vec![3, 4], vec![NULL_BLOCK, 6], vec![7]];
-        c.fill(&blocks, 13);
-        c.check(&blocks, 13).unwrap();
-        // A different block list must fail the check.
-        assert!(c.check(&[vec![4, 3], vec![NULL_BLOCK, 6], vec![7]], 13).is_err());
-    }
-}
-
 /// A P engine and a D engine (all ranks of each), with one request's blocks.
 pub struct Scenario {
     pub p: Vec<Cache>,
@@ -391,5 +398,36 @@ impl Scenario {
             .zip(&self.p_blocks)
             .map(|(l, r)| crate::plan::GroupBlocks { local: l.as_slice(), remote: r.as_slice() })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_then_check_roundtrips_on_one_cache() {
+        let spec = Spec {
+            layers: 2,
+            total_heads: 4,
+            content: 8,
+            tp_size: 2,
+            tp_rank: 1,
+            block_tokens: 4,
+            blocks_per_logical: 2,
+            num_blocks: 8,
+            layout: CacheLayout::KvInnerHnd,
+            mla: false,
+            swa_layers: 1,
+            window: 5,
+            state_layers: 1,
+            state_bytes: 16,
+        };
+        let mut c = Cache::new(spec);
+        let blocks = vec![vec![3, 4], vec![NULL_BLOCK, 6], vec![7]];
+        c.fill(&blocks, 13);
+        c.check(&blocks, 13).unwrap();
+        // A different block list must fail the check.
+        assert!(c.check(&[vec![4, 3], vec![NULL_BLOCK, 6], vec![7]], 13).is_err());
     }
 }

@@ -9,7 +9,7 @@ use crate::error::WireError;
 use crate::layout::Region;
 
 /// Bumped on any incompatible change to the types below; part of the compatibility hash.
-pub const WIRE_VERSION: u32 = 2;
+pub const WIRE_VERSION: u32 = 3;
 /// The kvbridge version, also hashed: P and D must run the same release.
 pub const KVBRIDGE_VERSION: &str = env!("CARGO_PKG_VERSION");
 

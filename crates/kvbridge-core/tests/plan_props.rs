@@ -20,6 +20,7 @@ struct Case {
     coalesce: bool,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn spec(tp: u32, heads: u32, bt: u32, bpl: u32, layout: CacheLayout, mla: bool, swa: bool, state: bool) -> Spec {
     Spec {
         layers: 2,
@@ -62,21 +63,21 @@ fn case() -> impl Strategy<Value = Case> {
     let heads = prop::sample::select(vec![1u32, 2, 8]);
     let bts = prop::sample::select(vec![2u32, 4, 8]);
     let bpls = prop::sample::select(vec![1u32, 2]);
-    let family = any::<bool>();
+    // Layout families that can pair: K|V packed (HND/NHD), K/V split, vLLM CPU (K dim-major).
+    let family = prop::sample::select(vec![0u8, 1, 2]);
     (
         (tps.clone(), tps, heads, bts.clone(), bts, bpls.clone(), bpls),
         (family, any::<[bool; 2]>(), any::<bool>(), any::<bool>(), any::<bool>()),
         (1u64..60, 0usize..4, any::<u64>(), any::<bool>(), any::<bool>()),
     )
         .prop_map(
-            |((tp_p, tp_d, heads, bt_p, bt_d, bpl_p, bpl_d), (kvsplit, flip, mla, swa, state), (n, hit, seed, contig, coalesce))| {
-                let (lp, ld) = if kvsplit {
-                    let l = [CacheLayout::KvSplitNhd, CacheLayout::KvInnerHnd];
-                    (l[flip[0] as usize], l[flip[1] as usize])
-                } else {
-                    let l = [CacheLayout::Hnd, CacheLayout::Nhd];
-                    (l[flip[0] as usize], l[flip[1] as usize])
+            |((tp_p, tp_d, heads, bt_p, bt_d, bpl_p, bpl_d), (family, flip, mla, swa, state), (n, hit, seed, contig, coalesce))| {
+                let l = match family {
+                    0 => [CacheLayout::Hnd, CacheLayout::Nhd],
+                    1 => [CacheLayout::KvSplitNhd, CacheLayout::KvInnerHnd],
+                    _ => [CacheLayout::CpuVec, CacheLayout::CpuVec],
                 };
+                let (lp, ld) = (l[flip[0] as usize], l[flip[1] as usize]);
                 // State (Mamba) regions need equal TP.
                 let state = state && tp_p == tp_d;
                 let p = spec(tp_p, heads, bt_p, bpl_p, lp, mla, swa, state);
@@ -175,4 +176,30 @@ fn coalescing_turns_contiguous_runs_into_one_descriptor_per_region() {
     let s = Scenario::new(&p, &d, vec![(1..11).collect()], vec![(20..30).collect()], 160);
     let plan = s.plan(1, &md).unwrap();
     assert_eq!(plan.transfer(&s.groups(), 160, true).unwrap().descriptors, 20);
+}
+
+#[test]
+fn dim_major_k_splits_blocks_row_by_row_and_refuses_a_token_major_peer() {
+    // vLLM's CPU cache: K is [head_dim, tokens] per head, registered as K and V views of
+    // one buffer. Same block size: the views' jobs fuse, so a run of blocks is one range
+    // per layer, as for a packed layout.
+    let p = spec(1, 2, 16, 1, CacheLayout::CpuVec, false, false, false);
+    let s = Scenario::new(&p, &p, vec![(1..5).collect()], vec![(20..24).collect()], 64);
+    let plan = s.plan(0, &[s.p_metadata(0, vec![])]).unwrap();
+    let t = plan.transfer(&s.groups(), 64, true).unwrap();
+    assert_eq!(t.descriptors, 2, "2 layers: K, V and consecutive blocks merge");
+    // D's blocks half the size: every K row (one per content element) of every head is
+    // its own range; V rows of a head merge.
+    let d = Spec { block_tokens: 8, ..p.clone() };
+    let s = Scenario::new(&p, &d, vec![(1..5).collect()], vec![(20..28).collect()], 64);
+    let plan = s.plan(0, &[s.p_metadata(0, vec![])]).unwrap();
+    let t = plan.transfer(&s.groups(), 64, true).unwrap();
+    let half = u64::from(p.content / 2);
+    let k_rows = 2 * 8 * 2 * half; // layers x D blocks x heads x K rows: never contiguous in P
+    assert!(t.descriptors >= k_rows && t.descriptors <= k_rows + 2 * 8 * 2, "{} descriptors", t.descriptors);
+    // A token-major peer cannot be paired row by row: a typed error at plan time.
+    let d = Spec { layout: CacheLayout::KvInnerHnd, ..p.clone() };
+    let s = Scenario::new(&p, &d, vec![(1..5).collect()], vec![(20..24).collect()], 64);
+    let e = s.plan(0, &[s.p_metadata(0, vec![])]).unwrap_err().to_string();
+    assert!(e.contains("dim-major"), "{e}");
 }

@@ -48,6 +48,22 @@ struct Span {
     dev: u64,
 }
 
+/// The regions' spans, overlapping ones merged: views of one buffer (a cache whose K and
+/// V parts are separate regions interleaved block by block) register it once.
+fn merged_spans(layout: &KvLayout) -> Vec<Span> {
+    let mut v: Vec<(MemKind, u64, u64, u64)> =
+        layout.regions.iter().map(|r| (r.mem, r.device_id, r.base, r.base.saturating_add(r.span()))).collect();
+    v.sort_by_key(|&(m, d, b, _)| (m == MemKind::Vram, d, b));
+    let mut out: Vec<(MemKind, u64, u64, u64)> = Vec::with_capacity(v.len());
+    for x in v {
+        match out.last_mut() {
+            Some(l) if l.0 == x.0 && l.1 == x.1 && x.2 < l.3 => l.3 = l.3.max(x.3),
+            _ => out.push(x),
+        }
+    }
+    out.into_iter().map(|(m, dev, b, e)| Span { ptr: b, len: (e - b) as usize, mem: mem_type(m), dev }).collect()
+}
+
 impl MemoryRegion for Span {
     unsafe fn as_ptr(&self) -> *const u8 {
         self.ptr as usize as *const u8
@@ -146,7 +162,8 @@ impl NixlTransport {
             if r.mem == MemKind::Vram {
                 crate::cuda::check_device_pointer(r.base)?;
             }
-            let span = Span { ptr: r.base, len: r.span() as usize, mem: mem_type(r.mem), dev: r.device_id };
+        }
+        for span in merged_spans(layout) {
             let h = self.agent.register_memory(&span, None).map_err(NixlError::nixl("register memory"))?;
             self.regs.push(h);
         }

@@ -207,6 +207,8 @@ fn heterogeneous_pd_matrix_is_byte_exact() {
             ..base
         },
         Case { name: "tp2->2 h1 (replicated) + state bs32", p: side(2, 32, Hnd), d: side(2, 32, Hnd), heads: 1, state: true, ..base },
+        Case { name: "tp1->1 h2 vLLM-CPU (K dim-major) bs64->16", p: side(1, 64, CpuVec), d: side(1, 16, CpuVec), heads: 2, ..base },
+        Case { name: "tp1->2 h2 vLLM-CPU bs16->32 prefix", p: side(1, 16, CpuVec), d: side(2, 32, CpuVec), heads: 2, hit: 1, ..base },
     ];
     for (i, c) in cases.iter().enumerate() {
         run_case(i, c);

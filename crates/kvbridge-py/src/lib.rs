@@ -130,7 +130,8 @@ struct Worker {
 }
 
 /// `(name, data_ptr, shape, stride, itemsize, device type, device index, geometry)`:
-/// geometry is JSON `{"axes": [...], "kind": ..., "group": n, "window": n, "total_heads": n}`
+/// geometry is JSON `{"axes": [...], "kind": ..., "group": n, "window": n, "total_heads": n,
+/// "kv_part": "k" | "v"}`
 /// (all optional; see `kvbridge_core::layout::TensorInfo`).
 type TensorTuple = (String, u64, Vec<u64>, Vec<u64>, u64, String, u64, Option<String>);
 
@@ -147,6 +148,15 @@ struct Geometry {
     window: u32,
     #[serde(default)]
     total_heads: u32,
+    #[serde(default)]
+    kv_part: Option<KvPart>,
+}
+
+#[derive(serde::Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum KvPart {
+    K,
+    V,
 }
 
 #[pymethods]
@@ -189,6 +199,10 @@ impl Worker {
                     group: g.group,
                     window: g.window,
                     total_heads: g.total_heads,
+                    kv_part: g.kv_part.map(|p| match p {
+                        KvPart::K => 0,
+                        KvPart::V => 1,
+                    }),
                 })
             })
             .collect::<PyResult<Vec<_>>>()?;

@@ -162,6 +162,7 @@ class CompletionResult:
     finish_reason: str | None = None
     kv_transfer_params: dict[str, Any] | None = None
     error: str | None = None  # error body/message, when the request failed
+    top_logprobs: list[dict[str, float]] = field(default_factory=list)  # per token, when asked for
 
     @property
     def ok(self) -> bool:
@@ -205,8 +206,10 @@ def completion_body(
     max_tokens: int,
     kv_transfer_params: dict[str, Any] | None = None,
     stream: bool = False,
+    logprobs: int | None = None,
 ) -> dict[str, Any]:
-    """Greedy, EOS-ignoring completion request body that returns token ids."""
+    """Greedy, EOS-ignoring completion request body that returns token ids (and the top
+    ``logprobs`` log-probabilities per token, when set)."""
     body: dict[str, Any] = {
         "prompt": list(prompt_ids),
         "max_tokens": max_tokens,
@@ -217,6 +220,8 @@ def completion_body(
     }
     if kv_transfer_params is not None:
         body["kv_transfer_params"] = kv_transfer_params
+    if logprobs is not None:
+        body["logprobs"] = logprobs
     return body
 
 
@@ -237,6 +242,7 @@ def post_completion(
                 data = json.loads(raw)
                 choice = data["choices"][0]
                 res.tokens = list(choice.get("token_ids") or [])
+                res.top_logprobs = list((choice.get("logprobs") or {}).get("top_logprobs") or [])
                 res.finish_reason = choice.get("finish_reason")
                 res.kv_transfer_params = data.get("kv_transfer_params")
                 return res
@@ -256,6 +262,7 @@ def post_completion(
                     if ids and res.ttft is None:
                         res.ttft = time.perf_counter() - t0
                     res.tokens.extend(ids)
+                    res.top_logprobs.extend((choice.get("logprobs") or {}).get("top_logprobs") or [])
                     if choice.get("finish_reason") is not None:
                         res.finish_reason = choice["finish_reason"]
             res.latency = time.perf_counter() - t0
@@ -270,9 +277,10 @@ def complete(
     max_tokens: int = 16,
     kv_transfer_params: dict[str, Any] | None = None,
     stream: bool = False,
+    logprobs: int | None = None,
 ) -> CompletionResult:
     """Greedy completion of ``prompt_ids`` at server ``url`` (e.g. ``http://127.0.0.1:8200``)."""
-    return post_completion(url, completion_body(prompt_ids, max_tokens, kv_transfer_params, stream))
+    return post_completion(url, completion_body(prompt_ids, max_tokens, kv_transfer_params, stream, logprobs))
 
 
 # ----------------------------------------------------------------------------- log parsing
@@ -506,12 +514,12 @@ class Cluster:
         """Run the P phase (max_tokens=1, do_remote_decode); ``.kv_transfer_params`` is for D."""
         return complete(self.p_url, prompt_ids, 1, dict(PREFILL_PARAMS), stream=False)
 
-    def pd_request(self, prompt_ids: list[int], max_tokens: int = 16) -> PDResult:
+    def pd_request(self, prompt_ids: list[int], max_tokens: int = 16, logprobs: int | None = None) -> PDResult:
         """Explicit two-phase flow: P, then D streaming with P's kv_transfer_params."""
         p = self.prefill(prompt_ids)
         if not p.ok or not p.kv_transfer_params:
             raise RuntimeError(f"prefill failed: status={p.status} params={p.kv_transfer_params} {p.error}")
-        d = complete(self.d_url, prompt_ids, max_tokens, p.kv_transfer_params, stream=True)
+        d = complete(self.d_url, prompt_ids, max_tokens, p.kv_transfer_params, stream=True, logprobs=logprobs)
         return PDResult(p, d)
 
     def proxy_request(self, prompt_ids: list[int], max_tokens: int = 16, stream: bool = True) -> CompletionResult:
