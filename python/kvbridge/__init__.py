@@ -15,6 +15,7 @@ from kvbridge._native import (  # noqa: F401  (re-exports)
     NixlRuntimeMissing,
     ParamsError,
     PlanError,
+    PushError,
     RoleError,
     Scheduler,
     TransportError,
@@ -43,7 +44,7 @@ def nixl_lib_dir() -> str | None:
 
 __all__ = [
     "ConfigError", "HandshakeError", "KvbridgeError", "NixlRuntimeMissing", "ParamsError",
-    "PlanError", "RoleError", "Scheduler", "TransportError", "WireError", "Worker",
+    "PlanError", "PushError", "RoleError", "Scheduler", "TransportError", "WireError", "Worker",
     "__version__", "init_logging", "nixl_lib_dir", "nixl_runtime_available",
     "validate_kv_transfer_params",
 ]

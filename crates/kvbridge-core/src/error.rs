@@ -71,6 +71,21 @@ pub enum HandshakeError {
 }
 
 /// The transfer plan cannot be built or applied.
+/// A push registration (D → P) that P refuses. Peer-controlled: never a panic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    #[error("push registration for engine {got:?}, but this is engine {want:?}")]
+    WrongEngine { got: String, want: String },
+    #[error("push registration {transfer:?} from {engine} rank {rank} arrived twice")]
+    Duplicate { transfer: String, engine: String, rank: u32 },
+    #[error("push registration is invalid: {0}")]
+    Invalid(String),
+    #[error("push request {0:?} was aborted on the prefill side")]
+    Aborted(String),
+    #[error("too many unmatched push registrations ({0}); refusing more")]
+    Overloaded(usize),
+}
+
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum PlanError {
     #[error("incompatible KV layout: {0}")]
@@ -114,6 +129,8 @@ pub enum Error {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Transport(#[from] TransportError),
+    #[error(transparent)]
+    Push(#[from] PushError),
     #[error("{0}")]
     Other(String),
 }

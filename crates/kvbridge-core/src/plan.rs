@@ -79,6 +79,14 @@ pub struct Piece {
     pub remote_dev: u32,
 }
 
+impl Piece {
+    /// The same copy seen from the other side: a D-side plan's READ piece becomes the
+    /// WRITE piece P posts in push mode.
+    pub fn swapped(self) -> Self {
+        Self { local: self.remote, remote: self.local, len: self.len, local_dev: self.remote_dev, remote_dev: self.local_dev }
+    }
+}
+
 /// The pieces to read from one remote rank.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SourceRead {

@@ -384,6 +384,22 @@ impl Scenario {
         }
     }
 
+    /// What D rank `rank` advertises (its agent name `d{rank}`).
+    pub fn d_metadata(&self, rank: usize, nixl_md: Vec<u8>) -> crate::wire::AgentMetadata {
+        let c = &self.d[rank];
+        let l = c.layout();
+        crate::wire::AgentMetadata {
+            engine_id: "D".into(),
+            agent_name: format!("d{rank}"),
+            tp_rank: rank as u32,
+            tp_size: c.spec.tp_size,
+            block_size: c.spec.logical_block_size(),
+            blocks_per_logical: l.blocks_per_logical,
+            regions: l.regions,
+            nixl_md,
+        }
+    }
+
     /// The plan of D rank `rank`, from the metadata of every P rank.
     pub fn plan(&self, rank: usize, p_md: &[crate::wire::AgentMetadata]) -> Result<crate::plan::TransferPlan, crate::error::PlanError> {
         let c = &self.d[rank];

@@ -37,6 +37,9 @@ pub trait Transport: Send {
     /// READ `pieces` from remote `peer` into local memory; `notif` reaches the peer when
     /// the transfer completes.
     fn read(&mut self, peer: &str, pieces: &[Piece], notif: &[u8]) -> Result<XferId, TransportError>;
+    /// WRITE local memory into remote `peer`'s (push mode): each piece's `local` range is
+    /// the source, `remote` the destination; `notif` reaches the peer once the data landed.
+    fn write(&mut self, peer: &str, pieces: &[Piece], notif: &[u8]) -> Result<XferId, TransportError>;
     fn poll(&mut self, xfer: XferId) -> Result<XferPoll, TransportError>;
     /// Release a transfer's handle (done, failed or abandoned).
     fn release(&mut self, xfer: XferId);

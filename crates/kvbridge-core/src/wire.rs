@@ -138,6 +138,17 @@ pub struct AgentMetadata {
     pub nixl_md: Vec<u8>,
 }
 
+impl AgentMetadata {
+    /// The advertised cache layout (push mode: P plans from D's side with it).
+    pub fn layout(&self) -> crate::layout::KvLayout {
+        crate::layout::KvLayout {
+            regions: self.regions.clone(),
+            num_blocks: self.regions.first().map(|r| r.num_blocks).unwrap_or(0),
+            blocks_per_logical: self.blocks_per_logical,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HandshakeRequest {
     pub version: u32,
@@ -180,6 +191,70 @@ impl Notif {
     }
     pub fn from_bytes(b: &[u8]) -> Result<Self, WireError> {
         decode("Notif", b, MAX_NOTIF_BYTES)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Push mode (D → P over the side channel)
+
+/// Upper bound on a push registration: block ids for ~1M blocks.
+pub const MAX_REGISTRATION_BYTES: usize = 8 << 20;
+/// Upper bound on block ids in a registration, per KV-cache group.
+pub const MAX_REGISTRATION_BLOCKS: usize = 1 << 20;
+
+/// "Write request X's KV into these blocks of mine": sent by each D worker rank to every
+/// P rank it maps to, as soon as D has allocated the blocks (P may not have finished yet).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushRegistration {
+    pub version: u32,
+    /// Chosen by the proxy and given to both P and D; empty: match on the base request id.
+    pub transfer_id: String,
+    /// D's request id: the notification P sends after writing names it.
+    pub request_id: String,
+    /// The P engine this registration is for (checked by P).
+    pub target_engine_id: String,
+    pub engine_id: String,
+    pub host: String,
+    pub port: u16,
+    pub tp_size: u32,
+    pub tp_rank: u32,
+    /// D's blocks, one list per KV-cache group, covering the end of the prompt (a local
+    /// prefix hit covers the start).
+    pub block_ids: Vec<Vec<u32>>,
+    pub num_tokens: u64,
+}
+
+impl PushRegistration {
+    pub fn to_bytes(&self) -> Result<Vec<u8>, WireError> {
+        encode("PushRegistration", self)
+    }
+    /// Decode and check everything that does not need P's state.
+    pub fn from_bytes(b: &[u8]) -> Result<Self, WireError> {
+        let r: Self = decode("PushRegistration", b, MAX_REGISTRATION_BYTES)?;
+        if r.version != WIRE_VERSION {
+            return Err(WireError::Version { got: r.version, want: WIRE_VERSION });
+        }
+        let bad = |reason: &str| WireError::Decode { what: "PushRegistration", reason: reason.into() };
+        if r.request_id.is_empty() || r.engine_id.is_empty() {
+            return Err(bad("empty request or engine id"));
+        }
+        if r.tp_size == 0 || r.tp_rank >= r.tp_size || r.tp_size > 4096 {
+            return Err(bad("bad TP rank/size"));
+        }
+        if r.block_ids.is_empty() || r.block_ids.len() > 16 || r.block_ids.iter().any(|g| g.len() > MAX_REGISTRATION_BLOCKS) {
+            return Err(bad("bad block id lists"));
+        }
+        Ok(r)
+    }
+}
+
+/// vLLM appends `-<8 hex digits>` to a client's request id; P and D see different
+/// suffixes for the same client request. The base id strips it (as vLLM's
+/// `get_base_request_id` does).
+pub fn base_request_id(id: &str) -> &str {
+    match id.rsplit_once('-') {
+        Some((base, tail)) if !base.is_empty() && tail.len() == 8 && tail.bytes().all(|b| b.is_ascii_hexdigit()) => base,
+        _ => id,
     }
 }
 

@@ -231,11 +231,6 @@ impl NixlTransport {
         }
         Ok(out)
     }
-
-    /// Write local pieces into remote memory (used by tests and, later, push mode).
-    pub fn write(&mut self, peer: &str, pieces: &[Piece], notif: &[u8]) -> Result<XferId, NixlError> {
-        self.post(XferOp::Write, peer, pieces, notif)
-    }
 }
 
 impl Transport for NixlTransport {
@@ -270,6 +265,9 @@ impl Transport for NixlTransport {
     }
     fn read(&mut self, peer: &str, pieces: &[Piece], notif: &[u8]) -> Result<XferId, TransportError> {
         Ok(self.post(XferOp::Read, peer, pieces, notif)?)
+    }
+    fn write(&mut self, peer: &str, pieces: &[Piece], notif: &[u8]) -> Result<XferId, TransportError> {
+        Ok(self.post(XferOp::Write, peer, pieces, notif)?)
     }
     fn poll(&mut self, xfer: XferId) -> Result<XferPoll, TransportError> {
         let req = self.xfers.get(&xfer).ok_or(NixlError::UnknownXfer(xfer))?;

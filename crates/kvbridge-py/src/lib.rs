@@ -22,6 +22,7 @@ create_exception!(_native, RoleError, KvbridgeError, "A request contradicts the 
 create_exception!(_native, WireError, KvbridgeError, "Undecodable bytes from a peer or the scheduler.");
 create_exception!(_native, HandshakeError, KvbridgeError, "The handshake with a remote engine failed.");
 create_exception!(_native, PlanError, KvbridgeError, "The transfer plan cannot be built or applied.");
+create_exception!(_native, PushError, KvbridgeError, "A push-mode registration was refused.");
 create_exception!(_native, TransportError, KvbridgeError, "The transport (NIXL) failed.");
 create_exception!(_native, NixlRuntimeMissing, TransportError, "libnixl_capi.so could not be loaded.");
 
@@ -34,6 +35,7 @@ fn to_py(e: Error) -> PyErr {
         Error::Wire(_) => WireError::new_err(msg),
         Error::Handshake(_) => HandshakeError::new_err(msg),
         Error::Plan(_) => PlanError::new_err(msg),
+        Error::Push(_) => PushError::new_err(msg),
         Error::Transport(t) if t.kind == "runtime_missing" => NixlRuntimeMissing::new_err(msg),
         Error::Transport(_) => TransportError::new_err(msg),
         Error::Other(_) => KvbridgeError::new_err(msg),
@@ -294,6 +296,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("WireError", py.get_type::<WireError>())?;
     m.add("HandshakeError", py.get_type::<HandshakeError>())?;
     m.add("PlanError", py.get_type::<PlanError>())?;
+    m.add("PushError", py.get_type::<PushError>())?;
     m.add("TransportError", py.get_type::<TransportError>())?;
     m.add("NixlRuntimeMissing", py.get_type::<NixlRuntimeMissing>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -2,7 +2,8 @@
 //!
 //! [`WorkerBase`] holds what every mode shares: the blocks this rank holds for remote
 //! readers (leases), notifications, and the finished/failed sets reported to vLLM.
-//! [`pull::PullWorker`] decides handshakes and READs. [`driver::WorkerDriver`] executes
+//! [`pull::PullWorker`] decides handshakes and READs; [`push::PushSender`] (P) and
+//! [`push::PushReceiver`] (D) match and track push-mode WRITEs. [`driver::WorkerDriver`] executes
 //! the actions against a [`crate::transport::Transport`] and the side channel.
 use std::collections::HashMap;
 
@@ -10,6 +11,7 @@ use crate::wire::{Notif, SendLease};
 
 pub mod driver;
 pub mod pull;
+pub mod push;
 
 pub use driver::WorkerDriver;
 pub use pull::PullWorker;

@@ -1,0 +1,475 @@
+//! Push mode on the worker side, free of I/O: P writes a request's KV into blocks that D
+//! registered, as soon as both are known.
+//!
+//! [`PushSender`] (P) matches D's [`PushRegistration`]s with P's finished requests. Either
+//! may arrive first. They match on the proxy's transfer id, or, when there is none, on the
+//! base request id (vLLM gives P and D different random suffixes). Its outputs are
+//! [`PushAction`]s: start a WRITE, or tell a D rank that nothing will come (P aborted or
+//! gave up), so D never waits on a write that was never posted. P's blocks are freed when
+//! every D rank that maps to this P rank has been written (or failed), or when the lease
+//! on them runs out with no write in flight.
+//!
+//! [`PushReceiver`] (D) waits for the writers' notifications, with a deadline: a
+//! registration nobody answers fails the request instead of parking it forever.
+use std::collections::{HashMap, HashSet};
+
+use crate::error::PushError;
+use crate::wire::{base_request_id, Notif, PushRegistration};
+
+/// Unmatched registrations kept at most (a hostile or confused D cannot grow memory
+/// without bound).
+pub const MAX_ORPHANS: usize = 65_536;
+
+/// What the push sender asks its driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushAction {
+    /// Write P request `p_req`'s blocks into the blocks of `reg` (one D rank).
+    Write { p_req: String, p_blocks: Vec<Vec<u32>>, num_tokens: u64, reg: PushRegistration },
+    /// Tell the D rank of `reg` that its request will not be written.
+    Reject { reg: PushRegistration, reason: String },
+}
+
+#[derive(Debug)]
+struct Ready {
+    p_req: String,
+    blocks: Vec<Vec<u32>>,
+    num_tokens: u64,
+    expiry: f64,
+    /// D ranks that will register with this P rank for the request.
+    expected: u32,
+    started: u32,
+    done: u32,
+}
+
+/// The match key: the transfer id, else the base request id.
+pub fn push_key(transfer_id: &str, request_id: &str) -> String {
+    if transfer_id.is_empty() {
+        format!("req:{}", base_request_id(request_id))
+    } else {
+        format!("xfer:{transfer_id}")
+    }
+}
+
+/// P side.
+#[derive(Debug)]
+pub struct PushSender {
+    engine_id: String,
+    /// Finished requests whose blocks wait for (more) registrations, by key.
+    ready: HashMap<String, Ready>,
+    by_req: HashMap<String, String>,
+    /// Registrations that arrived before P finished: (registration, received at).
+    orphans: HashMap<String, Vec<(PushRegistration, f64)>>,
+    orphan_count: usize,
+    /// Keys of requests P aborted: later registrations are rejected at once.
+    aborted: HashMap<String, f64>,
+    /// (key, D engine, D rank) already registered: duplicates are refused.
+    seen: HashSet<(String, String, u32)>,
+    /// How long an unmatched registration or abort tombstone is kept.
+    pub registration_ttl: f64,
+    sending: Vec<String>,
+    pub expired: u64,
+}
+
+impl PushSender {
+    pub fn new(engine_id: String, registration_ttl: f64) -> Self {
+        Self {
+            engine_id,
+            ready: HashMap::new(),
+            by_req: HashMap::new(),
+            orphans: HashMap::new(),
+            orphan_count: 0,
+            aborted: HashMap::new(),
+            seen: HashSet::new(),
+            registration_ttl,
+            sending: Vec::new(),
+            expired: 0,
+        }
+    }
+
+    fn write(r: &mut Ready, reg: PushRegistration) -> PushAction {
+        r.started += 1;
+        PushAction::Write { p_req: r.p_req.clone(), p_blocks: r.blocks.clone(), num_tokens: r.num_tokens, reg }
+    }
+
+    /// P finished prefilling `p_req`; its blocks are held until `expiry` for `expected`
+    /// D ranks. Returns writes for registrations that were already waiting.
+    pub fn on_finished(
+        &mut self,
+        p_req: &str,
+        transfer_id: &str,
+        blocks: Vec<Vec<u32>>,
+        num_tokens: u64,
+        expiry: f64,
+        expected: u32,
+    ) -> Vec<PushAction> {
+        let key = push_key(transfer_id, p_req);
+        let mut r = Ready { p_req: p_req.to_string(), blocks, num_tokens, expiry, expected: expected.max(1), started: 0, done: 0 };
+        let mut out = Vec::new();
+        if let Some(regs) = self.orphans.remove(&key) {
+            self.orphan_count -= regs.len();
+            for (reg, _) in regs {
+                if r.started < r.expected {
+                    out.push(Self::write(&mut r, reg));
+                } else {
+                    out.push(PushAction::Reject { reg, reason: "more D ranks registered than the TP sizes allow".into() });
+                }
+            }
+        }
+        self.by_req.insert(p_req.to_string(), key.clone());
+        self.ready.insert(key, r);
+        out
+    }
+
+    /// A D rank registered its blocks. `Ok` with a write when P has already finished,
+    /// `Ok(vec![])` when the registration waits for P, `Err` when it is refused (the
+    /// driver answers the D rank with the reason).
+    pub fn on_registration(&mut self, reg: PushRegistration, now: f64) -> Result<Vec<PushAction>, PushError> {
+        if reg.target_engine_id != self.engine_id {
+            return Err(PushError::WrongEngine { got: reg.target_engine_id, want: self.engine_id.clone() });
+        }
+        let key = push_key(&reg.transfer_id, &reg.request_id);
+        if self.aborted.contains_key(&key) {
+            return Err(PushError::Aborted(reg.request_id));
+        }
+        let id = (key.clone(), reg.engine_id.clone(), reg.tp_rank);
+        if self.seen.contains(&id) {
+            return Err(PushError::Duplicate { transfer: key, engine: reg.engine_id, rank: reg.tp_rank });
+        }
+        if let Some(r) = self.ready.get_mut(&key) {
+            if r.started >= r.expected {
+                return Err(PushError::Invalid(format!("{key}: more D ranks registered than the {} expected", r.expected)));
+            }
+            self.seen.insert(id);
+            return Ok(vec![Self::write(r, reg)]);
+        }
+        if self.orphan_count >= MAX_ORPHANS {
+            return Err(PushError::Overloaded(self.orphan_count));
+        }
+        self.seen.insert(id);
+        self.orphans.entry(key).or_default().push((reg, now));
+        self.orphan_count += 1;
+        Ok(Vec::new())
+    }
+
+    /// A WRITE of `p_req` to one D rank finished (or failed: the driver tells that D rank).
+    /// Frees the blocks after the last expected one.
+    pub fn on_write_done(&mut self, p_req: &str) {
+        let Some(key) = self.by_req.get(p_req).cloned() else { return };
+        let Some(r) = self.ready.get_mut(&key) else { return };
+        r.done += 1;
+        if r.done >= r.expected {
+            self.release(&key);
+        }
+    }
+
+    fn release(&mut self, key: &str) {
+        if let Some(r) = self.ready.remove(key) {
+            self.by_req.remove(&r.p_req);
+            self.sending.push(r.p_req);
+        }
+        self.seen.retain(|(k, _, _)| k != key);
+    }
+
+    /// P aborted (or failed) a request before it finished: registrations for it, now or
+    /// later, are rejected so D fails at once instead of timing out.
+    pub fn on_aborted(&mut self, p_req: &str, transfer_id: &str, now: f64) -> Vec<PushAction> {
+        let key = push_key(transfer_id, p_req);
+        self.aborted.insert(key.clone(), now);
+        let regs = self.orphans.remove(&key).unwrap_or_default();
+        self.orphan_count -= regs.len();
+        regs.into_iter()
+            .map(|(reg, _)| PushAction::Reject { reg, reason: format!("request {p_req} was aborted on the prefill side") })
+            .collect()
+    }
+
+    /// Expire leases (no write in flight), stale registrations and tombstones.
+    pub fn tick(&mut self, now: f64) -> Vec<PushAction> {
+        let expired: Vec<String> =
+            self.ready.iter().filter(|(_, r)| r.expiry <= now && r.started == r.done).map(|(k, _)| k.clone()).collect();
+        for k in expired {
+            tracing::warn!(key = %k, "kvbridge: push lease expired before every D rank registered; releasing blocks");
+            self.expired += 1;
+            self.release(&k);
+        }
+        let ttl = self.registration_ttl;
+        let mut out = Vec::new();
+        let mut dropped = 0;
+        self.orphans.retain(|_, regs| {
+            regs.retain(|(reg, t)| {
+                let keep = now - *t < ttl;
+                if !keep {
+                    dropped += 1;
+                    out.push(PushAction::Reject {
+                        reg: reg.clone(),
+                        reason: format!("no prefill request matched within {ttl:.0} s (unknown transfer id?)"),
+                    });
+                }
+                keep
+            });
+            !regs.is_empty()
+        });
+        self.orphan_count -= dropped;
+        for a in &out {
+            if let PushAction::Reject { reg, .. } = a {
+                self.seen.remove(&(push_key(&reg.transfer_id, &reg.request_id), reg.engine_id.clone(), reg.tp_rank));
+            }
+        }
+        self.aborted.retain(|_, t| now - *t < ttl);
+        out
+    }
+
+    /// Requests whose blocks P may free now.
+    pub fn take_sending(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.sending)
+    }
+
+    pub fn held(&self) -> usize {
+        self.ready.len()
+    }
+    pub fn waiting_registrations(&self) -> usize {
+        self.orphan_count
+    }
+}
+
+#[derive(Debug)]
+struct Waiting {
+    expected: u32,
+    seen: u32,
+    deadline: f64,
+}
+
+/// D side: requests registered with P, waiting to be written.
+#[derive(Debug, Default)]
+pub struct PushReceiver {
+    waiting: HashMap<String, Waiting>,
+    recving: Vec<String>,
+    failed: Vec<(String, String)>,
+}
+
+impl PushReceiver {
+    /// `d_req` was registered with `expected` P ranks (each notifies once); fail it if
+    /// they have not all written by `deadline`.
+    pub fn on_registered(&mut self, d_req: &str, expected: u32, deadline: f64) {
+        self.waiting.insert(d_req.to_string(), Waiting { expected: expected.max(1), seen: 0, deadline });
+    }
+
+    /// A registration could not be delivered or P refused it: fail the request now.
+    pub fn on_registration_failed(&mut self, d_req: &str, reason: String) {
+        if self.waiting.remove(d_req).is_some() {
+            self.failed.push((d_req.to_string(), reason));
+        }
+    }
+
+    /// A notification from a P rank. Returns false when it is not for a push request
+    /// this rank waits on (the caller may handle it otherwise).
+    pub fn on_notif(&mut self, n: &Notif) -> bool {
+        let Some(w) = self.waiting.get_mut(&n.request_id) else { return false };
+        if !n.ok {
+            self.waiting.remove(&n.request_id);
+            self.failed.push((n.request_id.clone(), format!("prefill engine {} rank {} failed to write", n.from_engine, n.from_tp_rank)));
+            return true;
+        }
+        w.seen += 1;
+        if w.seen >= w.expected {
+            self.waiting.remove(&n.request_id);
+            self.recving.push(n.request_id.clone());
+        }
+        true
+    }
+
+    /// D aborted the request: forget it (late writes land in blocks vLLM frees only after
+    /// the connector reports the request finished).
+    pub fn on_abort(&mut self, d_req: &str) -> bool {
+        self.waiting.remove(d_req).is_some()
+    }
+
+    pub fn tick(&mut self, now: f64) {
+        let late: Vec<String> = self.waiting.iter().filter(|(_, w)| w.deadline <= now).map(|(k, _)| k.clone()).collect();
+        for r in late {
+            self.waiting.remove(&r);
+            tracing::warn!(request_id = %r, "kvbridge: push registration timed out: no prefill write arrived");
+            self.failed.push((r, "push registration timed out".into()));
+        }
+    }
+
+    /// (finished, failed with reason).
+    pub fn take(&mut self) -> (Vec<String>, Vec<(String, String)>) {
+        (std::mem::take(&mut self.recving), std::mem::take(&mut self.failed))
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::WIRE_VERSION;
+
+    fn reg(transfer: &str, d_req: &str, rank: u32, tp: u32) -> PushRegistration {
+        PushRegistration {
+            version: WIRE_VERSION,
+            transfer_id: transfer.into(),
+            request_id: d_req.into(),
+            target_engine_id: "P".into(),
+            engine_id: "D".into(),
+            host: "127.0.0.1".into(),
+            port: 5700,
+            tp_size: tp,
+            tp_rank: rank,
+            block_ids: vec![vec![7, 8]],
+            num_tokens: 200,
+        }
+    }
+
+    fn notif(req: &str, ok: bool) -> Notif {
+        Notif { version: WIRE_VERSION, request_id: req.into(), from_engine: "P".into(), from_tp_rank: 0, ok, expected: 1 }
+    }
+
+    fn writes(a: &[PushAction]) -> Vec<(String, u32)> {
+        a.iter()
+            .filter_map(|x| match x {
+                PushAction::Write { p_req, reg, .. } => Some((p_req.clone(), reg.tp_rank)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn registration_first_then_finish_writes_once_and_frees() {
+        let mut p = PushSender::new("P".into(), 60.0);
+        assert!(p.on_registration(reg("t1", "d-1", 0, 1), 0.0).unwrap().is_empty());
+        assert_eq!(p.waiting_registrations(), 1);
+        let a = p.on_finished("p-1", "t1", vec![vec![3, 4]], 200, 100.0, 1);
+        assert_eq!(writes(&a), vec![("p-1".into(), 0)]);
+        assert!(p.take_sending().is_empty(), "blocks stay held while the write is in flight");
+        p.on_write_done("p-1");
+        assert_eq!(p.take_sending(), vec!["p-1".to_string()]);
+        assert_eq!((p.held(), p.waiting_registrations()), (0, 0));
+    }
+
+    #[test]
+    fn finish_first_then_registration_writes() {
+        let mut p = PushSender::new("P".into(), 60.0);
+        assert!(p.on_finished("p-1", "t1", vec![vec![3]], 100, 100.0, 1).is_empty());
+        let a = p.on_registration(reg("t1", "d-1", 0, 1), 1.0).unwrap();
+        assert_eq!(writes(&a), vec![("p-1".into(), 0)]);
+        p.on_write_done("p-1");
+        assert_eq!(p.take_sending(), vec!["p-1".to_string()]);
+    }
+
+    #[test]
+    fn two_d_ranks_free_after_both_writes() {
+        let mut p = PushSender::new("P".into(), 60.0);
+        p.on_finished("p-1", "t1", vec![vec![3]], 100, 100.0, 2);
+        assert_eq!(writes(&p.on_registration(reg("t1", "d-1", 1, 2), 0.0).unwrap()).len(), 1);
+        p.on_write_done("p-1");
+        assert!(p.take_sending().is_empty(), "one of two D ranks written");
+        assert_eq!(writes(&p.on_registration(reg("t1", "d-1", 0, 2), 0.0).unwrap()).len(), 1);
+        p.on_write_done("p-1");
+        assert_eq!(p.take_sending(), vec!["p-1".to_string()]);
+    }
+
+    #[test]
+    fn duplicate_wrong_engine_and_surplus_registrations_are_refused() {
+        let mut p = PushSender::new("P".into(), 60.0);
+        p.on_registration(reg("t1", "d-1", 0, 1), 0.0).unwrap();
+        assert!(matches!(p.on_registration(reg("t1", "d-1", 0, 1), 0.0), Err(PushError::Duplicate { .. })));
+        let mut other = reg("t2", "d-2", 0, 1);
+        other.target_engine_id = "someone-else".into();
+        assert!(matches!(p.on_registration(other, 0.0), Err(PushError::WrongEngine { .. })));
+        p.on_finished("p-3", "t3", vec![vec![1]], 10, 100.0, 1);
+        p.on_registration(reg("t3", "d-3", 0, 2), 0.0).unwrap();
+        assert!(matches!(p.on_registration(reg("t3", "d-3", 1, 2), 0.0), Err(PushError::Invalid(_))));
+    }
+
+    #[test]
+    fn base_request_id_matches_without_a_transfer_id() {
+        let mut p = PushSender::new("P".into(), 60.0);
+        p.on_registration(reg("", "cmpl-abc-0-1a2b3c4d", 0, 1), 0.0).unwrap();
+        let a = p.on_finished("cmpl-abc-0-deadbeef", "", vec![vec![1]], 10, 100.0, 1);
+        assert_eq!(writes(&a), vec![("cmpl-abc-0-deadbeef".into(), 0)]);
+    }
+
+    #[test]
+    fn unknown_transfer_id_is_rejected_after_the_ttl_and_unclaimed_blocks_expire() {
+        let mut p = PushSender::new("P".into(), 30.0);
+        p.on_registration(reg("nobody", "d-1", 0, 1), 0.0).unwrap();
+        p.on_finished("p-2", "t2", vec![vec![1]], 10, 50.0, 1);
+        assert!(p.tick(10.0).is_empty());
+        let a = p.tick(31.0);
+        assert!(matches!(&a[..], [PushAction::Reject { reg, .. }] if reg.request_id == "d-1"), "{a:?}");
+        assert!(p.take_sending().is_empty(), "P's lease has not run out yet");
+        p.tick(51.0);
+        assert_eq!(p.take_sending(), vec!["p-2".to_string()]);
+        assert_eq!(p.expired, 1);
+    }
+
+    #[test]
+    fn a_lease_never_frees_blocks_under_an_in_flight_write() {
+        let mut p = PushSender::new("P".into(), 30.0);
+        p.on_finished("p-1", "t1", vec![vec![1]], 10, 5.0, 1);
+        p.on_registration(reg("t1", "d-1", 0, 1), 0.0).unwrap();
+        p.tick(100.0);
+        assert!(p.take_sending().is_empty(), "write in flight: blocks still in use");
+        p.on_write_done("p-1");
+        assert_eq!(p.take_sending(), vec!["p-1".to_string()]);
+    }
+
+    #[test]
+    fn abort_on_p_rejects_waiting_and_later_registrations() {
+        let mut p = PushSender::new("P".into(), 30.0);
+        p.on_registration(reg("t1", "d-1", 0, 2), 0.0).unwrap();
+        let a = p.on_aborted("p-1", "t1", 1.0);
+        assert!(matches!(&a[..], [PushAction::Reject { .. }]));
+        assert!(matches!(p.on_registration(reg("t1", "d-1", 1, 2), 2.0), Err(PushError::Aborted(_))));
+        assert_eq!(p.waiting_registrations(), 0);
+    }
+
+    #[test]
+    fn receiver_finishes_on_all_notifs_fails_on_a_failed_post_or_timeout() {
+        let mut d = PushReceiver::default();
+        d.on_registered("a", 2, 10.0);
+        d.on_registered("b", 1, 10.0);
+        d.on_registered("c", 1, 10.0);
+        assert!(d.on_notif(&notif("a", true)));
+        assert_eq!(d.take(), (vec![], vec![]));
+        d.on_notif(&notif("a", true));
+        d.on_notif(&notif("b", false)); // P's post failed: P tells D
+        assert!(!d.on_notif(&notif("unknown", true)));
+        let (ok, failed) = d.take();
+        assert_eq!(ok, vec!["a".to_string()]);
+        assert_eq!(failed.iter().map(|f| f.0.as_str()).collect::<Vec<_>>(), vec!["b"]);
+        d.tick(11.0);
+        let (_, failed) = d.take();
+        assert_eq!(failed.iter().map(|f| f.0.as_str()).collect::<Vec<_>>(), vec!["c"], "registration timeout");
+        assert_eq!(d.waiting(), 0);
+    }
+
+    #[test]
+    fn abort_on_d_forgets_the_request() {
+        let mut d = PushReceiver::default();
+        d.on_registered("a", 1, 10.0);
+        assert!(d.on_abort("a"));
+        assert!(!d.on_notif(&notif("a", true)), "a late write's notification is not reported");
+        d.tick(100.0);
+        assert_eq!(d.take(), (vec![], vec![]));
+    }
+
+    #[test]
+    fn registration_wire_checks() {
+        let r = reg("t", "d", 0, 1);
+        assert_eq!(PushRegistration::from_bytes(&r.to_bytes().unwrap()).unwrap(), r);
+        assert!(PushRegistration::from_bytes(b"\xc1junk").is_err());
+        let bad = PushRegistration { tp_rank: 3, ..r.clone() };
+        assert!(PushRegistration::from_bytes(&bad.to_bytes().unwrap()).is_err());
+        let bad = PushRegistration { block_ids: vec![], ..r.clone() };
+        assert!(PushRegistration::from_bytes(&bad.to_bytes().unwrap()).is_err());
+        let bad = PushRegistration { version: 1, ..r };
+        assert!(PushRegistration::from_bytes(&bad.to_bytes().unwrap()).is_err());
+        assert_eq!(base_request_id("cmpl-x-0-0123abcd"), "cmpl-x-0");
+        assert_eq!(base_request_id("plain"), "plain");
+        assert_eq!(base_request_id("a-notHex!!"), "a-notHex!!");
+    }
+}
