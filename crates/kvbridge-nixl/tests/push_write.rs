@@ -137,8 +137,8 @@ fn run(tag: &str, registrations_first: bool) {
     if !registrations_first {
         actions.extend(tx.on_finished("p-req", "xfer-1", p_blocks.clone(), TOKENS, 1e12, 2));
     }
-    for r in 0..rig.d.len() {
-        rx[r].on_registered("d-req", 1, 1e12);
+    for (r, rx) in rx.iter_mut().enumerate() {
+        rx.on_registered("d-req", 1, 1e12);
         actions.extend(tx.on_registration(registration(&rig, r), 0.0).expect("registration accepted"));
     }
     if registrations_first {
@@ -155,8 +155,8 @@ fn run(tag: &str, registrations_first: bool) {
         let sending = tx.take_sending();
         assert_eq!(sending.is_empty(), r == 0, "P frees its blocks exactly after the last D rank's write");
     }
-    for r in 0..rig.d.len() {
-        let (ok, failed) = receive(&mut rig.d[r], &mut rx[r]);
+    for (r, (d, rx)) in rig.d.iter_mut().zip(rx.iter_mut()).enumerate() {
+        let (ok, failed) = receive(d, rx);
         assert_eq!((ok, failed), (vec!["d-req".to_string()], vec![]), "D rank {r}");
     }
     drop(rig.p);
