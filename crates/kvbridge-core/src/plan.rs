@@ -269,26 +269,22 @@ fn fuse_jobs(mut jobs: Vec<Job>, local: &mut Vec<Geo>, remote: &mut [Vec<Geo>]) 
             let b = &jobs[i];
             let (la, lb) = (local[a.local], local[b.local]);
             let (ra, rb) = (remote[a.src][a.remote], remote[b.src][b.remote]);
+            let (lu, la_off, lb_off) = la.union(&lb);
+            let (ru, ra_off, rb_off) = ra.union(&rb);
+            // Same source and segmentation, interleaved on both sides, and the union still
+            // inside one block stride (it must not overlap the next block).
             let fusable = a.src == b.src
                 && a.key == b.key
                 && a.templates.len() == b.templates.len()
                 && la.interleaves(&lb)
                 && ra.interleaves(&rb)
-                && la.len <= la.stride
-                && ra.len <= ra.stride;
+                && lu.len <= lu.stride
+                && ru.len <= ru.stride;
             if !fusable {
                 i += 1;
                 continue;
             }
             let b = jobs.remove(i);
-            let (lu, la_off, lb_off) = la.union(&lb);
-            let (ru, ra_off, rb_off) = ra.union(&rb);
-            if lu.len > lu.stride || ru.len > ru.stride {
-                // The union would overlap the next block: keep them apart.
-                jobs.insert(i, b);
-                i += 1;
-                continue;
-            }
             let shift = |v: &[Rel], dl: u64, dr: u64| -> Vec<Rel> {
                 v.iter().map(|r| Rel { dst: r.dst + dl, src: r.src + dr, len: r.len }).collect()
             };
@@ -483,8 +479,7 @@ impl TransferPlan {
         }
         let mut local_geo: Vec<Geo> = local.regions.iter().map(Geo::of).collect();
         let mut remote_geo: Vec<Vec<Geo>> = remote.iter().map(|m| m.regions.iter().map(Geo::of).collect()).collect();
-        let jobs = fuse_jobs(jobs, &mut local_geo, &mut remote_geo);
-        let mut jobs = jobs;
+        let mut jobs = fuse_jobs(jobs, &mut local_geo, &mut remote_geo);
         // [attention | state]: state jobs last.
         jobs.sort_by_key(|j| keys[j.key].state);
         let (mut ranges, mut blocks) = (0usize, 0usize);

@@ -346,6 +346,21 @@ impl Cache {
     }
 }
 
+/// The handshake metadata rank `rank` of engine `engine` advertises for cache `c`.
+fn metadata(c: &Cache, engine: &str, agent_name: String, rank: usize, nixl_md: Vec<u8>) -> crate::wire::AgentMetadata {
+    let l = c.layout();
+    crate::wire::AgentMetadata {
+        engine_id: engine.into(),
+        agent_name,
+        tp_rank: rank as u32,
+        tp_size: c.spec.tp_size,
+        block_size: c.spec.logical_block_size(),
+        blocks_per_logical: l.blocks_per_logical,
+        regions: l.regions,
+        nixl_md,
+    }
+}
+
 /// A P engine and a D engine (all ranks of each), with one request's blocks.
 pub struct Scenario {
     pub p: Vec<Cache>,
@@ -370,34 +385,12 @@ impl Scenario {
 
     /// What P rank `rank` advertises (its agent name `p{rank}`).
     pub fn p_metadata(&self, rank: usize, nixl_md: Vec<u8>) -> crate::wire::AgentMetadata {
-        let c = &self.p[rank];
-        let l = c.layout();
-        crate::wire::AgentMetadata {
-            engine_id: "P".into(),
-            agent_name: format!("p{rank}"),
-            tp_rank: rank as u32,
-            tp_size: c.spec.tp_size,
-            block_size: c.spec.logical_block_size(),
-            blocks_per_logical: l.blocks_per_logical,
-            regions: l.regions,
-            nixl_md,
-        }
+        metadata(&self.p[rank], "P", format!("p{rank}"), rank, nixl_md)
     }
 
     /// What D rank `rank` advertises (its agent name `d{rank}`).
     pub fn d_metadata(&self, rank: usize, nixl_md: Vec<u8>) -> crate::wire::AgentMetadata {
-        let c = &self.d[rank];
-        let l = c.layout();
-        crate::wire::AgentMetadata {
-            engine_id: "D".into(),
-            agent_name: format!("d{rank}"),
-            tp_rank: rank as u32,
-            tp_size: c.spec.tp_size,
-            block_size: c.spec.logical_block_size(),
-            blocks_per_logical: l.blocks_per_logical,
-            regions: l.regions,
-            nixl_md,
-        }
+        metadata(&self.d[rank], "D", format!("d{rank}"), rank, nixl_md)
     }
 
     /// The plan of D rank `rank`, from the metadata of every P rank.

@@ -194,11 +194,13 @@ impl PushSender {
         let ttl = self.registration_ttl;
         let mut out = Vec::new();
         let mut dropped = 0;
-        self.orphans.retain(|_, regs| {
+        let seen = &mut self.seen;
+        self.orphans.retain(|key, regs| {
             regs.retain(|(reg, t)| {
                 let keep = now - *t < ttl;
                 if !keep {
                     dropped += 1;
+                    seen.remove(&(key.clone(), reg.engine_id.clone(), reg.tp_rank));
                     out.push(PushAction::Reject {
                         reg: reg.clone(),
                         reason: format!("no prefill request matched within {ttl:.0} s (unknown transfer id?)"),
@@ -209,11 +211,6 @@ impl PushSender {
             !regs.is_empty()
         });
         self.orphan_count -= dropped;
-        for a in &out {
-            if let PushAction::Reject { reg, .. } = a {
-                self.seen.remove(&(push_key(&reg.transfer_id, &reg.request_id), reg.engine_id.clone(), reg.tp_rank));
-            }
-        }
         self.aborted.retain(|_, t| now - *t < ttl);
         out
     }
