@@ -103,6 +103,14 @@ impl PushSender {
         expected: u32,
     ) -> Vec<PushAction> {
         let key = push_key(transfer_id, p_req);
+        if self.ready.contains_key(&key) {
+            // The transfer id came from the client: a second request reusing it must not
+            // replace the first (whose blocks would then never be freed). Release its
+            // blocks at once; its D side is not written and times out or fails.
+            tracing::warn!(request_id = %p_req, key = %key, "kvbridge: push transfer id already in use; releasing this request's blocks");
+            self.sending.push(p_req.to_string());
+            return Vec::new();
+        }
         let mut r = Ready { p_req: p_req.to_string(), blocks, num_tokens, expiry, expected: expected.max(1), started: 0, done: 0 };
         let mut out = Vec::new();
         if let Some(regs) = self.orphans.remove(&key) {
@@ -379,6 +387,18 @@ mod tests {
         p.on_finished("p-3", "t3", vec![vec![1]], 10, 100.0, 1);
         p.on_registration(reg("t3", "d-3", 0, 2), 0.0).unwrap();
         assert!(matches!(p.on_registration(reg("t3", "d-3", 1, 2), 0.0), Err(PushError::Invalid(_))));
+    }
+
+    #[test]
+    fn a_reused_transfer_id_never_strands_either_request_s_blocks() {
+        let mut p = PushSender::new("P".into(), 60.0);
+        p.on_finished("p-1", "t1", vec![vec![1]], 10, 100.0, 1);
+        assert!(p.on_finished("p-2", "t1", vec![vec![2]], 10, 100.0, 1).is_empty());
+        assert_eq!(p.take_sending(), vec!["p-2".to_string()], "the second request's blocks are released at once");
+        assert_eq!(writes(&p.on_registration(reg("t1", "d-1", 0, 1), 0.0).unwrap()), vec![("p-1".into(), 0)]);
+        p.on_write_done("p-1");
+        assert_eq!(p.take_sending(), vec!["p-1".to_string()]);
+        assert_eq!(p.held(), 0);
     }
 
     #[test]
