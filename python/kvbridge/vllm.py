@@ -1,10 +1,15 @@
-"""vLLM connector: ``KVBridgeConnector``, a thin ``KVConnectorBase_V1`` over Rust.
+"""vLLM connectors: ``KVBridgeConnector``, thin ``KVConnectorBase_V1`` classes over Rust.
 
 Use it with::
 
     --kv-transfer-config '{"kv_connector":"KVBridgeConnector",
                            "kv_connector_module_path":"kvbridge.vllm",
                            "kv_role":"kv_producer"}'      # or "kv_consumer" on decode
+
+``KVBridgeConnector`` is pull mode (D reads P's blocks) unless
+``kv_connector_extra_config.transfer_mode`` says ``"push"``; ``KVBridgePullConnector``
+and ``KVBridgePushConnector`` fix the mode (push: P writes into blocks D registered,
+layer by layer while it computes; see docs/push-mode.md).
 
 Every method turns vLLM objects into plain data and forwards to ``kvbridge._native``;
 the scheduler-to-worker metadata is opaque bytes that Rust writes and Rust reads.
@@ -46,12 +51,18 @@ class KVBridgeMetadata(KVConnectorMetadata):
         self.data = data
 
 
-def _config_json(vllm_config: "VllmConfig") -> str:
+def _config_json(vllm_config: "VllmConfig", mode: str | None = None) -> str:
     ktc = vllm_config.kv_transfer_config
+    extra = dict(ktc.kv_connector_extra_config or {})
+    if mode is not None:
+        given = extra.get("transfer_mode", mode)
+        if given != mode:
+            raise _native.ConfigError(f"transfer_mode {given!r} contradicts the connector class, which is {mode!r} mode")
+        extra["transfer_mode"] = mode
     return json.dumps({
         "kv_role": ktc.kv_role,
         "engine_id": ktc.engine_id,
-        "kv_connector_extra_config": ktc.kv_connector_extra_config or {},
+        "kv_connector_extra_config": extra,
         "kv_load_failure_policy": getattr(ktc, "kv_load_failure_policy", "fail"),
     })
 
@@ -220,16 +231,23 @@ def _params(request: "Request") -> str | None:
 
 
 class KVBridgeConnector(KVConnectorBase_V1):
-    """Pull-mode P/D connector: D reads P's KV blocks over NIXL (see docs/architecture.md)."""
+    """P/D connector over NIXL: pull mode (D reads P's blocks) by default, push mode (P
+    writes into D's registered blocks) with ``transfer_mode="push"`` (see
+    docs/architecture.md and docs/push-mode.md)."""
+
+    #: Forced transfer mode (None: from kv_connector_extra_config, default "pull").
+    _MODE: str | None = None
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig | None" = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        cfg = _config_json(vllm_config)
+        cfg = _config_json(vllm_config, self._MODE)
         self._sched: _native.Scheduler | None = None
         self._worker: _native.Worker | None = None
         self._idle_step = False
+        self._push = False
         if role == KVConnectorRole.SCHEDULER:
             self._sched = _native.Scheduler(cfg, _engine_info(vllm_config, 0))
+            self._push = self._sched.transfer_mode == "push"
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -252,6 +270,16 @@ class KVBridgeConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         assert self._sched is not None
+        if self._push:
+            # Layer-wise push: requests whose prefill completes in this step.
+            completing = []
+            for r in scheduler_output.scheduled_new_reqs:
+                n = scheduler_output.num_scheduled_tokens.get(r.req_id, 0)
+                prompt = len(r.prompt_token_ids or ())
+                if prompt and r.num_computed_tokens + n >= prompt and r.block_ids:
+                    completing.append((r.req_id, list(r.block_ids[0]), prompt))
+            if completing:
+                self._sched.prefill_completing(completing)
         return KVBridgeMetadata(self._sched.build_connector_meta())
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -272,6 +300,11 @@ class KVBridgeConnector(KVConnectorBase_V1):
 
     def has_pending_block_frees(self) -> bool:
         return self._sched is not None and self._sched.has_pending_block_frees()
+
+    def has_pending_push_work(self) -> bool:
+        """Push: blocks are held for writes in flight or registrations to come; keep the
+        engine stepping so their completion is reported."""
+        return self._push and self.has_pending_block_frees()
 
     # ---------------------------------------------------------------- worker side
     def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]) -> None:
@@ -322,10 +355,16 @@ class KVBridgeConnector(KVConnectorBase_V1):
         return None  # loads complete before the request is scheduled (async pull)
 
     def save_kv_layer(self, layer_name: str, kv_layer: "torch.Tensor", attn_metadata: Any, **kwargs: Any) -> None:
-        return None  # pull mode: P's blocks are read in place; nothing to save
+        # Push, layer-wise: queue this layer's WRITEs (the Rust writer thread posts them).
+        # Pull: P's blocks are read in place; the call is a no-op in Rust.
+        if self._worker is not None:
+            self._worker.save_kv_layer(layer_name)
 
     def wait_for_save(self) -> None:
-        return None
+        # Never blocks: the writes finish on the writer thread, and P's blocks stay held
+        # (delay_free) until they have.
+        if self._worker is not None:
+            self._worker.wait_for_save()
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         assert self._worker is not None
@@ -354,4 +393,17 @@ class KVBridgeConnector(KVConnectorBase_V1):
         return None  # any layout whose block axis is first (or second after a K/V axis)
 
 
-__all__ = ["KVBridgeConnector", "KVBridgeMetadata"]
+class KVBridgePullConnector(KVBridgeConnector):
+    """Pull mode: D READs P's blocks once P has prefilled."""
+
+    _MODE = "pull"
+
+
+class KVBridgePushConnector(KVBridgeConnector):
+    """Push mode: D registers its blocks with P up front; P WRITEs them, layer by layer
+    while it computes when D registered early (``push_layerwise``, default on)."""
+
+    _MODE = "push"
+
+
+__all__ = ["KVBridgeConnector", "KVBridgeMetadata", "KVBridgePullConnector", "KVBridgePushConnector"]

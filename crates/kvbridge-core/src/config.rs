@@ -46,21 +46,27 @@ impl KvRole {
     }
 }
 
-/// Who posts the transfer. Only pull (D reads from P) exists today; push comes later.
+/// Who posts the transfer: D READs from P (pull), or P WRITEs into blocks D registered
+/// with it (push).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TransferMode {
     Pull,
+    Push,
 }
 
 impl TransferMode {
     pub fn parse(s: &str) -> Result<Self, ConfigError> {
         match s {
             "pull" => Ok(Self::Pull),
+            "push" => Ok(Self::Push),
             other => Err(ConfigError::InvalidMode(other.to_string())),
         }
     }
     pub fn as_str(self) -> &'static str {
-        "pull"
+        match self {
+            Self::Pull => "pull",
+            Self::Push => "push",
+        }
     }
 }
 
@@ -125,6 +131,11 @@ pub struct ConnectorConfig {
     pub coalesce_descriptors: bool,
     /// The engine's null block id, never transferred (vLLM: 0; `null` for none).
     pub null_block_id: Option<u32>,
+    /// Push: write each layer as soon as it is computed when D's registration is already
+    /// known (default true).
+    pub push_layerwise: bool,
+    /// Push, D side: fail a registered request no prefill write reached in this long.
+    pub push_registration_timeout: Duration,
     pub compat: CompatInfo,
 }
 
@@ -142,6 +153,8 @@ pub const EXTRA_KEYS: &[&str] = &[
     "num_threads",
     "coalesce_descriptors",
     "null_block_id",
+    "push_layerwise",
+    "push_registration_timeout",
 ];
 
 pub const DEFAULT_SIDE_CHANNEL_HOST: &str = "localhost";
@@ -251,6 +264,8 @@ impl ConnectorConfig {
         };
         let enforce_handshake_compat = flag("enforce_handshake_compat", true)?;
         let coalesce_descriptors = flag("coalesce_descriptors", true)?;
+        let push_layerwise = flag("push_layerwise", true)?;
+        let push_registration_timeout = secs("push_registration_timeout", DEFAULT_LEASE_SECS)?;
         let null_block_id = match extra.get("null_block_id") {
             None => Some(0),
             Some(Value::Null) => None,
@@ -294,6 +309,8 @@ impl ConnectorConfig {
             enforce_handshake_compat,
             coalesce_descriptors,
             null_block_id,
+            push_layerwise,
+            push_registration_timeout,
             compat: engine.compat,
         })
     }

@@ -6,7 +6,7 @@ use thiserror::Error;
 pub enum ConfigError {
     #[error("invalid kv_role {0:?}: expected \"kv_producer\", \"kv_consumer\" or \"kv_both\"")]
     InvalidRole(String),
-    #[error("invalid transfer_mode {0:?}: expected \"pull\"")]
+    #[error("invalid transfer_mode {0:?}: expected \"pull\" or \"push\"")]
     InvalidMode(String),
     #[error("invalid value for {key}: {reason}")]
     InvalidValue { key: String, reason: String },

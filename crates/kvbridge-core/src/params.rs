@@ -19,6 +19,22 @@ pub struct RemotePrefill {
     pub remote_num_tokens: Option<u64>,
 }
 
+/// Push mode, sent to D: the prefill engine to register D's blocks with. D learns it up
+/// front (from the proxy), so registration and prefill overlap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushPrefill {
+    pub remote_engine_id: String,
+    pub remote_host: String,
+    /// P's base side-channel port (its TP rank 0).
+    pub remote_port: u16,
+    pub tp_size: u32,
+    /// Shared by the proxy's P and D legs; empty: match on the base request id.
+    pub transfer_id: String,
+}
+
+/// Longest transfer id accepted.
+pub const MAX_TRANSFER_ID: usize = 256;
+
 /// What a request asks of the connector.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KvParams {
@@ -28,6 +44,8 @@ pub enum KvParams {
     RemoteDecode,
     /// Sent to D: load the KV from a remote prefill.
     RemotePrefill(RemotePrefill),
+    /// Sent to D (`"transfer_mode": "push"`): register blocks with P, which writes them.
+    PushPrefill(PushPrefill),
 }
 
 fn type_name(v: &Value) -> String {
@@ -94,6 +112,17 @@ fn block_ids(v: &Value) -> Result<Vec<u32>, ParamsError> {
     flat.iter().map(|b| uint(b, F, u64::from(u32::MAX)).map(|n| n as u32)).collect()
 }
 
+fn transfer_id_field(m: &Map<String, Value>) -> Result<Option<String>, ParamsError> {
+    match m.get("transfer_id") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.len() <= MAX_TRANSFER_ID => Ok(Some(s.clone())),
+        Some(Value::String(s)) => {
+            Err(ParamsError::Invalid(format!("transfer_id is {} bytes long; at most {MAX_TRANSFER_ID} allowed", s.len())))
+        }
+        Some(other) => Err(ParamsError::WrongType { field: "transfer_id", expected: "a string", got: type_name(other) }),
+    }
+}
+
 /// A host name or IP literal: non-empty, at most 253 chars, only `[A-Za-z0-9.-:_]` (plus
 /// brackets for IPv6). Reachability is the handshake's job.
 pub fn valid_host(h: &str) -> bool {
@@ -115,6 +144,17 @@ impl KvParams {
         }
     }
 
+    /// The optional `transfer_id` of a request's params (push mode matches P's and D's
+    /// legs on it). Absent or null: `None`.
+    pub fn transfer_id(text: Option<&str>) -> Result<Option<String>, ParamsError> {
+        let Some(t) = text else { return Ok(None) };
+        let v: Value = serde_json::from_str(t).map_err(|e| ParamsError::NotAnObject(format!("invalid JSON: {e}")))?;
+        match &v {
+            Value::Object(m) => transfer_id_field(m),
+            _ => Ok(None),
+        }
+    }
+
     pub fn parse(v: &Value) -> Result<Self, ParamsError> {
         let m = match v {
             Value::Null => return Ok(Self::None),
@@ -123,10 +163,38 @@ impl KvParams {
         };
         let prefill = flag(m, "do_remote_prefill")?;
         let decode = flag(m, "do_remote_decode")?;
+        let push = match m.get("transfer_mode") {
+            None | Some(Value::Null) => false,
+            Some(Value::String(s)) if s == "pull" => false,
+            Some(Value::String(s)) if s == "push" => true,
+            Some(other) => {
+                return Err(ParamsError::WrongType { field: "transfer_mode", expected: "\"pull\" or \"push\"", got: type_name(other) })
+            }
+        };
         match (prefill, decode) {
             (false, false) => Ok(Self::None),
             (true, true) => Err(ParamsError::Invalid("do_remote_prefill and do_remote_decode are both true".into())),
             (false, true) => Ok(Self::RemoteDecode),
+            (true, false) if push => {
+                let remote_engine_id = string(m, "remote_engine_id")?;
+                let remote_host = string(m, "remote_host")?;
+                if !valid_host(&remote_host) {
+                    return Err(ParamsError::BadHost(remote_host));
+                }
+                let remote_port = uint(req(m, "remote_port")?, "remote_port", 65535)? as u16;
+                if remote_port == 0 {
+                    return Err(ParamsError::Invalid("remote_port must be 1..=65535".into()));
+                }
+                let tp_size = match m.get("tp_size") {
+                    None | Some(Value::Null) => 1,
+                    Some(v) => uint(v, "tp_size", 4096)? as u32,
+                };
+                if tp_size == 0 {
+                    return Err(ParamsError::Invalid("tp_size must be >= 1".into()));
+                }
+                let transfer_id = transfer_id_field(m)?.unwrap_or_default();
+                Ok(Self::PushPrefill(PushPrefill { remote_engine_id, remote_host, remote_port, tp_size, transfer_id }))
+            }
             (true, false) => {
                 let remote_engine_id = string(m, "remote_engine_id")?;
                 let remote_request_id = string(m, "remote_request_id")?;
@@ -192,6 +260,34 @@ mod tests {
         assert_eq!(KvParams::parse(&Value::Null).unwrap(), KvParams::None);
         assert_eq!(KvParams::parse_json(None).unwrap(), KvParams::None);
         assert_eq!(KvParams::parse(&json!({})).unwrap(), KvParams::None);
+    }
+
+    #[test]
+    fn parses_push_params() {
+        let v = json!({"do_remote_prefill": true, "transfer_mode": "push", "remote_engine_id": "p0",
+                       "remote_host": "127.0.0.1", "remote_port": 5600, "tp_size": 2, "transfer_id": "t-1"});
+        let KvParams::PushPrefill(p) = KvParams::parse(&v).unwrap() else { panic!("not push") };
+        assert_eq!((p.remote_port, p.tp_size, p.transfer_id.as_str()), (5600, 2, "t-1"));
+        let mut no_id = v.clone();
+        no_id.as_object_mut().unwrap().remove("transfer_id");
+        assert!(matches!(KvParams::parse(&no_id), Ok(KvParams::PushPrefill(p)) if p.transfer_id.is_empty()));
+        for (bad, want) in [
+            (json!({"transfer_mode": 3}), "transfer_mode"),
+            (json!({"transfer_mode": "sideways"}), "transfer_mode"),
+            (json!({"transfer_id": 5}), "transfer_id"),
+            (json!({"transfer_id": "x".repeat(300)}), "transfer_id"),
+            (json!({"remote_port": 0}), "remote_port"),
+            (json!({"remote_host": "a b"}), "remote_host"),
+        ] {
+            let mut p = v.clone();
+            for (k, x) in bad.as_object().unwrap() {
+                p[k] = x.clone();
+            }
+            let e = KvParams::parse(&p).unwrap_err().to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+        assert_eq!(KvParams::transfer_id(Some(r#"{"do_remote_decode":true,"transfer_id":"abc"}"#)).unwrap().as_deref(), Some("abc"));
+        assert_eq!(KvParams::transfer_id(Some(r#"{"do_remote_decode":true}"#)).unwrap(), None);
     }
 
     #[test]

@@ -326,6 +326,22 @@ impl TransferPlan {
     /// `TpMapping::new(local_tp_size, local_tp_rank, remote_tp).sources` (same order).
     /// `local_block_size` is the scheduler's (logical) block size. Everything a peer sent
     /// is checked; nothing here panics.
+    /// Push mode: the plan P uses to write into D rank `d`'s blocks. It is D's READ plan
+    /// from P's ranks `p_ranks` (P swaps the pieces into WRITEs and keeps its own), built
+    /// after checking D's advertised regions like any peer-controlled value.
+    pub fn build_push(d: &AgentMetadata, p_ranks: &[AgentMetadata], null_block: Option<u32>) -> Result<Self, PlanError> {
+        if d.blocks_per_logical == 0 || d.blocks_per_logical > 1024 || d.block_size == 0 || d.tp_size == 0 || d.tp_rank >= d.tp_size {
+            return Err(layout_err(format!("D rank {}: bad block size {} / {} or TP rank of {}", d.tp_rank, d.block_size, d.blocks_per_logical, d.tp_size)));
+        }
+        if d.regions.is_empty() {
+            return Err(layout_err(format!("D rank {} advertises no regions", d.tp_rank)));
+        }
+        for (i, r) in d.regions.iter().enumerate() {
+            check_remote(d.tp_rank, i, r)?;
+        }
+        Self::build(&d.layout(), d.tp_size, d.tp_rank, d.block_size, p_ranks, null_block)
+    }
+
     pub fn build(
         local: &KvLayout,
         local_tp_size: u32,

@@ -1,9 +1,11 @@
 //! The handshake side channel: ZeroMQ (the `zeromq` crate) on a small tokio runtime.
 //! This is the only module of the core that does network I/O.
 //!
-//! Each worker binds a ROUTER socket; a peer connects with a DEALER, sends a msgpack
-//! [`HandshakeRequest`] and gets back a msgpack [`HandshakePayload`]. Every fetch has a
-//! deadline, and a panicking socket task is caught and turned into an error.
+//! Each worker binds a ROUTER socket; a peer connects with a DEALER and sends a msgpack
+//! [`SideRequest`]: a handshake request, answered with a msgpack [`HandshakePayload`], or
+//! (push mode) a D rank's [`PushRegistration`], answered with a [`RegisterAck`] once the
+//! registration handler accepted or refused it. Every request has a deadline, and a
+//! panicking socket task is caught and turned into an error.
 use std::net::ToSocketAddrs;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,7 +15,7 @@ use tokio::runtime::Runtime;
 use zeromq::{DealerSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::error::HandshakeError;
-use crate::wire::{self, HandshakePayload, HandshakeRequest, MAX_HANDSHAKE_BYTES};
+use crate::wire::{self, HandshakePayload, HandshakeRequest, PushRegistration, RegisterAck, SideRequest, MAX_HANDSHAKE_BYTES, MAX_REGISTRATION_BYTES};
 
 /// Resolve a host name to a literal IP for zeromq endpoints (`localhost` → `127.0.0.1`).
 pub fn resolve_host(host: &str, port: u16) -> Result<String, String> {
@@ -34,6 +36,10 @@ pub fn resolve_host(host: &str, port: u16) -> Result<String, String> {
 
 /// The payload a listener serves; updated when caches are (re)registered.
 pub type PayloadCell = Arc<Mutex<Option<Vec<u8>>>>;
+
+/// Push mode (P): called on the side-channel thread with each decoded registration;
+/// `Err` is sent back to the D rank as the reason it was refused.
+pub type RegisterHandler = Arc<dyn Fn(PushRegistration) -> Result<(), String> + Send + Sync>;
 
 /// Owns the runtime (one worker thread, parked when idle) and the listener task.
 pub struct SideChannel {
@@ -60,6 +66,11 @@ impl SideChannel {
     /// Bind `host:port` and serve `payload` to every handshake request. Returns the bound
     /// endpoint, or an error if the port cannot be bound.
     pub fn serve(&self, host: &str, port: u16, payload: PayloadCell) -> Result<String, HandshakeError> {
+        self.serve_with(host, port, payload, None)
+    }
+
+    /// [`serve`](Self::serve), also accepting push registrations when `on_register` is set.
+    pub fn serve_with(&self, host: &str, port: u16, payload: PayloadCell, on_register: Option<RegisterHandler>) -> Result<String, HandshakeError> {
         let endpoint = resolve_host(host, port).map_err(|reason| HandshakeError::Io { addr: format!("{host}:{port}"), reason })?;
         let mut sock = RouterSocket::new();
         let bound = self
@@ -85,7 +96,7 @@ impl SideChannel {
                     }
                 };
                 let p = payload.clone();
-                let res = tokio::spawn(serve_loop(s, p)).await;
+                let res = tokio::spawn(serve_loop(s, p, on_register.clone())).await;
                 if let Err(e) = res {
                     tracing::error!(endpoint = %ep, error = %e, "kvbridge: handshake listener crashed; restarting");
                 }
@@ -107,6 +118,36 @@ impl SideChannel {
         host: String,
         port: u16,
         req: HandshakeRequest,
+        timeout: Duration,
+        done: impl FnOnce(Result<Vec<u8>, HandshakeError>) + Send + 'static,
+    ) {
+        self.request(host, port, SideRequest::Handshake(req), timeout, done);
+    }
+
+    /// Push mode (D): send a registration to a P rank; `done` gets `Ok(())` once P
+    /// accepted it, or the reason it was refused or could not be delivered.
+    pub fn register(
+        &self,
+        host: String,
+        port: u16,
+        reg: PushRegistration,
+        timeout: Duration,
+        done: impl FnOnce(Result<(), String>) + Send + 'static,
+    ) {
+        self.request(host, port, SideRequest::Register(reg), timeout, move |res| {
+            done(res.map_err(|e| e.to_string()).and_then(|b| match wire::decode::<RegisterAck>("RegisterAck", &b, 64 << 10) {
+                Ok(RegisterAck { ok: true, .. }) => Ok(()),
+                Ok(RegisterAck { error, .. }) => Err(error.unwrap_or_else(|| "refused".into())),
+                Err(e) => Err(e.to_string()),
+            }))
+        });
+    }
+
+    fn request(
+        &self,
+        host: String,
+        port: u16,
+        req: SideRequest,
         timeout: Duration,
         done: impl FnOnce(Result<Vec<u8>, HandshakeError>) + Send + 'static,
     ) {
@@ -147,7 +188,7 @@ impl Drop for SideChannel {
     }
 }
 
-async fn serve_loop(mut sock: RouterSocket, payload: PayloadCell) {
+async fn serve_loop(mut sock: RouterSocket, payload: PayloadCell, on_register: Option<RegisterHandler>) {
     loop {
         let msg = match sock.recv().await {
             Ok(m) => m,
@@ -162,15 +203,29 @@ async fn serve_loop(mut sock: RouterSocket, payload: PayloadCell) {
         }
         let id = frames[0].clone();
         let body = &frames[frames.len() - 1];
-        let reply = match wire::decode::<HandshakeRequest>("HandshakeRequest", body, 64 << 10) {
+        let reply = match wire::decode::<SideRequest>("SideRequest", body, MAX_REGISTRATION_BYTES) {
             Err(e) => {
-                tracing::warn!(error = %e, "kvbridge: malformed handshake request");
+                tracing::warn!(error = %e, "kvbridge: malformed side-channel request");
                 err_payload(format!("malformed handshake request: {e}"))
             }
-            Ok(r) if r.version != wire::WIRE_VERSION => {
+            Ok(SideRequest::Register(_)) if on_register.is_none() => ack(Err("this engine does not accept push registrations".into())),
+            Ok(SideRequest::Register(reg)) => {
+                // Re-check what decoding alone does not (version, sizes, ranks).
+                let checked = reg.check().map(|()| reg).map_err(|e| e.to_string());
+                let res = match (checked, &on_register) {
+                    (Ok(reg), Some(h)) => h(reg),
+                    (Err(e), _) => Err(format!("malformed registration: {e}")),
+                    (Ok(_), None) => Err("no handler".into()),
+                };
+                if let Err(e) = &res {
+                    tracing::warn!(error = %e, "kvbridge: push registration refused");
+                }
+                ack(res)
+            }
+            Ok(SideRequest::Handshake(r)) if r.version != wire::WIRE_VERSION => {
                 err_payload(format!("wire version {} not supported (want {})", r.version, wire::WIRE_VERSION))
             }
-            Ok(r) => {
+            Ok(SideRequest::Handshake(r)) => {
                 tracing::debug!(from = %r.from_engine, rank = r.from_tp_rank, "kvbridge: serving handshake");
                 match payload.lock().ok().and_then(|p| p.clone()) {
                     Some(p) => p,
@@ -186,12 +241,20 @@ async fn serve_loop(mut sock: RouterSocket, payload: PayloadCell) {
     }
 }
 
+fn ack(res: Result<(), String>) -> Vec<u8> {
+    let a = match res {
+        Ok(()) => RegisterAck { ok: true, error: None },
+        Err(e) => RegisterAck { ok: false, error: Some(e) },
+    };
+    wire::encode("RegisterAck", &a).unwrap_or_default()
+}
+
 fn err_payload(reason: String) -> Vec<u8> {
     wire::encode("HandshakePayload", &HandshakePayload { compat_hash: String::new(), agent_metadata: Vec::new(), error: Some(reason) })
         .unwrap_or_default()
 }
 
-async fn fetch_once(host: &str, port: u16, req: &HandshakeRequest) -> Result<Vec<u8>, HandshakeError> {
+async fn fetch_once(host: &str, port: u16, req: &SideRequest) -> Result<Vec<u8>, HandshakeError> {
     let addr = format!("{host}:{port}");
     let endpoint = resolve_host(host, port).map_err(|reason| HandshakeError::Io { addr: addr.clone(), reason })?;
     let mut sock = DealerSocket::new();
@@ -213,7 +276,7 @@ async fn fetch_once(host: &str, port: u16, req: &HandshakeRequest) -> Result<Vec
     if !connected {
         return Err(HandshakeError::Io { addr, reason: format!("cannot connect: {last}") });
     }
-    let body = wire::encode("HandshakeRequest", req)?;
+    let body = wire::encode("SideRequest", req)?;
     sock.send(ZmqMessage::from(Bytes::from(body))).await.map_err(|e| HandshakeError::Io { addr: addr.clone(), reason: e.to_string() })?;
     let reply = sock.recv().await.map_err(|e| HandshakeError::Io { addr: addr.clone(), reason: e.to_string() })?;
     let frames = reply.into_vec();

@@ -9,7 +9,7 @@ use crate::error::WireError;
 use crate::layout::Region;
 
 /// Bumped on any incompatible change to the types below; part of the compatibility hash.
-pub const WIRE_VERSION: u32 = 3;
+pub const WIRE_VERSION: u32 = 4;
 /// The kvbridge version, also hashed: P and D must run the same release.
 pub const KVBRIDGE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -90,6 +90,41 @@ pub struct FailedReq {
     pub reason: String,
 }
 
+/// Push, P side: a request whose blocks P writes into the blocks D registered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PushSend {
+    pub req_id: String,
+    /// The proxy's transfer id (empty: match on the base request id).
+    pub transfer_id: String,
+    pub block_ids: Vec<Vec<u32>>,
+    /// Prompt tokens whose KV is written.
+    pub num_tokens: u64,
+    /// Unix time after which P releases the blocks if no D rank registered.
+    pub expiry_unix: f64,
+    /// The blocks are held for the worker (vLLM waits for `finished_sending`).
+    pub hold: bool,
+    /// The request ended without a usable prefill (abort, error): registrations for it
+    /// are refused, and held blocks are released once no write is in flight.
+    pub aborted: bool,
+}
+
+/// Push, D side: register these blocks with the prefill engine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushRecv {
+    pub req_id: String,
+    pub transfer_id: String,
+    pub local_block_ids: Vec<Vec<u32>>,
+    pub num_tokens: u64,
+    /// Nothing to receive (full local prefix hit, or D gave up before allocating): P is
+    /// only told, so it frees its blocks now.
+    pub notify_only: bool,
+    pub engine_id: String,
+    pub host: String,
+    /// P's base side-channel port; rank q listens at `port + q`.
+    pub port: u16,
+    pub tp_size: u32,
+}
+
 /// Per-step metadata from the scheduler to every worker; opaque bytes to Python.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ConnectorMetadata {
@@ -97,11 +132,30 @@ pub struct ConnectorMetadata {
     pub reqs_to_recv: Vec<RecvReq>,
     pub reqs_to_send: Vec<SendLease>,
     pub reqs_failed: Vec<FailedReq>,
+    /// Push, P: requests that finished (their blocks wait for D's registrations).
+    #[serde(default)]
+    pub push_finished: Vec<PushSend>,
+    /// Push, P: requests whose prefill completes in this step (layer-wise writes).
+    #[serde(default)]
+    pub push_saves: Vec<PushSend>,
+    /// Push, D: registrations to send.
+    #[serde(default)]
+    pub push_register: Vec<PushRecv>,
+    /// Push, D: requests aborted while waiting for P's writes; their blocks are released
+    /// (reported in `finished_sending`) once no write can still land in them.
+    #[serde(default)]
+    pub push_aborted: Vec<String>,
 }
 
 impl ConnectorMetadata {
     pub fn is_empty(&self) -> bool {
-        self.reqs_to_recv.is_empty() && self.reqs_to_send.is_empty() && self.reqs_failed.is_empty()
+        self.reqs_to_recv.is_empty()
+            && self.reqs_to_send.is_empty()
+            && self.reqs_failed.is_empty()
+            && self.push_finished.is_empty()
+            && self.push_saves.is_empty()
+            && self.push_register.is_empty()
+            && self.push_aborted.is_empty()
     }
     pub fn to_bytes(&self) -> Result<Vec<u8>, WireError> {
         encode("ConnectorMetadata", self)
@@ -155,6 +209,22 @@ pub struct HandshakeRequest {
     /// The requester's engine id, for logs.
     pub from_engine: String,
     pub from_tp_rank: u32,
+}
+
+/// Everything a side-channel listener answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SideRequest {
+    /// Answered with a [`HandshakePayload`].
+    Handshake(HandshakeRequest),
+    /// Push mode: answered with a [`RegisterAck`].
+    Register(PushRegistration),
+}
+
+/// A P rank's answer to a push registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterAck {
+    pub ok: bool,
+    pub error: Option<String>,
 }
 
 /// The answer: the hash first, then the agent metadata as still-encoded bytes, so an
@@ -231,20 +301,29 @@ impl PushRegistration {
     /// Decode and check everything that does not need P's state.
     pub fn from_bytes(b: &[u8]) -> Result<Self, WireError> {
         let r: Self = decode("PushRegistration", b, MAX_REGISTRATION_BYTES)?;
-        if r.version != WIRE_VERSION {
-            return Err(WireError::Version { got: r.version, want: WIRE_VERSION });
+        r.check()?;
+        Ok(r)
+    }
+
+    /// Everything checkable without P's state: version, ids, TP rank and size, sizes.
+    pub fn check(&self) -> Result<(), WireError> {
+        if self.version != WIRE_VERSION {
+            return Err(WireError::Version { got: self.version, want: WIRE_VERSION });
         }
         let bad = |reason: &str| WireError::Decode { what: "PushRegistration", reason: reason.into() };
-        if r.request_id.is_empty() || r.engine_id.is_empty() {
+        if self.request_id.is_empty() || self.engine_id.is_empty() {
             return Err(bad("empty request or engine id"));
         }
-        if r.tp_size == 0 || r.tp_rank >= r.tp_size || r.tp_size > 4096 {
+        if self.tp_size == 0 || self.tp_rank >= self.tp_size || self.tp_size > 4096 {
             return Err(bad("bad TP rank/size"));
         }
-        if r.block_ids.is_empty() || r.block_ids.len() > 16 || r.block_ids.iter().any(|g| g.len() > MAX_REGISTRATION_BLOCKS) {
+        if self.block_ids.is_empty() || self.block_ids.len() > 16 || self.block_ids.iter().any(|g| g.len() > MAX_REGISTRATION_BLOCKS) {
             return Err(bad("bad block id lists"));
         }
-        Ok(r)
+        if self.transfer_id.len() > crate::params::MAX_TRANSFER_ID || self.port == 0 || !crate::params::valid_host(&self.host) {
+            return Err(bad("bad transfer id or address"));
+        }
+        Ok(())
     }
 }
 
@@ -282,6 +361,7 @@ mod tests {
             }],
             reqs_to_send: vec![SendLease { req_id: "s".into(), expiry_unix: 1.5, expected_readers: 1 }],
             reqs_failed: vec![],
+            ..Default::default()
         };
         let b = m.to_bytes().unwrap();
         assert_eq!(ConnectorMetadata::from_bytes(&b).unwrap(), m);

@@ -195,8 +195,8 @@ impl NixlTransport {
         Ok(())
     }
 
-    /// Post a transfer of `pieces` (local ↔ remote), with `notif` delivered to the peer on
-    /// completion. NIXL checks every descriptor against the registered memory on both
+    /// Post a transfer of `pieces` (local ↔ remote), with `notif` (unless empty) delivered
+    /// to the peer on completion. NIXL checks every descriptor against the registered memory on both
     /// sides, so a piece outside them is an error, not a stray write.
     fn post(&mut self, op: XferOp, peer: &str, pieces: &[Piece], notif: &[u8]) -> Result<XferId, NixlError> {
         let lmem = self.local.ok_or(NixlError::NotRegistered)?;
@@ -208,8 +208,10 @@ impl NixlTransport {
             remote.add_desc(p.remote as usize, p.len as usize, p.remote_dev.into());
         }
         let mut opt = OptArgs::new().map_err(NixlError::nixl("create opt args"))?;
-        opt.set_notification_message(notif).map_err(NixlError::nixl("set notification"))?;
-        opt.set_has_notification(true).map_err(NixlError::nixl("set notification"))?;
+        if !notif.is_empty() {
+            opt.set_notification_message(notif).map_err(NixlError::nixl("set notification"))?;
+            opt.set_has_notification(true).map_err(NixlError::nixl("set notification"))?;
+        }
         let req = self.agent.create_xfer_req(op, &local, &remote, &r.agent_name, Some(&opt)).map_err(NixlError::nixl("make transfer"))?;
         self.agent.post_xfer_req(&req, None).map_err(NixlError::nixl("post transfer"))?;
         let id = self.next_xfer;

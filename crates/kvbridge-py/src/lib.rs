@@ -4,11 +4,11 @@
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use kvbridge_core::config::{ConnectorConfig, EngineInfo};
+use kvbridge_core::config::{ConnectorConfig, EngineInfo, TransferMode};
 use kvbridge_core::error::Error;
 use kvbridge_core::layout::{MemKind, RegionKind, TensorInfo};
 use kvbridge_core::params::KvParams;
-use kvbridge_core::scheduler::{FinishReason, PullScheduler, SchedulerSide};
+use kvbridge_core::scheduler::{FinishReason, PullScheduler, PushScheduler, SchedulerSide};
 use kvbridge_core::worker::driver::now_unix;
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -51,14 +51,33 @@ fn parse_config(kv_transfer_config: &str, engine_info: &str) -> PyResult<Connect
 /// Scheduler-side connector (vLLM role SCHEDULER).
 #[pyclass(module = "kvbridge._native")]
 struct Scheduler {
-    inner: PullScheduler,
+    inner: Box<dyn SchedulerSide + Send + Sync>,
 }
 
 #[pymethods]
 impl Scheduler {
     #[new]
     fn new(kv_transfer_config: &str, engine_info: &str) -> PyResult<Self> {
-        Ok(Self { inner: PullScheduler::new(parse_config(kv_transfer_config, engine_info)?) })
+        let cfg = parse_config(kv_transfer_config, engine_info)?;
+        let inner: Box<dyn SchedulerSide + Send + Sync> = match cfg.mode {
+            TransferMode::Pull => Box::new(PullScheduler::new(cfg)),
+            TransferMode::Push => Box::new(PushScheduler::new(cfg)),
+        };
+        Ok(Self { inner })
+    }
+
+    /// "pull" or "push".
+    #[getter]
+    fn transfer_mode(&self) -> &'static str {
+        self.inner.config().mode.as_str()
+    }
+
+    /// Push, P: requests whose prefill completes in the step being built, as
+    /// `(req_id, block_ids, num_tokens)` (layer-wise push writes them as they compute).
+    fn prefill_completing(&mut self, reqs: Vec<(String, Vec<u32>, u64)>) {
+        for (r, blocks, n) in reqs {
+            self.inner.prefill_completing(&r, &blocks, n);
+        }
     }
 
     #[getter]
@@ -231,6 +250,16 @@ impl Worker {
         (f.sending, f.recving, f.failed_recving)
     }
 
+    /// Push, P: layer `layer_name` is computed (queues its WRITEs; never blocks).
+    fn save_kv_layer(&self, layer_name: &str) {
+        self.inner.save_layer(layer_name);
+    }
+
+    /// Push, P: the forward ended (its WRITEs complete on the writer thread).
+    fn wait_for_save(&self) {
+        self.inner.wait_for_save();
+    }
+
     fn get_block_ids_with_load_errors(&self) -> Vec<u32> {
         self.invalid_blocks.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default()
     }
@@ -238,6 +267,8 @@ impl Worker {
     /// Counters as a JSON object.
     fn stats(&self) -> String {
         let s = self.inner.stats();
+        let p = self.inner.push_stats();
+        let (held, waiting) = self.inner.push_pending();
         serde_json::json!({
             "reads_ok": s.reads_ok, "reads_failed": s.reads_failed, "bytes_read": s.bytes_read,
             "read_secs_total": s.read_secs_total, "last_read_secs": s.last_read_secs,
@@ -245,6 +276,13 @@ impl Worker {
             "handshakes_failed": s.handshakes_failed, "descriptors": s.descriptors, "last_descriptors": s.last_descriptors,
             "descriptors_uncoalesced": s.descriptors_uncoalesced,
             "held_requests": self.inner.held_requests(), "in_flight": self.inner.in_flight(),
+            "push": {
+                "writes_ok": p.writes_ok, "writes_failed": p.writes_failed, "write_posts": p.write_posts,
+                "bytes_written": p.bytes_written, "last_write_secs": p.last_write_secs,
+                "registrations_sent": p.registrations_sent, "registrations_accepted": p.registrations_accepted,
+                "registrations_refused": p.registrations_refused, "recv_ok": p.recv_ok, "recv_failed": p.recv_failed,
+                "held": held, "waiting": waiting,
+            },
         })
         .to_string()
     }
@@ -258,6 +296,7 @@ fn validate_kv_transfer_params(params: &str) -> PyResult<&'static str> {
         KvParams::None => Ok("none"),
         KvParams::RemoteDecode => Ok("remote_decode"),
         KvParams::RemotePrefill(_) => Ok("remote_prefill"),
+        KvParams::PushPrefill(_) => Ok("push_prefill"),
     }
 }
 

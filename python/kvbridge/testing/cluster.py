@@ -313,9 +313,21 @@ class _Proc:
     url: str
 
 
+#: Cluster connector names → vLLM connector classes.
+CONNECTORS = {
+    "kvbridge": "KVBridgeConnector",
+    "kvbridge-push": "KVBridgePushConnector",
+    "nixl": "NixlConnector",
+    "nixl-push": "NixlPushConnector",
+}
+
+
 class Cluster:
     """One P and one D vLLM server plus the kvbridge proxy, on 127.0.0.1.
 
+    ``connector``: "kvbridge" (pull), "kvbridge-push" (``KVBridgePushConnector``; the proxy
+    runs with ``--mode push``), "nixl" (vLLM's NixlConnector) or "nixl-push" (vLLM's
+    NixlPushConnector). ``extra_config`` is merged into ``kv_connector_extra_config``.
     ``prefix_caching`` applies to both servers unless ``p_prefix_caching`` sets P's on its own.
     ``block_sizes`` sets P's and D's ``--block-size`` (None: vLLM's default). ``extra_env`` is
     added to every process's env.
@@ -336,9 +348,11 @@ class Cluster:
         extra_env: dict[str, str] | None = None,
         start_timeout: float = 300.0,
         python: str | None = None,
+        extra_config: dict[str, Any] | None = None,
     ) -> None:
-        if connector not in ("kvbridge", "nixl"):
-            raise ValueError(f"connector must be 'kvbridge' or 'nixl', not {connector!r}")
+        if connector not in CONNECTORS:
+            raise ValueError(f"connector must be one of {sorted(CONNECTORS)}, not {connector!r}")
+        self.extra_config = dict(extra_config or {})
         self.model_dir = str(Path(model_dir).resolve())
         self.connector = connector
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="kvbridge-cluster-"))
@@ -374,15 +388,18 @@ class Cluster:
 
     # -- configuration
 
+    @property
+    def push(self) -> bool:
+        return self.connector.endswith("-push")
+
     def kv_transfer_config(self, role: str) -> dict[str, Any]:
         """The --kv-transfer-config for ``role`` ("kv_producer" or "kv_consumer")."""
-        if self.connector == "nixl":
-            return {"kv_connector": "NixlConnector", "kv_role": role}
-        return {
-            "kv_connector": "KVBridgeConnector",
-            "kv_connector_module_path": "kvbridge.vllm",
-            "kv_role": role,
-        }
+        cfg: dict[str, Any] = {"kv_connector": CONNECTORS[self.connector], "kv_role": role}
+        if self.connector.startswith("kvbridge"):
+            cfg["kv_connector_module_path"] = "kvbridge.vllm"
+        if self.extra_config:
+            cfg["kv_connector_extra_config"] = dict(self.extra_config)
+        return cfg
 
     def _env(self, cpu: str | None = None, side_port: int | None = None) -> dict[str, str]:
         env = dict(os.environ)
@@ -478,6 +495,7 @@ class Cluster:
             proxy_cmd = [
                 self.python, str(PROXY_SCRIPT), "--host", "127.0.0.1",
                 "--port", str(self.proxy_port), "--prefill", self.p_url, "--decode", self.d_url,
+                "--mode", "push" if self.connector == "kvbridge-push" else "pull",
             ]  # fmt: skip
             self._spawn("proxy", proxy_cmd, self._env(), self.proxy_url)
             self._wait_healthy(["proxy"], time.monotonic() + 60.0)

@@ -7,11 +7,13 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::config::ConnectorConfig;
-use crate::wire::{ConnectorMetadata, FailedReq, RecvReq, SendLease, WIRE_VERSION};
+use crate::wire::{ConnectorMetadata, FailedReq, PushRecv, PushSend, RecvReq, SendLease, WIRE_VERSION};
 
 pub mod pull;
+pub mod push;
 
 pub use pull::PullScheduler;
+pub use push::PushScheduler;
 
 /// How a request finished, as vLLM reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +76,10 @@ pub struct SchedulerBase {
     step_recv: Vec<RecvReq>,
     step_send: Vec<SendLease>,
     step_failed: Vec<FailedReq>,
+    step_push_finished: Vec<PushSend>,
+    step_push_saves: Vec<PushSend>,
+    step_push_register: Vec<PushRecv>,
+    step_push_aborted: Vec<String>,
 }
 
 impl SchedulerBase {
@@ -87,6 +93,19 @@ impl SchedulerBase {
         self.step_failed.push(FailedReq { req_id: req_id.to_string(), reason });
     }
 
+    pub fn push_push_finished(&mut self, s: PushSend) {
+        self.step_push_finished.push(s);
+    }
+    pub fn push_push_save(&mut self, s: PushSend) {
+        self.step_push_saves.push(s);
+    }
+    pub fn push_push_register(&mut self, r: PushRecv) {
+        self.step_push_register.push(r);
+    }
+    pub fn push_push_aborted(&mut self, req_id: &str) {
+        self.step_push_aborted.push(req_id.to_string());
+    }
+
     /// Build this step's metadata and reset the per-step lists.
     pub fn build_connector_meta(&mut self) -> ConnectorMetadata {
         ConnectorMetadata {
@@ -94,6 +113,10 @@ impl SchedulerBase {
             reqs_to_recv: std::mem::take(&mut self.step_recv),
             reqs_to_send: std::mem::take(&mut self.step_send),
             reqs_failed: std::mem::take(&mut self.step_failed),
+            push_finished: std::mem::take(&mut self.step_push_finished),
+            push_saves: std::mem::take(&mut self.step_push_saves),
+            push_register: std::mem::take(&mut self.step_push_register),
+            push_aborted: std::mem::take(&mut self.step_push_aborted),
         }
     }
 
@@ -136,6 +159,10 @@ pub trait SchedulerSide {
         kv_transfer_params: Option<&str>,
         now_unix: f64,
     ) -> Finished;
+    /// Push, P: a producing request's prefill completes in the step being built, with
+    /// these blocks (layer-wise push writes each layer as it is computed). Other modes
+    /// ignore it.
+    fn prefill_completing(&mut self, _req_id: &str, _block_ids: &[u32], _num_tokens: u64) {}
     fn build_connector_meta(&mut self) -> ConnectorMetadata;
     fn update_connector_output(&mut self, finished_sending: &[String], finished_recving: &[String]);
     fn has_pending_block_frees(&self) -> bool;

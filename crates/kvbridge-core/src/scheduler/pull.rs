@@ -5,7 +5,7 @@ use serde_json::json;
 
 use super::{FinishReason, Finished, Matched, SchedulerBase, SchedulerSide};
 use crate::config::ConnectorConfig;
-use crate::error::{Error, RoleError};
+use crate::error::{Error, ParamsError, RoleError};
 use crate::params::{KvParams, RemotePrefill};
 use crate::wire::{ConnectorMetadata, RecvReq, RemoteRef, SendLease};
 
@@ -91,6 +91,12 @@ impl SchedulerSide for PullScheduler {
             KvParams::None => Matched::NONE,
             KvParams::RemoteDecode if self.cfg.role.can_produce() => Matched::NONE,
             KvParams::RemoteDecode => self.reject(req_id, num_prompt_tokens, num_computed_tokens, RoleError::RemoteDecodeOnConsumer.into()),
+            KvParams::PushPrefill(_) => self.reject(
+                req_id,
+                num_prompt_tokens,
+                num_computed_tokens,
+                ParamsError::Invalid("transfer_mode \"push\" sent to a pull-mode engine (use KVBridgePushConnector, or transfer_mode=push)".into()).into(),
+            ),
             KvParams::RemotePrefill(_) if !self.cfg.role.can_consume() => {
                 self.reject(req_id, num_prompt_tokens, num_computed_tokens, RoleError::RemotePrefillOnProducer.into())
             }

@@ -1,21 +1,31 @@
-//! Runs the pull worker's actions against a [`Transport`] and the side channel.
+//! Runs the worker's actions against a [`Transport`] and the side channel.
 //!
-//! Threads: the engine's thread calls `start_load` / `get_finished`; handshakes run on the
-//! side channel's tokio thread, which, when a handshake completes, loads the peer and posts
-//! the queued READs at once instead of waiting for the next engine step. Both paths go
-//! through one mutex; NIXL calls made under it are short (post, poll, notify).
+//! Threads: the engine's thread calls `start_load` / `get_finished` (and, in push mode,
+//! `save_layer` / `wait_for_save`); handshakes run on the side channel's tokio thread,
+//! which, when a handshake completes, loads the peer and posts the queued READs at once
+//! instead of waiting for the next engine step. Pull paths go through one mutex; NIXL
+//! calls made under it are short (post, poll, notify).
+//!
+//! Push mode (P) adds a writer thread (`kvbridge-push`): the engine thread and the side
+//! channel only send it [`Work`] over a channel and touch the push state under a short
+//! lock of its own ([`PushCtl`]), so the engine step never waits on a WRITE being posted.
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::pull::{Action, PullStats, PullWorker};
+use super::push::PushAction;
+use super::push_io::{self, DPeer, Geometry, Job, PushCtl, PushStats, Work, WriterState};
 use super::FinishedSets;
-use crate::config::ConnectorConfig;
+use crate::config::{ConnectorConfig, TransferMode};
 use crate::error::{Error, HandshakeError, TransportError};
 use crate::layout::{KvLayout, TensorInfo};
-use crate::side_channel::{PayloadCell, SideChannel};
+use crate::plan::TransferPlan;
+use crate::side_channel::{PayloadCell, RegisterHandler, SideChannel};
 use crate::transport::{Transport, XferId, XferPoll};
-use crate::wire::{self, AgentMetadata, ConnectorMetadata, HandshakePayload, HandshakeRequest, WIRE_VERSION};
+use crate::wire::{self, AgentMetadata, ConnectorMetadata, HandshakePayload, HandshakeRequest, Notif, PushRegistration, WIRE_VERSION};
 
 pub fn now_unix() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
@@ -36,10 +46,23 @@ pub struct WorkerDriver<T: Transport + 'static> {
     payload: PayloadCell,
     block_size: u32,
     read_timeout: Duration,
+    push: Arc<Mutex<PushCtl>>,
+    /// To P's writer thread (push mode only).
+    work: Option<mpsc::Sender<Work>>,
+    stop: Arc<AtomicBool>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    /// Layer name → index (push, layer-wise).
+    layer_index: RwLock<HashMap<String, usize>>,
+    /// A forward with layer-wise writes is running.
+    layerwise_now: AtomicBool,
 }
 
 fn lock<T: Transport>(m: &Mutex<Inner<T>>) -> MutexGuard<'_, Inner<T>> {
     // A panic while holding the lock would be a bug in this crate; keep serving anyway.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn lock_ctl(m: &Mutex<PushCtl>) -> MutexGuard<'_, PushCtl> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -50,15 +73,42 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         let mut core = PullWorker::new(cfg.engine_id.clone(), cfg.tp_rank, cfg.tp_size, hash, cfg.enforce_handshake_compat);
         core.coalesce = cfg.coalesce_descriptors;
         core.null_block = cfg.null_block_id;
-        let side = SideChannel::new().map_err(|e| Error::Other(format!("cannot start side-channel runtime: {e}")))?;
+        let side = Arc::new(SideChannel::new().map_err(|e| Error::Other(format!("cannot start side-channel runtime: {e}")))?);
+        let inner = Arc::new(Mutex::new(Inner { core, transport, xfers: HashMap::new() }));
+        let push = Arc::new(Mutex::new(PushCtl::new(cfg.engine_id.clone(), cfg.tp_size, cfg.kv_lease_duration.as_secs_f64())));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (work, writer) = if cfg.mode == TransferMode::Push && cfg.role.can_produce() {
+            let (tx, rx) = mpsc::channel();
+            let w = Writer { inner: inner.clone(), side: side.clone(), cfg: cfg.clone(), push: push.clone(), tx: tx.clone(), st: WriterState::default() };
+            let stop2 = stop.clone();
+            let h = std::thread::Builder::new()
+                .name("kvbridge-push".into())
+                .spawn(move || w.run(rx, stop2))
+                .map_err(|e| Error::Other(format!("cannot start the push writer thread: {e}")))?;
+            (Some(tx), Some(h))
+        } else {
+            (None, None)
+        };
         Ok(Self {
             block_size: cfg.compat.block_size,
             read_timeout: cfg.kv_lease_duration,
             cfg,
-            inner: Arc::new(Mutex::new(Inner { core, transport, xfers: HashMap::new() })),
-            side: Arc::new(side),
+            inner,
+            side,
             payload: Arc::new(Mutex::new(None)),
+            push,
+            work,
+            stop,
+            writer,
+            layer_index: RwLock::new(HashMap::new()),
+            layerwise_now: AtomicBool::new(false),
         })
+    }
+
+    fn send_work(&self, w: Work) {
+        if let Some(tx) = &self.work {
+            let _ = tx.send(w);
+        }
     }
 
     pub fn config(&self) -> &ConnectorConfig {
@@ -84,6 +134,13 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 nixl_md,
             };
             g.core.on_registered(layout.clone(), self.block_size);
+            if self.work.is_some() {
+                let (geo, names) = Geometry::new(&layout, tensors, num_blocks, md.clone());
+                if let Ok(mut li) = self.layer_index.write() {
+                    *li = names;
+                }
+                self.send_work(Work::Registered(Box::new(geo)));
+            }
             wire::encode(
                 "HandshakePayload",
                 &HandshakePayload {
@@ -97,20 +154,181 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             *p = Some(payload);
         }
         let port = self.cfg.local_listener_port().ok_or_else(|| Error::Other("side-channel port out of range".into()))?;
-        self.side.serve(&self.cfg.side_channel_host, port, self.payload.clone())?;
+        let on_register: Option<RegisterHandler> = self.work.as_ref().map(|tx| {
+            let push = self.push.clone();
+            let tx = Mutex::new(tx.clone());
+            let h: RegisterHandler = Arc::new(move |reg: PushRegistration| {
+                let actions = {
+                    let mut c = lock_ctl(&push);
+                    match c.sender.on_registration(reg.clone(), now_unix()) {
+                        Ok(a) => {
+                            c.stats.registrations_accepted += 1;
+                            a
+                        }
+                        Err(e) => {
+                            c.stats.registrations_refused += 1;
+                            return Err(e.to_string());
+                        }
+                    }
+                };
+                tracing::debug!(request_id = %reg.request_id, transfer_id = %reg.transfer_id, from = %reg.engine_id, rank = reg.tp_rank, writes = actions.len(), "kvbridge: push registration accepted");
+                let tx = tx.lock().map_err(|_| "writer unavailable".to_string())?;
+                let _ = tx.send(Work::Connect(reg));
+                for action in actions {
+                    let _ = tx.send(Work::Action { action, layerwise: false });
+                }
+                Ok(())
+            });
+            h
+        });
+        self.side.serve_with(&self.cfg.side_channel_host, port, self.payload.clone(), on_register)?;
         tracing::info!(regions = layout.regions.len(), num_blocks, port, "kvbridge: KV caches registered");
         Ok(layout)
     }
 
     /// Bind a step's metadata (opaque bytes from the scheduler) and start loads.
     pub fn start_load(&self, metadata: &[u8]) -> Result<(), Error> {
-        let md = ConnectorMetadata::from_bytes(metadata)?;
+        let mut md = ConnectorMetadata::from_bytes(metadata)?;
         if md.is_empty() {
+            return Ok(());
+        }
+        self.start_push(&mut md);
+        if md.reqs_to_recv.is_empty() && md.reqs_to_send.is_empty() && md.reqs_failed.is_empty() {
             return Ok(());
         }
         let actions = lock(&self.inner).core.on_metadata(md, now_unix());
         run(&self.inner, &self.side, &self.cfg, actions);
         Ok(())
+    }
+
+    /// The push parts of a step's metadata.
+    fn start_push(&self, md: &mut ConnectorMetadata) {
+        let now = now_unix();
+        let saves = std::mem::take(&mut md.push_saves);
+        let finished = std::mem::take(&mut md.push_finished);
+        let register = std::mem::take(&mut md.push_register);
+        let aborted = std::mem::take(&mut md.push_aborted);
+        if saves.is_empty() && finished.is_empty() && register.is_empty() && aborted.is_empty() {
+            return;
+        }
+        let mut work = Vec::new();
+        let mut sends = Vec::new();
+        {
+            let mut c = lock_ctl(&self.push);
+            if !saves.is_empty() && self.work.is_some() {
+                work.push(Work::ForwardStart);
+                self.layerwise_now.store(true, Ordering::Release);
+                for s in saves {
+                    for action in c.sender.on_computing(&s.req_id, &s.transfer_id, s.block_ids, s.num_tokens) {
+                        work.push(Work::Action { action, layerwise: true });
+                    }
+                    c.computing.push(s.req_id);
+                }
+            }
+            for s in finished {
+                let actions = if s.aborted {
+                    c.sender.on_aborted(&s.req_id, &s.transfer_id, now, s.hold)
+                } else {
+                    c.sender.on_finished(&s.req_id, &s.transfer_id, s.block_ids, s.num_tokens, s.expiry_unix, 0)
+                };
+                work.extend(actions.into_iter().map(|action| Work::Action { action, layerwise: false }));
+            }
+            // D side.
+            for r in register {
+                let ranks = match push_io::p_ranks_for(self.cfg.tp_size, self.cfg.tp_rank, r.tp_size) {
+                    Ok(q) => q,
+                    Err(e) => {
+                        if !r.notify_only {
+                            tracing::error!(request_id = %r.req_id, error = %e, "kvbridge: cannot register with the prefill engine");
+                            c.receiver.on_registered(&r.req_id, 1, f64::INFINITY);
+                            c.d_blocks.insert(r.req_id.clone(), r.local_block_ids.concat());
+                            c.receiver.on_registration_failed(&r.req_id, e.to_string());
+                        }
+                        continue;
+                    }
+                };
+                let Some(my_port) = self.cfg.local_listener_port() else { continue };
+                if !r.notify_only {
+                    let deadline = now + self.cfg.push_registration_timeout.as_secs_f64();
+                    c.receiver.on_registered(&r.req_id, ranks.len() as u32, deadline);
+                    c.d_blocks.insert(r.req_id.clone(), r.local_block_ids.concat());
+                }
+                for q in ranks {
+                    let Some(port) = u16::try_from(q).ok().and_then(|q| r.port.checked_add(q)) else { continue };
+                    c.stats.registrations_sent += 1;
+                    sends.push((
+                        r.host.clone(),
+                        port,
+                        PushRegistration {
+                            version: WIRE_VERSION,
+                            transfer_id: r.transfer_id.clone(),
+                            request_id: r.req_id.clone(),
+                            target_engine_id: r.engine_id.clone(),
+                            engine_id: self.cfg.engine_id.clone(),
+                            host: self.cfg.side_channel_host.clone(),
+                            port: my_port,
+                            tp_size: self.cfg.tp_size,
+                            tp_rank: self.cfg.tp_rank,
+                            block_ids: if r.notify_only { vec![Vec::new()] } else { r.local_block_ids.clone() },
+                            num_tokens: r.num_tokens,
+                        },
+                    ));
+                }
+            }
+            for r in aborted {
+                if c.receiver.is_waiting(&r) {
+                    c.d_aborted.insert(r);
+                } else {
+                    c.d_release.push(r);
+                }
+            }
+        }
+        for w in work {
+            self.send_work(w);
+        }
+        for (host, port, reg) in sends {
+            let push = self.push.clone();
+            let req = reg.request_id.clone();
+            tracing::debug!(request_id = %req, %host, port, "kvbridge: registering blocks with the prefill engine");
+            self.side.register(host.clone(), port, reg, self.cfg.handshake_timeout, move |res| {
+                if let Err(reason) = res {
+                    tracing::error!(request_id = %req, %host, port, %reason, "kvbridge: push registration failed");
+                    lock_ctl(&push).receiver.on_registration_failed(&req, format!("registration with {host}:{port} failed: {reason}"));
+                }
+            });
+        }
+    }
+
+    /// Push, P: layer `layer_name` is computed in the running forward. Never blocks on
+    /// the network: the writer thread posts the WRITEs.
+    pub fn save_layer(&self, layer_name: &str) {
+        if !self.layerwise_now.load(Ordering::Acquire) {
+            return;
+        }
+        let idx = self.layer_index.read().ok().and_then(|m| m.get(layer_name).copied());
+        if let Some(i) = idx {
+            self.send_work(Work::Layer(i));
+        }
+    }
+
+    /// Push, P: the forward ended. The WRITEs it started finish on the writer thread;
+    /// P's blocks stay held until they have.
+    pub fn wait_for_save(&self) {
+        if !self.layerwise_now.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let computing = std::mem::take(&mut lock_ctl(&self.push).computing);
+        self.send_work(Work::ForwardDone { computing });
+    }
+
+    pub fn push_stats(&self) -> PushStats {
+        lock_ctl(&self.push).stats.clone()
+    }
+
+    /// Push: requests P holds for D ranks, and D requests waiting for P's writes.
+    pub fn push_pending(&self) -> (usize, usize) {
+        let c = lock_ctl(&self.push);
+        (c.sender.held(), c.receiver.waiting())
     }
 
     /// Poll transfers and notifications; return what finished since the last call.
@@ -128,8 +346,9 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         loop {
             let f = self.poll_once();
             let waiting = {
+                let (held, recv) = self.push_pending();
                 let g = lock(&self.inner);
-                g.core.base.held_requests() > 0 || !g.xfers.is_empty()
+                g.core.base.held_requests() > 0 || !g.xfers.is_empty() || held > 0 || recv > 0
             };
             if f != FinishedSets::default() || !waiting || t0.elapsed() >= max_wait {
                 return f;
@@ -162,20 +381,60 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 follow.extend(g.core.on_read_done(&req, &key, res, now));
             }
         }
-        match g.transport.take_notifs() {
-            Ok(ns) => {
-                for n in ns {
-                    g.core.base.on_notif(&n, now);
+        let notifs = match g.transport.take_notifs() {
+            Ok(ns) => ns,
+            Err(e) => {
+                tracing::warn!(error = %e, "kvbridge: reading notifications failed");
+                Vec::new()
+            }
+        };
+        let push_mode = self.cfg.mode == TransferMode::Push;
+        let mut c = lock_ctl(&self.push);
+        for n in notifs {
+            // Push (D): P's write notifications. Everything else is a pull reader's.
+            if push_mode {
+                if let Ok(parsed) = Notif::from_bytes(&n) {
+                    if c.receiver.on_notif(&parsed) {
+                        continue;
+                    }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "kvbridge: reading notifications failed"),
+            g.core.base.on_notif(&n, now);
         }
         g.core.base.tick(now);
         drop(g);
         if !follow.is_empty() {
             run(&self.inner, &self.side, &self.cfg, follow);
         }
-        lock(&self.inner).core.base.take_finished()
+        let mut out = lock(&self.inner).core.base.take_finished();
+        if push_mode {
+            c.receiver.tick(now);
+            let (ok, failed) = c.receiver.take();
+            for r in ok {
+                c.d_blocks.remove(&r);
+                c.stats.recv_ok += 1;
+                if c.d_aborted.remove(&r) {
+                    out.sending.push(r);
+                } else {
+                    out.recving.push(r);
+                }
+            }
+            for (r, reason) in failed {
+                let blocks = c.d_blocks.remove(&r).unwrap_or_default();
+                c.stats.recv_failed += 1;
+                if c.d_aborted.remove(&r) {
+                    out.sending.push(r);
+                    continue;
+                }
+                tracing::error!(request_id = %r, %reason, "kvbridge: push load failed");
+                out.invalid_block_ids.extend(blocks.into_iter().filter(|&b| Some(b) != self.cfg.null_block_id));
+                out.recving.push(r.clone());
+                out.failed_recving.push(r);
+            }
+            out.sending.extend(c.sender.take_sending());
+            out.sending.append(&mut c.d_release);
+        }
+        out
     }
 
     pub fn stats(&self) -> PullStats {
@@ -189,6 +448,320 @@ impl<T: Transport + 'static> WorkerDriver<T> {
 
     pub fn in_flight(&self) -> usize {
         lock(&self.inner).xfers.len()
+    }
+}
+
+impl<T: Transport + 'static> Drop for WorkerDriver<T> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.work = None;
+        if let Some(h) = self.writer.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// P's writer thread: every push-mode NIXL call is made here.
+struct Writer<T: Transport + 'static> {
+    inner: Arc<Mutex<Inner<T>>>,
+    side: Arc<SideChannel>,
+    cfg: ConnectorConfig,
+    push: Arc<Mutex<PushCtl>>,
+    tx: mpsc::Sender<Work>,
+    st: WriterState,
+}
+
+impl<T: Transport + 'static> Writer<T> {
+    fn run(mut self, rx: mpsc::Receiver<Work>, stop: Arc<AtomicBool>) {
+        while !stop.load(Ordering::Acquire) {
+            // Poll in-flight WRITEs every 100 µs; otherwise wake on work, or every 20 ms
+            // to expire leases and stale registrations.
+            let wait = if self.st.wxfers.is_empty() { Duration::from_millis(20) } else { Duration::from_micros(100) };
+            let first = match rx.recv_timeout(wait) {
+                Ok(w) => Some(w),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let now = now_unix();
+            for w in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                self.handle(w, now);
+            }
+            self.poll(now);
+            let expired = lock_ctl(&self.push).sender.tick(now);
+            for action in expired {
+                self.dispatch(action, false, now);
+            }
+        }
+    }
+
+    fn handle(&mut self, w: Work, now: f64) {
+        match w {
+            Work::Registered(g) => self.st.geo = *g,
+            Work::Connect(reg) => {
+                let key = push_io::d_key(&reg);
+                if !self.st.d_peers.contains_key(&key) {
+                    self.st.d_peers.insert(key.clone(), DPeer::Handshaking { pending: Vec::new() });
+                    self.handshake(key, reg);
+                }
+            }
+            Work::Action { action, layerwise } => self.dispatch(action, layerwise, now),
+            Work::ForwardStart => self.st.layers_done = Some(vec![false; self.st.geo.num_layers.max(1)]),
+            Work::Layer(i) => {
+                if let Some(d) = self.st.layers_done.as_mut().and_then(|d| d.get_mut(i)) {
+                    *d = true;
+                }
+                self.post_pending(now);
+            }
+            Work::ForwardDone { computing } => {
+                self.st.layers_done = None;
+                self.post_pending(now);
+                let mut actions = Vec::new();
+                {
+                    let mut c = lock_ctl(&self.push);
+                    for r in &computing {
+                        actions.extend(c.sender.on_computed(r));
+                    }
+                }
+                for a in actions {
+                    self.dispatch(a, false, now);
+                }
+            }
+            Work::PeerDone { key, res } => {
+                let pending = match self.st.d_peers.remove(&key) {
+                    Some(DPeer::Handshaking { pending }) => pending,
+                    _ => Vec::new(),
+                };
+                let loaded = res.and_then(|(plan, md)| {
+                    let t0 = std::time::Instant::now();
+                    lock(&self.inner).transport.add_remote(&key, &md).map_err(Error::from)?;
+                    tracing::info!(%key, ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: push peer loaded, write plan ready");
+                    Ok(plan)
+                });
+                match loaded {
+                    Ok(plan) => {
+                        self.st.d_peers.insert(key, DPeer::Ready { plan });
+                        for (a, lw) in pending {
+                            self.dispatch(a, lw, now);
+                        }
+                    }
+                    Err(e) => {
+                        // D cannot be reached through NIXL: its requests time out there.
+                        tracing::error!(%key, error = %e, "kvbridge: cannot load the decode rank; its writes are dropped");
+                        let mut c = lock_ctl(&self.push);
+                        for (a, _) in pending {
+                            if let PushAction::Write { p_req, .. } = a {
+                                c.stats.writes_failed += 1;
+                                c.sender.on_write_done(&p_req);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fetch D rank `reg`'s handshake payload; check and plan on the side-channel thread,
+    /// then hand the result back to the writer.
+    fn handshake(&self, key: String, reg: PushRegistration) {
+        let req = HandshakeRequest { version: WIRE_VERSION, from_engine: self.cfg.engine_id.clone(), from_tp_rank: self.cfg.tp_rank };
+        let tx = self.tx.clone();
+        let geo = self.st.geo.clone();
+        let inner = self.inner.clone();
+        let null = self.cfg.null_block_id;
+        let p_tp = self.cfg.tp_size;
+        let addr = format!("{}:{}", reg.host, reg.port);
+        tracing::debug!(%key, %addr, "kvbridge: push handshake with a decode rank");
+        self.side.fetch(reg.host.clone(), reg.port, req, self.cfg.handshake_timeout, move |res| {
+            let out = (|| -> Result<(Box<TransferPlan>, AgentMetadata), Error> {
+                let bytes = res?;
+                let md = lock(&inner).core.check_payload(&reg.engine_id, &addr, &bytes)?;
+                if md.tp_rank != reg.tp_rank || md.tp_size != reg.tp_size {
+                    return Err(HandshakeError::Rejected {
+                        addr: addr.clone(),
+                        reason: format!("registered as rank {} of {}, handshake says {} of {}", reg.tp_rank, reg.tp_size, md.tp_rank, md.tp_size),
+                    }
+                    .into());
+                }
+                let ranks = push_io::p_ranks_for(md.tp_size, md.tp_rank, p_tp)?;
+                let p_mds = ranks.iter().map(|&q| geo.sibling_md(q)).collect::<Result<Vec<_>, _>>()?;
+                let plan = TransferPlan::build_push(&md, &p_mds, null)?;
+                Ok((Box::new(plan), md))
+            })();
+            let _ = tx.send(Work::PeerDone { key, res: out });
+        });
+    }
+
+    fn notify(&self, key: &str, msg: &[u8]) {
+        if let Err(e) = lock(&self.inner).transport.notify(key, msg) {
+            tracing::warn!(%key, error = %e, "kvbridge: push notification failed");
+        }
+    }
+
+    fn dispatch(&mut self, action: PushAction, layerwise: bool, now: f64) {
+        let reg = match &action {
+            PushAction::Write { reg, .. } | PushAction::Reject { reg, .. } => reg,
+        };
+        let key = push_io::d_key(reg);
+        let plan = match self.st.d_peers.get_mut(&key) {
+            Some(DPeer::Ready { plan }) => plan,
+            Some(DPeer::Handshaking { pending }) => return pending.push((action, layerwise)),
+            None => {
+                let reg = reg.clone();
+                self.st.d_peers.insert(key.clone(), DPeer::Handshaking { pending: vec![(action, layerwise)] });
+                return self.handshake(key, reg);
+            }
+        };
+        let me = (self.cfg.engine_id.as_str(), self.cfg.tp_rank);
+        match action {
+            PushAction::Reject { reg, reason } => {
+                tracing::warn!(request_id = %reg.request_id, %reason, "kvbridge: telling the decode rank its request will not be written");
+                let msg = push_io::notif(&reg, me.0, me.1, false, 1);
+                self.notify(&key, &msg);
+            }
+            PushAction::Write { p_req, p_blocks, reg, .. } => {
+                let pieces = push_io::write_pieces(plan, me.1, &p_blocks, &reg, self.cfg.coalesce_descriptors);
+                let pieces = match pieces {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(request_id = %p_req, d_request = %reg.request_id, error = %e, "kvbridge: cannot plan the push write");
+                        self.notify(&key, &push_io::notif(&reg, me.0, me.1, false, 1));
+                        let mut c = lock_ctl(&self.push);
+                        c.stats.writes_failed += 1;
+                        c.sender.on_write_done(&p_req);
+                        return;
+                    }
+                };
+                if pieces.is_empty() {
+                    // Nothing of ours to write (another rank holds it, or D needs nothing).
+                    self.notify(&key, &push_io::notif(&reg, me.0, me.1, true, 1));
+                    lock_ctl(&self.push).sender.on_write_done(&p_req);
+                    return;
+                }
+                let bytes = pieces.iter().map(|p| p.len).sum();
+                let layers = if layerwise { self.st.geo.by_layer(pieces) } else { vec![pieces] };
+                let writes = layers.iter().filter(|l| !l.is_empty()).count() as u32;
+                let job = Job {
+                    p_req,
+                    key,
+                    posted: layers.iter().map(Vec::is_empty).collect(),
+                    layers,
+                    layerwise,
+                    notif_ok: push_io::notif(&reg, me.0, me.1, true, writes),
+                    notif_fail: push_io::notif(&reg, me.0, me.1, false, writes),
+                    in_flight: 0,
+                    failed: false,
+                    bytes,
+                    started: now,
+                };
+                self.st.next_job += 1;
+                let id = self.st.next_job;
+                self.st.jobs.insert(id, job);
+                self.post(id, now);
+            }
+        }
+    }
+
+    fn post_pending(&mut self, now: f64) {
+        let ids: Vec<u64> = self.st.jobs.iter().filter(|(_, j)| j.posted.iter().any(|p| !p)).map(|(i, _)| *i).collect();
+        for id in ids {
+            self.post(id, now);
+        }
+    }
+
+    /// Post what job `id` may post now: every layer already computed (all of them when
+    /// not layer-wise, or when no forward is running).
+    fn post(&mut self, id: u64, now: f64) {
+        let Some(job) = self.st.jobs.get_mut(&id) else { return };
+        let mut g = lock(&self.inner);
+        for i in 0..job.layers.len() {
+            if job.posted[i] || job.failed {
+                continue;
+            }
+            let ready = !job.layerwise || self.st.layers_done.as_ref().is_none_or(|d| d.get(i).copied().unwrap_or(true));
+            if !ready {
+                continue;
+            }
+            job.posted[i] = true;
+            match g.transport.write(&job.key, &job.layers[i], &job.notif_ok) {
+                Ok(x) => {
+                    job.in_flight += 1;
+                    self.st.wxfers.insert(x, id);
+                }
+                Err(e) => {
+                    tracing::error!(request_id = %job.p_req, key = %job.key, error = %e, "kvbridge: push WRITE could not be posted; failing the decode side");
+                    job.failed = true;
+                    if let Err(e) = g.transport.notify(&job.key, &job.notif_fail) {
+                        tracing::warn!(key = %job.key, error = %e, "kvbridge: push notification failed");
+                    }
+                }
+            }
+        }
+        if job.failed {
+            job.posted.iter_mut().for_each(|p| *p = true);
+        }
+        drop(g);
+        lock_ctl(&self.push).stats.write_posts += 1;
+        self.maybe_finish(id, now);
+    }
+
+    fn maybe_finish(&mut self, id: u64, now: f64) {
+        let done = self.st.jobs.get(&id).is_some_and(|j| j.in_flight == 0 && j.posted.iter().all(|&p| p));
+        if !done {
+            return;
+        }
+        let Some(job) = self.st.jobs.remove(&id) else { return };
+        let mut c = lock_ctl(&self.push);
+        if job.failed {
+            c.stats.writes_failed += 1;
+        } else {
+            c.stats.writes_ok += 1;
+            c.stats.bytes_written += job.bytes;
+            c.stats.last_write_secs = (now - job.started).max(0.0);
+            tracing::info!(request_id = %job.p_req, key = %job.key, bytes = job.bytes, secs = now - job.started, layerwise = job.layerwise, "kvbridge-push");
+        }
+        c.sender.on_write_done(&job.p_req);
+    }
+
+    fn poll(&mut self, now: f64) {
+        if self.st.wxfers.is_empty() {
+            return;
+        }
+        let timeout = self.cfg.kv_lease_duration.as_secs_f64();
+        let mut ended = Vec::new();
+        {
+            let mut g = lock(&self.inner);
+            for (&x, &id) in &self.st.wxfers {
+                let started = self.st.jobs.get(&id).map(|j| j.started).unwrap_or(now);
+                let res = match g.transport.poll(x) {
+                    Ok(XferPoll::Pending) if now - started > timeout => Some(false),
+                    Ok(XferPoll::Pending) => None,
+                    Ok(XferPoll::Done) => Some(true),
+                    Err(e) => {
+                        tracing::error!(error = %e, "kvbridge: push WRITE failed");
+                        Some(false)
+                    }
+                };
+                if let Some(ok) = res {
+                    g.transport.release(x);
+                    ended.push((x, id, ok));
+                }
+            }
+            for &(x, id, ok) in &ended {
+                self.st.wxfers.remove(&x);
+                let Some(job) = self.st.jobs.get_mut(&id) else { continue };
+                job.in_flight = job.in_flight.saturating_sub(1);
+                if !ok && !job.failed {
+                    job.failed = true;
+                    job.posted.iter_mut().for_each(|p| *p = true);
+                    if let Err(e) = g.transport.notify(&job.key, &job.notif_fail) {
+                        tracing::warn!(key = %job.key, error = %e, "kvbridge: push notification failed");
+                    }
+                }
+            }
+        }
+        for (_, id, _) in ended {
+            self.maybe_finish(id, now);
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use crate::wire::{Notif, SendLease};
 pub mod driver;
 pub mod pull;
 pub mod push;
+pub mod push_io;
 
 pub use driver::WorkerDriver;
 pub use pull::PullWorker;

@@ -305,7 +305,7 @@ impl PullWorker {
     }
 
     /// Check a handshake reply: the hash first, then the metadata.
-    fn check_payload(&self, engine_id: &str, addr: &str, bytes: &[u8]) -> Result<AgentMetadata, Error> {
+    pub(crate) fn check_payload(&self, engine_id: &str, addr: &str, bytes: &[u8]) -> Result<AgentMetadata, Error> {
         let p: HandshakePayload = wire::decode("HandshakePayload", bytes, MAX_HANDSHAKE_BYTES)?;
         if let Some(reason) = p.error {
             return Err(HandshakeError::Rejected { addr: addr.into(), reason }.into());

@@ -35,10 +35,22 @@ struct Ready {
     blocks: Vec<Vec<u32>>,
     num_tokens: u64,
     expiry: f64,
-    /// D ranks that will register with this P rank for the request.
+    /// D ranks that will register with this P rank for the request (0: not known until
+    /// the first registration says D's TP size).
     expected: u32,
     started: u32,
     done: u32,
+    /// The request finished on P (its blocks are held for us until we release them).
+    finished: bool,
+    /// Layer-wise: the forward that computes the KV is running; registrations that
+    /// arrive now wait for it to end.
+    computing: bool,
+    deferred: Vec<PushRegistration>,
+}
+
+/// How many D ranks register with each P rank, from D's TP size (0 if they do not map).
+pub fn registrations_per_rank(p_tp: u32, d_tp: u32) -> u32 {
+    crate::plan::TpMapping::new(d_tp, 0, p_tp).map(|t| t.notifs_per_remote_rank).unwrap_or(0)
 }
 
 /// The match key: the transfer id, else the base request id.
@@ -54,6 +66,8 @@ pub fn push_key(transfer_id: &str, request_id: &str) -> String {
 #[derive(Debug)]
 pub struct PushSender {
     engine_id: String,
+    /// This (P) engine's TP size.
+    p_tp: u32,
     /// Finished requests whose blocks wait for (more) registrations, by key.
     ready: HashMap<String, Ready>,
     by_req: HashMap<String, String>,
@@ -74,6 +88,7 @@ impl PushSender {
     pub fn new(engine_id: String, registration_ttl: f64) -> Self {
         Self {
             engine_id,
+            p_tp: 1,
             ready: HashMap::new(),
             by_req: HashMap::new(),
             orphans: HashMap::new(),
@@ -86,9 +101,70 @@ impl PushSender {
         }
     }
 
-    fn write(r: &mut Ready, reg: PushRegistration) -> PushAction {
+    pub fn set_tp_size(&mut self, p_tp: u32) {
+        self.p_tp = p_tp.max(1);
+    }
+
+    fn write(p_tp: u32, r: &mut Ready, reg: PushRegistration) -> PushAction {
+        if r.expected == 0 {
+            r.expected = registrations_per_rank(p_tp, reg.tp_size).max(1);
+        }
         r.started += 1;
         PushAction::Write { p_req: r.p_req.clone(), p_blocks: r.blocks.clone(), num_tokens: r.num_tokens, reg }
+    }
+
+    fn full(r: &Ready) -> bool {
+        r.expected != 0 && r.started >= r.expected
+    }
+
+    /// Layer-wise: `p_req`'s prefill completes in the forward about to run. Registrations
+    /// already here are claimed now (their writes go layer by layer); later ones wait for
+    /// [`on_computed`](Self::on_computed).
+    pub fn on_computing(&mut self, p_req: &str, transfer_id: &str, blocks: Vec<Vec<u32>>, num_tokens: u64) -> Vec<PushAction> {
+        let key = push_key(transfer_id, p_req);
+        if self.ready.contains_key(&key) || self.aborted.contains_key(&key) {
+            return Vec::new();
+        }
+        let r = Ready {
+            p_req: p_req.to_string(),
+            blocks,
+            num_tokens,
+            expiry: f64::INFINITY,
+            expected: 0,
+            started: 0,
+            done: 0,
+            finished: false,
+            computing: true,
+            deferred: Vec::new(),
+        };
+        self.insert_ready(key, r)
+    }
+
+    /// Layer-wise: the forward ended; registrations that arrived during it are written now.
+    pub fn on_computed(&mut self, p_req: &str) -> Vec<PushAction> {
+        let Some(key) = self.by_req.get(p_req).cloned() else { return Vec::new() };
+        let Some(r) = self.ready.get_mut(&key) else { return Vec::new() };
+        r.computing = false;
+        let p_tp = self.p_tp;
+        std::mem::take(&mut r.deferred).into_iter().map(|reg| Self::write(p_tp, r, reg)).collect()
+    }
+
+    /// Attach waiting registrations to a new entry and index it.
+    fn insert_ready(&mut self, key: String, mut r: Ready) -> Vec<PushAction> {
+        let mut out = Vec::new();
+        if let Some(regs) = self.orphans.remove(&key) {
+            self.orphan_count -= regs.len();
+            for (reg, _) in regs {
+                if !Self::full(&r) {
+                    out.push(Self::write(self.p_tp, &mut r, reg));
+                } else {
+                    out.push(PushAction::Reject { reg, reason: "more D ranks registered than the TP sizes allow".into() });
+                }
+            }
+        }
+        self.by_req.insert(r.p_req.clone(), key.clone());
+        self.ready.insert(key, r);
+        out
     }
 
     /// P finished prefilling `p_req`; its blocks are held until `expiry` for `expected`
@@ -103,7 +179,18 @@ impl PushSender {
         expected: u32,
     ) -> Vec<PushAction> {
         let key = push_key(transfer_id, p_req);
-        if self.ready.contains_key(&key) {
+        if let Some(r) = self.ready.get_mut(&key) {
+            if r.p_req == p_req && !r.finished {
+                // Started layer-wise in the step that computed it: now it is held for us.
+                r.finished = true;
+                r.expiry = expiry;
+                if expected != 0 {
+                    r.expected = expected;
+                }
+                let out = self.on_computed(p_req);
+                self.release_if_done(&key);
+                return out;
+            }
             // The transfer id came from the client: a second request reusing it must not
             // replace the first (whose blocks would then never be freed). Release its
             // blocks at once; its D side is not written and times out or fails.
@@ -111,21 +198,19 @@ impl PushSender {
             self.sending.push(p_req.to_string());
             return Vec::new();
         }
-        let mut r = Ready { p_req: p_req.to_string(), blocks, num_tokens, expiry, expected: expected.max(1), started: 0, done: 0 };
-        let mut out = Vec::new();
-        if let Some(regs) = self.orphans.remove(&key) {
-            self.orphan_count -= regs.len();
-            for (reg, _) in regs {
-                if r.started < r.expected {
-                    out.push(Self::write(&mut r, reg));
-                } else {
-                    out.push(PushAction::Reject { reg, reason: "more D ranks registered than the TP sizes allow".into() });
-                }
-            }
-        }
-        self.by_req.insert(p_req.to_string(), key.clone());
-        self.ready.insert(key, r);
-        out
+        let r = Ready {
+            p_req: p_req.to_string(),
+            blocks,
+            num_tokens,
+            expiry,
+            expected,
+            started: 0,
+            done: 0,
+            finished: true,
+            computing: false,
+            deferred: Vec::new(),
+        };
+        self.insert_ready(key, r)
     }
 
     /// A D rank registered its blocks. `Ok` with a write when P has already finished,
@@ -144,11 +229,15 @@ impl PushSender {
             return Err(PushError::Duplicate { transfer: key, engine: reg.engine_id, rank: reg.tp_rank });
         }
         if let Some(r) = self.ready.get_mut(&key) {
-            if r.started >= r.expected {
-                return Err(PushError::Invalid(format!("{key}: more D ranks registered than the {} expected", r.expected)));
+            if Self::full(r) || (r.expected == 0 && r.started + r.deferred.len() as u32 >= registrations_per_rank(self.p_tp, reg.tp_size)) {
+                return Err(PushError::Invalid(format!("{key}: more D ranks registered than the TP sizes allow")));
             }
             self.seen.insert(id);
-            return Ok(vec![Self::write(r, reg)]);
+            if r.computing {
+                r.deferred.push(reg);
+                return Ok(Vec::new());
+            }
+            return Ok(vec![Self::write(self.p_tp, r, reg)]);
         }
         if self.orphan_count >= MAX_ORPHANS {
             return Err(PushError::Overloaded(self.orphan_count));
@@ -165,8 +254,12 @@ impl PushSender {
         let Some(key) = self.by_req.get(p_req).cloned() else { return };
         let Some(r) = self.ready.get_mut(&key) else { return };
         r.done += 1;
-        if r.done >= r.expected {
-            self.release(&key);
+        self.release_if_done(&key);
+    }
+
+    fn release_if_done(&mut self, key: &str) {
+        if self.ready.get(key).is_some_and(|r| r.finished && r.expected != 0 && r.done >= r.expected) {
+            self.release(key);
         }
     }
 
@@ -180,20 +273,37 @@ impl PushSender {
 
     /// P aborted (or failed) a request before it finished: registrations for it, now or
     /// later, are rejected so D fails at once instead of timing out.
-    pub fn on_aborted(&mut self, p_req: &str, transfer_id: &str, now: f64) -> Vec<PushAction> {
+    ///
+    /// If layer-wise writes had started (the request is held for us), the blocks are
+    /// released once those writes end; registrations not yet written are rejected.
+    /// `hold`: vLLM holds the request's blocks for us; they are reported in
+    /// [`take_sending`](Self::take_sending) once no write is in flight.
+    pub fn on_aborted(&mut self, p_req: &str, transfer_id: &str, now: f64, hold: bool) -> Vec<PushAction> {
         let key = push_key(transfer_id, p_req);
         self.aborted.insert(key.clone(), now);
-        let regs = self.orphans.remove(&key).unwrap_or_default();
+        let reason = format!("request {p_req} was aborted on the prefill side");
+        let mut regs: Vec<PushRegistration> = self.orphans.remove(&key).unwrap_or_default().into_iter().map(|(r, _)| r).collect();
         self.orphan_count -= regs.len();
-        regs.into_iter()
-            .map(|(reg, _)| PushAction::Reject { reg, reason: format!("request {p_req} was aborted on the prefill side") })
-            .collect()
+        if let Some(r) = self.ready.get_mut(&key).filter(|r| r.p_req == p_req) {
+            regs.append(&mut r.deferred);
+            r.finished = true;
+            r.computing = false;
+            r.expected = r.started;
+            if r.started == 0 {
+                self.release(&key);
+            } else {
+                self.release_if_done(&key);
+            }
+        } else if hold {
+            self.sending.push(p_req.to_string());
+        }
+        regs.into_iter().map(|reg| PushAction::Reject { reg, reason: reason.clone() }).collect()
     }
 
     /// Expire leases (no write in flight), stale registrations and tombstones.
     pub fn tick(&mut self, now: f64) -> Vec<PushAction> {
         let expired: Vec<String> =
-            self.ready.iter().filter(|(_, r)| r.expiry <= now && r.started == r.done).map(|(k, _)| k.clone()).collect();
+            self.ready.iter().filter(|(_, r)| r.finished && r.expiry <= now && r.started == r.done).map(|(k, _)| k.clone()).collect();
         for k in expired {
             tracing::warn!(key = %k, "kvbridge: push lease expired before every D rank registered; releasing blocks");
             self.expired += 1;
@@ -238,10 +348,16 @@ impl PushSender {
 
 #[derive(Debug)]
 struct Waiting {
+    /// P ranks that write this D rank.
     expected: u32,
-    seen: u32,
+    /// Per P rank: (notifications seen, notifications that rank sends). A rank writing
+    /// layer by layer sends one per layer write, each saying how many it sends in all.
+    ranks: HashMap<u32, (u32, u32)>,
     deadline: f64,
 }
+
+/// At most this many notifications per P rank and request (layers × groups).
+const MAX_NOTIFS_PER_RANK: u32 = 1 << 16;
 
 /// D side: requests registered with P, waiting to be written.
 #[derive(Debug, Default)]
@@ -255,7 +371,7 @@ impl PushReceiver {
     /// `d_req` was registered with `expected` P ranks (each notifies once); fail it if
     /// they have not all written by `deadline`.
     pub fn on_registered(&mut self, d_req: &str, expected: u32, deadline: f64) {
-        self.waiting.insert(d_req.to_string(), Waiting { expected: expected.max(1), seen: 0, deadline });
+        self.waiting.insert(d_req.to_string(), Waiting { expected: expected.max(1), ranks: HashMap::new(), deadline });
     }
 
     /// A registration could not be delivered or P refused it: fail the request now.
@@ -274,8 +390,11 @@ impl PushReceiver {
             self.failed.push((n.request_id.clone(), format!("prefill engine {} rank {} failed to write", n.from_engine, n.from_tp_rank)));
             return true;
         }
-        w.seen += 1;
-        if w.seen >= w.expected {
+        let e = w.ranks.entry(n.from_tp_rank).or_insert((0, 1));
+        e.0 += 1;
+        e.1 = n.expected.clamp(1, MAX_NOTIFS_PER_RANK);
+        let done = w.ranks.values().filter(|(seen, want)| seen >= want).count() as u32;
+        if done >= w.expected {
             self.waiting.remove(&n.request_id);
             self.recving.push(n.request_id.clone());
         }
@@ -284,6 +403,10 @@ impl PushReceiver {
 
     /// D aborted the request: forget it (late writes land in blocks vLLM frees only after
     /// the connector reports the request finished).
+    pub fn is_waiting(&self, d_req: &str) -> bool {
+        self.waiting.contains_key(d_req)
+    }
+
     pub fn on_abort(&mut self, d_req: &str) -> bool {
         self.waiting.remove(d_req).is_some()
     }
@@ -438,7 +561,7 @@ mod tests {
     fn abort_on_p_rejects_waiting_and_later_registrations() {
         let mut p = PushSender::new("P".into(), 30.0);
         p.on_registration(reg("t1", "d-1", 0, 2), 0.0).unwrap();
-        let a = p.on_aborted("p-1", "t1", 1.0);
+        let a = p.on_aborted("p-1", "t1", 1.0, false);
         assert!(matches!(&a[..], [PushAction::Reject { .. }]));
         assert!(matches!(p.on_registration(reg("t1", "d-1", 1, 2), 2.0), Err(PushError::Aborted(_))));
         assert_eq!(p.waiting_registrations(), 0);

@@ -1,0 +1,249 @@
+//! Push mode on the scheduler side: D registers its blocks with P, P writes into them.
+//!
+//! D: a request with push params (`"transfer_mode": "push"`, P's coordinates, a transfer
+//! id) is parked as an async load; once its blocks are allocated, the workers send P a
+//! registration ([`PushRecv`]). If it is aborted while P may still write, its blocks are
+//! held until the worker says no write can land in them any more.
+//!
+//! P: a `do_remote_decode` request's blocks are held when it finishes ([`PushSend`] in
+//! `push_finished`) until every D rank has been written. With layer-wise push, the step
+//! that completes its prefill also lists it in `push_saves`, so the workers can write
+//! each layer as soon as it is computed.
+use std::collections::{HashMap, HashSet};
+
+use serde_json::json;
+
+use super::{FinishReason, Finished, Matched, SchedulerBase, SchedulerSide};
+use crate::config::ConnectorConfig;
+use crate::error::{Error, ParamsError, RoleError};
+use crate::params::{KvParams, PushPrefill};
+use crate::wire::{ConnectorMetadata, PushRecv, PushSend};
+
+#[derive(Debug)]
+pub struct PushScheduler {
+    cfg: ConnectorConfig,
+    pub base: SchedulerBase,
+    /// P: producing requests seen at matching, with their transfer ids.
+    producing: HashMap<String, String>,
+    /// P: requests listed in a layer-wise save (writes may start before they finish).
+    saving: HashSet<String>,
+    /// D: matched, not yet allocated.
+    awaiting_alloc: HashMap<String, (PushPrefill, u64)>,
+    /// D: params already acted on (see `PullScheduler::consumed`).
+    consumed: HashSet<String>,
+    /// D: aborted while P may still write; blocks held until the workers report them.
+    held_aborted: HashSet<String>,
+}
+
+impl PushScheduler {
+    pub fn new(cfg: ConnectorConfig) -> Self {
+        cfg.log_startup("scheduler");
+        Self {
+            cfg,
+            base: SchedulerBase::default(),
+            producing: HashMap::new(),
+            saving: HashSet::new(),
+            awaiting_alloc: HashMap::new(),
+            consumed: HashSet::new(),
+            held_aborted: HashSet::new(),
+        }
+    }
+
+    fn reject(&mut self, req_id: &str, num_prompt_tokens: u64, num_computed_tokens: u64, err: Error) -> Matched {
+        let reason = err.to_string();
+        tracing::error!(request_id = %req_id, error = %reason, "kvbridge: rejecting request");
+        let count = num_prompt_tokens.saturating_sub(num_computed_tokens);
+        if count == 0 {
+            return Matched::NONE;
+        }
+        self.base.rejected.insert(req_id.to_string(), reason);
+        Matched { num_tokens: count, load_async: true }
+    }
+
+    fn recv(req_id: &str, pp: &PushPrefill, num_tokens: u64, local: Vec<u32>, notify_only: bool) -> PushRecv {
+        PushRecv {
+            req_id: req_id.to_string(),
+            transfer_id: pp.transfer_id.clone(),
+            local_block_ids: vec![local],
+            num_tokens,
+            notify_only,
+            engine_id: pp.remote_engine_id.clone(),
+            host: pp.remote_host.clone(),
+            port: pp.remote_port,
+            tp_size: pp.tp_size,
+        }
+    }
+
+    /// Requests D holds after an abort (for tests and stats).
+    pub fn held_aborted(&self) -> usize {
+        self.held_aborted.len()
+    }
+}
+
+impl SchedulerSide for PushScheduler {
+    fn config(&self) -> &ConnectorConfig {
+        &self.cfg
+    }
+
+    fn get_num_new_matched_tokens(
+        &mut self,
+        req_id: &str,
+        num_prompt_tokens: u64,
+        num_computed_tokens: u64,
+        kv_transfer_params: Option<&str>,
+    ) -> Matched {
+        if self.consumed.contains(req_id) {
+            return Matched::NONE;
+        }
+        self.base.rejected.remove(req_id);
+        self.awaiting_alloc.remove(req_id);
+        let params = match KvParams::parse_json(kv_transfer_params) {
+            Ok(p) => p,
+            Err(e) => return self.reject(req_id, num_prompt_tokens, num_computed_tokens, e.into()),
+        };
+        match params {
+            KvParams::None => Matched::NONE,
+            KvParams::RemoteDecode if self.cfg.role.can_produce() => match KvParams::transfer_id(kv_transfer_params) {
+                Ok(t) => {
+                    self.producing.insert(req_id.to_string(), t.unwrap_or_default());
+                    Matched::NONE
+                }
+                Err(e) => self.reject(req_id, num_prompt_tokens, num_computed_tokens, e.into()),
+            },
+            KvParams::RemoteDecode => self.reject(req_id, num_prompt_tokens, num_computed_tokens, RoleError::RemoteDecodeOnConsumer.into()),
+            KvParams::PushPrefill(_) | KvParams::RemotePrefill(_) if !self.cfg.role.can_consume() => {
+                self.reject(req_id, num_prompt_tokens, num_computed_tokens, RoleError::RemotePrefillOnProducer.into())
+            }
+            KvParams::RemotePrefill(_) => self.reject(
+                req_id,
+                num_prompt_tokens,
+                num_computed_tokens,
+                ParamsError::Invalid(
+                    "pull-mode params (remote_block_ids) sent to a push-mode engine: send \"transfer_mode\": \"push\" with P's address".into(),
+                )
+                .into(),
+            ),
+            KvParams::PushPrefill(pp) => {
+                let count = num_prompt_tokens.saturating_sub(num_computed_tokens);
+                tracing::debug!(request_id = %req_id, count, transfer_id = %pp.transfer_id, "kvbridge: push prefill matched");
+                self.awaiting_alloc.insert(req_id.to_string(), (pp, num_prompt_tokens));
+                Matched { num_tokens: count, load_async: count > 0 }
+            }
+        }
+    }
+
+    fn update_state_after_alloc(&mut self, req_id: &str, unhashed_block_ids: &[u32], num_external_tokens: u64) {
+        if let Some(reason) = self.base.rejected.remove(req_id) {
+            self.consumed.insert(req_id.to_string());
+            self.base.loading.insert(req_id.to_string());
+            self.base.push_failed(req_id, reason);
+            return;
+        }
+        let Some((pp, n)) = self.awaiting_alloc.remove(req_id) else { return };
+        self.consumed.insert(req_id.to_string());
+        let load = num_external_tokens > 0;
+        if load {
+            self.base.loading.insert(req_id.to_string());
+        }
+        let local = if load { unhashed_block_ids.to_vec() } else { Vec::new() };
+        self.base.push_push_register(Self::recv(req_id, &pp, n, local, !load));
+    }
+
+    fn prefill_completing(&mut self, req_id: &str, block_ids: &[u32], num_tokens: u64) {
+        if !self.cfg.push_layerwise || self.saving.contains(req_id) {
+            return;
+        }
+        let Some(t) = self.producing.get(req_id) else { return };
+        self.saving.insert(req_id.to_string());
+        self.base.push_push_save(PushSend {
+            req_id: req_id.to_string(),
+            transfer_id: t.clone(),
+            block_ids: vec![block_ids.to_vec()],
+            num_tokens,
+            expiry_unix: f64::INFINITY,
+            hold: false,
+            aborted: false,
+        });
+    }
+
+    fn request_finished(
+        &mut self,
+        req_id: &str,
+        block_ids: &[u32],
+        reason: FinishReason,
+        num_computed_tokens: u64,
+        _kv_transfer_params: Option<&str>,
+        now_unix: f64,
+    ) -> Finished {
+        let none = Finished { delay_free: false, kv_transfer_params: None };
+        self.base.rejected.remove(req_id);
+        self.consumed.remove(req_id);
+        // D: gave up before allocating. Tell P, so it frees its blocks now.
+        if let Some((pp, n)) = self.awaiting_alloc.remove(req_id) {
+            self.base.push_push_register(Self::recv(req_id, &pp, n, Vec::new(), true));
+            return none;
+        }
+        // D: ended while a write may still land in its blocks. Hold them.
+        if self.base.loading.contains(req_id) {
+            self.base.loading.remove(req_id);
+            self.held_aborted.insert(req_id.to_string());
+            self.base.push_push_aborted(req_id);
+            return Finished { delay_free: true, kv_transfer_params: None };
+        }
+        let Some(transfer_id) = self.producing.remove(req_id) else { return none };
+        let was_saving = self.saving.remove(req_id);
+        let expiry = now_unix + self.cfg.kv_lease_duration.as_secs_f64();
+        let send = |hold: bool, aborted: bool| PushSend {
+            req_id: req_id.to_string(),
+            transfer_id: transfer_id.clone(),
+            block_ids: if hold { vec![block_ids.to_vec()] } else { Vec::new() },
+            num_tokens: num_computed_tokens,
+            expiry_unix: expiry,
+            hold,
+            aborted,
+        };
+        let port = self.cfg.advertised_port();
+        if !reason.completed() || block_ids.is_empty() || port.is_none() {
+            // Registrations for it are refused. Layer-wise writes may be in flight: then
+            // the blocks are held until they end.
+            self.base.push_push_finished(send(was_saving, true));
+            if was_saving {
+                self.base.leased.insert(req_id.to_string(), expiry);
+            }
+            return Finished { delay_free: was_saving, kv_transfer_params: None };
+        }
+        self.base.leased.insert(req_id.to_string(), expiry);
+        self.base.push_push_finished(send(true, false));
+        Finished {
+            delay_free: true,
+            kv_transfer_params: Some(json!({
+                "do_remote_prefill": true,
+                "do_remote_decode": false,
+                "transfer_mode": "push",
+                "transfer_id": transfer_id,
+                "remote_engine_id": self.cfg.engine_id,
+                "remote_request_id": req_id,
+                "remote_host": self.cfg.side_channel_host,
+                "remote_port": port,
+                "tp_size": self.cfg.tp_size,
+                "remote_num_tokens": num_computed_tokens,
+                "remote_blocks_expiry_time": expiry,
+            })),
+        }
+    }
+
+    fn build_connector_meta(&mut self) -> ConnectorMetadata {
+        self.base.build_connector_meta()
+    }
+
+    fn update_connector_output(&mut self, finished_sending: &[String], finished_recving: &[String]) {
+        for r in finished_sending {
+            self.held_aborted.remove(r);
+        }
+        self.base.update_connector_output(finished_sending.iter().map(String::as_str), finished_recving.iter().map(String::as_str));
+    }
+
+    fn has_pending_block_frees(&self) -> bool {
+        self.base.has_pending_block_frees() || !self.held_aborted.is_empty()
+    }
+}
