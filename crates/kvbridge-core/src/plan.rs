@@ -331,7 +331,10 @@ impl TransferPlan {
     /// after checking D's advertised regions like any peer-controlled value.
     pub fn build_push(d: &AgentMetadata, p_ranks: &[AgentMetadata], null_block: Option<u32>) -> Result<Self, PlanError> {
         if d.blocks_per_logical == 0 || d.blocks_per_logical > 1024 || d.block_size == 0 || d.tp_size == 0 || d.tp_rank >= d.tp_size {
-            return Err(layout_err(format!("D rank {}: bad block size {} / {} or TP rank of {}", d.tp_rank, d.block_size, d.blocks_per_logical, d.tp_size)));
+            return Err(layout_err(format!(
+                "D rank {}: bad block size {} / {} or TP rank of {}",
+                d.tp_rank, d.block_size, d.blocks_per_logical, d.tp_size
+            )));
         }
         if d.regions.is_empty() {
             return Err(layout_err(format!("D rank {} advertises no regions", d.tp_rank)));

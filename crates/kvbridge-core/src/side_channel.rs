@@ -15,7 +15,9 @@ use tokio::runtime::Runtime;
 use zeromq::{DealerSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::error::HandshakeError;
-use crate::wire::{self, HandshakePayload, HandshakeRequest, PushRegistration, RegisterAck, SideRequest, MAX_HANDSHAKE_BYTES, MAX_REGISTRATION_BYTES};
+use crate::wire::{
+    self, HandshakePayload, HandshakeRequest, PushRegistration, RegisterAck, SideRequest, MAX_HANDSHAKE_BYTES, MAX_REGISTRATION_BYTES,
+};
 
 /// Resolve a host name to a literal IP for zeromq endpoints (`localhost` → `127.0.0.1`).
 pub fn resolve_host(host: &str, port: u16) -> Result<String, String> {
@@ -70,7 +72,13 @@ impl SideChannel {
     }
 
     /// [`serve`](Self::serve), also accepting push registrations when `on_register` is set.
-    pub fn serve_with(&self, host: &str, port: u16, payload: PayloadCell, on_register: Option<RegisterHandler>) -> Result<String, HandshakeError> {
+    pub fn serve_with(
+        &self,
+        host: &str,
+        port: u16,
+        payload: PayloadCell,
+        on_register: Option<RegisterHandler>,
+    ) -> Result<String, HandshakeError> {
         let endpoint = resolve_host(host, port).map_err(|reason| HandshakeError::Io { addr: format!("{host}:{port}"), reason })?;
         let mut sock = RouterSocket::new();
         let bound = self

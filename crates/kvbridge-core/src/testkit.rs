@@ -288,6 +288,23 @@ impl Cache {
         }
     }
 
+    /// Like [`fill`](Self::fill), for tensor (layer) `ti` only: a layer "computed" on its own.
+    pub fn fill_tensor(&mut self, blocks: &[Vec<u32>], num_tokens: u64, ti: usize) {
+        let mut writes = Vec::new();
+        self.visit(blocks, &vec![0; blocks.len()], 0, num_tokens, |t, off, v| {
+            if t == ti {
+                writes.push((t, off, v))
+            }
+        });
+        for (t, off, v) in writes {
+            self.tensors[t].buf[off] = v;
+        }
+    }
+
+    pub fn num_tensors(&self) -> usize {
+        self.tensors.len()
+    }
+
     /// D side: check that every token of `[0, num_tokens)` held in `blocks` (per group,
     /// covering the *end* of the request: a prefix hit skips the first positions) arrived,
     /// then that every other kernel block is untouched (still [`SENTINEL`]).

@@ -95,7 +95,10 @@ impl SchedulerSide for PullScheduler {
                 req_id,
                 num_prompt_tokens,
                 num_computed_tokens,
-                ParamsError::Invalid("transfer_mode \"push\" sent to a pull-mode engine (use KVBridgePushConnector, or transfer_mode=push)".into()).into(),
+                ParamsError::Invalid(
+                    "transfer_mode \"push\" sent to a pull-mode engine (use KVBridgePushConnector, or transfer_mode=push)".into(),
+                )
+                .into(),
             ),
             KvParams::RemotePrefill(_) if !self.cfg.role.can_consume() => {
                 self.reject(req_id, num_prompt_tokens, num_computed_tokens, RoleError::RemotePrefillOnProducer.into())

@@ -119,7 +119,8 @@ impl SchedulerSide for PushScheduler {
                 num_prompt_tokens,
                 num_computed_tokens,
                 ParamsError::Invalid(
-                    "pull-mode params (remote_block_ids) sent to a push-mode engine: send \"transfer_mode\": \"push\" with P's address".into(),
+                    "pull-mode params (remote_block_ids) sent to a push-mode engine: send \"transfer_mode\": \"push\" with P's address"
+                        .into(),
                 )
                 .into(),
             ),
@@ -237,7 +238,10 @@ impl SchedulerSide for PushScheduler {
     }
 
     fn update_connector_output(&mut self, finished_sending: &[String], finished_recving: &[String]) {
-        for r in finished_sending {
+        // A held D request is released by its worker's `finished_sending`, or, if the
+        // worker had already reported it in `finished_recving` (the abort raced the
+        // load's end), by that: vLLM frees a finished request's blocks on it.
+        for r in finished_sending.iter().chain(finished_recving) {
             self.held_aborted.remove(r);
         }
         self.base.update_connector_output(finished_sending.iter().map(String::as_str), finished_recving.iter().map(String::as_str));

@@ -79,7 +79,14 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         let stop = Arc::new(AtomicBool::new(false));
         let (work, writer) = if cfg.mode == TransferMode::Push && cfg.role.can_produce() {
             let (tx, rx) = mpsc::channel();
-            let w = Writer { inner: inner.clone(), side: side.clone(), cfg: cfg.clone(), push: push.clone(), tx: tx.clone(), st: WriterState::default() };
+            let w = Writer {
+                inner: inner.clone(),
+                side: side.clone(),
+                cfg: cfg.clone(),
+                push: push.clone(),
+                tx: tx.clone(),
+                st: WriterState::default(),
+            };
             let stop2 = stop.clone();
             let h = std::thread::Builder::new()
                 .name("kvbridge-push".into())
@@ -276,10 +283,11 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 }
             }
             for r in aborted {
+                // Still waiting: report it in `finished_sending` once settled (vLLM holds
+                // its blocks until then). Otherwise it was already reported in
+                // `finished_recving`, which is what frees a finished request's blocks.
                 if c.receiver.is_waiting(&r) {
                     c.d_aborted.insert(r);
-                } else {
-                    c.d_release.push(r);
                 }
             }
         }
@@ -432,7 +440,6 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 out.failed_recving.push(r);
             }
             out.sending.extend(c.sender.take_sending());
-            out.sending.append(&mut c.d_release);
         }
         out
     }
@@ -578,7 +585,10 @@ impl<T: Transport + 'static> Writer<T> {
                 if md.tp_rank != reg.tp_rank || md.tp_size != reg.tp_size {
                     return Err(HandshakeError::Rejected {
                         addr: addr.clone(),
-                        reason: format!("registered as rank {} of {}, handshake says {} of {}", reg.tp_rank, reg.tp_size, md.tp_rank, md.tp_size),
+                        reason: format!(
+                            "registered as rank {} of {}, handshake says {} of {}",
+                            reg.tp_rank, reg.tp_size, md.tp_rank, md.tp_size
+                        ),
                     }
                     .into());
                 }
@@ -704,12 +714,13 @@ impl<T: Transport + 'static> Writer<T> {
         self.maybe_finish(id, now);
     }
 
-    fn maybe_finish(&mut self, id: u64, now: f64) {
+    fn maybe_finish(&mut self, id: u64, _now: f64) {
         let done = self.st.jobs.get(&id).is_some_and(|j| j.in_flight == 0 && j.posted.iter().all(|&p| p));
         if !done {
             return;
         }
         let Some(job) = self.st.jobs.remove(&id) else { return };
+        let now = now_unix();
         let mut c = lock_ctl(&self.push);
         if job.failed {
             c.stats.writes_failed += 1;

@@ -158,8 +158,7 @@ pub struct PushCtl {
     pub d_aborted: HashSet<String>,
     /// P: requests of the running layer-wise forward.
     pub computing: Vec<String>,
-    /// D: aborted requests with nothing in flight, to report as `finished_sending`.
-    pub d_release: Vec<String>,
+
     pub stats: PushStats,
 }
 
@@ -173,7 +172,6 @@ impl PushCtl {
             d_blocks: HashMap::new(),
             d_aborted: HashSet::new(),
             computing: Vec::new(),
-            d_release: Vec::new(),
             stats: PushStats::default(),
         }
     }
@@ -213,7 +211,13 @@ pub fn d_key(reg: &PushRegistration) -> String {
 
 /// P's pieces for one registration: D's READ plan from P's ranks, this rank's reads,
 /// swapped into WRITEs.
-pub fn write_pieces(plan: &TransferPlan, my_rank: u32, p_blocks: &[Vec<u32>], reg: &PushRegistration, coalesce: bool) -> Result<Vec<Piece>, PlanError> {
+pub fn write_pieces(
+    plan: &TransferPlan,
+    my_rank: u32,
+    p_blocks: &[Vec<u32>],
+    reg: &PushRegistration,
+    coalesce: bool,
+) -> Result<Vec<Piece>, PlanError> {
     let groups: Vec<GroupBlocks<'_>> = reg
         .block_ids
         .iter()
