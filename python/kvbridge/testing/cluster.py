@@ -349,10 +349,12 @@ class Cluster:
         start_timeout: float = 300.0,
         python: str | None = None,
         extra_config: dict[str, Any] | None = None,
+        max_model_len: int = 4096,
     ) -> None:
         if connector not in CONNECTORS:
             raise ValueError(f"connector must be one of {sorted(CONNECTORS)}, not {connector!r}")
         self.extra_config = dict(extra_config or {})
+        self.max_model_len = max_model_len
         self.model_dir = str(Path(model_dir).resolve())
         self.connector = connector
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="kvbridge-cluster-"))
@@ -416,6 +418,8 @@ class Cluster:
             UCX_NET_DEVICES="lo",
             VLLM_NIXL_SIDE_CHANNEL_HOST="127.0.0.1",
         )
+        if self.max_model_len > 4096:  # beyond the tiny model's max_position_embeddings
+            env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
         if cpu is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu
         if side_port is not None:
@@ -432,7 +436,7 @@ class Cluster:
             "--port", str(port),
             "--enforce-eager",
             "--dtype", "bfloat16",
-            "--max-model-len", "4096",
+            "--max-model-len", str(self.max_model_len),
             "--max-num-seqs", "8",
             "--enable-prefix-caching"
             if (self.p_prefix_caching if role == "kv_producer" else self.prefix_caching)

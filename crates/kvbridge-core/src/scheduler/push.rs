@@ -251,3 +251,89 @@ impl SchedulerSide for PushScheduler {
         self.base.has_pending_block_frees() || !self.held_aborted.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::EngineInfo;
+
+    fn sched(role: &str, extra: &str) -> PushScheduler {
+        let j = format!(
+            r#"{{"kv_role":"{role}","engine_id":"E","kv_connector_extra_config":{{"transfer_mode":"push","side_channel_host":"127.0.0.1","side_channel_port":5600{extra}}}}}"#
+        );
+        PushScheduler::new(ConnectorConfig::from_json(&j, EngineInfo::default(), |_| None).unwrap())
+    }
+    const P: &str = r#"{"do_remote_decode":true,"transfer_id":"t1"}"#;
+    const D: &str = r#"{"do_remote_prefill":true,"transfer_mode":"push","transfer_id":"t1","remote_engine_id":"P","remote_host":"127.0.0.1","remote_port":5600}"#;
+
+    #[test]
+    fn p_holds_finished_blocks_and_lists_layerwise_saves() {
+        let mut s = sched("kv_producer", "");
+        assert_eq!(s.get_num_new_matched_tokens("p", 300, 0, Some(P)), Matched::NONE);
+        s.prefill_completing("p", &[1, 2, 3], 300);
+        s.prefill_completing("other", &[4], 10); // not a producing request: ignored
+        let m = s.build_connector_meta();
+        assert_eq!(m.push_saves.len(), 1);
+        assert_eq!((m.push_saves[0].transfer_id.as_str(), m.push_saves[0].block_ids.clone()), ("t1", vec![vec![1, 2, 3]]));
+        let f = s.request_finished("p", &[1, 2, 3], FinishReason::LengthCapped, 300, Some(P), 100.0);
+        assert!(f.delay_free);
+        let params = f.kv_transfer_params.unwrap();
+        assert_eq!((params["transfer_mode"].as_str(), params["remote_port"].as_u64()), (Some("push"), Some(5600)));
+        let m = s.build_connector_meta();
+        assert!(m.push_finished[0].hold && !m.push_finished[0].aborted);
+        assert!(s.has_pending_block_frees());
+        s.update_connector_output(&["p".into()], &[]);
+        assert!(!s.has_pending_block_frees());
+    }
+
+    #[test]
+    fn p_abort_holds_blocks_only_when_layerwise_writes_may_be_in_flight() {
+        let mut s = sched("kv_producer", "");
+        s.get_num_new_matched_tokens("a", 300, 0, Some(P));
+        let f = s.request_finished("a", &[1], FinishReason::Aborted, 10, Some(P), 0.0);
+        assert!(!f.delay_free);
+        let m = s.build_connector_meta();
+        assert!(m.push_finished[0].aborted && !m.push_finished[0].hold, "registrations are still refused");
+        s.get_num_new_matched_tokens("b", 300, 0, Some(P));
+        s.prefill_completing("b", &[1], 300);
+        assert!(s.request_finished("b", &[1], FinishReason::Aborted, 300, Some(P), 0.0).delay_free);
+        let m = s.build_connector_meta();
+        assert!(m.push_finished[0].aborted && m.push_finished[0].hold);
+        let mut off = sched("kv_producer", r#","push_layerwise":false"#);
+        off.get_num_new_matched_tokens("c", 300, 0, Some(P));
+        off.prefill_completing("c", &[1], 300);
+        assert!(off.build_connector_meta().push_saves.is_empty(), "layer-wise off: no saves");
+    }
+
+    #[test]
+    fn d_registers_after_alloc_and_holds_blocks_when_aborted_while_waiting() {
+        let mut s = sched("kv_consumer", "");
+        assert_eq!(s.get_num_new_matched_tokens("d", 300, 0, Some(D)), Matched { num_tokens: 300, load_async: true });
+        s.update_state_after_alloc("d", &[7, 8, 9], 300);
+        let m = s.build_connector_meta();
+        assert_eq!(m.push_register.len(), 1);
+        assert_eq!((m.push_register[0].local_block_ids.clone(), m.push_register[0].notify_only), (vec![vec![7, 8, 9]], false));
+        assert_eq!(s.get_num_new_matched_tokens("d", 300, 0, Some(D)), Matched::NONE, "params are acted on once");
+        let f = s.request_finished("d", &[7, 8, 9], FinishReason::Aborted, 0, Some(D), 0.0);
+        assert!(f.delay_free, "P may still write into D's blocks");
+        assert_eq!(s.build_connector_meta().push_aborted, vec!["d".to_string()]);
+        // Released by the worker's finished_sending, or by a finished_recving that raced it.
+        s.update_connector_output(&[], &["d".into()]);
+        assert!(!s.has_pending_block_frees());
+    }
+
+    #[test]
+    fn d_rejects_pull_params_and_aborts_before_alloc_notify_p() {
+        let mut s = sched("kv_consumer", "");
+        let pull = r#"{"do_remote_prefill":true,"remote_engine_id":"P","remote_request_id":"r","remote_block_ids":[1],"remote_host":"h","remote_port":1}"#;
+        let m = s.get_num_new_matched_tokens("x", 300, 0, Some(pull));
+        assert!(m.load_async, "parked, then failed through the worker");
+        s.update_state_after_alloc("x", &[1, 2, 3], 300);
+        let md = s.build_connector_meta();
+        assert!(md.reqs_failed[0].reason.contains("push-mode engine"), "{:?}", md.reqs_failed);
+        s.get_num_new_matched_tokens("y", 300, 0, Some(D));
+        assert!(!s.request_finished("y", &[], FinishReason::Aborted, 0, Some(D), 0.0).delay_free);
+        let md = s.build_connector_meta();
+        assert!(md.push_register[0].notify_only && md.push_register[0].local_block_ids == vec![Vec::<u32>::new()]);
+    }
+}

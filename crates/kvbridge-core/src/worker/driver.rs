@@ -687,7 +687,7 @@ impl<T: Transport + 'static> Writer<T> {
             if job.posted[i] || job.failed {
                 continue;
             }
-            let ready = !job.layerwise || self.st.layers_done.as_ref().is_none_or(|d| d.get(i).copied().unwrap_or(true));
+            let ready = !job.layerwise || self.st.layers_done.as_ref().map_or(true, |d| d.get(i).copied().unwrap_or(true));
             if !ready {
                 continue;
             }

@@ -575,7 +575,9 @@ mod tests {
         d.on_registered("c", 1, 10.0);
         assert!(d.on_notif(&notif("a", true)));
         assert_eq!(d.take(), (vec![], vec![]));
-        d.on_notif(&notif("a", true));
+        assert!(d.on_notif(&notif("a", true)), "the same rank again");
+        assert_eq!(d.take(), (vec![], vec![]), "a's second P rank has not written yet");
+        d.on_notif(&Notif { from_tp_rank: 1, ..notif("a", true) });
         d.on_notif(&notif("b", false)); // P's post failed: P tells D
         assert!(!d.on_notif(&notif("unknown", true)));
         let (ok, failed) = d.take();
@@ -585,6 +587,41 @@ mod tests {
         let (_, failed) = d.take();
         assert_eq!(failed.iter().map(|f| f.0.as_str()).collect::<Vec<_>>(), vec!["c"], "registration timeout");
         assert_eq!(d.waiting(), 0);
+    }
+
+    #[test]
+    fn layerwise_notifications_complete_a_rank_only_after_its_last_layer() {
+        let mut d = PushReceiver::default();
+        d.on_registered("a", 1, 10.0);
+        let layer = Notif { expected: 3, ..notif("a", true) };
+        d.on_notif(&layer);
+        d.on_notif(&layer);
+        assert_eq!(d.take(), (vec![], vec![]), "2 of 3 layer writes");
+        d.on_notif(&layer);
+        assert_eq!(d.take().0, vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn layerwise_sender_claims_early_registrations_defers_late_ones_and_frees_only_after_finish() {
+        let mut p = PushSender::new("P".into(), 30.0);
+        p.on_registration(reg("t1", "d-1", 0, 1), 0.0).unwrap();
+        let a = p.on_computing("p-1", "t1", vec![vec![1, 2]], 200);
+        assert!(matches!(&a[..], [PushAction::Write { .. }]), "claimed for layer-wise writes: {a:?}");
+        p.on_write_done("p-1");
+        assert!(p.take_sending().is_empty(), "never free a request P has not finished");
+        assert!(p.on_finished("p-1", "t1", vec![vec![1, 2]], 200, 100.0, 0).is_empty());
+        assert_eq!(p.take_sending(), vec!["p-1".to_string()]);
+
+        // A registration during the forward waits for it, then is written whole.
+        let mut p = PushSender::new("P".into(), 30.0);
+        p.on_computing("p-2", "t2", vec![vec![1]], 100);
+        assert!(p.on_registration(reg("t2", "d-2", 0, 1), 0.0).unwrap().is_empty());
+        assert!(matches!(&p.on_computed("p-2")[..], [PushAction::Write { .. }]));
+        // Aborted after computing with a write in flight: freed once it ends.
+        assert!(p.on_aborted("p-2", "t2", 1.0, true).is_empty());
+        assert!(p.take_sending().is_empty());
+        p.on_write_done("p-2");
+        assert_eq!(p.take_sending(), vec!["p-2".to_string()]);
     }
 
     #[test]
