@@ -75,8 +75,12 @@ def run_config(name: str, model: Path, args: argparse.Namespace, seed: list[int]
             if not w.ok:
                 res["error"] = f"warm-up failed: {w.error or w.status}"[:2000]
                 return res
+        stalled = False
         for n in args.lengths:
             for conc in args.conc:
+                if stalled:
+                    res["cells"][f"{n}/{conc}"] = {"samples_ms": [], "token_mismatches": 0, "failed": ["skipped: an earlier cell stalled"]}
+                    continue
                 ttfts, bad, failed = [], 0, []
                 for _ in range(args.reps):
                     prompts = []
@@ -106,6 +110,7 @@ def run_config(name: str, model: Path, args: argparse.Namespace, seed: list[int]
                 if ttfts:
                     cell.update(median=statistics.median(ttfts), max=max(ttfts))
                 res["cells"][f"{n}/{conc}"] = cell
+                stalled = len(failed) >= 2
                 print(f"{name} {n} tok c={conc}: {cell.get('median', float('nan')):.1f} ms median, "
                       f"{cell.get('max', float('nan')):.1f} max, {bad} mismatches, {len(failed)} failed", flush=True)  # fmt: skip
     finally:

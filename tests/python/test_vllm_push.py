@@ -84,8 +84,8 @@ def coords(c: Cluster) -> dict[str, Any]:
     return {"remote_engine_id": c.p_engine_id, "remote_host": "127.0.0.1", "remote_port": c.side_ports[0], "tp_size": 1}  # type: ignore[attr-defined]
 
 
-def d_params(c: Cluster, transfer_id: str, **over: Any) -> dict[str, Any]:
-    return {"do_remote_prefill": True, "transfer_mode": "push", "transfer_id": transfer_id, **coords(c), **over}
+def d_params(c: Cluster, tid: str, over: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"do_remote_prefill": True, "transfer_mode": "push", "transfer_id": tid, **coords(c), **(over or {})}
 
 
 def p_params(transfer_id: str) -> dict[str, Any]:
@@ -169,7 +169,7 @@ def test_concurrent_push_requests(cluster: Cluster) -> None:
 
 def test_registration_for_another_engine_fails_fast(cluster: Cluster) -> None:
     t0 = time.monotonic()
-    res = complete(cluster.d_url, fresh_prompt(300), MAX_TOKENS, d_params(cluster, uuid.uuid4().hex, remote_engine_id="not-p"))
+    res = complete(cluster.d_url, fresh_prompt(300), MAX_TOKENS, d_params(cluster, uuid.uuid4().hex, {"remote_engine_id": "not-p"}))
     assert _failed(res), res
     assert time.monotonic() - t0 < LEASE, "P refuses the registration at once; D must not wait for its timeout"
     assert_no_blocks_held(cluster)
@@ -195,7 +195,7 @@ def test_p_finishes_but_d_never_registers_frees_p_after_the_lease(cluster: Clust
     ids=["bad_host", "port_zero", "bad_mode", "transfer_id_type"],
 )
 def test_malformed_push_params_fail_cleanly(cluster: Cluster, bad: dict[str, Any]) -> None:
-    res = complete(cluster.d_url, fresh_prompt(300), MAX_TOKENS, d_params(cluster, uuid.uuid4().hex, **bad))
+    res = complete(cluster.d_url, fresh_prompt(300), MAX_TOKENS, d_params(cluster, uuid.uuid4().hex, bad))
     assert _failed(res), res
     good = fresh_prompt(200)
     res = cluster.proxy_request(good, MAX_TOKENS)
