@@ -80,7 +80,7 @@ def png_bars(path: Path, groups: list[tuple[str, list[float]]], legend: list[str
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default()
-    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
     vals = [v for _, vs in groups for v in vs if v > 0]
     lo, hi = np.floor(np.log10(min(vals))), np.ceil(np.log10(max(vals)))
     y_of = lambda v: H - B - (np.log10(v) - lo) / (hi - lo) * (H - B - T)  # noqa: E731

@@ -355,8 +355,10 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             let f = self.poll_once();
             let waiting = {
                 let (held, recv) = self.push_pending();
-                let g = lock(&self.inner);
-                g.core.base.held_requests() > 0 || !g.xfers.is_empty() || held > 0 || recv > 0
+                held > 0 || recv > 0 || {
+                    let g = lock(&self.inner);
+                    g.core.base.held_requests() > 0 || !g.xfers.is_empty()
+                }
             };
             if f != FinishedSets::default() || !waiting || t0.elapsed() >= max_wait {
                 return f;
@@ -367,6 +369,12 @@ impl<T: Transport + 'static> WorkerDriver<T> {
 
     fn poll_once(&self) -> FinishedSets {
         let now = now_unix();
+        if self.work.is_some() && !self.cfg.role.can_consume() {
+            // A push-mode P: nothing to poll here (the writer thread owns the transfers),
+            // and the engine thread must not wait on the transport lock a WRITE post holds.
+            let mut c = lock_ctl(&self.push);
+            return FinishedSets { sending: c.sender.take_sending(), ..Default::default() };
+        }
         let mut g = lock(&self.inner);
         let mut follow = Vec::new();
         let xfers: Vec<(XferId, String, String)> = g.xfers.iter().map(|(x, (r, k))| (*x, r.clone(), k.clone())).collect();
@@ -721,6 +729,13 @@ impl<T: Transport + 'static> Writer<T> {
         }
         let Some(job) = self.st.jobs.remove(&id) else { return };
         let now = now_unix();
+        if job.failed {
+            // The D rank may have restarted or gone: forget it, so its next registration
+            // loads it afresh (as pull forgets a peer after a failed READ).
+            if self.st.d_peers.remove(&job.key).is_some() {
+                lock(&self.inner).transport.remove_remote(&job.key);
+            }
+        }
         let mut c = lock_ctl(&self.push);
         if job.failed {
             c.stats.writes_failed += 1;

@@ -220,6 +220,12 @@ impl PushSender {
         if reg.target_engine_id != self.engine_id {
             return Err(PushError::WrongEngine { got: reg.target_engine_id, want: self.engine_id.clone() });
         }
+        if registrations_per_rank(self.p_tp, reg.tp_size) == 0 {
+            return Err(PushError::Invalid(format!(
+                "D's TP size {} and this engine's {} do not divide one another",
+                reg.tp_size, self.p_tp
+            )));
+        }
         let key = push_key(&reg.transfer_id, &reg.request_id);
         if self.aborted.contains_key(&key) {
             return Err(PushError::Aborted(reg.request_id));
@@ -507,6 +513,9 @@ mod tests {
         let mut other = reg("t2", "d-2", 0, 1);
         other.target_engine_id = "someone-else".into();
         assert!(matches!(p.on_registration(other, 0.0), Err(PushError::WrongEngine { .. })));
+        let mut tp2 = PushSender::new("P".into(), 60.0);
+        tp2.set_tp_size(2);
+        assert!(matches!(tp2.on_registration(reg("t3", "d-3", 0, 3), 0.0), Err(PushError::Invalid(_))), "TP 3 cannot map to TP 2");
         p.on_finished("p-3", "t3", vec![vec![1]], 10, 100.0, 1);
         p.on_registration(reg("t3", "d-3", 0, 2), 0.0).unwrap();
         assert!(matches!(p.on_registration(reg("t3", "d-3", 1, 2), 0.0), Err(PushError::Invalid(_))));
