@@ -204,7 +204,7 @@ fn layerwise_push_with_d_registering_first_is_byte_exact_and_never_writes_an_unc
     finish_and_check(&mut rig, "d-req-1", "p-req-1");
     let s = rig.p.push_stats();
     assert_eq!((s.writes_ok, s.writes_failed), (2, 0));
-    assert!(s.write_posts >= u64::from(LAYERS), "layer-wise: one post per computed layer at least: {s:?}");
+    assert_eq!(s.write_posts, 2 * u64::from(LAYERS), "layer-wise: one WRITE per layer and D rank: {s:?}");
 }
 
 #[test]
@@ -222,6 +222,7 @@ fn whole_request_push_with_p_finishing_first_is_byte_exact() {
     std::thread::sleep(Duration::from_millis(50));
     rig.d_register("d-req-2", "t-2", "P");
     finish_and_check(&mut rig, "d-req-2", "p-req-2");
+    assert_eq!(rig.p.push_stats().write_posts, 2, "whole-request: one WRITE per D rank");
 }
 
 #[test]

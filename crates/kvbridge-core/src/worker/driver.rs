@@ -490,8 +490,15 @@ impl<T: Transport + 'static> Writer<T> {
     fn run(mut self, rx: mpsc::Receiver<Work>, stop: Arc<AtomicBool>) {
         while !stop.load(Ordering::Acquire) {
             // Poll in-flight WRITEs every 100 µs; otherwise wake on work, or every 20 ms
-            // to expire leases and stale registrations.
-            let wait = if self.st.wxfers.is_empty() { Duration::from_millis(20) } else { Duration::from_micros(100) };
+            // to expire leases and stale registrations. While a layer-wise forward runs,
+            // only post (on each layer's message): this thread shares the engine's cores,
+            // and polling every 100 µs then steals them from the forward it overlaps. The
+            // notifications reach D when the WRITEs complete whether or not we poll.
+            let wait = if self.st.wxfers.is_empty() || self.st.layers_done.is_some() {
+                Duration::from_millis(20)
+            } else {
+                Duration::from_micros(100)
+            };
             let first = match rx.recv_timeout(wait) {
                 Ok(w) => Some(w),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -691,6 +698,7 @@ impl<T: Transport + 'static> Writer<T> {
     fn post(&mut self, id: u64, now: f64) {
         let Some(job) = self.st.jobs.get_mut(&id) else { return };
         let mut g = lock(&self.inner);
+        let mut posts = 0;
         for i in 0..job.layers.len() {
             if job.posted[i] || job.failed {
                 continue;
@@ -703,6 +711,7 @@ impl<T: Transport + 'static> Writer<T> {
             match g.transport.write(&job.key, &job.layers[i], &job.notif_ok) {
                 Ok(x) => {
                     job.in_flight += 1;
+                    posts += 1;
                     self.st.wxfers.insert(x, id);
                 }
                 Err(e) => {
@@ -718,7 +727,9 @@ impl<T: Transport + 'static> Writer<T> {
             job.posted.iter_mut().for_each(|p| *p = true);
         }
         drop(g);
-        lock_ctl(&self.push).stats.write_posts += 1;
+        if posts > 0 {
+            lock_ctl(&self.push).stats.write_posts += posts;
+        }
         self.maybe_finish(id, now);
     }
 
