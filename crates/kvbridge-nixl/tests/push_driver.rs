@@ -23,6 +23,10 @@ const TOKENS: u64 = 150;
 const LAYERS: u32 = 3;
 
 fn spec(tp: u32, rank: u32, block: u32, layout: CacheLayout) -> Spec {
+    spec_mla(tp, rank, block, layout, false)
+}
+
+fn spec_mla(tp: u32, rank: u32, block: u32, layout: CacheLayout, mla: bool) -> Spec {
     Spec {
         layers: LAYERS,
         total_heads: 4,
@@ -33,7 +37,7 @@ fn spec(tp: u32, rank: u32, block: u32, layout: CacheLayout) -> Spec {
         blocks_per_logical: 1,
         num_blocks: 32,
         layout,
-        mla: false,
+        mla,
         swa_layers: 0,
         window: 0,
         state_layers: 0,
@@ -71,15 +75,19 @@ struct Rig {
 }
 
 fn rig(extra: &str) -> Rig {
+    rig_with(extra, false)
+}
+
+fn rig_with(extra: &str, mla: bool) -> Rig {
     let (p_port, d_port) = (free_port_pair(), free_port_pair());
-    let p_spec = spec(1, 0, 32, CacheLayout::Hnd);
+    let p_spec = spec_mla(1, 0, 32, CacheLayout::Hnd, mla);
     let p_cfg = config("kv_producer", "P", p_port, 1, 0, 32, extra);
     let p_cache = Cache::new(p_spec);
     let p = kvbridge_nixl::new_worker(p_cfg.clone(), None).expect("P worker");
     p.register(&p_cache.tensors(), 32).expect("P register");
     let (mut d, mut d_caches) = (Vec::new(), Vec::new());
     for r in 0..2 {
-        let c = Cache::new(spec(2, r, 16, CacheLayout::Nhd));
+        let c = Cache::new(spec_mla(2, r, 16, CacheLayout::Nhd, mla));
         let w = kvbridge_nixl::new_worker(config("kv_consumer", "D", d_port, 2, r, 16, extra), None).expect("D worker");
         w.register(&c.tensors(), 32).expect("D register");
         d.push(w);
@@ -223,6 +231,23 @@ fn whole_request_push_with_p_finishing_first_is_byte_exact() {
     rig.d_register("d-req-2", "t-2", "P");
     finish_and_check(&mut rig, "d-req-2", "p-req-2");
     assert_eq!(rig.p.push_stats().write_posts, 2, "whole-request: one WRITE per D rank");
+}
+
+#[test]
+fn mla_push_writes_the_latent_to_every_d_rank() {
+    if !runtime_or_skip() {
+        return;
+    }
+    let mut rig = rig_with(r#","push_layerwise":false"#, true);
+    let p_params = r#"{"do_remote_decode":true,"transfer_id":"t-mla"}"#;
+    rig.p_sched.get_num_new_matched_tokens("p-mla", TOKENS, 0, Some(p_params));
+    let p_blocks = rig.p_blocks.clone();
+    rig.p_cache.fill(&[p_blocks], TOKENS);
+    rig.d_register("d-mla", "t-mla", "P");
+    rig.wait_registered(2);
+    assert!(rig.p_finish("p-mla", p_params, FinishReason::LengthCapped));
+    finish_and_check(&mut rig, "d-mla", "p-mla");
+    assert_eq!(rig.p.push_stats().write_posts, 2, "one WRITE per D rank: both get the whole latent");
 }
 
 #[test]
