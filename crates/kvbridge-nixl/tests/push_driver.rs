@@ -22,10 +22,6 @@ use kvbridge_nixl::NixlWorker;
 const TOKENS: u64 = 150;
 const LAYERS: u32 = 3;
 
-fn spec(tp: u32, rank: u32, block: u32, layout: CacheLayout) -> Spec {
-    spec_mla(tp, rank, block, layout, false)
-}
-
 fn spec_mla(tp: u32, rank: u32, block: u32, layout: CacheLayout, mla: bool) -> Spec {
     Spec {
         layers: LAYERS,
