@@ -112,6 +112,26 @@ fn block_ids(v: &Value) -> Result<Vec<u32>, ParamsError> {
     flat.iter().map(|b| uint(b, F, u64::from(u32::MAX)).map(|n| n as u32)).collect()
 }
 
+/// P's side-channel address and TP size: `remote_host`, `remote_port`, `tp_size` (default 1).
+fn peer(m: &Map<String, Value>) -> Result<(String, u16, u32), ParamsError> {
+    let remote_host = string(m, "remote_host")?;
+    if !valid_host(&remote_host) {
+        return Err(ParamsError::BadHost(remote_host));
+    }
+    let remote_port = uint(req(m, "remote_port")?, "remote_port", 65535)? as u16;
+    if remote_port == 0 {
+        return Err(ParamsError::Invalid("remote_port must be 1..=65535".into()));
+    }
+    let tp_size = match m.get("tp_size") {
+        None | Some(Value::Null) => 1,
+        Some(v) => uint(v, "tp_size", 4096)? as u32,
+    };
+    if tp_size == 0 {
+        return Err(ParamsError::Invalid("tp_size must be >= 1".into()));
+    }
+    Ok((remote_host, remote_port, tp_size))
+}
+
 fn transfer_id_field(m: &Map<String, Value>) -> Result<Option<String>, ParamsError> {
     match m.get("transfer_id") {
         None | Some(Value::Null) => Ok(None),
@@ -177,21 +197,7 @@ impl KvParams {
             (false, true) => Ok(Self::RemoteDecode),
             (true, false) if push => {
                 let remote_engine_id = string(m, "remote_engine_id")?;
-                let remote_host = string(m, "remote_host")?;
-                if !valid_host(&remote_host) {
-                    return Err(ParamsError::BadHost(remote_host));
-                }
-                let remote_port = uint(req(m, "remote_port")?, "remote_port", 65535)? as u16;
-                if remote_port == 0 {
-                    return Err(ParamsError::Invalid("remote_port must be 1..=65535".into()));
-                }
-                let tp_size = match m.get("tp_size") {
-                    None | Some(Value::Null) => 1,
-                    Some(v) => uint(v, "tp_size", 4096)? as u32,
-                };
-                if tp_size == 0 {
-                    return Err(ParamsError::Invalid("tp_size must be >= 1".into()));
-                }
+                let (remote_host, remote_port, tp_size) = peer(m)?;
                 let transfer_id = transfer_id_field(m)?.unwrap_or_default();
                 Ok(Self::PushPrefill(PushPrefill { remote_engine_id, remote_host, remote_port, tp_size, transfer_id }))
             }
@@ -199,21 +205,7 @@ impl KvParams {
                 let remote_engine_id = string(m, "remote_engine_id")?;
                 let remote_request_id = string(m, "remote_request_id")?;
                 let remote_block_ids = block_ids(req(m, "remote_block_ids")?)?;
-                let remote_host = string(m, "remote_host")?;
-                if !valid_host(&remote_host) {
-                    return Err(ParamsError::BadHost(remote_host));
-                }
-                let remote_port = uint(req(m, "remote_port")?, "remote_port", 65535)? as u16;
-                if remote_port == 0 {
-                    return Err(ParamsError::Invalid("remote_port must be 1..=65535".into()));
-                }
-                let tp_size = match m.get("tp_size") {
-                    None | Some(Value::Null) => 1,
-                    Some(v) => uint(v, "tp_size", 4096)? as u32,
-                };
-                if tp_size == 0 {
-                    return Err(ParamsError::Invalid("tp_size must be >= 1".into()));
-                }
+                let (remote_host, remote_port, tp_size) = peer(m)?;
                 let remote_num_tokens = match m.get("remote_num_tokens") {
                     None | Some(Value::Null) => None,
                     Some(v) => Some(uint(v, "remote_num_tokens", u64::MAX)?),

@@ -93,6 +93,20 @@ impl SchedulerBase {
         self.step_failed.push(FailedReq { req_id: req_id.to_string(), reason });
     }
 
+    /// Refuse a request at matching time. With tokens left to compute it is parked as an
+    /// async load that its worker reports failed, so vLLM ends it with an error (or
+    /// recomputes it, under kv_load_failure_policy=recompute); with none, it just runs.
+    pub fn reject(&mut self, req_id: &str, num_prompt_tokens: u64, num_computed_tokens: u64, err: crate::error::Error) -> Matched {
+        let reason = err.to_string();
+        tracing::error!(request_id = %req_id, error = %reason, "kvbridge: rejecting request");
+        let count = num_prompt_tokens.saturating_sub(num_computed_tokens);
+        if count == 0 {
+            return Matched::NONE;
+        }
+        self.rejected.insert(req_id.to_string(), reason);
+        Matched { num_tokens: count, load_async: true }
+    }
+
     pub fn push_push_finished(&mut self, s: PushSend) {
         self.step_push_finished.push(s);
     }

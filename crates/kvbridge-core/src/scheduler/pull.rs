@@ -5,7 +5,7 @@ use serde_json::json;
 
 use super::{FinishReason, Finished, Matched, SchedulerBase, SchedulerSide};
 use crate::config::ConnectorConfig;
-use crate::error::{Error, ParamsError, RoleError};
+use crate::error::{ParamsError, RoleError};
 use crate::params::{KvParams, RemotePrefill};
 use crate::wire::{ConnectorMetadata, RecvReq, RemoteRef, SendLease};
 
@@ -28,20 +28,6 @@ impl PullScheduler {
     pub fn new(cfg: ConnectorConfig) -> Self {
         cfg.log_startup("scheduler");
         Self { cfg, base: SchedulerBase::default(), awaiting_alloc: HashMap::new(), consumed: HashSet::new() }
-    }
-
-    fn reject(&mut self, req_id: &str, num_prompt_tokens: u64, num_computed_tokens: u64, err: Error) -> Matched {
-        let reason = err.to_string();
-        tracing::error!(request_id = %req_id, error = %reason, "kvbridge: rejecting request");
-        let count = num_prompt_tokens.saturating_sub(num_computed_tokens);
-        if count == 0 {
-            // Nothing left to compute, so nothing can be failed through a load; let it run.
-            return Matched::NONE;
-        }
-        self.base.rejected.insert(req_id.to_string(), reason);
-        // Park the request as an async load; its worker reports it failed, so vLLM ends it
-        // with an error (or recomputes it, under kv_load_failure_policy=recompute).
-        Matched { num_tokens: count, load_async: true }
     }
 
     /// The worker's plan aligns the blocks: the local ones cover the end of the prompt (a
@@ -85,13 +71,15 @@ impl SchedulerSide for PullScheduler {
         self.awaiting_alloc.remove(req_id);
         let params = match KvParams::parse_json(kv_transfer_params) {
             Ok(p) => p,
-            Err(e) => return self.reject(req_id, num_prompt_tokens, num_computed_tokens, e.into()),
+            Err(e) => return self.base.reject(req_id, num_prompt_tokens, num_computed_tokens, e.into()),
         };
         match params {
             KvParams::None => Matched::NONE,
             KvParams::RemoteDecode if self.cfg.role.can_produce() => Matched::NONE,
-            KvParams::RemoteDecode => self.reject(req_id, num_prompt_tokens, num_computed_tokens, RoleError::RemoteDecodeOnConsumer.into()),
-            KvParams::PushPrefill(_) => self.reject(
+            KvParams::RemoteDecode => {
+                self.base.reject(req_id, num_prompt_tokens, num_computed_tokens, RoleError::RemoteDecodeOnConsumer.into())
+            }
+            KvParams::PushPrefill(_) => self.base.reject(
                 req_id,
                 num_prompt_tokens,
                 num_computed_tokens,
@@ -101,7 +89,7 @@ impl SchedulerSide for PullScheduler {
                 .into(),
             ),
             KvParams::RemotePrefill(_) if !self.cfg.role.can_consume() => {
-                self.reject(req_id, num_prompt_tokens, num_computed_tokens, RoleError::RemotePrefillOnProducer.into())
+                self.base.reject(req_id, num_prompt_tokens, num_computed_tokens, RoleError::RemotePrefillOnProducer.into())
             }
             KvParams::RemotePrefill(rp) => {
                 let count = num_prompt_tokens.saturating_sub(num_computed_tokens);

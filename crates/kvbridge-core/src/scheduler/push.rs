@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::{FinishReason, Finished, Matched, SchedulerBase, SchedulerSide};
 use crate::config::ConnectorConfig;
-use crate::error::{Error, ParamsError, RoleError};
+use crate::error::{ParamsError, RoleError};
 use crate::params::{KvParams, PushPrefill};
 use crate::wire::{ConnectorMetadata, PushRecv, PushSend};
 
@@ -47,17 +47,6 @@ impl PushScheduler {
             consumed: HashSet::new(),
             held_aborted: HashSet::new(),
         }
-    }
-
-    fn reject(&mut self, req_id: &str, num_prompt_tokens: u64, num_computed_tokens: u64, err: Error) -> Matched {
-        let reason = err.to_string();
-        tracing::error!(request_id = %req_id, error = %reason, "kvbridge: rejecting request");
-        let count = num_prompt_tokens.saturating_sub(num_computed_tokens);
-        if count == 0 {
-            return Matched::NONE;
-        }
-        self.base.rejected.insert(req_id.to_string(), reason);
-        Matched { num_tokens: count, load_async: true }
     }
 
     fn recv(req_id: &str, pp: &PushPrefill, num_tokens: u64, local: Vec<u32>, notify_only: bool) -> PushRecv {
@@ -99,7 +88,7 @@ impl SchedulerSide for PushScheduler {
         self.awaiting_alloc.remove(req_id);
         let params = match KvParams::parse_json(kv_transfer_params) {
             Ok(p) => p,
-            Err(e) => return self.reject(req_id, num_prompt_tokens, num_computed_tokens, e.into()),
+            Err(e) => return self.base.reject(req_id, num_prompt_tokens, num_computed_tokens, e.into()),
         };
         match params {
             KvParams::None => Matched::NONE,
@@ -108,13 +97,15 @@ impl SchedulerSide for PushScheduler {
                     self.producing.insert(req_id.to_string(), t.unwrap_or_default());
                     Matched::NONE
                 }
-                Err(e) => self.reject(req_id, num_prompt_tokens, num_computed_tokens, e.into()),
+                Err(e) => self.base.reject(req_id, num_prompt_tokens, num_computed_tokens, e.into()),
             },
-            KvParams::RemoteDecode => self.reject(req_id, num_prompt_tokens, num_computed_tokens, RoleError::RemoteDecodeOnConsumer.into()),
-            KvParams::PushPrefill(_) | KvParams::RemotePrefill(_) if !self.cfg.role.can_consume() => {
-                self.reject(req_id, num_prompt_tokens, num_computed_tokens, RoleError::RemotePrefillOnProducer.into())
+            KvParams::RemoteDecode => {
+                self.base.reject(req_id, num_prompt_tokens, num_computed_tokens, RoleError::RemoteDecodeOnConsumer.into())
             }
-            KvParams::RemotePrefill(_) => self.reject(
+            KvParams::PushPrefill(_) | KvParams::RemotePrefill(_) if !self.cfg.role.can_consume() => {
+                self.base.reject(req_id, num_prompt_tokens, num_computed_tokens, RoleError::RemotePrefillOnProducer.into())
+            }
+            KvParams::RemotePrefill(_) => self.base.reject(
                 req_id,
                 num_prompt_tokens,
                 num_computed_tokens,
