@@ -532,11 +532,11 @@ impl<T: Transport + 'static> Writer<T> {
                 if let Some(d) = self.st.layers_done.as_mut().and_then(|d| d.get_mut(i)) {
                     *d = true;
                 }
-                self.post_pending(now);
+                self.post_pending();
             }
             Work::ForwardDone { computing } => {
                 self.st.layers_done = None;
-                self.post_pending(now);
+                self.post_pending();
                 let mut actions = Vec::new();
                 {
                     let mut c = lock_ctl(&self.push);
@@ -681,21 +681,21 @@ impl<T: Transport + 'static> Writer<T> {
                 self.st.next_job += 1;
                 let id = self.st.next_job;
                 self.st.jobs.insert(id, job);
-                self.post(id, now);
+                self.post(id);
             }
         }
     }
 
-    fn post_pending(&mut self, now: f64) {
+    fn post_pending(&mut self) {
         let ids: Vec<u64> = self.st.jobs.iter().filter(|(_, j)| j.posted.iter().any(|p| !p)).map(|(i, _)| *i).collect();
         for id in ids {
-            self.post(id, now);
+            self.post(id);
         }
     }
 
     /// Post what job `id` may post now: every layer already computed (all of them when
     /// not layer-wise, or when no forward is running).
-    fn post(&mut self, id: u64, now: f64) {
+    fn post(&mut self, id: u64) {
         let Some(job) = self.st.jobs.get_mut(&id) else { return };
         let mut g = lock(&self.inner);
         let mut posts = 0;
@@ -730,10 +730,10 @@ impl<T: Transport + 'static> Writer<T> {
         if posts > 0 {
             lock_ctl(&self.push).stats.write_posts += posts;
         }
-        self.maybe_finish(id, now);
+        self.maybe_finish(id);
     }
 
-    fn maybe_finish(&mut self, id: u64, _now: f64) {
+    fn maybe_finish(&mut self, id: u64) {
         let done = self.st.jobs.get(&id).is_some_and(|j| j.in_flight == 0 && j.posted.iter().all(|&p| p));
         if !done {
             return;
@@ -797,7 +797,7 @@ impl<T: Transport + 'static> Writer<T> {
             }
         }
         for (_, id, _) in ended {
-            self.maybe_finish(id, now);
+            self.maybe_finish(id);
         }
     }
 }

@@ -396,6 +396,12 @@ impl PushReceiver {
             self.failed.push((n.request_id.clone(), format!("prefill engine {} rank {} failed to write", n.from_engine, n.from_tp_rank)));
             return true;
         }
+        // The rank is the writer's word: never track more ranks than registrations sent,
+        // so spoofed ranks can neither grow memory nor stand in for a missing writer.
+        if !w.ranks.contains_key(&n.from_tp_rank) && w.ranks.len() >= w.expected as usize {
+            tracing::warn!(request_id = %n.request_id, rank = n.from_tp_rank, "kvbridge: dropping a notification from an unexpected prefill rank");
+            return true;
+        }
         let e = w.ranks.entry(n.from_tp_rank).or_insert((0, 1));
         e.0 += 1;
         e.1 = n.expected.clamp(1, MAX_NOTIFS_PER_RANK);
@@ -596,6 +602,19 @@ mod tests {
         let (_, failed) = d.take();
         assert_eq!(failed.iter().map(|f| f.0.as_str()).collect::<Vec<_>>(), vec!["c"], "registration timeout");
         assert_eq!(d.waiting(), 0);
+    }
+
+    #[test]
+    fn notifications_from_more_ranks_than_registered_are_dropped() {
+        let mut d = PushReceiver::default();
+        d.on_registered("e", 1, 10.0);
+        let two = |rank| Notif { from_tp_rank: rank, expected: 2, ..notif("e", true) };
+        d.on_notif(&two(7));
+        d.on_notif(&two(8));
+        d.on_notif(&two(9));
+        assert_eq!(d.take(), (vec![], vec![]), "other ranks do not stand in for rank 7's second write");
+        d.on_notif(&two(7));
+        assert_eq!(d.take().0, vec!["e".to_string()]);
     }
 
     #[test]
