@@ -6,7 +6,9 @@ vLLM connector (:mod:`kvbridge.vllm`) and the P/D proxy (:mod:`kvbridge.proxy`).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+from typing import Any
 
 from kvbridge._native import (  # noqa: F401  (re-exports)
     ConfigError,
@@ -24,8 +26,23 @@ from kvbridge._native import (  # noqa: F401  (re-exports)
     __version__,
     init_logging,
     nixl_runtime_available,
+)
+from kvbridge._native import inspect as _inspect
+from kvbridge._native import (  # noqa: F401  (re-exports)
     validate_kv_transfer_params,
 )
+
+
+def inspect(host: str, port: int, timeout: float = 2.0) -> dict[str, Any]:
+    """Ask the worker whose side channel listens at ``host:port`` what it holds.
+
+    Returns its accounting: ``held_requests``/``held_blocks`` (P: blocks held for remote
+    readers, pull leases and push holds), ``loading_requests``/``loading_blocks`` (D: loads
+    in flight), and counters (``expired_leases``, ``released_leases``, heartbeats, reads,
+    handshakes). "Nothing leaked" is ``held_blocks == 0 and loading_blocks == 0`` once the
+    engines are idle. Raises ``HandshakeError`` if the listener does not answer.
+    """
+    return json.loads(_inspect(host, port, timeout))
 
 
 def nixl_lib_dir() -> str | None:
@@ -45,6 +62,6 @@ def nixl_lib_dir() -> str | None:
 __all__ = [
     "ConfigError", "HandshakeError", "KvbridgeError", "NixlRuntimeMissing", "ParamsError",
     "PlanError", "PushError", "RoleError", "Scheduler", "TransportError", "WireError", "Worker",
-    "__version__", "init_logging", "nixl_lib_dir", "nixl_runtime_available",
+    "__version__", "init_logging", "inspect", "nixl_lib_dir", "nixl_runtime_available",
     "validate_kv_transfer_params",
 ]

@@ -282,6 +282,11 @@ class KVBridgeConnector(KVConnectorBase_V1):
                 self._sched.prefill_completing(completing)
         return KVBridgeMetadata(self._sched.build_connector_meta())
 
+    def on_new_request(self, request: "Request") -> None:
+        # D: renew P's lease on this request's blocks from now on, even while it waits.
+        if self._sched is not None and request.kv_transfer_params is not None:
+            self._sched.on_new_request(request.request_id, _params(request))
+
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._sched is not None
         params = _params(request)

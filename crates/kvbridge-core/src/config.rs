@@ -122,6 +122,12 @@ pub struct ConnectorConfig {
     pub dp_rank: u32,
     pub kv_lease_duration: Duration,
     pub handshake_timeout: Duration,
+    /// Extra handshake attempts after a timeout or connection error (backoff doubles from
+    /// 100 ms).
+    pub handshake_retries: u32,
+    /// Forget a remote engine (its NIXL agent and plan) after this long with no
+    /// handshake, READ or heartbeat; it is re-handshaken on its next request.
+    pub engine_ttl: Duration,
     pub progress_delay_us: u64,
     /// Longest a no-forward step waits for a notification or READ completion (µs).
     pub idle_wait_us: u64,
@@ -145,6 +151,8 @@ pub const EXTRA_KEYS: &[&str] = &[
     "transfer_mode",
     "kv_lease_duration",
     "handshake_timeout",
+    "handshake_retries",
+    "engine_ttl",
     "progress_delay_us",
     "idle_wait_us",
     "side_channel_host",
@@ -159,7 +167,10 @@ pub const EXTRA_KEYS: &[&str] = &[
 
 pub const DEFAULT_SIDE_CHANNEL_HOST: &str = "localhost";
 pub const DEFAULT_SIDE_CHANNEL_PORT: u16 = 5600;
-pub const DEFAULT_LEASE_SECS: f64 = 120.0;
+pub const DEFAULT_LEASE_SECS: f64 = 30.0;
+pub const DEFAULT_PUSH_REGISTRATION_SECS: f64 = 120.0;
+pub const DEFAULT_ENGINE_TTL_SECS: f64 = 3600.0;
+pub const DEFAULT_HANDSHAKE_RETRIES: u32 = 2;
 pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: f64 = 5.0;
 pub const DEFAULT_PROGRESS_DELAY_US: u64 = 100;
 pub const DEFAULT_IDLE_WAIT_US: u64 = 2000;
@@ -243,6 +254,14 @@ impl ConnectorConfig {
         };
         let kv_lease_duration = secs("kv_lease_duration", DEFAULT_LEASE_SECS)?;
         let handshake_timeout = secs("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT_SECS)?;
+        let engine_ttl = secs("engine_ttl", DEFAULT_ENGINE_TTL_SECS)?;
+        let handshake_retries = match extra.get("handshake_retries") {
+            None => DEFAULT_HANDSHAKE_RETRIES,
+            Some(v) => v.as_u64().filter(|n| *n <= 10).map(|n| n as u32).ok_or_else(|| ConfigError::InvalidValue {
+                key: "handshake_retries".into(),
+                reason: format!("expected an integer in 0..=10, got {v}"),
+            })?,
+        };
         let progress_delay_us = match extra.get("progress_delay_us") {
             None => DEFAULT_PROGRESS_DELAY_US,
             Some(v) => v.as_u64().ok_or_else(|| ConfigError::InvalidValue {
@@ -265,7 +284,7 @@ impl ConnectorConfig {
         let enforce_handshake_compat = flag("enforce_handshake_compat", true)?;
         let coalesce_descriptors = flag("coalesce_descriptors", true)?;
         let push_layerwise = flag("push_layerwise", true)?;
-        let push_registration_timeout = secs("push_registration_timeout", DEFAULT_LEASE_SECS)?;
+        let push_registration_timeout = secs("push_registration_timeout", DEFAULT_PUSH_REGISTRATION_SECS)?;
         let null_block_id = match extra.get("null_block_id") {
             None => Some(0),
             Some(Value::Null) => None,
@@ -303,6 +322,8 @@ impl ConnectorConfig {
             dp_rank: engine.dp_rank,
             kv_lease_duration,
             handshake_timeout,
+            handshake_retries,
+            engine_ttl,
             progress_delay_us,
             idle_wait_us,
             load_failure_policy,

@@ -60,8 +60,8 @@ pub enum HandshakeError {
     Timeout { addr: String, timeout_ms: u64 },
     #[error("handshake with {addr} failed: {reason}")]
     Io { addr: String, reason: String },
-    #[error("incompatible peer at {addr}: compatibility hash {remote} != local {local} (P and D must run the same model, dtype, block size, vLLM and kvbridge versions)")]
-    Incompatible { addr: String, local: String, remote: String },
+    #[error("incompatible peer at {addr}: {detail} (P and D must run the same model, dtype, cache dtype, vLLM and kvbridge versions and transfer mode; enforce_handshake_compat=false on both sides overrides this)")]
+    Incompatible { addr: String, detail: String },
     #[error("peer at {addr} is engine {actual:?}, but the request named remote_engine_id {expected:?}")]
     EngineMismatch { addr: String, expected: String, actual: String },
     #[error("peer at {addr} answered with an error: {reason}")]

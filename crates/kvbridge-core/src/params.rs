@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 use crate::error::ParamsError;
 
 /// Where a decode engine finds a request's prefilled KV.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RemotePrefill {
     pub remote_engine_id: String,
     pub remote_request_id: String,
@@ -17,6 +17,10 @@ pub struct RemotePrefill {
     pub tp_size: u32,
     /// Tokens the prefill engine computed; informational.
     pub remote_num_tokens: Option<u64>,
+    /// The prefill engine's incarnation (`remote_epoch`; 0: not sent).
+    pub remote_epoch: u64,
+    /// P's lease expiry on P's clock (`remote_blocks_expiry_time`; 0: not sent).
+    pub remote_expiry_unix: f64,
 }
 
 /// Push mode, sent to D: the prefill engine to register D's blocks with. D learns it up
@@ -36,7 +40,7 @@ pub struct PushPrefill {
 pub const MAX_TRANSFER_ID: usize = 256;
 
 /// What a request asks of the connector.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum KvParams {
     /// No P/D: an ordinary request.
     None,
@@ -210,6 +214,18 @@ impl KvParams {
                     None | Some(Value::Null) => None,
                     Some(v) => Some(uint(v, "remote_num_tokens", u64::MAX)?),
                 };
+                let remote_epoch = match m.get("remote_epoch") {
+                    None | Some(Value::Null) => 0,
+                    Some(v) => uint(v, "remote_epoch", u64::MAX)?,
+                };
+                let remote_expiry_unix = match m.get("remote_blocks_expiry_time") {
+                    None | Some(Value::Null) => 0.0,
+                    Some(v) => v.as_f64().filter(|x| x.is_finite() && *x >= 0.0).ok_or_else(|| ParamsError::WrongType {
+                        field: "remote_blocks_expiry_time",
+                        expected: "a non-negative number (Unix seconds)",
+                        got: type_name(v),
+                    })?,
+                };
                 Ok(Self::RemotePrefill(RemotePrefill {
                     remote_engine_id,
                     remote_request_id,
@@ -218,6 +234,8 @@ impl KvParams {
                     remote_port,
                     tp_size,
                     remote_num_tokens,
+                    remote_epoch,
+                    remote_expiry_unix,
                 }))
             }
         }

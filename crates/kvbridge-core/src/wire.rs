@@ -9,7 +9,7 @@ use crate::error::WireError;
 use crate::layout::Region;
 
 /// Bumped on any incompatible change to the types below; part of the compatibility hash.
-pub const WIRE_VERSION: u32 = 4;
+pub const WIRE_VERSION: u32 = 5;
 /// The kvbridge version, also hashed: P and D must run the same release.
 pub const KVBRIDGE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -45,7 +45,7 @@ pub fn compat_hash(info: &CompatInfo, mode: TransferMode) -> String {
 // Scheduler → worker
 
 /// Where a request's KV lives on the prefill side.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RemoteRef {
     pub engine_id: String,
     pub host: String,
@@ -54,11 +54,18 @@ pub struct RemoteRef {
     /// P's block ids, one list per KV-cache group, covering the whole prompt.
     pub block_ids: Vec<Vec<u32>>,
     pub tp_size: u32,
+    /// The prefill engine's incarnation that produced the blocks (0: unknown). A peer
+    /// answering the handshake with another epoch has restarted: the blocks are gone.
+    #[serde(default)]
+    pub epoch: u64,
+    /// When P's lease on the blocks ends, on P's clock (Unix seconds; 0: unknown).
+    #[serde(default)]
+    pub expiry_unix: f64,
 }
 
 /// One request the worker must load (pull: READ remote blocks into `local_block_ids`).
 /// Zero local blocks is legal: the worker still notifies P so it frees its blocks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RecvReq {
     pub req_id: String,
     /// D's blocks to fill, one list per KV-cache group: the end of the request's blocks
@@ -80,6 +87,9 @@ pub struct SendLease {
     pub expiry_unix: f64,
     /// How many remote worker ranks must report before the blocks are free.
     pub expected_readers: u32,
+    /// Blocks held (accounting only).
+    #[serde(default)]
+    pub num_blocks: u32,
 }
 
 /// A request the scheduler already knows failed (bad params, role error): the worker
@@ -145,6 +155,25 @@ pub struct ConnectorMetadata {
     /// (reported in `finished_sending`) once no write can still land in them.
     #[serde(default)]
     pub push_aborted: Vec<String>,
+    /// The scheduler's incarnation (random per start; 0: unknown). Workers advertise it
+    /// in handshakes and heartbeat replies.
+    #[serde(default)]
+    pub epoch: u64,
+    /// D: lease heartbeats to send now, one batch per remote engine.
+    #[serde(default)]
+    pub heartbeats: Vec<HeartbeatTarget>,
+}
+
+/// D → one remote engine: "I still want these requests' blocks".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatTarget {
+    pub engine_id: String,
+    pub host: String,
+    /// P's base side-channel port; rank q listens at `port + q`.
+    pub port: u16,
+    pub tp_size: u32,
+    /// P's request ids.
+    pub request_ids: Vec<String>,
 }
 
 impl ConnectorMetadata {
@@ -156,6 +185,7 @@ impl ConnectorMetadata {
             && self.push_saves.is_empty()
             && self.push_register.is_empty()
             && self.push_aborted.is_empty()
+            && self.heartbeats.is_empty()
     }
     pub fn to_bytes(&self) -> Result<Vec<u8>, WireError> {
         encode("ConnectorMetadata", self)
@@ -211,13 +241,119 @@ pub struct HandshakeRequest {
     pub from_tp_rank: u32,
 }
 
-/// Everything a side-channel listener answers.
+/// Everything a side-channel listener answers. Travels as the body of a
+/// [`SideEnvelope`], decoded only once the envelope's version and hash are checked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SideRequest {
     /// Answered with a [`HandshakePayload`].
     Handshake(HandshakeRequest),
     /// Push mode: answered with a [`RegisterAck`].
     Register(PushRegistration),
+    /// Lease renewal from a decode engine: answered with a [`HeartbeatReply`].
+    Heartbeat(HeartbeatRequest),
+    /// Debug/metrics view of the blocks this worker holds: answered with JSON text.
+    Inspect,
+}
+
+/// Upper bound on a side-channel request (a push registration is the largest).
+pub const MAX_SIDE_REQUEST_BYTES: usize = MAX_REGISTRATION_BYTES + (64 << 10);
+/// Upper bound on request ids in one heartbeat, and on each id's length.
+pub const MAX_HEARTBEAT_IDS: usize = 65_536;
+pub const MAX_REQUEST_ID_BYTES: usize = 1024;
+
+/// The outer layer of every side-channel request. The listener decodes only this (the
+/// body stays bytes), refuses an unknown version or a different compatibility hash with
+/// the differing fields named, and only then decodes the body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SideEnvelope {
+    pub version: u32,
+    /// The sender's compatibility hash (empty: a diagnostic client; only `Inspect` is
+    /// then answered).
+    pub compat_hash: String,
+    pub from_engine: String,
+    /// The facts behind the hash, so a refusal can name what differs.
+    pub compat: Option<CompatInfo>,
+    pub kvbridge_version: String,
+    pub mode: String,
+    /// A msgpack [`SideRequest`].
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+/// The outer layer of every side-channel answer: an error (with the listener's compat
+/// facts when the hashes differ), or the kind-specific answer as bytes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SideReply {
+    pub error: Option<String>,
+    /// Set when the refusal is a compatibility mismatch.
+    pub incompatible: Option<String>,
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+/// D → P rank: renew the leases of these requests (P's ids).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    pub request_ids: Vec<String>,
+}
+
+impl HeartbeatRequest {
+    pub fn check(&self) -> Result<(), WireError> {
+        if self.request_ids.len() > MAX_HEARTBEAT_IDS || self.request_ids.iter().any(|r| r.len() > MAX_REQUEST_ID_BYTES) {
+            return Err(WireError::Decode { what: "HeartbeatRequest", reason: "too many or too long request ids".into() });
+        }
+        Ok(())
+    }
+}
+
+/// P rank → D: the state of each request named in a heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// The P engine's incarnation (0: unknown).
+    pub epoch: u64,
+    /// Still held: (request id, seconds left on the renewed lease).
+    pub held: Vec<(String, f64)>,
+    /// Released on the readers' word (the normal end).
+    pub released: Vec<String>,
+    /// Released because the lease ran out: reading now would read blocks that may
+    /// already hold another request's KV.
+    pub expired: Vec<String>,
+    /// Not known to this rank (yet: its lease may still be on the way from P's scheduler).
+    pub unknown: Vec<String>,
+}
+
+/// Fields that differ between two engines' compatibility facts (block size excluded:
+/// the plan maps different block sizes), as `field: local vs remote`.
+pub fn compat_diff(local: &CompatInfo, remote: &CompatInfo) -> Vec<String> {
+    let a = serde_json::to_value(CompatInfo { block_size: 0, ..local.clone() }).unwrap_or_default();
+    let b = serde_json::to_value(CompatInfo { block_size: 0, ..remote.clone() }).unwrap_or_default();
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else { return Vec::new() };
+    a.iter().filter(|(k, v)| b.get(*k) != Some(*v)).map(|(k, v)| format!("{k}: {v} vs {}", b.get(k).cloned().unwrap_or_default())).collect()
+}
+
+/// Explain a hash mismatch: the differing compat fields, kvbridge versions and modes.
+pub fn describe_mismatch(
+    local: &CompatInfo,
+    local_mode: &str,
+    remote: Option<&CompatInfo>,
+    remote_version: &str,
+    remote_mode: &str,
+) -> String {
+    let mut d = Vec::new();
+    if !remote_version.is_empty() && remote_version != KVBRIDGE_VERSION {
+        d.push(format!("kvbridge_version: {KVBRIDGE_VERSION:?} vs {remote_version:?}"));
+    }
+    if !remote_mode.is_empty() && remote_mode != local_mode {
+        d.push(format!("transfer_mode: {local_mode:?} vs {remote_mode:?}"));
+    }
+    match remote {
+        Some(r) => d.extend(compat_diff(local, r)),
+        None => d.push("the peer did not say which fields (older kvbridge?)".into()),
+    }
+    if d.is_empty() {
+        d.push("wire version".into());
+    }
+    format!("differing fields (local vs remote): {}", d.join("; "))
 }
 
 /// A P rank's answer to a push registration.
@@ -229,13 +365,27 @@ pub struct RegisterAck {
 
 /// The answer: the hash first, then the agent metadata as still-encoded bytes, so an
 /// incompatible peer's metadata is never decoded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HandshakePayload {
     pub compat_hash: String,
     #[serde(with = "serde_bytes")]
     pub agent_metadata: Vec<u8>,
     /// Set when the listener cannot answer (e.g. caches not registered yet).
     pub error: Option<String>,
+    /// The facts the hash covers, so a mismatch can name the fields that differ.
+    #[serde(default)]
+    pub compat: Option<CompatInfo>,
+    #[serde(default)]
+    pub kvbridge_version: String,
+    #[serde(default)]
+    pub mode: String,
+    /// The serving engine's incarnation (see [`ConnectorMetadata::epoch`]; 0: unknown).
+    #[serde(default)]
+    pub epoch: u64,
+    /// The server's clock when it answered (Unix seconds): D estimates the clock offset
+    /// it needs to compare P's lease expiry times with its own clock.
+    #[serde(default)]
+    pub now_unix: f64,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -357,9 +507,11 @@ mod tests {
                     request_id: "x".into(),
                     block_ids: vec![vec![5, 6]],
                     tp_size: 1,
+                    epoch: 7,
+                    expiry_unix: 2.5,
                 },
             }],
-            reqs_to_send: vec![SendLease { req_id: "s".into(), expiry_unix: 1.5, expected_readers: 1 }],
+            reqs_to_send: vec![SendLease { req_id: "s".into(), expiry_unix: 1.5, expected_readers: 1, num_blocks: 2 }],
             reqs_failed: vec![],
             ..Default::default()
         };

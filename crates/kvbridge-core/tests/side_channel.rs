@@ -2,9 +2,19 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kvbridge_core::config::CompatInfo;
 use kvbridge_core::error::HandshakeError;
-use kvbridge_core::side_channel::SideChannel;
-use kvbridge_core::wire::{self, HandshakePayload, HandshakeRequest, WIRE_VERSION};
+use kvbridge_core::side_channel::{Handlers, Identity, SideChannel};
+use kvbridge_core::wire::{self, HandshakePayload, HandshakeRequest, HeartbeatReply, HeartbeatRequest, WIRE_VERSION};
+
+/// A client speaking for an engine with compatibility hash `hash`.
+fn client(hash: &str) -> SideChannel {
+    SideChannel::with_identity(Identity { engine_id: "d".into(), compat_hash: hash.into(), ..Default::default() }).unwrap()
+}
+
+fn payload(md: Vec<u8>) -> HandshakePayload {
+    HandshakePayload { compat_hash: "h".into(), agent_metadata: md, ..Default::default() }
+}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -20,25 +30,132 @@ fn serves_payload_and_reports_unregistered() {
     let port = free_port();
     let cell = Arc::new(Mutex::new(None));
     sc.serve("127.0.0.1", port, cell.clone()).unwrap();
-    // Before registration the listener answers with an error payload.
-    let b = sc.fetch_blocking("127.0.0.1", port, req(), Duration::from_secs(5)).unwrap();
+    let c = client("h");
+    // Before registration the listener answers with an error, not silence.
+    let e = c.fetch_blocking("127.0.0.1", port, req(), Duration::from_secs(5)).unwrap_err();
+    assert!(matches!(&e, HandshakeError::Rejected { reason, .. } if reason.contains("not registered")), "{e}");
+    *cell.lock().unwrap() = Some(payload(vec![1, 2, 3]));
+    let b = c.fetch_blocking("localhost", port, req(), Duration::from_secs(5)).unwrap();
     let p: HandshakePayload = wire::decode("p", &b, 1 << 20).unwrap();
-    assert!(p.error.unwrap().contains("not registered"));
-    let payload = wire::encode("p", &HandshakePayload { compat_hash: "h".into(), agent_metadata: vec![1, 2, 3], error: None }).unwrap();
-    *cell.lock().unwrap() = Some(payload.clone());
-    let client = SideChannel::new().unwrap();
-    assert_eq!(client.fetch_blocking("localhost", port, req(), Duration::from_secs(5)).unwrap(), payload);
-    // A wrong wire version gets an error payload, not silence.
+    assert_eq!(p.agent_metadata, vec![1, 2, 3]);
+    assert!(p.now_unix > 1.0e9, "the payload carries the server's clock");
+    // A wrong wire version gets an error, not silence.
     let mut old = req();
     old.version = 999;
-    let p: HandshakePayload =
-        wire::decode("p", &client.fetch_blocking("127.0.0.1", port, old, Duration::from_secs(5)).unwrap(), 1 << 20).unwrap();
-    assert!(p.error.unwrap().contains("wire version"));
+    let e = c.fetch_blocking("127.0.0.1", port, old, Duration::from_secs(5)).unwrap_err();
+    assert!(e.to_string().contains("wire version"), "{e}");
+    // A client with no compatibility hash may only inspect.
+    let e = SideChannel::new().unwrap().fetch_blocking("127.0.0.1", port, req(), Duration::from_secs(5)).unwrap_err();
+    assert!(e.to_string().contains("only inspect"), "{e}");
+}
+
+#[test]
+fn incompatible_peers_are_refused_naming_the_fields_unless_overridden() {
+    let compat = |model: &str, dtype: &str| CompatInfo { model: model.into(), dtype: dtype.into(), num_layers: 4, ..Default::default() };
+    let port = free_port();
+    let listener = SideChannel::with_identity(Identity {
+        engine_id: "p".into(),
+        compat_hash: "hash-p".into(),
+        compat: Some(compat("llama", "bfloat16")),
+        mode: "pull".into(),
+        enforce: true,
+    })
+    .unwrap();
+    listener.serve("127.0.0.1", port, Arc::new(Mutex::new(Some(payload(vec![9]))))).unwrap();
+    let d = SideChannel::with_identity(Identity {
+        engine_id: "d".into(),
+        compat_hash: "hash-d".into(),
+        compat: Some(compat("llama", "float16")),
+        mode: "push".into(),
+        enforce: true,
+    })
+    .unwrap();
+    let e = d.fetch_blocking("127.0.0.1", port, req(), Duration::from_secs(5)).unwrap_err();
+    let HandshakeError::Incompatible { detail, .. } = &e else { panic!("{e}") };
+    assert!(detail.contains("dtype") && detail.contains("bfloat16") && detail.contains("float16"), "{detail}");
+    assert!(detail.contains("transfer_mode"), "{detail}");
+    assert!(!detail.contains("model"), "equal fields are not listed: {detail}");
+    // enforce_handshake_compat=false on the listener: served anyway.
+    let port2 = free_port();
+    let lax = SideChannel::with_identity(Identity { compat_hash: "hash-p".into(), enforce: false, ..Default::default() }).unwrap();
+    lax.serve("127.0.0.1", port2, Arc::new(Mutex::new(Some(payload(vec![9]))))).unwrap();
+    assert!(d.fetch_blocking("127.0.0.1", port2, req(), Duration::from_secs(5)).is_ok());
+}
+
+#[test]
+fn heartbeats_and_inspection_are_answered() {
+    let port = free_port();
+    let sc = SideChannel::new().unwrap();
+    let handlers = Handlers {
+        heartbeat: Some(Arc::new(|from: &str, hb: HeartbeatRequest| {
+            assert_eq!(from, "d");
+            HeartbeatReply {
+                epoch: 7,
+                held: vec![(hb.request_ids[0].clone(), 20.0)],
+                unknown: hb.request_ids[1..].to_vec(),
+                ..Default::default()
+            }
+        })),
+        inspect: Some(Arc::new(|| r#"{"held_blocks":3}"#.to_string())),
+        ..Default::default()
+    };
+    sc.serve_with("127.0.0.1", port, Arc::new(Mutex::new(None)), handlers).unwrap();
+    let d = client("h");
+    let (tx, rx) = std::sync::mpsc::channel();
+    d.heartbeat(
+        "127.0.0.1".into(),
+        port,
+        HeartbeatRequest { request_ids: vec!["a".into(), "b".into()] },
+        Duration::from_secs(5),
+        move |r| {
+            let _ = tx.send(r);
+        },
+    );
+    let r = rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    assert_eq!((r.epoch, r.held, r.unknown), (7, vec![("a".to_string(), 20.0)], vec!["b".to_string()]));
+    // Inspection needs no identity (a diagnostic client).
+    let v = SideChannel::new().unwrap().inspect_blocking("127.0.0.1", port, Duration::from_secs(5)).unwrap();
+    assert_eq!(v, r#"{"held_blocks":3}"#);
+    // Too many ids: refused, and the listener keeps serving.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ids = vec!["x".to_string(); wire::MAX_HEARTBEAT_IDS + 1];
+    d.heartbeat("127.0.0.1".into(), port, HeartbeatRequest { request_ids: ids }, Duration::from_secs(5), move |r| {
+        let _ = tx.send(r);
+    });
+    assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap().is_err());
+    assert!(SideChannel::new().unwrap().inspect_blocking("127.0.0.1", port, Duration::from_secs(5)).is_ok());
+}
+
+#[test]
+fn handshakes_retry_with_backoff_until_the_listener_is_up() {
+    let port = free_port();
+    let late = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        let sc = SideChannel::new().unwrap();
+        sc.serve("127.0.0.1", port, Arc::new(Mutex::new(Some(payload(vec![5]))))).unwrap();
+        std::thread::sleep(Duration::from_secs(5));
+    });
+    let c = client("h");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t0 = Instant::now();
+    c.fetch("127.0.0.1".into(), port, req(), Duration::from_millis(300), 4, move |r| {
+        let _ = tx.send(r);
+    });
+    let b = rx.recv_timeout(Duration::from_secs(10)).unwrap().expect("a retry reached the late listener");
+    assert_eq!(wire::decode::<HandshakePayload>("p", &b, 1 << 20).unwrap().agent_metadata, vec![5]);
+    assert!(t0.elapsed() >= Duration::from_millis(600));
+    // Without retries the same wait fails at once.
+    let (tx, rx) = std::sync::mpsc::channel();
+    c.fetch("127.0.0.1".into(), free_port(), req(), Duration::from_millis(200), 0, move |r| {
+        let _ = tx.send(r);
+    });
+    assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap().is_err());
+    late.join().unwrap();
 }
 
 #[test]
 fn dead_peer_and_bad_host_fail_in_bounded_time() {
-    let sc = SideChannel::new().unwrap();
+    let sc = client("h");
     let t0 = Instant::now();
     let e = sc.fetch_blocking("127.0.0.1", free_port(), req(), Duration::from_millis(500)).unwrap_err();
     assert!(matches!(e, HandshakeError::Timeout { .. } | HandshakeError::Io { .. }), "{e}");
@@ -59,16 +176,15 @@ fn garbage_requests_do_not_kill_the_listener() {
     use std::io::Write;
     let sc = SideChannel::new().unwrap();
     let port = free_port();
-    let payload = wire::encode("p", &HandshakePayload { compat_hash: "h".into(), agent_metadata: vec![], error: None }).unwrap();
-    sc.serve("127.0.0.1", port, Arc::new(Mutex::new(Some(payload.clone())))).unwrap();
+    sc.serve("127.0.0.1", port, Arc::new(Mutex::new(Some(payload(vec![4]))))).unwrap();
     for junk in [&b"GET / HTTP/1.0\r\n\r\n"[..], &[0xffu8; 64][..], &b""[..]] {
         if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
             let _ = s.write_all(junk);
         }
     }
     std::thread::sleep(Duration::from_millis(100));
-    let client = SideChannel::new().unwrap();
-    assert_eq!(client.fetch_blocking("127.0.0.1", port, req(), Duration::from_secs(5)).unwrap(), payload);
+    let b = client("h").fetch_blocking("127.0.0.1", port, req(), Duration::from_secs(5)).unwrap();
+    assert_eq!(wire::decode::<HandshakePayload>("p", &b, 1 << 20).unwrap().agent_metadata, vec![4]);
 }
 
 fn registration(rank: u32, tp: u32) -> kvbridge_core::wire::PushRegistration {
@@ -109,8 +225,8 @@ fn push_registrations_are_acked_refused_or_rejected_as_malformed() {
             Ok(())
         }
     });
-    sc.serve_with("127.0.0.1", port, Arc::new(Mutex::new(None)), Some(handler)).unwrap();
-    let client = SideChannel::new().unwrap();
+    sc.serve_with("127.0.0.1", port, Arc::new(Mutex::new(None)), Handlers { register: Some(handler), ..Default::default() }).unwrap();
+    let client = client("h");
     assert_eq!(register(&client, port, registration(0, 2)), Ok(()));
     let mut refused = registration(1, 2);
     refused.transfer_id = "refuse-me".into();

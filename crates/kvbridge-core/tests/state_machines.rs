@@ -197,7 +197,8 @@ fn payload(engine: &str, hash: &str, blocks: u64) -> Vec<u8> {
         regions: l.regions,
         nixl_md: vec![1, 2, 3],
     };
-    wire::encode("p", &HandshakePayload { compat_hash: hash.into(), agent_metadata: wire::encode("m", &md).unwrap(), error: None }).unwrap()
+    wire::encode("p", &HandshakePayload { compat_hash: hash.into(), agent_metadata: wire::encode("m", &md).unwrap(), ..Default::default() })
+        .unwrap()
 }
 
 fn d_worker() -> PullWorker {
@@ -229,7 +230,7 @@ fn worker_handshakes_once_then_reads_and_reports() {
     assert!(matches!(&a[..], [Action::Handshake { peer, port: 7000, .. }] if peer == "P@127.0.0.1:7000"));
     // A second request for the same engine queues behind the same handshake.
     assert!(w.on_metadata(d_meta(&mut d, &mut p, "d2", &[6], &[7], 0), 0.0).is_empty());
-    let a = w.on_handshake_payload(PEER, 0, "x", Ok(payload("P", "H", 32)));
+    let a = w.on_handshake_payload(PEER, 0, "x", Ok(payload("P", "H", 32)), 0.0, 0.0);
     assert!(matches!(&a[..], [Action::AddRemote { .. }]));
     let a = w.on_remote_added(PEER, 0, Ok(()), 1.0);
     assert_eq!(a.len(), 2);
@@ -260,7 +261,7 @@ fn worker_zero_block_request_notifies_without_reporting() {
     let (mut p, mut d) = (PullScheduler::new(cfg("kv_producer", "P")), PullScheduler::new(cfg("kv_consumer", "D")));
     let mut w = d_worker();
     w.on_metadata(d_meta(&mut d, &mut p, "d1", &[4, 5], &[], 32), 0.0);
-    w.on_handshake_payload(PEER, 0, "x", Ok(payload("P", "H", 32)));
+    w.on_handshake_payload(PEER, 0, "x", Ok(payload("P", "H", 32)), 0.0, 0.0);
     let a = w.on_remote_added(PEER, 0, Ok(()), 0.0);
     assert!(matches!(&a[..], [Action::Notify { key, .. }] if *key == format!("{PEER}#0")));
     assert_eq!(w.base.take_finished(), Default::default(), "a full prefix hit is not reported to vLLM");
@@ -279,7 +280,7 @@ fn worker_handshake_failures_fail_queued_requests() {
         let (mut p, mut d) = (PullScheduler::new(cfg("kv_producer", "P")), PullScheduler::new(cfg("kv_consumer", "D")));
         let mut w = d_worker();
         w.on_metadata(d_meta(&mut d, &mut p, "d1", &[4], &[1], 0), 0.0);
-        assert!(w.on_handshake_payload(PEER, 0, "h:1", res).is_empty());
+        assert!(w.on_handshake_payload(PEER, 0, "h:1", res, 0.0, 0.0).is_empty());
         let f = w.base.take_finished();
         assert_eq!(f.failed_recving, vec!["d1"]);
         assert_eq!(f.recving, vec!["d1"], "failed loads are also finished, so vLLM releases them");
@@ -295,7 +296,7 @@ fn worker_rejects_out_of_range_remote_blocks() {
     let (mut p, mut d) = (PullScheduler::new(cfg("kv_producer", "P")), PullScheduler::new(cfg("kv_consumer", "D")));
     let mut w = d_worker();
     w.on_metadata(d_meta(&mut d, &mut p, "d1", &[4, 999], &[1, 2], 0), 0.0);
-    w.on_handshake_payload(PEER, 0, "x", Ok(payload("P", "H", 32)));
+    w.on_handshake_payload(PEER, 0, "x", Ok(payload("P", "H", 32)), 0.0, 0.0);
     let a = w.on_remote_added(PEER, 0, Ok(()), 0.0);
     // P is told the read failed so it frees; D fails the request.
     assert!(matches!(&a[..], [Action::Notify { .. }]));
@@ -311,7 +312,7 @@ fn worker_block_count_mismatch_fails_the_request_and_frees_p() {
     d.get_num_new_matched_tokens("d1", 64, 0, Some(&params));
     d.update_state_after_alloc("d1", &[1, 2, 3, 4], 64);
     w.on_metadata(d.build_connector_meta(), 0.0);
-    w.on_handshake_payload(PEER, 0, "x", Ok(payload("P", "H", 32)));
+    w.on_handshake_payload(PEER, 0, "x", Ok(payload("P", "H", 32)), 0.0, 0.0);
     let a = w.on_remote_added(PEER, 0, Ok(()), 0.0);
     match &a[..] {
         [Action::Notify { msg, .. }] => assert!(!Notif::from_bytes(msg).unwrap().ok),
@@ -326,7 +327,7 @@ fn worker_read_failure_forgets_peer() {
     let (mut p, mut d) = (PullScheduler::new(cfg("kv_producer", "P")), PullScheduler::new(cfg("kv_consumer", "D")));
     let mut w = d_worker();
     w.on_metadata(d_meta(&mut d, &mut p, "d1", &[4], &[1], 0), 0.0);
-    w.on_handshake_payload(PEER, 0, "x", Ok(payload("P", "H", 32)));
+    w.on_handshake_payload(PEER, 0, "x", Ok(payload("P", "H", 32)), 0.0, 0.0);
     w.on_remote_added(PEER, 0, Ok(()), 0.0);
     let a = w.on_read_done("d1", &format!("{PEER}#0"), Err(kvbridge_core::error::TransportError::new("nixl", "peer died")), 1.0);
     assert!(matches!(&a[..], [Action::Notify { .. }, Action::RemoveRemote { .. }]));
@@ -389,7 +390,7 @@ fn consumer_abort_after_scheduling_lets_the_load_finish() {
     assert!(!f.delay_free);
     assert!(d.build_connector_meta().is_empty());
     w.on_metadata(md, 0.0);
-    w.on_handshake_payload(PEER, 0, "x", Ok(payload("P", "H", 32)));
+    w.on_handshake_payload(PEER, 0, "x", Ok(payload("P", "H", 32)), 0.0, 0.0);
     let a = w.on_remote_added(PEER, 0, Ok(()), 0.0);
     assert!(matches!(&a[..], [Action::Read { .. }]));
     w.on_read_done("d1", &format!("{PEER}#0"), Ok(()), 1.0);

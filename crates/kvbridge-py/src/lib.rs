@@ -107,10 +107,24 @@ impl Scheduler {
         self.inner.update_state_after_alloc(req_id, &unhashed_block_ids, num_external_tokens);
     }
 
-    /// This step's metadata for the workers, as opaque bytes.
+    /// This step's metadata for the workers (with any lease heartbeats now due), as
+    /// opaque bytes.
     fn build_connector_meta<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        self.inner.tick(now_unix());
         let b = self.inner.build_connector_meta().to_bytes().map_err(|e| to_py(e.into()))?;
         Ok(PyBytes::new(py, &b))
+    }
+
+    /// A request entered the engine (vLLM's `on_new_request`): D starts renewing P's
+    /// lease on its blocks while it waits.
+    #[pyo3(signature = (req_id, kv_transfer_params=None))]
+    fn on_new_request(&mut self, req_id: &str, kv_transfer_params: Option<&str>) {
+        self.inner.on_new_request(req_id, kv_transfer_params);
+    }
+
+    /// The scheduler's accounting (held/loading requests and blocks) as JSON text.
+    fn accounting(&self) -> String {
+        self.inner.base().accounting().to_string()
     }
 
     /// Returns `(delay_free_blocks, kv_transfer_params as JSON text or None)`.
@@ -264,6 +278,12 @@ impl Worker {
         self.invalid_blocks.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default()
     }
 
+    /// Blocks this rank holds for remote peers and loads in flight, with counters, as
+    /// JSON text (the same view `kvbridge.inspect` gets over the side channel).
+    fn accounting(&self) -> String {
+        self.inner.accounting().to_string()
+    }
+
     /// Counters as a JSON object.
     fn stats(&self) -> String {
         let s = self.inner.stats();
@@ -300,6 +320,22 @@ fn validate_kv_transfer_params(params: &str) -> PyResult<&'static str> {
     }
 }
 
+/// The accounting view (JSON text) of the worker whose side channel listens at
+/// `host:port` (P: blocks held for remote readers; D: loads in flight). For operators and
+/// tests: "nothing leaked" is `held_blocks == 0 and loading_blocks == 0`.
+#[pyfunction]
+#[pyo3(signature = (host, port, timeout=2.0))]
+fn inspect(py: Python<'_>, host: String, port: u16, timeout: f64) -> PyResult<String> {
+    if !(timeout.is_finite() && timeout > 0.0) {
+        return Err(ConfigError::new_err("timeout must be > 0"));
+    }
+    py.allow_threads(|| {
+        let side = kvbridge_core::side_channel::SideChannel::new().map_err(|e| Error::Other(e.to_string()))?;
+        side.inspect_blocking(&host, port, std::time::Duration::from_secs_f64(timeout)).map_err(Error::from)
+    })
+    .map_err(to_py)
+}
+
 /// True if the NIXL runtime can be loaded (never aborts).
 #[pyfunction]
 #[pyo3(signature = (lib_dir=None))]
@@ -327,6 +363,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Worker>()?;
     m.add_function(wrap_pyfunction!(validate_kv_transfer_params, m)?)?;
     m.add_function(wrap_pyfunction!(nixl_runtime_available, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add("KvbridgeError", py.get_type::<KvbridgeError>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;

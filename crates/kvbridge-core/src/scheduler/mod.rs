@@ -4,10 +4,11 @@
 //! flight on D, requests already known to have failed, and the per-step lists that
 //! become the [`ConnectorMetadata`] shipped to workers. [`pull::PullScheduler`] adds the
 //! pull decisions (D reads from P). A push variant will sit beside it.
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::config::ConnectorConfig;
-use crate::wire::{ConnectorMetadata, FailedReq, PushRecv, PushSend, RecvReq, SendLease, WIRE_VERSION};
+use crate::params::RemotePrefill;
+use crate::wire::{ConnectorMetadata, FailedReq, HeartbeatTarget, PushRecv, PushSend, RecvReq, SendLease, WIRE_VERSION};
 
 pub mod pull;
 pub mod push;
@@ -64,9 +65,93 @@ pub struct Finished {
     pub kv_transfer_params: Option<serde_json::Value>,
 }
 
+/// A remote engine at an address: (engine id, host, port).
+type EngineAddr = (String, String, u16);
+
+/// D: the leases to renew. A request is tracked from the moment it enters D (vLLM's
+/// `on_new_request`, or its first match) until its load finishes or it ends; one batch per
+/// remote engine goes out every `interval` seconds, inside the step's metadata (no
+/// thread of its own).
+#[derive(Debug, Default)]
+pub struct Heartbeats {
+    by_req: HashMap<String, (EngineAddr, String)>,
+    by_engine: BTreeMap<EngineAddr, (u32, BTreeSet<String>)>,
+    last_sent: f64,
+    /// Seconds between batches (vLLM: lease / 6).
+    pub interval: f64,
+}
+
+impl Heartbeats {
+    pub fn new(lease_secs: f64) -> Self {
+        Self { interval: (lease_secs / 6.0).max(0.2), ..Default::default() }
+    }
+
+    pub fn track(&mut self, req_id: &str, rp: &RemotePrefill) {
+        if self.by_req.contains_key(req_id) {
+            return;
+        }
+        let key = (rp.remote_engine_id.clone(), rp.remote_host.clone(), rp.remote_port);
+        let e = self.by_engine.entry(key.clone()).or_insert_with(|| (rp.tp_size, BTreeSet::new()));
+        e.0 = rp.tp_size;
+        e.1.insert(rp.remote_request_id.clone());
+        self.by_req.insert(req_id.to_string(), (key, rp.remote_request_id.clone()));
+    }
+
+    /// Stop renewing `req_id`'s lease; true if it was being renewed.
+    pub fn stop(&mut self, req_id: &str) -> bool {
+        let Some((key, remote)) = self.by_req.remove(req_id) else { return false };
+        if let Some(e) = self.by_engine.get_mut(&key) {
+            e.1.remove(&remote);
+            if e.1.is_empty() {
+                self.by_engine.remove(&key);
+            }
+        }
+        true
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.by_req.len()
+    }
+
+    /// The batches due at `now`, if any.
+    pub fn due(&mut self, now_unix: f64) -> Vec<HeartbeatTarget> {
+        if self.by_engine.is_empty() || now_unix - self.last_sent < self.interval {
+            return Vec::new();
+        }
+        self.last_sent = now_unix;
+        self.by_engine
+            .iter()
+            .map(|((engine_id, host, port), (tp_size, ids))| HeartbeatTarget {
+                engine_id: engine_id.clone(),
+                host: host.clone(),
+                port: *port,
+                tp_size: *tp_size,
+                request_ids: ids.iter().cloned().collect(),
+            })
+            .collect()
+    }
+}
+
+/// A fresh engine incarnation: nonzero, different on every start (time and pid mixed).
+pub fn fresh_epoch() -> u64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let mut x = t ^ (u64::from(std::process::id()) << 32) ^ 0x9E37_79B9_7F4A_7C15;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    (x & ((1u64 << 53) - 1)).max(1) // exact in JSON numbers
+}
+
 /// Ledgers shared by every scheduler variant.
 #[derive(Debug, Default)]
 pub struct SchedulerBase {
+    /// This engine's incarnation, sent to workers (which advertise it) and in P's params.
+    pub epoch: u64,
+    /// D: leases to renew on remote engines.
+    pub heartbeats: Heartbeats,
+    /// P: blocks held per leased request (accounting).
+    pub leased_blocks: HashMap<String, u32>,
+    step_heartbeats: Vec<HeartbeatTarget>,
     /// P: requests whose blocks are held for a remote reader, with lease expiry.
     pub leased: HashMap<String, f64>,
     /// D: requests with a load in flight (parked in WAITING_FOR_REMOTE_KVS).
@@ -83,6 +168,18 @@ pub struct SchedulerBase {
 }
 
 impl SchedulerBase {
+    pub fn new(cfg: &ConnectorConfig) -> Self {
+        Self { epoch: fresh_epoch(), heartbeats: Heartbeats::new(cfg.kv_lease_duration.as_secs_f64()), ..Default::default() }
+    }
+
+    /// Queue the heartbeats due at `now` into the next metadata.
+    pub fn tick(&mut self, now_unix: f64) {
+        let due = self.heartbeats.due(now_unix);
+        if !due.is_empty() {
+            self.step_heartbeats = due;
+        }
+    }
+
     pub fn push_recv(&mut self, r: RecvReq) {
         self.step_recv.push(r);
     }
@@ -131,6 +228,8 @@ impl SchedulerBase {
             push_saves: std::mem::take(&mut self.step_push_saves),
             push_register: std::mem::take(&mut self.step_push_register),
             push_aborted: std::mem::take(&mut self.step_push_aborted),
+            epoch: self.epoch,
+            heartbeats: std::mem::take(&mut self.step_heartbeats),
         }
     }
 
@@ -142,20 +241,40 @@ impl SchedulerBase {
     ) {
         for r in finished_sending {
             self.leased.remove(r);
+            self.leased_blocks.remove(r);
         }
         for r in finished_recving {
             self.loading.remove(r);
+            self.heartbeats.stop(r);
         }
     }
 
     pub fn has_pending_block_frees(&self) -> bool {
         !self.leased.is_empty()
     }
+
+    /// The scheduler's accounting: requests and blocks held for remote peers (P), loads
+    /// in flight (D), leases being renewed (D).
+    pub fn accounting(&self) -> serde_json::Value {
+        serde_json::json!({
+            "held_requests": self.leased.len(),
+            "held_blocks": self.leased_blocks.values().map(|&b| u64::from(b)).sum::<u64>(),
+            "loading_requests": self.loading.len(),
+            "heartbeat_requests": self.heartbeats.tracked(),
+            "epoch": self.epoch,
+        })
+    }
 }
 
 /// Everything a scheduler-side connector must answer, whatever the transfer mode.
 pub trait SchedulerSide {
     fn config(&self) -> &ConnectorConfig;
+    fn base(&self) -> &SchedulerBase;
+    /// A request entered the engine (vLLM's `on_new_request`): D starts renewing the
+    /// lease P holds for it, even while it waits in D's queue.
+    fn on_new_request(&mut self, _req_id: &str, _kv_transfer_params: Option<&str>) {}
+    /// Time passes (call before `build_connector_meta`): heartbeats fall due.
+    fn tick(&mut self, _now_unix: f64) {}
     fn get_num_new_matched_tokens(
         &mut self,
         req_id: &str,

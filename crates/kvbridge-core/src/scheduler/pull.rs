@@ -27,7 +27,7 @@ pub struct PullScheduler {
 impl PullScheduler {
     pub fn new(cfg: ConnectorConfig) -> Self {
         cfg.log_startup("scheduler");
-        Self { cfg, base: SchedulerBase::default(), awaiting_alloc: HashMap::new(), consumed: HashSet::new() }
+        Self { base: SchedulerBase::new(&cfg), cfg, awaiting_alloc: HashMap::new(), consumed: HashSet::new() }
     }
 
     /// The worker's plan aligns the blocks: the local ones cover the end of the prompt (a
@@ -46,6 +46,8 @@ impl PullScheduler {
                 request_id: rp.remote_request_id.clone(),
                 block_ids: vec![rp.remote_block_ids.clone()],
                 tp_size: rp.tp_size,
+                epoch: rp.remote_epoch,
+                expiry_unix: rp.remote_expiry_unix,
             },
         }
     }
@@ -54,6 +56,23 @@ impl PullScheduler {
 impl SchedulerSide for PullScheduler {
     fn config(&self) -> &ConnectorConfig {
         &self.cfg
+    }
+
+    fn base(&self) -> &SchedulerBase {
+        &self.base
+    }
+
+    fn on_new_request(&mut self, req_id: &str, kv_transfer_params: Option<&str>) {
+        if !self.cfg.role.can_consume() {
+            return;
+        }
+        if let Ok(KvParams::RemotePrefill(rp)) = KvParams::parse_json(kv_transfer_params) {
+            self.base.heartbeats.track(req_id, &rp);
+        }
+    }
+
+    fn tick(&mut self, now_unix: f64) {
+        self.base.tick(now_unix);
     }
 
     fn get_num_new_matched_tokens(
@@ -92,6 +111,7 @@ impl SchedulerSide for PullScheduler {
                 self.base.reject(req_id, num_prompt_tokens, num_computed_tokens, RoleError::RemotePrefillOnProducer.into())
             }
             KvParams::RemotePrefill(rp) => {
+                self.base.heartbeats.track(req_id, &rp);
                 let count = num_prompt_tokens.saturating_sub(num_computed_tokens);
                 tracing::debug!(request_id = %req_id, count, "kvbridge: remote prefill matched");
                 self.awaiting_alloc.insert(req_id.to_string(), (rp, num_prompt_tokens));
@@ -129,20 +149,33 @@ impl SchedulerSide for PullScheduler {
     ) -> Finished {
         let none = Finished { delay_free: false, kv_transfer_params: None };
         self.base.rejected.remove(req_id);
-        self.consumed.remove(req_id);
+        let tracked = self.base.heartbeats.stop(req_id);
+        let consumed = self.consumed.remove(req_id);
         // D: aborted before its blocks were allocated. Tell P to free its blocks.
         if let Some((rp, n)) = self.awaiting_alloc.remove(req_id) {
             self.base.push_recv(Self::recv_req(req_id, &rp, n, Vec::new(), true));
             return none;
         }
-        let Ok(KvParams::RemoteDecode) = KvParams::parse_json(kv_transfer_params) else { return none };
+        let params = KvParams::parse_json(kv_transfer_params);
+        // D: ended before it was ever matched (aborted while queued, or an engine error):
+        // P still holds its blocks; tell it now rather than at lease expiry.
+        if let Ok(KvParams::RemotePrefill(rp)) = &params {
+            if tracked && !consumed && self.cfg.role.can_consume() {
+                tracing::debug!(request_id = %req_id, "kvbridge: request ended before its load started; releasing P's blocks");
+                self.base.push_recv(Self::recv_req(req_id, rp, rp.remote_num_tokens.unwrap_or(0), Vec::new(), true));
+            }
+            return none;
+        }
+        let Ok(KvParams::RemoteDecode) = params else { return none };
         if !self.cfg.role.can_produce() || !reason.completed() || block_ids.is_empty() {
             return none;
         }
         let Some(port) = self.cfg.advertised_port() else { return none };
         let expiry = now_unix + self.cfg.kv_lease_duration.as_secs_f64();
         self.base.leased.insert(req_id.to_string(), expiry);
-        self.base.push_send(SendLease { req_id: req_id.to_string(), expiry_unix: expiry, expected_readers: 1 });
+        let num_blocks = u32::try_from(block_ids.len()).unwrap_or(u32::MAX);
+        self.base.leased_blocks.insert(req_id.to_string(), num_blocks);
+        self.base.push_send(SendLease { req_id: req_id.to_string(), expiry_unix: expiry, expected_readers: 1, num_blocks });
         Finished {
             delay_free: true,
             kv_transfer_params: Some(json!({
@@ -156,6 +189,7 @@ impl SchedulerSide for PullScheduler {
                 "tp_size": self.cfg.tp_size,
                 "remote_num_tokens": num_computed_tokens,
                 "remote_blocks_expiry_time": expiry,
+                "remote_epoch": self.base.epoch,
                 "transfer_mode": self.cfg.mode.as_str(),
             })),
         }

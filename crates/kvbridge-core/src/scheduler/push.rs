@@ -39,8 +39,8 @@ impl PushScheduler {
     pub fn new(cfg: ConnectorConfig) -> Self {
         cfg.log_startup("scheduler");
         Self {
+            base: SchedulerBase::new(&cfg),
             cfg,
-            base: SchedulerBase::default(),
             producing: HashMap::new(),
             saving: HashSet::new(),
             awaiting_alloc: HashMap::new(),
@@ -72,6 +72,14 @@ impl PushScheduler {
 impl SchedulerSide for PushScheduler {
     fn config(&self) -> &ConnectorConfig {
         &self.cfg
+    }
+
+    fn base(&self) -> &SchedulerBase {
+        &self.base
+    }
+
+    fn tick(&mut self, now_unix: f64) {
+        self.base.tick(now_unix);
     }
 
     fn get_num_new_matched_tokens(
@@ -164,16 +172,23 @@ impl SchedulerSide for PushScheduler {
         block_ids: &[u32],
         reason: FinishReason,
         num_computed_tokens: u64,
-        _kv_transfer_params: Option<&str>,
+        kv_transfer_params: Option<&str>,
         now_unix: f64,
     ) -> Finished {
         let none = Finished { delay_free: false, kv_transfer_params: None };
         self.base.rejected.remove(req_id);
-        self.consumed.remove(req_id);
+        let consumed = self.consumed.remove(req_id);
         // D: gave up before allocating. Tell P, so it frees its blocks now.
         if let Some((pp, n)) = self.awaiting_alloc.remove(req_id) {
             self.base.push_push_register(Self::recv(req_id, &pp, n, Vec::new(), true));
             return none;
+        }
+        // D: ended before it was ever matched (aborted while queued): tell P too.
+        if !consumed && self.cfg.role.can_consume() && !self.base.loading.contains(req_id) {
+            if let Ok(KvParams::PushPrefill(pp)) = KvParams::parse_json(kv_transfer_params) {
+                self.base.push_push_register(Self::recv(req_id, &pp, 0, Vec::new(), true));
+                return none;
+            }
         }
         // D: ended while a write may still land in its blocks. Hold them.
         if self.base.loading.contains(req_id) {
@@ -201,10 +216,12 @@ impl SchedulerSide for PushScheduler {
             self.base.push_push_finished(send(was_saving, true));
             if was_saving {
                 self.base.leased.insert(req_id.to_string(), expiry);
+                self.base.leased_blocks.insert(req_id.to_string(), u32::try_from(block_ids.len()).unwrap_or(u32::MAX));
             }
             return Finished { delay_free: was_saving, kv_transfer_params: None };
         }
         self.base.leased.insert(req_id.to_string(), expiry);
+        self.base.leased_blocks.insert(req_id.to_string(), u32::try_from(block_ids.len()).unwrap_or(u32::MAX));
         self.base.push_push_finished(send(true, false));
         Finished {
             delay_free: true,
@@ -220,6 +237,7 @@ impl SchedulerSide for PushScheduler {
                 "tp_size": self.cfg.tp_size,
                 "remote_num_tokens": num_computed_tokens,
                 "remote_blocks_expiry_time": expiry,
+                "remote_epoch": self.base.epoch,
             })),
         }
     }

@@ -10,7 +10,7 @@
 //! channel only send it [`Work`] over a channel and touch the push state under a short
 //! lock of its own ([`PushCtl`]), so the engine step never waits on a WRITE being posted.
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,9 +23,11 @@ use crate::config::{ConnectorConfig, TransferMode};
 use crate::error::{Error, HandshakeError, TransportError};
 use crate::layout::{KvLayout, TensorInfo};
 use crate::plan::TransferPlan;
-use crate::side_channel::{PayloadCell, RegisterHandler, SideChannel};
+use crate::side_channel::{Handlers, HeartbeatHandler, Identity, InspectHandler, PayloadCell, RegisterHandler, SideChannel};
 use crate::transport::{Transport, XferId, XferPoll};
-use crate::wire::{self, AgentMetadata, ConnectorMetadata, HandshakePayload, HandshakeRequest, Notif, PushRegistration, WIRE_VERSION};
+use crate::wire::{
+    self, AgentMetadata, ConnectorMetadata, HandshakePayload, HandshakeRequest, HeartbeatRequest, Notif, PushRegistration, WIRE_VERSION,
+};
 
 pub fn now_unix() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
@@ -55,6 +57,10 @@ pub struct WorkerDriver<T: Transport + 'static> {
     layer_index: RwLock<HashMap<String, usize>>,
     /// A forward with layer-wise writes is running.
     layerwise_now: AtomicBool,
+    /// The engine incarnation from the scheduler's metadata (0 until the first step).
+    epoch: Arc<AtomicU64>,
+    /// When idle remote engines were last looked for (engine_ttl), as Unix seconds bits.
+    last_evict: AtomicU64,
 }
 
 fn lock<T: Transport>(m: &Mutex<Inner<T>>) -> MutexGuard<'_, Inner<T>> {
@@ -70,10 +76,20 @@ impl<T: Transport + 'static> WorkerDriver<T> {
     pub fn new(cfg: ConnectorConfig, transport: T) -> Result<Self, Error> {
         cfg.log_startup("worker");
         let hash = wire::compat_hash(&cfg.compat, cfg.mode);
-        let mut core = PullWorker::new(cfg.engine_id.clone(), cfg.tp_rank, cfg.tp_size, hash, cfg.enforce_handshake_compat);
+        let mut core = PullWorker::new(cfg.engine_id.clone(), cfg.tp_rank, cfg.tp_size, hash.clone(), cfg.enforce_handshake_compat);
         core.coalesce = cfg.coalesce_descriptors;
         core.null_block = cfg.null_block_id;
-        let side = Arc::new(SideChannel::new().map_err(|e| Error::Other(format!("cannot start side-channel runtime: {e}")))?);
+        core.compat = cfg.compat.clone();
+        core.mode = cfg.mode.as_str().to_string();
+        let identity = Identity {
+            engine_id: cfg.engine_id.clone(),
+            compat_hash: hash,
+            compat: Some(cfg.compat.clone()),
+            mode: cfg.mode.as_str().to_string(),
+            enforce: cfg.enforce_handshake_compat,
+        };
+        let side =
+            Arc::new(SideChannel::with_identity(identity).map_err(|e| Error::Other(format!("cannot start side-channel runtime: {e}")))?);
         let inner = Arc::new(Mutex::new(Inner { core, transport, xfers: HashMap::new() }));
         let push = Arc::new(Mutex::new(PushCtl::new(cfg.engine_id.clone(), cfg.tp_size, cfg.kv_lease_duration.as_secs_f64())));
         let stop = Arc::new(AtomicBool::new(false));
@@ -109,6 +125,8 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             writer,
             layer_index: RwLock::new(HashMap::new()),
             layerwise_now: AtomicBool::new(false),
+            epoch: Arc::new(AtomicU64::new(0)),
+            last_evict: AtomicU64::new(0),
         })
     }
 
@@ -148,14 +166,16 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 }
                 self.send_work(Work::Registered(Box::new(geo)));
             }
-            wire::encode(
-                "HandshakePayload",
-                &HandshakePayload {
-                    compat_hash: g.core.compat_hash().to_string(),
-                    agent_metadata: wire::encode("AgentMetadata", &md)?,
-                    error: None,
-                },
-            )?
+            HandshakePayload {
+                compat_hash: g.core.compat_hash().to_string(),
+                agent_metadata: wire::encode("AgentMetadata", &md)?,
+                error: None,
+                compat: Some(self.cfg.compat.clone()),
+                kvbridge_version: wire::KVBRIDGE_VERSION.to_string(),
+                mode: self.cfg.mode.as_str().to_string(),
+                epoch: self.epoch.load(Ordering::Acquire),
+                now_unix: 0.0,
+            }
         };
         if let Ok(mut p) = self.payload.lock() {
             *p = Some(payload);
@@ -188,16 +208,86 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             });
             h
         });
-        self.side.serve_with(&self.cfg.side_channel_host, port, self.payload.clone(), on_register)?;
+        let handlers = Handlers { register: on_register, heartbeat: Some(self.heartbeat_handler()), inspect: Some(self.inspect_handler()) };
+        self.side.serve_with(&self.cfg.side_channel_host, port, self.payload.clone(), handlers)?;
         tracing::info!(regions = layout.regions.len(), num_blocks, port, "kvbridge: KV caches registered");
         Ok(layout)
+    }
+
+    /// P: renew leases on a decode engine's heartbeat (by 2/3 of the lease, as vLLM).
+    fn heartbeat_handler(&self) -> HeartbeatHandler {
+        let inner = self.inner.clone();
+        let extend = self.cfg.kv_lease_duration.as_secs_f64() * 2.0 / 3.0;
+        let epoch = self.epoch.clone();
+        Arc::new(move |from: &str, hb: HeartbeatRequest| {
+            let mut reply = lock(&inner).core.base.on_heartbeat(&hb, now_unix(), extend);
+            reply.epoch = epoch.load(Ordering::Acquire);
+            tracing::debug!(
+                from,
+                held = reply.held.len(),
+                expired = reply.expired.len(),
+                unknown = reply.unknown.len(),
+                "kvbridge: heartbeat"
+            );
+            reply
+        })
+    }
+
+    /// The accounting view served to `Inspect` requests (and [`accounting`](Self::accounting)).
+    fn inspect_handler(&self) -> InspectHandler {
+        let inner = self.inner.clone();
+        let push = self.push.clone();
+        let engine = self.cfg.engine_id.clone();
+        let rank = self.cfg.tp_rank;
+        Arc::new(move || accounting(&inner, &push, &engine, rank).to_string())
+    }
+
+    /// Blocks held for remote peers and loads in flight on this rank, with counters.
+    pub fn accounting(&self) -> serde_json::Value {
+        accounting(&self.inner, &self.push, &self.cfg.engine_id, self.cfg.tp_rank)
+    }
+
+    /// A new engine incarnation from the scheduler: advertise it in handshakes.
+    fn set_epoch(&self, epoch: u64) {
+        if epoch == 0 || self.epoch.swap(epoch, Ordering::AcqRel) == epoch {
+            return;
+        }
+        if let Ok(mut p) = self.payload.lock() {
+            if let Some(p) = p.as_mut() {
+                p.epoch = epoch;
+            }
+        }
+    }
+
+    /// D: send the heartbeats in a step's metadata, to every P rank this rank reads from.
+    fn send_heartbeats(&self, targets: Vec<wire::HeartbeatTarget>) {
+        for t in targets {
+            let ranks = lock(&self.inner).core.heartbeat_ranks(t.tp_size);
+            let peer = format!("{}@{}:{}", t.engine_id, t.host, t.port);
+            for q in ranks {
+                let Some(port) = u16::try_from(q).ok().and_then(|q| t.port.checked_add(q)) else { continue };
+                let inner = self.inner.clone();
+                let peer = peer.clone();
+                let sent = now_unix();
+                lock(&self.inner).core.stats.heartbeats_sent += 1;
+                let req = HeartbeatRequest { request_ids: t.request_ids.clone() };
+                self.side.heartbeat(t.host.clone(), port, req, self.cfg.handshake_timeout, move |res| {
+                    lock(&inner).core.on_heartbeat_reply(&peer, res, sent, now_unix());
+                });
+            }
+        }
     }
 
     /// Bind a step's metadata (opaque bytes from the scheduler) and start loads.
     pub fn start_load(&self, metadata: &[u8]) -> Result<(), Error> {
         let mut md = ConnectorMetadata::from_bytes(metadata)?;
+        self.set_epoch(md.epoch);
         if md.is_empty() {
             return Ok(());
+        }
+        let hb = std::mem::take(&mut md.heartbeats);
+        if !hb.is_empty() {
+            self.send_heartbeats(hb);
         }
         self.start_push(&mut md);
         if md.reqs_to_recv.is_empty() && md.reqs_to_send.is_empty() && md.reqs_failed.is_empty() {
@@ -418,6 +508,11 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             g.core.base.on_notif(&n, now);
         }
         g.core.base.tick(now);
+        let last = f64::from_bits(self.last_evict.load(Ordering::Relaxed));
+        if now - last >= 1.0 {
+            self.last_evict.store(now.to_bits(), Ordering::Relaxed);
+            follow.extend(g.core.evict_idle(now, self.cfg.engine_ttl.as_secs_f64()));
+        }
         drop(g);
         if !follow.is_empty() {
             run(&self.inner, &self.side, &self.cfg, follow);
@@ -593,10 +688,10 @@ impl<T: Transport + 'static> Writer<T> {
         let p_tp = self.cfg.tp_size;
         let addr = format!("{}:{}", reg.host, reg.port);
         tracing::debug!(%key, %addr, "kvbridge: push handshake with a decode rank");
-        self.side.fetch(reg.host.clone(), reg.port, req, self.cfg.handshake_timeout, move |res| {
+        self.side.fetch(reg.host.clone(), reg.port, req, self.cfg.handshake_timeout, self.cfg.handshake_retries, move |res| {
             let out = (|| -> Result<(Box<TransferPlan>, AgentMetadata), Error> {
                 let bytes = res?;
-                let md = lock(&inner).core.check_payload(&reg.engine_id, &addr, &bytes)?;
+                let (md, _, _) = lock(&inner).core.check_payload(&reg.engine_id, &addr, &bytes)?;
                 if md.tp_rank != reg.tp_rank || md.tp_size != reg.tp_size {
                     return Err(HandshakeError::Rejected {
                         addr: addr.clone(),
@@ -802,6 +897,54 @@ impl<T: Transport + 'static> Writer<T> {
     }
 }
 
+/// The accounting view of one worker rank (see `WorkerDriver::accounting`).
+fn accounting<T: Transport>(inner: &Mutex<Inner<T>>, push: &Mutex<PushCtl>, engine: &str, rank: u32) -> serde_json::Value {
+    let g = lock(inner);
+    let (loading_requests, loading_blocks) = g.core.loading_blocks();
+    let b = &g.core.base;
+    let st = &g.core.stats;
+    let mut v = serde_json::json!({
+        "engine_id": engine,
+        "tp_rank": rank,
+        "held_requests": b.held_requests(),
+        "held_blocks": b.held_blocks(),
+        "loading_requests": loading_requests,
+        "loading_blocks": loading_blocks,
+        "reads_in_flight": g.xfers.len(),
+        "expired_leases": b.expired_leases,
+        "released_leases": b.released_leases,
+        "heartbeats_received": b.heartbeats_received,
+        "heartbeats_sent": st.heartbeats_sent,
+        "heartbeats_failed": st.heartbeats_failed,
+        "leases_lost": st.leases_lost,
+        "reads_ok": st.reads_ok,
+        "reads_failed": st.reads_failed,
+        "handshakes_ok": st.handshakes_ok,
+        "handshakes_failed": st.handshakes_failed,
+        "engines_evicted": st.engines_evicted,
+        "ready_peers": g.core.ready_peers(),
+    });
+    drop(g);
+    let c = lock_ctl(push);
+    let push_held = c.sender.held();
+    let push_blocks = c.sender.held_blocks();
+    let d_waiting = c.receiver.waiting();
+    let d_blocks: u64 = c.d_blocks.values().map(|b| b.len() as u64).sum();
+    drop(c);
+    if let Some(o) = v.as_object_mut() {
+        // Push-mode holds count as held (P) and loading (D) too.
+        let add = |o: &mut serde_json::Map<String, serde_json::Value>, k: &str, n: u64| {
+            let cur = o.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            o.insert(k.into(), (cur + n).into());
+        };
+        add(o, "held_requests", push_held as u64);
+        add(o, "held_blocks", push_blocks);
+        add(o, "loading_requests", d_waiting as u64);
+        add(o, "loading_blocks", d_blocks);
+    }
+    v
+}
+
 /// Execute actions until none are left. Handshakes go to the side channel; their
 /// completion re-enters here on the side-channel thread.
 fn run<T: Transport + 'static>(inner: &Arc<Mutex<Inner<T>>>, side: &Arc<SideChannel>, cfg: &ConnectorConfig, actions: Vec<Action>) {
@@ -816,17 +959,19 @@ fn run<T: Transport + 'static>(inner: &Arc<Mutex<Inner<T>>>, side: &Arc<SideChan
                 let addr = format!("{host}:{port}");
                 let req = HandshakeRequest { version: WIRE_VERSION, from_engine: cfg.engine_id.clone(), from_tp_rank: cfg.tp_rank };
                 let t0 = std::time::Instant::now();
-                side.fetch(host, port, req, cfg.handshake_timeout, move |res| {
+                let sent = now_unix();
+                side.fetch(host, port, req, cfg.handshake_timeout, cfg.handshake_retries, move |res| {
                     let fetched_ms = t0.elapsed().as_secs_f64() * 1e3;
+                    let recv = now_unix();
                     let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        let follow = lock(&inner2).core.on_handshake_payload(&peer, rank, &addr, res);
+                        let follow = lock(&inner2).core.on_handshake_payload(&peer, rank, &addr, res, sent, recv);
                         run(&inner2, &side2, &cfg2, follow);
                     }));
                     if handled.is_err() {
                         // Never leave requests queued behind a handshake that cannot finish.
                         tracing::error!(%peer, "kvbridge: internal error while completing a handshake; failing its requests");
                         let err = HandshakeError::Io { addr: addr.clone(), reason: "internal error completing the handshake".into() };
-                        let follow = lock(&inner2).core.on_handshake_payload(&peer, rank, &addr, Err(err));
+                        let follow = lock(&inner2).core.on_handshake_payload(&peer, rank, &addr, Err(err), sent, recv);
                         run(&inner2, &side2, &cfg2, follow);
                     }
                     tracing::info!(%peer, rank, fetch_ms = fetched_ms, total_ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: handshake finished");

@@ -7,7 +7,7 @@
 //! the actions against a [`crate::transport::Transport`] and the side channel.
 use std::collections::HashMap;
 
-use crate::wire::{Notif, SendLease};
+use crate::wire::{HeartbeatReply, HeartbeatRequest, Notif, SendLease};
 
 pub mod driver;
 pub mod pull;
@@ -31,7 +31,21 @@ struct Lease {
     expiry_unix: f64,
     expected: u32,
     seen: u32,
+    num_blocks: u32,
 }
+
+/// How a lease ended, as a heartbeat reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// Every reader said it was done.
+    Released,
+    /// The lease ran out first: the blocks may already hold another request's KV.
+    Expired,
+}
+
+/// Recently ended leases are remembered this long and this many, to answer heartbeats.
+const ENDED_TTL_SECS: f64 = 600.0;
+const ENDED_CAP: usize = 65_536;
 
 /// Notifications for requests not (yet) leased are kept at most this long and this many,
 /// so a chatty or hostile peer cannot grow memory without bound.
@@ -45,9 +59,14 @@ pub struct WorkerBase {
     leases: HashMap<String, Lease>,
     /// Notifications that arrived before their lease: (count, first seen, expected).
     early: HashMap<String, (u32, f64, u32)>,
+    /// Leases that ended recently: how, and when.
+    ended: HashMap<String, (Ended, f64)>,
     pub(crate) out: FinishedSets,
     /// Counters for stats.
     pub expired_leases: u64,
+    /// Leases released on the readers' word (the normal end).
+    pub released_leases: u64,
+    pub heartbeats_received: u64,
     pub notifs_received: u64,
     pub notifs_rejected: u64,
 }
@@ -61,9 +80,9 @@ impl WorkerBase {
                 None => (0, l.expected_readers.clamp(1, MAX_READERS)),
             };
             if seen >= expected {
-                self.out.sending.push(l.req_id.clone());
+                self.end(&l.req_id, Ended::Released, l.expiry_unix);
             } else {
-                self.leases.insert(l.req_id.clone(), Lease { expiry_unix: l.expiry_unix, expected, seen });
+                self.leases.insert(l.req_id.clone(), Lease { expiry_unix: l.expiry_unix, expected, seen, num_blocks: l.num_blocks });
             }
         }
     }
@@ -90,7 +109,7 @@ impl WorkerBase {
                 l.expected = expected;
                 if l.seen >= l.expected {
                     self.leases.remove(&n.request_id);
-                    self.out.sending.push(n.request_id);
+                    self.end(&n.request_id, Ended::Released, now_unix);
                 }
             }
             None => {
@@ -107,20 +126,61 @@ impl WorkerBase {
         }
     }
 
+    /// A lease ended: report the blocks free and remember how, for heartbeats.
+    fn end(&mut self, req_id: &str, how: Ended, now_unix: f64) {
+        match how {
+            Ended::Released => self.released_leases += 1,
+            Ended::Expired => self.expired_leases += 1,
+        }
+        if self.ended.len() >= ENDED_CAP {
+            self.ended.retain(|_, (_, t)| now_unix - *t < ENDED_TTL_SECS / 10.0);
+        }
+        if self.ended.len() < ENDED_CAP {
+            self.ended.insert(req_id.to_string(), (how, now_unix));
+        }
+        self.out.sending.push(req_id.to_string());
+    }
+
     /// Release leases past expiry (the reader never came) and drop stale early notifs.
     pub fn tick(&mut self, now_unix: f64) {
         let expired: Vec<String> = self.leases.iter().filter(|(_, l)| l.expiry_unix <= now_unix).map(|(k, _)| k.clone()).collect();
         for r in expired {
             tracing::warn!(request_id = %r, "kvbridge: lease expired before any remote reader finished; releasing blocks");
             self.leases.remove(&r);
-            self.expired_leases += 1;
-            self.out.sending.push(r);
+            self.end(&r, Ended::Expired, now_unix);
         }
         self.early.retain(|_, (_, t, _)| now_unix - *t < EARLY_NOTIF_TTL_SECS);
+        self.ended.retain(|_, (_, t)| now_unix - *t < ENDED_TTL_SECS);
+    }
+
+    /// A decode engine renews its leases: each held one runs until at least
+    /// `now + extend_secs`. The reply says, per request, how long it is held, or that it
+    /// was released, expired, or is unknown here (its lease may not have arrived yet).
+    pub fn on_heartbeat(&mut self, hb: &HeartbeatRequest, now_unix: f64, extend_secs: f64) -> HeartbeatReply {
+        self.heartbeats_received += 1;
+        let mut reply = HeartbeatReply::default();
+        for id in &hb.request_ids {
+            if let Some(l) = self.leases.get_mut(id) {
+                l.expiry_unix = l.expiry_unix.max(now_unix + extend_secs);
+                reply.held.push((id.clone(), l.expiry_unix - now_unix));
+            } else {
+                match self.ended.get(id) {
+                    Some((Ended::Released, _)) => reply.released.push(id.clone()),
+                    Some((Ended::Expired, _)) => reply.expired.push(id.clone()),
+                    None => reply.unknown.push(id.clone()),
+                }
+            }
+        }
+        reply
     }
 
     pub fn held_requests(&self) -> usize {
         self.leases.len()
+    }
+
+    /// Blocks this rank holds for remote readers.
+    pub fn held_blocks(&self) -> u64 {
+        self.leases.values().map(|l| u64::from(l.num_blocks)).sum()
     }
 
     pub fn take_finished(&mut self) -> FinishedSets {

@@ -9,7 +9,9 @@ use super::WorkerBase;
 use crate::error::{Error, HandshakeError, PlanError, TransportError};
 use crate::layout::KvLayout;
 use crate::plan::{GroupBlocks, Piece, TpMapping, TransferPlan};
-use crate::wire::{self, AgentMetadata, ConnectorMetadata, HandshakePayload, Notif, RecvReq, MAX_HANDSHAKE_BYTES, WIRE_VERSION};
+use crate::wire::{
+    self, AgentMetadata, ConnectorMetadata, HandshakePayload, HeartbeatReply, Notif, RecvReq, MAX_HANDSHAKE_BYTES, WIRE_VERSION,
+};
 
 /// What the driver must do next. `key` names one remote rank's transport connection:
 /// [`remote_key`]`(peer, rank)`.
@@ -38,11 +40,23 @@ enum Engine {
         added: Vec<bool>,
         queued: Vec<RecvReq>,
         plan: Option<TransferPlan>,
+        /// From the payloads: the peer's incarnation (first nonzero) and clock offset.
+        epoch: u64,
+        clock_offset: Option<f64>,
     },
     Ready {
         plan: TransferPlan,
+        /// The peer's incarnation (0: it did not say).
+        epoch: u64,
+        /// The peer's clock minus ours, estimated at handshake (seconds).
+        clock_offset: f64,
     },
 }
+
+/// Renewal margin: a READ is not started on a lease ending sooner than this.
+const LEASE_MARGIN_SECS: f64 = 0.5;
+/// Bound on remembered lease facts (heartbeat answers not yet used by a READ).
+const LEASE_FACTS_CAP: usize = 65_536;
 
 /// A peer is a remote engine *at an address*: `engine_id@host:port`. A request naming a
 /// known engine at another address gets its own handshake, which checks the claim.
@@ -80,6 +94,12 @@ pub struct PullStats {
     pub last_read_bytes: u64,
     pub handshakes_ok: u64,
     pub handshakes_failed: u64,
+    pub heartbeats_sent: u64,
+    pub heartbeats_failed: u64,
+    /// Requests failed because P's lease on their blocks ended before the READ.
+    pub leases_lost: u64,
+    /// Remote engines forgotten after `engine_ttl` of silence.
+    pub engines_evicted: u64,
     /// Descriptors posted (after coalescing), in all and for the last request.
     pub descriptors: u64,
     pub last_descriptors: u64,
@@ -95,6 +115,9 @@ pub struct PullWorker {
     block_size: u32,
     compat_hash: String,
     enforce_compat: bool,
+    /// The facts behind the hash and the transfer mode (to name differing fields).
+    pub compat: crate::config::CompatInfo,
+    pub mode: String,
     /// Merge contiguous pieces into one descriptor (off only for comparisons).
     pub coalesce: bool,
     /// The engine's null block id (vLLM: 0), never transferred.
@@ -102,8 +125,21 @@ pub struct PullWorker {
     layout: Option<KvLayout>,
     engines: HashMap<String, Engine>,
     loading: HashMap<String, Loading>,
+    /// Per peer: the incarnations seen (by handshake) and replaced since.
+    retired: HashMap<String, Vec<u64>>,
+    /// Lease facts from heartbeats, by [`lease_key`]: a local deadline for held leases,
+    /// or the reason a lease ended early.
+    deadlines: HashMap<String, f64>,
+    lost: HashMap<String, String>,
+    /// When each peer was last heard from (handshake, READ, heartbeat).
+    last_active: HashMap<String, f64>,
     pub base: WorkerBase,
     pub stats: PullStats,
+}
+
+/// A P request's lease, as D names it: `peer|remote request id`.
+pub fn lease_key(peer: &str, remote_request_id: &str) -> String {
+    format!("{peer}|{remote_request_id}")
 }
 
 impl PullWorker {
@@ -115,11 +151,17 @@ impl PullWorker {
             block_size: 0,
             compat_hash,
             enforce_compat,
+            compat: Default::default(),
+            mode: String::new(),
             coalesce: true,
             null_block: None,
             layout: None,
             engines: HashMap::new(),
             loading: HashMap::new(),
+            retired: HashMap::new(),
+            deadlines: HashMap::new(),
+            lost: HashMap::new(),
+            last_active: HashMap::new(),
             base: WorkerBase::default(),
             stats: PullStats::default(),
         }
@@ -175,22 +217,37 @@ impl PullWorker {
     }
 
     /// A step's metadata from the scheduler.
-    pub fn on_metadata(&mut self, md: ConnectorMetadata, _now_unix: f64) -> Vec<Action> {
+    pub fn on_metadata(&mut self, md: ConnectorMetadata, now_unix: f64) -> Vec<Action> {
         self.base.on_leases(&md.reqs_to_send);
         for f in &md.reqs_failed {
             self.fail(&f.req_id, &[], false, &Error::Other(f.reason.clone()));
         }
         let mut actions = Vec::new();
         for r in md.reqs_to_recv {
-            self.route(r, &mut actions);
+            self.route(r, now_unix, &mut actions);
         }
         actions
     }
 
-    fn route(&mut self, r: RecvReq, actions: &mut Vec<Action>) {
+    fn route(&mut self, r: RecvReq, now_unix: f64, actions: &mut Vec<Action>) {
         let peer = peer_key(&r.remote);
+        if let Some(Engine::Ready { epoch, .. }) = self.engines.get(&peer) {
+            let (have, want) = (*epoch, r.remote.epoch);
+            if have != 0 && want != 0 && have != want {
+                if self.retired.get(&peer).is_some_and(|v| v.contains(&want)) {
+                    let e = Error::Other(format!(
+                        "the prefill engine at {peer} restarted after it prefilled this request (incarnation {want}, now {have}): its KV is gone"
+                    ));
+                    return self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e);
+                }
+                // A request from an incarnation we have not met: the peer may have
+                // restarted. Forget it and handshake again; the request waits for that.
+                tracing::warn!(%peer, have, want, "kvbridge: request names another incarnation of the prefill engine; re-handshaking");
+                actions.extend(self.forget(&peer));
+            }
+        }
         match self.engines.get_mut(&peer) {
-            Some(Engine::Ready { plan }) => {
+            Some(Engine::Ready { plan, .. }) => {
                 if plan.tp.remote_tp_size != r.remote.tp_size {
                     let e = HandshakeError::Rejected {
                         addr: peer.clone(),
@@ -200,7 +257,7 @@ impl PullWorker {
                     return;
                 }
                 let plan = plan.clone();
-                self.start(r, &peer, &plan, 0.0, actions);
+                self.start(r, &peer, &plan, now_unix, actions);
             }
             Some(Engine::Handshaking { queued, .. }) => queued.push(r),
             None => {
@@ -229,6 +286,8 @@ impl PullWorker {
                         added: vec![false; n],
                         queued: vec![r],
                         plan: None,
+                        epoch: 0,
+                        clock_offset: None,
                     },
                 );
             }
@@ -243,6 +302,42 @@ impl PullWorker {
                 actions.push(Action::Notify { key: k.clone(), msg: this.notif(&r.remote.request_id, ok, expected) });
             }
         };
+        self.last_active.insert(peer.to_string(), now_unix);
+        let lk = lease_key(peer, &r.remote.request_id);
+        let hb_deadline = self.deadlines.remove(&lk);
+        let lost = self.lost.remove(&lk);
+        if !r.notify_only {
+            let (epoch, offset) = match self.engines.get(peer) {
+                Some(Engine::Ready { epoch, clock_offset, .. }) => (*epoch, *clock_offset),
+                _ => (0, 0.0),
+            };
+            let problem = if r.remote.epoch != 0 && epoch != 0 && r.remote.epoch != epoch {
+                Some(format!(
+                    "the prefill engine at {peer} restarted after it prefilled this request (incarnation {}, now {epoch}): its KV is gone",
+                    r.remote.epoch
+                ))
+            } else if let Some(why) = lost {
+                Some(why)
+            } else {
+                // P's own expiry (moved to our clock), or a later one a heartbeat got.
+                let p_deadline = (r.remote.expiry_unix > 0.0).then(|| r.remote.expiry_unix - offset);
+                let deadline = match (p_deadline, hb_deadline) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+                deadline.filter(|d| now_unix > d - LEASE_MARGIN_SECS).map(|d| {
+                    format!(
+                        "P's lease on this request's blocks ended {:.1} s ago (kv_lease_duration; was D too slow, or did heartbeats fail?)",
+                        now_unix - d
+                    )
+                })
+            };
+            if let Some(why) = problem {
+                self.stats.leases_lost += 1;
+                notify_all(self, false, actions);
+                return self.fail(&r.req_id, &r.local_block_ids, false, &Error::Other(why));
+            }
+        }
         let groups: Vec<GroupBlocks<'_>> = r
             .local_block_ids
             .iter()
@@ -305,44 +400,60 @@ impl PullWorker {
     }
 
     /// Check a handshake reply: the hash first, then the metadata.
-    pub(crate) fn check_payload(&self, engine_id: &str, addr: &str, bytes: &[u8]) -> Result<AgentMetadata, Error> {
+    pub(crate) fn check_payload(&self, engine_id: &str, addr: &str, bytes: &[u8]) -> Result<(AgentMetadata, u64, f64), Error> {
         let p: HandshakePayload = wire::decode("HandshakePayload", bytes, MAX_HANDSHAKE_BYTES)?;
         if let Some(reason) = p.error {
             return Err(HandshakeError::Rejected { addr: addr.into(), reason }.into());
         }
         if p.compat_hash != self.compat_hash {
+            let detail = wire::describe_mismatch(&self.compat, &self.mode, p.compat.as_ref(), &p.kvbridge_version, &p.mode);
             if self.enforce_compat {
-                return Err(
-                    HandshakeError::Incompatible { addr: addr.into(), local: self.compat_hash.clone(), remote: p.compat_hash }.into()
-                );
+                return Err(HandshakeError::Incompatible { addr: addr.into(), detail }.into());
             }
-            tracing::warn!(addr, "kvbridge: compatibility hash differs but enforce_handshake_compat=false; continuing");
+            tracing::warn!(addr, %detail, "kvbridge: compatibility hash differs but enforce_handshake_compat=false; continuing");
         }
         let md: AgentMetadata = wire::decode("AgentMetadata", &p.agent_metadata, MAX_HANDSHAKE_BYTES)?;
         if md.engine_id != engine_id {
             return Err(HandshakeError::EngineMismatch { addr: addr.into(), expected: engine_id.into(), actual: md.engine_id }.into());
         }
-        Ok(md)
+        Ok((md, p.epoch, p.now_unix))
     }
 
     /// Remote rank `rank`'s side channel answered (or failed). Once every rank has, the
     /// plan is built — or the handshake fails with the reason — before any transport work.
-    pub fn on_handshake_payload(&mut self, peer: &str, rank: u32, addr: &str, res: Result<Vec<u8>, HandshakeError>) -> Vec<Action> {
+    ///
+    /// `sent_unix`/`recv_unix` bracket the request: with the peer's clock in the payload
+    /// they give the clock offset used to compare P's lease expiry times with ours.
+    pub fn on_handshake_payload(
+        &mut self,
+        peer: &str,
+        rank: u32,
+        addr: &str,
+        res: Result<Vec<u8>, HandshakeError>,
+        sent_unix: f64,
+        recv_unix: f64,
+    ) -> Vec<Action> {
         let Some(Engine::Handshaking { engine_id, tp, mds, .. }) = self.engines.get(peer) else { return Vec::new() };
         let Some(slot) = tp.sources.iter().position(|&q| q == rank) else { return Vec::new() };
         if mds[slot].is_some() {
             return Vec::new();
         }
         let engine_id = engine_id.clone();
-        let md = match res.map_err(Error::from).and_then(|b| self.check_payload(&engine_id, addr, &b)) {
-            Ok(md) => md,
+        let (md, peer_epoch, peer_now) = match res.map_err(Error::from).and_then(|b| self.check_payload(&engine_id, addr, &b)) {
+            Ok(x) => x,
             Err(e) => {
                 self.stats.handshakes_failed += 1;
                 return self.fail_engine(peer, &e);
             }
         };
-        let Some(Engine::Handshaking { mds, .. }) = self.engines.get_mut(peer) else { return Vec::new() };
+        let Some(Engine::Handshaking { mds, epoch, clock_offset, .. }) = self.engines.get_mut(peer) else { return Vec::new() };
         mds[slot] = Some(md);
+        if *epoch == 0 {
+            *epoch = peer_epoch;
+        }
+        if clock_offset.is_none() && peer_now > 0.0 && recv_unix >= sent_unix {
+            *clock_offset = Some(peer_now - (sent_unix + recv_unix) / 2.0);
+        }
         if mds.iter().any(Option::is_none) {
             return Vec::new();
         }
@@ -385,8 +496,21 @@ impl PullWorker {
             return Vec::new();
         }
         let mut actions = Vec::new();
-        if let Some(Engine::Handshaking { queued, plan: Some(plan), .. }) = self.engines.remove(peer) {
+        if let Some(Engine::Handshaking { queued, plan: Some(plan), epoch, clock_offset, .. }) = self.engines.remove(peer) {
             self.stats.handshakes_ok += 1;
+            self.last_active.insert(peer.to_string(), now_unix);
+            if epoch != 0 {
+                // Every other incarnation met at this address is gone for good.
+                let seen = self.retired.entry(peer.to_string()).or_default();
+                if !seen.contains(&epoch) {
+                    seen.push(epoch);
+                }
+                if seen.len() > 64 {
+                    seen.remove(0);
+                }
+                let current = epoch;
+                seen.sort_by_key(|&e| e == current); // the live one last
+            }
             tracing::info!(
                 peer,
                 remote_ranks = ?plan.tp.sources,
@@ -395,10 +519,10 @@ impl PullWorker {
                 ranges_per_block = plan.ranges_per_block,
                 "kvbridge: handshake done, transfer plan ready"
             );
+            self.engines.insert(peer.to_string(), Engine::Ready { plan: plan.clone(), epoch, clock_offset: clock_offset.unwrap_or(0.0) });
             for r in queued {
                 self.start(r, peer, &plan, now_unix, &mut actions);
             }
-            self.engines.insert(peer.to_string(), Engine::Ready { plan });
         }
         actions
     }
@@ -428,7 +552,7 @@ impl PullWorker {
         l.pending = l.pending.saturating_sub(1);
         if let Err(e) = res {
             let expected = match self.engines.get(&l.peer) {
-                Some(Engine::Ready { plan }) => plan.tp.notifs_per_remote_rank,
+                Some(Engine::Ready { plan, .. }) => plan.tp.notifs_per_remote_rank,
                 _ => 1,
             };
             let rid = l.remote_request_id.clone();
@@ -453,11 +577,7 @@ impl PullWorker {
             }
             Some(e) => {
                 self.fail(&l.req_id, &[l.local_block_ids], false, &e.into());
-                if let Some(Engine::Ready { plan }) = self.engines.remove(&l.peer) {
-                    for &q in &plan.tp.sources {
-                        actions.push(Action::RemoveRemote { key: remote_key(&l.peer, q) });
-                    }
-                }
+                actions.extend(self.forget(&l.peer));
             }
         }
         actions
@@ -470,5 +590,98 @@ impl PullWorker {
                 l.started_unix = now_unix;
             }
         }
+    }
+
+    /// Forget a ready peer: its plan and loaded ranks (the next request re-handshakes).
+    fn forget(&mut self, peer: &str) -> Vec<Action> {
+        match self.engines.remove(peer) {
+            Some(Engine::Ready { plan, .. }) => {
+                plan.tp.sources.iter().map(|&q| Action::RemoveRemote { key: remote_key(peer, q) }).collect()
+            }
+            Some(other) => {
+                self.engines.insert(peer.to_string(), other);
+                Vec::new()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// The P ranks this rank heartbeats for a remote engine of `remote_tp_size` ranks:
+    /// the ones it reads from (together, D's ranks cover all of P's).
+    pub fn heartbeat_ranks(&self, remote_tp_size: u32) -> Vec<u32> {
+        TpMapping::new(self.tp_size, self.tp_rank, remote_tp_size).map(|t| t.sources).unwrap_or_default()
+    }
+
+    /// A heartbeat to `peer` for P's requests `ids` was answered (or not). Held leases
+    /// get a local deadline (measured from when the heartbeat was sent, so it errs
+    /// early); expired ones fail their request before (or, if in flight, after) the READ,
+    /// since the blocks may already hold another request's KV.
+    pub fn on_heartbeat_reply(&mut self, peer: &str, res: Result<HeartbeatReply, HandshakeError>, sent_unix: f64, now_unix: f64) {
+        let reply = match res {
+            Ok(r) => r,
+            Err(e) => {
+                self.stats.heartbeats_failed += 1;
+                tracing::debug!(peer, error = %e, "kvbridge: heartbeat failed");
+                return;
+            }
+        };
+        self.last_active.insert(peer.to_string(), now_unix);
+        if self.deadlines.len() + reply.held.len() > LEASE_FACTS_CAP {
+            self.deadlines.clear();
+        }
+        for (id, left) in reply.held {
+            if left.is_finite() && left > 0.0 {
+                let d = sent_unix + left;
+                let e = self.deadlines.entry(lease_key(peer, &id)).or_insert(d);
+                *e = e.max(d);
+            }
+        }
+        if self.lost.len() + reply.expired.len() > LEASE_FACTS_CAP {
+            self.lost.clear();
+        }
+        for id in reply.expired {
+            let why = format!("P released this request's blocks when its lease ran out (request {id} at {peer})");
+            let mut in_flight = false;
+            for l in self.loading.values_mut().filter(|l| l.peer == peer && l.remote_request_id == id) {
+                in_flight = true;
+                l.error.get_or_insert(TransportError::new("lease", why.clone()));
+            }
+            if !in_flight {
+                self.lost.insert(lease_key(peer, &id), why);
+            }
+        }
+    }
+
+    /// Forget ready peers not heard from for `ttl` seconds and with no READ in flight.
+    pub fn evict_idle(&mut self, now_unix: f64, ttl: f64) -> Vec<Action> {
+        let busy: std::collections::HashSet<&str> = self.loading.values().map(|l| l.peer.as_str()).collect();
+        let idle: Vec<String> = self
+            .engines
+            .iter()
+            .filter(|(p, e)| {
+                matches!(e, Engine::Ready { .. })
+                    && !busy.contains(p.as_str())
+                    && self.last_active.get(*p).map_or(true, |&t| now_unix - t > ttl)
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        let mut actions = Vec::new();
+        for p in idle {
+            tracing::info!(peer = %p, ttl, "kvbridge: forgetting a remote engine idle longer than engine_ttl");
+            self.stats.engines_evicted += 1;
+            self.last_active.remove(&p);
+            actions.extend(self.forget(&p));
+        }
+        actions
+    }
+
+    /// Loads in flight on this rank: (requests, local blocks).
+    pub fn loading_blocks(&self) -> (usize, u64) {
+        (self.loading.len(), self.loading.values().map(|l| l.local_block_ids.len() as u64).sum())
+    }
+
+    /// Remote engines this rank has a plan for.
+    pub fn ready_peers(&self) -> usize {
+        self.engines.values().filter(|e| matches!(e, Engine::Ready { .. })).count()
     }
 }

@@ -347,6 +347,10 @@ impl PushSender {
     pub fn held(&self) -> usize {
         self.ready.len()
     }
+    /// Blocks of the requests P holds for D's registrations and writes.
+    pub fn held_blocks(&self) -> u64 {
+        self.ready.values().map(|r| r.blocks.iter().map(|g| g.len() as u64).sum::<u64>()).sum()
+    }
     pub fn waiting_registrations(&self) -> usize {
         self.orphan_count
     }
