@@ -409,3 +409,183 @@ fn producer_abort_during_prefill_holds_nothing() {
     let f = p.request_finished("r2", &[1], FinishReason::Error, 256, Some(DECODE), 0.0);
     assert!(!f.delay_free && f.kv_transfer_params.is_none());
 }
+
+// ---------------------------------------------------------------------------------------
+// Leases, heartbeats, incarnations (issue 5)
+
+fn payload_with(engine: &str, hash: &str, epoch: u64, now_unix: f64, compat: Option<CompatInfo>) -> Vec<u8> {
+    let p: HandshakePayload = wire::decode("p", &payload(engine, hash, 32), 1 << 20).unwrap();
+    wire::encode("p", &HandshakePayload { epoch, now_unix, compat, mode: "pull".into(), ..p }).unwrap()
+}
+
+/// D worker with a ready peer P (incarnation `epoch`, clock `offset` s ahead of ours).
+fn ready_worker(epoch: u64, offset: f64) -> PullWorker {
+    let (mut p, mut d) = (PullScheduler::new(cfg("kv_producer", "P")), PullScheduler::new(cfg("kv_consumer", "D")));
+    let mut w = d_worker();
+    w.on_metadata(d_meta(&mut d, &mut p, "warm", &[4], &[], 16), 1000.0);
+    w.on_handshake_payload(PEER, 0, "x", Ok(payload_with("P", "H", epoch, 1000.5 + offset, None)), 1000.0, 1001.0);
+    w.on_remote_added(PEER, 0, Ok(()), 1001.0);
+    w.base.take_finished();
+    w
+}
+
+/// A D request for P's blocks, as the D scheduler ships it.
+fn recv(req: &str, remote: &str, epoch: u64, expiry_unix: f64) -> ConnectorMetadata {
+    let mut d = PullScheduler::new(cfg("kv_consumer", "D"));
+    let params = serde_json::json!({"do_remote_prefill": true, "remote_engine_id": "P", "remote_request_id": remote,
+        "remote_block_ids": [[4]], "remote_host": "127.0.0.1", "remote_port": 7000, "tp_size": 1,
+        "remote_epoch": epoch, "remote_blocks_expiry_time": expiry_unix})
+    .to_string();
+    d.get_num_new_matched_tokens(req, 16, 0, Some(&params));
+    d.update_state_after_alloc(req, &[1], 16);
+    d.build_connector_meta()
+}
+
+#[test]
+fn consumer_sends_batched_heartbeats_from_arrival_until_the_load_ends() {
+    let mut p = PullScheduler::new(cfg("kv_producer", "P"));
+    let (a, b) = (prefill(&mut p, "pa", &[1]), prefill(&mut p, "pb", &[2]));
+    let mut d = PullScheduler::new(cfg("kv_consumer", "D"));
+    // Both arrive (still queued: never matched); one batch for engine P, every lease/6 s.
+    d.on_new_request("da", Some(&a));
+    d.on_new_request("db", Some(&b));
+    d.on_new_request("plain", None);
+    d.tick(2000.0);
+    let hb = d.build_connector_meta().heartbeats;
+    assert_eq!(hb.len(), 1);
+    assert_eq!((hb[0].engine_id.as_str(), hb[0].port, hb[0].request_ids.clone()), ("P", 7000, vec!["pa".to_string(), "pb".to_string()]));
+    d.tick(2002.0);
+    assert!(d.build_connector_meta().heartbeats.is_empty(), "not before lease/6 = 5 s");
+    // "da" loads and finishes loading: no more heartbeats for it.
+    d.get_num_new_matched_tokens("da", 16, 0, Some(&a));
+    d.update_state_after_alloc("da", &[5], 16);
+    d.update_connector_output(&[], &["da".into()]);
+    d.tick(2005.0);
+    assert_eq!(d.build_connector_meta().heartbeats[0].request_ids, vec!["pb".to_string()]);
+    // "db" is aborted while still queued: P is told at once (a zero-block notification),
+    // not at lease expiry, and heartbeats stop.
+    assert!(!d.request_finished("db", &[], FinishReason::Aborted, 0, Some(&b), 2006.0).delay_free);
+    let md = d.build_connector_meta();
+    assert_eq!(md.reqs_to_recv.len(), 1);
+    assert!(md.reqs_to_recv[0].notify_only && md.reqs_to_recv[0].remote.request_id == "pb");
+    d.tick(2020.0);
+    assert!(d.build_connector_meta().is_empty());
+    // A finished, loaded request is not notified twice.
+    d.request_finished("da", &[5], FinishReason::LengthCapped, 20, Some(&a), 2021.0);
+    assert!(d.build_connector_meta().reqs_to_recv.is_empty());
+}
+
+#[test]
+fn producer_worker_renews_leases_and_reports_how_they_ended() {
+    let mut p = PullScheduler::new(cfg("kv_producer", "P"));
+    let mut w = PullWorker::new("P".into(), 0, 1, "H".into(), true);
+    for r in ["a", "b", "c"] {
+        prefill(&mut p, r, &[1, 2]); // leased at 1000 for 30 s
+    }
+    w.on_metadata(p.build_connector_meta(), 1000.0);
+    assert_eq!((w.base.held_requests(), w.base.held_blocks()), (3, 6));
+    // Heartbeats at 1025 extend "a" to 1025 + 20 = 1045; "b" is not renewed.
+    let hb = |ids: &[&str]| wire::HeartbeatRequest { request_ids: ids.iter().map(|s| s.to_string()).collect() };
+    let r = w.base.on_heartbeat(&hb(&["a", "zzz"]), 1025.0, 20.0);
+    assert_eq!(r.held, vec![("a".to_string(), 20.0)]);
+    assert_eq!(r.unknown, vec!["zzz".to_string()]);
+    let notif = Notif { version: WIRE_VERSION, request_id: "c".into(), from_engine: "D".into(), from_tp_rank: 0, ok: true, expected: 1 };
+    w.base.on_notif(&notif.to_bytes().unwrap(), 1026.0);
+    w.base.tick(1031.0);
+    let f = w.base.take_finished();
+    assert_eq!(f.sending, vec!["c".to_string(), "b".to_string()]);
+    assert_eq!((w.base.held_requests(), w.base.held_blocks()), (1, 2));
+    let r = w.base.on_heartbeat(&hb(&["a", "b", "c"]), 1031.0, 20.0);
+    assert_eq!((r.held.len(), r.expired, r.released), (1, vec!["b".to_string()], vec!["c".to_string()]));
+    w.base.tick(1052.0);
+    assert_eq!(w.base.take_finished().sending, vec!["a".to_string()]);
+    assert_eq!((w.base.expired_leases, w.base.released_leases, w.base.held_blocks()), (2, 1, 0));
+}
+
+#[test]
+fn consumer_never_reads_blocks_whose_lease_ended() {
+    // P's own expiry has passed (clocks in step): fail, tell P, no READ.
+    let mut w = ready_worker(0, 0.0);
+    let a = w.on_metadata(recv("d1", "r1", 0, 1005.0), 1010.0);
+    assert!(matches!(&a[..], [Action::Notify { msg, .. }] if !Notif::from_bytes(msg).unwrap().ok), "{a:?}");
+    let f = w.base.take_finished();
+    assert_eq!((f.failed_recving, f.invalid_block_ids), (vec!["d1".to_string()], vec![1]));
+    assert_eq!(w.stats.leases_lost, 1);
+    // P's clock runs 100 s ahead: its expiry 1105 is our 1005.
+    let mut w = ready_worker(0, 100.0);
+    assert!(matches!(&w.on_metadata(recv("d1", "r1", 0, 1105.0), 1010.0)[..], [Action::Notify { .. }]));
+    assert!(matches!(&w.on_metadata(recv("d2", "r2", 0, 1115.0), 1010.0)[..], [Action::Read { .. }]));
+    // A heartbeat extended the lease past the params' expiry: read.
+    let mut w = ready_worker(0, 0.0);
+    let reply = wire::HeartbeatReply { held: vec![("r1".into(), 20.0)], ..Default::default() };
+    w.on_heartbeat_reply(PEER, Ok(reply), 1004.0, 1004.1);
+    assert!(matches!(&w.on_metadata(recv("d1", "r1", 0, 1005.0), 1010.0)[..], [Action::Read { .. }]));
+    // A heartbeat said the lease expired: fail before reading...
+    let reply = wire::HeartbeatReply { expired: vec!["r2".into()], ..Default::default() };
+    w.on_heartbeat_reply(PEER, Ok(reply), 1011.0, 1011.1);
+    assert!(matches!(&w.on_metadata(recv("d2", "r2", 0, 0.0), 1012.0)[..], [Action::Notify { .. }]));
+    assert_eq!(w.base.take_finished().failed_recving, vec!["d2".to_string()]);
+    // ...or, with the READ in flight, fail it even if it completes.
+    let reply = wire::HeartbeatReply { expired: vec!["r1".into()], ..Default::default() };
+    w.on_heartbeat_reply(PEER, Ok(reply), 1012.0, 1012.1);
+    w.on_read_done("d1", &format!("{PEER}#0"), Ok(()), 1013.0);
+    let f = w.base.take_finished();
+    assert_eq!((f.recving, f.failed_recving), (vec!["d1".to_string()], vec!["d1".to_string()]));
+    // Released on a reader's word (not expired) is not a loss.
+    let reply = wire::HeartbeatReply { released: vec!["r3".into()], ..Default::default() };
+    w.on_heartbeat_reply(PEER, Ok(reply), 1013.0, 1013.1);
+    assert!(matches!(&w.on_metadata(recv("d3", "r3", 0, 0.0), 1014.0)[..], [Action::Read { .. }]));
+}
+
+#[test]
+fn consumer_rehandshakes_a_restarted_prefill_engine_and_fails_its_old_requests() {
+    let mut w = ready_worker(111, 0.0);
+    // Same incarnation: read at once.
+    assert!(matches!(&w.on_metadata(recv("d1", "r1", 111, 0.0), 1002.0)[..], [Action::Read { .. }]));
+    // A request from an incarnation never met: forget the peer and handshake again.
+    let a = w.on_metadata(recv("d2", "r2", 222, 0.0), 1003.0);
+    assert!(matches!(&a[..], [Action::RemoveRemote { .. }, Action::Handshake { .. }]), "{a:?}");
+    w.on_handshake_payload(PEER, 0, "x", Ok(payload_with("P", "H", 222, 1003.0, None)), 1003.0, 1003.0);
+    let a = w.on_remote_added(PEER, 0, Ok(()), 1003.1);
+    assert!(matches!(&a[..], [Action::Read { req_id, .. }] if req_id == "d2"), "{a:?}");
+    // Old incarnation now: its blocks are gone, fail without a READ or a re-handshake.
+    let a = w.on_metadata(recv("d3", "r3", 111, 0.0), 1004.0);
+    assert!(a.is_empty(), "{a:?}");
+    let f = w.base.take_finished();
+    assert_eq!(f.failed_recving, vec!["d3".to_string()]);
+    // A request prepared before a restart that the handshake reveals: fails after it.
+    let mut w = ready_worker(111, 0.0);
+    w.on_metadata(recv("d4", "r4", 333, 0.0), 1005.0);
+    w.on_handshake_payload(PEER, 0, "x", Ok(payload_with("P", "H", 444, 1005.0, None)), 1005.0, 1005.0);
+    let a = w.on_remote_added(PEER, 0, Ok(()), 1005.1);
+    assert!(matches!(&a[..], [Action::Notify { .. }]), "{a:?}");
+    assert_eq!(w.base.take_finished().failed_recving, vec!["d4".to_string()]);
+}
+
+#[test]
+fn idle_engines_are_forgotten_after_engine_ttl() {
+    let mut w = ready_worker(0, 0.0);
+    assert!(w.is_peer_ready(PEER));
+    assert!(w.evict_idle(1500.0, 3600.0).is_empty());
+    // A READ in flight keeps it.
+    w.on_metadata(recv("d1", "r1", 0, 0.0), 1500.0);
+    assert!(w.evict_idle(9000.0, 3600.0).is_empty());
+    w.on_read_done("d1", &format!("{PEER}#0"), Ok(()), 1501.0);
+    let a = w.evict_idle(9000.0, 3600.0);
+    assert!(matches!(&a[..], [Action::RemoveRemote { .. }]));
+    assert!(!w.is_peer_ready(PEER));
+    assert_eq!(w.stats.engines_evicted, 1);
+}
+
+#[test]
+fn incompatible_handshake_names_the_differing_fields() {
+    let (mut p, mut d) = (PullScheduler::new(cfg("kv_producer", "P")), PullScheduler::new(cfg("kv_consumer", "D")));
+    let mut w = d_worker();
+    w.compat = CompatInfo { model: "m".into(), dtype: "bfloat16".into(), num_kv_heads: 2, ..Default::default() };
+    w.mode = "pull".into();
+    w.on_metadata(d_meta(&mut d, &mut p, "d1", &[4], &[1], 0), 0.0);
+    let theirs = CompatInfo { model: "m".into(), dtype: "float16".into(), num_kv_heads: 8, ..Default::default() };
+    w.on_handshake_payload(PEER, 0, "x", Ok(payload_with("P", "OTHER", 0, 0.0, Some(theirs))), 0.0, 0.0);
+    assert_eq!(w.base.take_finished().failed_recving, vec!["d1".to_string()]);
+    assert_eq!(w.stats.handshakes_failed, 1);
+}

@@ -576,8 +576,13 @@ impl PullWorker {
                 self.base.out.recving.push(l.req_id);
             }
             Some(e) => {
+                // A lost lease says nothing about the connection; a transport error may
+                // mean the peer restarted: forget it, so the next request re-handshakes.
+                let forget = e.kind != "lease";
                 self.fail(&l.req_id, &[l.local_block_ids], false, &e.into());
-                actions.extend(self.forget(&l.peer));
+                if forget {
+                    actions.extend(self.forget(&l.peer));
+                }
             }
         }
         actions
