@@ -320,7 +320,7 @@ impl PullWorker {
                 Some(why)
             } else {
                 // P's own expiry (moved to our clock), or a later one a heartbeat got.
-                let p_deadline = (r.remote.expiry_unix > 0.0).then(|| r.remote.expiry_unix - offset);
+                let p_deadline = (r.remote.expiry_unix > 0.0).then_some(r.remote.expiry_unix - offset);
                 let deadline = match (p_deadline, hb_deadline) {
                     (Some(a), Some(b)) => Some(a.max(b)),
                     (a, b) => a.or(b),
