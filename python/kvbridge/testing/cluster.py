@@ -271,6 +271,28 @@ def post_completion(
         return CompletionResult(status=599, latency=time.perf_counter() - t0, error=repr(e))
 
 
+def abort_after(url: str, body: dict[str, Any], seconds: float, first_token: bool = False) -> bool:
+    """Send a streaming completion and drop the connection after ``seconds`` (or at the
+    first token, with ``first_token``), so the server aborts the request. Returns True if a
+    token arrived before the abort."""
+    got = False
+    t0 = time.monotonic()
+    body = {**body, "stream": True}
+    try:
+        # The read timeout ends the wait when nothing streams (a request still queued).
+        with httpx.Client(timeout=httpx.Timeout(10.0, read=max(seconds, 0.05))) as client:
+            with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+                if resp.status_code >= 400:
+                    return False
+                for line in resp.iter_lines():
+                    got = got or ('"token_ids"' in line and '"token_ids": []' not in line)
+                    if (first_token and got) or time.monotonic() - t0 >= seconds:
+                        break
+    except httpx.HTTPError:
+        pass
+    return got
+
+
 def complete(
     url: str,
     prompt_ids: list[int],
@@ -350,11 +372,15 @@ class Cluster:
         python: str | None = None,
         extra_config: dict[str, Any] | None = None,
         max_model_len: int = 4096,
+        kv_load_failure_policy: str | None = None,
+        engine_ids: tuple[str | None, str | None] = (None, None),
     ) -> None:
         if connector not in CONNECTORS:
             raise ValueError(f"connector must be one of {sorted(CONNECTORS)}, not {connector!r}")
         self.extra_config = dict(extra_config or {})
         self.max_model_len = max_model_len
+        self.kv_load_failure_policy = kv_load_failure_policy
+        self.engine_ids = engine_ids
         self.model_dir = str(Path(model_dir).resolve())
         self.connector = connector
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="kvbridge-cluster-"))
@@ -401,6 +427,11 @@ class Cluster:
             cfg["kv_connector_module_path"] = "kvbridge.vllm"
         if self.extra_config:
             cfg["kv_connector_extra_config"] = dict(self.extra_config)
+        if self.kv_load_failure_policy is not None:
+            cfg["kv_load_failure_policy"] = self.kv_load_failure_policy
+        engine_id = self.engine_ids[0 if role == "kv_producer" else 1]
+        if engine_id is not None:
+            cfg["engine_id"] = engine_id
         return cfg
 
     def _env(self, cpu: str | None = None, side_port: int | None = None) -> dict[str, str]:
@@ -478,6 +509,78 @@ class Cluster:
                 raise TimeoutError(f"not healthy after {self.start_timeout:.0f}s: {sorted(pending)}\n{tails}")
             if pending:
                 time.sleep(1.0)
+
+    def _server(self, name: str) -> tuple[list[str], dict[str, str], str]:
+        if name == "prefill":
+            return self._server_cmd("kv_producer", self.p_port), self._env("0", self.side_ports[0]), self.p_url
+        if name == "decode":
+            return self._server_cmd("kv_consumer", self.d_port), self._env("1", self.side_ports[1]), self.d_url
+        raise ValueError(f"no server named {name!r}")
+
+    # -- faults (reliability tests)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to server ``name``'s whole process tree and wait until it is gone."""
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return
+        if sig == signal.SIGKILL:
+            _signal_all(proc.popen.pid, process_tree(proc.popen.pid) if proc.popen.poll() is None else [], sig)
+        _kill_group(proc.popen, grace=5.0)
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP server ``name``'s process tree (its side channel and NIXL agent freeze too)."""
+        proc = self.procs[name]
+        _signal_all(proc.popen.pid, process_tree(proc.popen.pid), signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        proc = self.procs[name]
+        _signal_all(proc.popen.pid, set(process_tree(proc.popen.pid)) | _group_members(proc.popen.pid), signal.SIGCONT)
+
+    def restart(self, name: str) -> None:
+        """(Re)start server ``name`` with the same ports and config; wait until healthy."""
+        self.kill(name)
+        cmd, env, url = self._server(name)
+        self._spawn(name, cmd, env, url)
+        self._wait_healthy([name], time.monotonic() + self.start_timeout)
+
+    def held(self, name: str) -> dict[str, Any]:
+        """kvbridge's accounting of server ``name``'s worker (rank 0), over its side channel."""
+        import kvbridge
+
+        port = self.side_ports[0 if name == "prefill" else 1]
+        return kvbridge.inspect("127.0.0.1", port, 5.0)
+
+    def metrics(self, name: str) -> dict[str, float]:
+        """vLLM's own gauges for server ``name``: KV-cache usage, running and waiting requests."""
+        url = self.p_url if name == "prefill" else self.d_url
+        text = httpx.get(f"{url}/metrics", timeout=5.0).text
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            for key in ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting"):
+                if line.startswith(key + "{") or line.startswith(key + " "):
+                    out[key.split(":", 1)[1]] = out.get(key.split(":", 1)[1], 0.0) + float(line.rsplit(" ", 1)[1])
+        return out
+
+    def wait_drained(self, name: str, timeout: float) -> float:
+        """Seconds until server ``name`` holds no blocks for anyone: kvbridge's accounting
+        shows nothing held or loading, and vLLM's KV-cache usage and request gauges are 0."""
+        t0 = time.monotonic()
+        last: Any = None
+        while True:
+            try:
+                acct, m = self.held(name), self.metrics(name)
+                last = (acct, m)
+                if (
+                    acct["held_blocks"] == 0 and acct["loading_blocks"] == 0 and m.get("kv_cache_usage_perc", 1.0) == 0.0
+                    and m.get("num_requests_running", 1.0) == 0.0 and m.get("num_requests_waiting", 1.0) == 0.0
+                ):  # fmt: skip
+                    return time.monotonic() - t0
+            except Exception as e:  # noqa: BLE001 — a server busy restarting: keep polling
+                last = e
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"{name} not drained after {timeout:.1f}s: {last}")
+            time.sleep(0.1)
 
     def start(self) -> Cluster:
         """Start P and D in parallel, then the proxy; return when all answer /health."""

@@ -1,0 +1,233 @@
+"""Faults through real vLLM P/D processes (issue 5): aborts on D before and after
+scheduling, D killed mid-transfer, P killed before D reads, P's side channel stopped, P
+restarted at the same address, and the recompute policy.
+
+For each: the request's outcome follows ``kv_load_failure_policy`` ("fail": the client gets
+an error, never a 200 with wrong tokens; "recompute": tokens equal the single instance),
+the surviving engine keeps serving, and P's held blocks return to zero within the lease
+(checked both through kvbridge's accounting, ``kvbridge.inspect``, and vLLM's own
+``/metrics``). P runs with a fixed engine id, so a restarted P is the same peer to D and
+only its incarnation (``remote_epoch``) tells them apart. Figures are printed as
+``FIGURE name=value`` lines.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import fresh_prompt, log_dir_for
+
+from kvbridge.testing.cluster import Cluster, abort_after, completion_body, complete
+
+pytestmark = pytest.mark.slow
+
+LEASE = 8.0  # kv_lease_duration (s): lease-bound waits stay short
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir: Path) -> Iterator[Cluster]:
+    c = Cluster(
+        model_dir, connector="kvbridge", log_dir=log_dir_for(__name__),
+        p_port=8180, d_port=8280, proxy_port=8080, side_ports=(5680, 5780), prefix_caching=False,
+        extra_config={"kv_lease_duration": LEASE, "handshake_timeout": 1, "handshake_retries": 2},
+        engine_ids=("prefill-fixed", None), kv_load_failure_policy="fail",
+    )  # fmt: skip
+    with c:
+        yield c
+
+
+def figure(name: str, value: float) -> None:
+    print(f"FIGURE {name}={value:.3f}")
+
+
+def assert_serving(c: Cluster) -> None:
+    """Both servers alive, and a fresh P/D request through the proxy matches D alone."""
+    for name in ("prefill", "decode"):
+        assert c.alive(name), f"{name} died; see {c.log_path(name)}"
+    prompt = fresh_prompt(200)
+    res = c.proxy_request(prompt, MAX_TOKENS)
+    assert res.ok, f"P/D request failed: {res}"
+    ref = c.reference(prompt, MAX_TOKENS)
+    assert ref.ok and res.tokens == ref.tokens, (res.tokens, ref.tokens)
+
+
+def assert_failed_not_garbage(res, ref_tokens: list[int]) -> None:
+    """Policy "fail": an error, never a 200 with tokens that differ from the reference."""
+    if res.ok:
+        assert res.tokens == ref_tokens, f"a failed load returned 200 with wrong tokens: {res.tokens} vs {ref_tokens}"
+        pytest.fail(f"expected the load to fail, got 200 with the reference tokens: {res}")
+
+
+def drained(c: Cluster, name: str, timeout: float) -> float:
+    t = c.wait_drained(name, timeout)
+    return t
+
+
+def test_abort_on_d_before_scheduling_frees_p_at_once(cluster: Cluster) -> None:
+    c = cluster
+    assert_serving(c)
+    drained(c, "prefill", LEASE + 2)
+    # Fill D's 8 sequence slots with long decodes, so the next request waits in its queue.
+    hogs = [
+        threading.Thread(target=abort_after, args=(c.d_url, completion_body(fresh_prompt(16), 3000), 12.0))
+        for _ in range(8)
+    ]  # fmt: skip
+    for t in hogs:
+        t.start()
+    time.sleep(1.5)
+    p = c.prefill(fresh_prompt(300))
+    assert p.ok and p.kv_transfer_params, p
+    assert c.held("prefill")["held_blocks"] == 3
+    # The P/D request waits in D's queue, then its client goes away.
+    t0 = time.monotonic()
+    abort_after(c.d_url, completion_body(fresh_prompt(300), MAX_TOKENS, p.kv_transfer_params), 0.5)
+    deadline = time.monotonic() + LEASE
+    while c.held("prefill")["held_blocks"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    freed = time.monotonic() - t0
+    figure("abort_before_scheduling_free_s", freed)
+    assert c.held("prefill")["held_blocks"] == 0
+    assert freed < 3.0, f"P's blocks were freed only after {freed:.1f}s (lease {LEASE}s): not on D's word"
+    for t in hogs:
+        t.join(30)
+    drained(c, "decode", 20)
+    drained(c, "prefill", 5)
+    assert_serving(c)
+
+
+def test_abort_on_d_after_scheduling_leaks_nothing(cluster: Cluster) -> None:
+    c = cluster
+    p = c.prefill(fresh_prompt(400))
+    assert p.ok and p.kv_transfer_params
+    c.pause("prefill")  # the READ cannot complete while P is stopped
+    try:
+        t0 = time.monotonic()
+        abort_after(c.d_url, completion_body(fresh_prompt(400), MAX_TOKENS, p.kv_transfer_params), 1.0)
+        # The aborted request's READ is still in flight: D keeps its 4 blocks until it ends.
+        assert c.held("decode")["loading_blocks"] == 4, c.held("decode")
+    finally:
+        c.resume("prefill")
+    tp = drained(c, "prefill", LEASE + 3)
+    td = drained(c, "decode", LEASE + 3)
+    figure("abort_after_scheduling_drain_s", time.monotonic() - t0)
+    print(f"P drained {tp:.2f}s, D {td:.2f}s after resume")
+    assert_serving(c)
+
+
+def test_kill_d_mid_transfer_lease_frees_p(cluster: Cluster) -> None:
+    c = cluster
+    results: list = []
+    prompts = [fresh_prompt(1500) for _ in range(4)]
+    threads = [threading.Thread(target=lambda q=q: results.append(c.proxy_request(q, 64))) for q in prompts]
+    for t in threads:
+        t.start()
+    # Kill D once P holds blocks for it (prefills done, reads or decodes under way).
+    deadline = time.monotonic() + 30
+    while c.held("prefill")["held_requests"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    held_at_kill = c.held("prefill")["held_blocks"]
+    c.kill("decode")
+    t0 = time.monotonic()
+    for t in threads:
+        t.join(60)
+    # P keeps serving its own requests while the dead D's leases run out.
+    q = c.prefill(fresh_prompt(100))
+    assert q.ok, q
+    while c.held("prefill")["held_blocks"] and time.monotonic() - t0 < LEASE + 3:
+        time.sleep(0.05)
+    freed = time.monotonic() - t0
+    figure("dead_d_lease_free_s", freed)
+    print(f"P held {held_at_kill} blocks when D was killed")
+    assert c.held("prefill")["held_blocks"] == 0, "P still holds blocks for a dead D after the lease"
+    assert freed <= LEASE + 2.0, freed
+    drained(c, "prefill", 5)
+    c.restart("decode")
+    assert_serving(c)
+
+
+def test_kill_p_after_prefill_before_d_reads(cluster: Cluster) -> None:
+    c = cluster
+    prompt = fresh_prompt(300)
+    p = c.prefill(prompt)
+    assert p.ok and p.kv_transfer_params
+    ref = c.reference(prompt, MAX_TOKENS)
+    c.kill("prefill")
+    t0 = time.monotonic()
+    res = complete(c.d_url, prompt, MAX_TOKENS, p.kv_transfer_params, stream=True)
+    figure("dead_p_fail_s", time.monotonic() - t0)
+    assert_failed_not_garbage(res, ref.tokens)
+    # D keeps serving and holds nothing for the failed load.
+    assert c.reference(fresh_prompt(50), 4).ok
+    drained(c, "decode", 10)
+    c.restart("prefill")
+    assert_serving(c)
+
+
+def test_stopped_p_side_channel_fails_in_bounded_time(cluster: Cluster) -> None:
+    c = cluster
+    c.restart("decode")  # a D that has never handshaken with P
+    prompt = fresh_prompt(300)
+    p = c.prefill(prompt)
+    assert p.ok and p.kv_transfer_params
+    ref = c.reference(prompt, MAX_TOKENS)
+    c.pause("prefill")
+    try:
+        t0 = time.monotonic()
+        res = complete(c.d_url, prompt, MAX_TOKENS, p.kv_transfer_params, stream=True)
+        failed_after = time.monotonic() - t0
+        figure("stopped_side_channel_fail_s", failed_after)
+        assert_failed_not_garbage(res, ref.tokens)
+        # handshake_timeout 1 s x 3 attempts + backoff 0.1 + 0.2 s, plus scheduling slack
+        assert failed_after < 8.0, failed_after
+        assert c.reference(fresh_prompt(50), 4).ok, "D keeps serving while P is stopped"
+    finally:
+        c.resume("prefill")
+    t1 = time.monotonic()
+    drained(c, "prefill", LEASE + 3)
+    figure("stopped_side_channel_p_free_after_resume_s", time.monotonic() - t1)
+    assert_serving(c)
+
+
+def test_restart_p_same_address_and_engine_id(cluster: Cluster) -> None:
+    c = cluster
+    assert_serving(c)  # D has a plan for the current P
+    prompt = fresh_prompt(300)
+    old = c.prefill(prompt)
+    assert old.ok and old.kv_transfer_params
+    ref = c.reference(prompt, MAX_TOKENS)
+    c.restart("prefill")  # same ports, same engine id, new incarnation
+    # New requests: D re-handshakes the new P and reads the right KV.
+    for _ in range(3):
+        assert_serving(c)
+    # A request whose KV lived in the old P: fails, never garbage.
+    res = complete(c.d_url, prompt, MAX_TOKENS, old.kv_transfer_params, stream=True)
+    assert_failed_not_garbage(res, ref.tokens)
+    assert_serving(c)
+    drained(c, "prefill", LEASE + 3)
+    drained(c, "decode", 10)
+
+
+def test_recompute_policy_returns_the_right_tokens(cluster: Cluster) -> None:
+    c = cluster
+    c.kv_load_failure_policy = "recompute"
+    c.restart("decode")
+    try:
+        prompt = fresh_prompt(300)
+        p = c.prefill(prompt)
+        assert p.ok and p.kv_transfer_params
+        c.kill("prefill")
+        res = complete(c.d_url, prompt, MAX_TOKENS, p.kv_transfer_params, stream=True)
+        ref = c.reference(prompt, MAX_TOKENS)
+        assert res.ok, f"recompute should serve the request: {res}"
+        assert res.tokens == ref.tokens
+        drained(c, "decode", 10)
+    finally:
+        c.kv_load_failure_policy = "fail"
+        c.restart("prefill")
+        c.restart("decode")
+    assert_serving(c)
