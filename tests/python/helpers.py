@@ -41,3 +41,14 @@ def fresh_prompt(n_tokens: int) -> list[int]:
 def log_dir_for(module_name: str) -> Path:
     """Where a test module's cluster writes its logs: <repo>/out/pytest/<module>."""
     return REPO / "out" / "pytest" / module_name.rsplit(".", 1)[-1]
+
+
+def figure(line: str) -> None:
+    """Print a ``FIGURE name=value ...`` line and append it to <repo>/out/figures.txt, so the
+    figures of a `make test` run can be read back (pytest hides a passing test's output)."""
+    text = f"FIGURE {line}"
+    print(text)
+    out = REPO / "out"
+    out.mkdir(exist_ok=True)
+    with open(out / "figures.txt", "a") as fh:
+        fh.write(f"{time.strftime('%F %T')} {text}\n")

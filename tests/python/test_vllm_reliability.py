@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import fresh_prompt, log_dir_for
+from helpers import figure as record, fresh_prompt, log_dir_for
 
 from kvbridge.testing.cluster import Cluster, abort_after, completion_body, complete
 
@@ -42,7 +42,7 @@ def cluster(model_dir: Path) -> Iterator[Cluster]:
 
 
 def figure(name: str, value: float) -> None:
-    print(f"FIGURE {name}={value:.3f}")
+    record(f"{name}={value:.3f}")
 
 
 def assert_serving(c: Cluster) -> None:
