@@ -12,13 +12,14 @@ export KVBRIDGE_NIXL_LIB_DIR := $(KVBRIDGE_CACHE)/nixl-rt-1.5.1/.nixl_cu12.meson
 export UCX_NET_DEVICES := lo
 export KVBRIDGE_PYTHON := $(PY)
 
-.PHONY: help setup wheel install test test-rust test-python demo bench bench-plan clean
+.PHONY: help setup wheel install test test-rust test-python demo bench bench-plan fuzz clean
 help:
 	@echo "make demo   - real P/D disaggregated generation with vLLM + kvbridge (tiny model)"
 	@echo "make test   - every test: Rust unit + NIXL integration, pytest with real vLLM"
 	@echo "make bench  - benches/pd_ttft.py: kvbridge vs vLLM NixlConnector"
 	@echo "make bench-plan - benches/plan_vs_numpy.py: plan vs vLLM numpy, coalescing vs raw NIXL"
 	@echo "make wheel  - build the kvbridge wheel into target/wheels"
+	@echo "make fuzz   - the decoder fuzz targets at 20x the cases make test runs (2.2M)"
 
 setup:
 	@bash scripts/setup.sh
@@ -38,6 +39,9 @@ test-python: install
 	cd tests && $(PY) -m pytest -v -x python
 
 test: test-rust test-python
+
+fuzz: setup
+	KVBRIDGE_FUZZ_CASES=20 cargo test --release -p kvbridge-core --test fuzz -- --nocapture
 
 demo: install
 	$(PY) scripts/demo.py
