@@ -542,6 +542,11 @@ fn consumer_rehandshakes_a_restarted_prefill_engine_and_fails_its_old_requests()
     let mut w = ready_worker(111, 0.0);
     // Same incarnation: read at once.
     assert!(matches!(&w.on_metadata(recv("d1", "r1", 111, 0.0), 1002.0)[..], [Action::Read { .. }]));
+    // While that READ is in flight, an unknown incarnation does not tear the plan down.
+    assert!(w.on_metadata(recv("d0", "r0", 999, 0.0), 1002.0).is_empty());
+    assert_eq!(w.base.take_finished().failed_recving, vec!["d0".to_string()]);
+    w.on_read_done("d1", &format!("{PEER}#0"), Ok(()), 1002.5);
+    w.base.take_finished();
     // A request from an incarnation never met: forget the peer and handshake again.
     let a = w.on_metadata(recv("d2", "r2", 222, 0.0), 1003.0);
     assert!(matches!(&a[..], [Action::RemoveRemote { .. }, Action::Handshake { .. }]), "{a:?}");

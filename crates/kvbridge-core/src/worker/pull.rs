@@ -234,9 +234,13 @@ impl PullWorker {
         if let Some(Engine::Ready { epoch, .. }) = self.engines.get(&peer) {
             let (have, want) = (*epoch, r.remote.epoch);
             if have != 0 && want != 0 && have != want {
-                if self.retired.get(&peer).is_some_and(|v| v.contains(&want)) {
+                let busy = self.loading.values().any(|l| l.peer == peer);
+                if busy || self.retired.get(&peer).is_some_and(|v| v.contains(&want)) {
+                    // Retired: that P is gone. Busy: the live plan is serving READs (a P
+                    // that restarted under them fails them, and the next request then
+                    // re-handshakes); never tear it down under them for one odd request.
                     let e = Error::Other(format!(
-                        "the prefill engine at {peer} restarted after it prefilled this request (incarnation {want}, now {have}): its KV is gone"
+                        "this request's KV was prefilled by incarnation {want} of the engine at {peer}, which is now incarnation {have} (it restarted): the KV is gone"
                     ));
                     return self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e);
                 }
