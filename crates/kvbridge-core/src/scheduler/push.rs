@@ -344,5 +344,17 @@ mod tests {
         assert!(!s.request_finished("y", &[], FinishReason::Aborted, 0, Some(D), 0.0).delay_free);
         let md = s.build_connector_meta();
         assert!(md.push_register[0].notify_only && md.push_register[0].local_block_ids == vec![Vec::<u32>::new()]);
+        // Aborted while still queued (never matched): P is told too, once.
+        assert!(!s.request_finished("z", &[], FinishReason::Aborted, 0, Some(D), 0.0).delay_free);
+        let md = s.build_connector_meta();
+        assert_eq!(md.push_register.len(), 1);
+        assert!(md.push_register[0].notify_only && md.push_register[0].req_id == "z");
+        // A request that loaded normally is not notified again when it finishes.
+        s.get_num_new_matched_tokens("w", 300, 0, Some(D));
+        s.update_state_after_alloc("w", &[4, 5, 6], 300);
+        s.build_connector_meta();
+        s.update_connector_output(&[], &["w".into()]);
+        s.request_finished("w", &[4, 5, 6], FinishReason::LengthCapped, 310, Some(D), 1.0);
+        assert!(s.build_connector_meta().push_register.is_empty());
     }
 }
