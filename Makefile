@@ -19,7 +19,7 @@ help:
 	@echo "make bench  - benches/pd_ttft.py: kvbridge vs vLLM NixlConnector"
 	@echo "make bench-plan - benches/plan_vs_numpy.py: plan vs vLLM numpy, coalescing vs raw NIXL"
 	@echo "make wheel  - build the kvbridge wheel into target/wheels"
-	@echo "make fuzz   - the decoder fuzz targets at 20x the cases make test runs (2.2M)"
+	@echo "make fuzz   - the decoder fuzz targets at 20x the cases make test runs (3.5M)"
 
 setup:
 	@bash scripts/setup.sh

@@ -26,6 +26,10 @@ use crate::error::PlanError;
 use crate::layout::{KvLayout, Region, RegionKind};
 use crate::wire::AgentMetadata;
 
+/// The largest TP size a peer may advertise (the same bound `kv_transfer_params` and the
+/// wire metadata use).
+pub const MAX_TP_SIZE: u32 = 4096;
+
 /// How a local worker rank maps onto the remote engine's ranks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TpMapping {
@@ -44,6 +48,11 @@ impl TpMapping {
     pub fn new(local_tp_size: u32, local_tp_rank: u32, remote_tp_size: u32) -> Result<Self, PlanError> {
         if local_tp_size == 0 || remote_tp_size == 0 || local_tp_rank >= local_tp_size {
             return Err(PlanError::Layout(format!("bad TP sizes: local {local_tp_size} (rank {local_tp_rank}), remote {remote_tp_size}")));
+        }
+        // A peer's handshake sets `remote_tp_size`; refuse absurd ones before the source list
+        // below is allocated (2^28 remote ranks would be a 1 GiB vector).
+        if local_tp_size > MAX_TP_SIZE || remote_tp_size > MAX_TP_SIZE {
+            return Err(PlanError::Layout(format!("TP size above {MAX_TP_SIZE}: local {local_tp_size}, remote {remote_tp_size}")));
         }
         let (big, small) = (local_tp_size.max(remote_tp_size), local_tp_size.min(remote_tp_size));
         if big % small != 0 {

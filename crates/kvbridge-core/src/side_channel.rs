@@ -303,6 +303,10 @@ impl Drop for SideChannel {
     }
 }
 
+/// How long the listener waits to hand one reply to a peer's connection before dropping
+/// that peer. A 64 MiB handshake payload takes well under a second even at 1 Gb/s.
+pub const REPLY_SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
 async fn serve_loop(mut sock: RouterSocket, identity: Arc<Identity>, payload: PayloadCell, handlers: Handlers) {
     loop {
         let msg = match sock.recv().await {
@@ -319,9 +323,19 @@ async fn serve_loop(mut sock: RouterSocket, identity: Arc<Identity>, payload: Pa
         let id = frames[0].clone();
         let reply = answer(&identity, &payload, &handlers, &frames[frames.len() - 1]);
         let mut out = ZmqMessage::from(Bytes::from(reply));
-        out.push_front(id);
-        if let Err(e) = sock.send(out).await {
-            tracing::debug!(error = %e, "kvbridge: handshake reply failed");
+        out.push_front(id.clone());
+        // One listener serves every peer in turn, so a peer that stops reading (its TCP
+        // window full) must not hold the loop: past the timeout it is dropped.
+        match tokio::time::timeout(REPLY_SEND_TIMEOUT, sock.send(out)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "kvbridge: side-channel reply failed"),
+            Err(_) => {
+                tracing::warn!(
+                    timeout_ms = REPLY_SEND_TIMEOUT.as_millis() as u64,
+                    "kvbridge: a side-channel peer did not read its reply in time; dropping it"
+                );
+                sock.disconnect_peer(id);
+            }
         }
     }
 }

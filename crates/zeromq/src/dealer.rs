@@ -68,7 +68,9 @@ impl SocketRecv for DealerSocket {
                 }
                 // kvbridge patch: errors instead of `todo!()` panics (a peer's oversized or
                 // malformed frame, a command after the handshake, or no peers left).
-                Some((_peer_id, Ok(_))) => return Err(crate::ZmqError::Other("unexpected frame from peer")),
+                Some((_peer_id, Ok(_))) => {
+                    return Err(crate::ZmqError::Other("unexpected frame from peer"))
+                }
                 Some((_peer_id, Err(e))) => return Err(e.into()),
                 None => return Err(crate::ZmqError::NoMessage),
             };

@@ -23,6 +23,17 @@ pub struct RouterSocket {
     fair_queue: FairQueue<ZmqFramedRead, PeerIdentity>,
 }
 
+impl RouterSocket {
+    /// kvbridge patch: drop one peer (its connection closes and its queued input is
+    /// discarded). kvbridge calls this when a reply to that peer cannot be written in
+    /// time, so that a peer which never reads cannot stall the socket for the others.
+    pub fn disconnect_peer(&self, peer_id: bytes::Bytes) {
+        if let Ok(id) = PeerIdentity::try_from(peer_id) {
+            self.backend.peer_disconnected(&id);
+        }
+    }
+}
+
 impl Drop for RouterSocket {
     fn drop(&mut self) {
         self.backend.shutdown();

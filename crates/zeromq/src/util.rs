@@ -185,18 +185,30 @@ pub(crate) async fn ready_exchange(
     }
 }
 
+/// kvbridge patch: the most time a peer may take over the greeting and READY exchange.
+/// Upstream waited forever, so a peer that connected and sent nothing (or half a
+/// greeting) held a task and a file descriptor for as long as it kept the connection.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub(crate) async fn peer_connected(
     mut raw_socket: FramedIo,
     backend: Arc<dyn MultiPeerBackend>,
 ) -> ZmqResult<PeerIdentity> {
-    greet_exchange(&mut raw_socket).await?;
     let mut props = None;
     if let Some(identity) = &backend.socket_options().peer_id {
         let mut connect_ops = HashMap::new();
         connect_ops.insert("Identity".to_string(), identity.clone().into());
         props = Some(connect_ops);
     }
-    let peer_id = ready_exchange(&mut raw_socket, backend.socket_type(), props).await?;
+    let socket_type = backend.socket_type();
+    let exchange = async {
+        greet_exchange(&mut raw_socket).await?;
+        ready_exchange(&mut raw_socket, socket_type, props).await
+    };
+    let peer_id = match async_rt::task::timeout(HANDSHAKE_TIMEOUT, exchange).await {
+        Ok(res) => res?,
+        Err(_) => return Err(ZmqError::Other("ZMTP handshake timed out")),
+    };
     backend.peer_connected(&peer_id, raw_socket).await;
     Ok(peer_id)
 }

@@ -58,7 +58,16 @@ impl TryFrom<Bytes> for ZmqCommand {
     type Error = CodecError;
 
     fn try_from(mut buf: Bytes) -> Result<Self, Self::Error> {
+        // kvbridge patch: every length below comes from the peer. Check each against the
+        // bytes left before reading or slicing: upstream indexed and split unchecked, so a
+        // 2-byte command frame (`04 00`) panicked the task that owns the socket.
+        if buf.is_empty() {
+            return Err(CodecError::Command("Empty command frame"));
+        }
         let command_len = buf.get_u8() as usize;
+        if command_len > buf.len() {
+            return Err(CodecError::Command("Truncated command name"));
+        }
         // command-name-char = ALPHA according to https://rfc.zeromq.org/spec:23/ZMTP/
         let command = match &buf[..command_len] {
             b"READY" => ZmqCommandName::READY,
@@ -70,12 +79,21 @@ impl TryFrom<Bytes> for ZmqCommand {
         while !buf.is_empty() {
             // Collect command properties
             let prop_len = buf.get_u8() as usize;
+            if prop_len > buf.len() {
+                return Err(CodecError::Decode("Truncated property identifier"));
+            }
             let property = match String::from_utf8(buf.split_to(prop_len).to_vec()) {
                 Ok(p) => p,
                 Err(_) => return Err(CodecError::Decode("Invalid property identifier")),
             };
 
+            if buf.len() < 4 {
+                return Err(CodecError::Decode("Truncated property value length"));
+            }
             let prop_val_len = buf.get_u32() as usize;
+            if prop_val_len > buf.len() {
+                return Err(CodecError::Decode("Truncated property value"));
+            }
             let prop_value = buf.split_to(prop_val_len);
             properties.insert(property, prop_value);
         }

@@ -30,6 +30,10 @@ enum DecoderState {
 pub const MAX_FRAME_BYTES: usize = 80 << 20;
 /// kvbridge patch: the most frames in one multipart message.
 pub const MAX_FRAMES_PER_MESSAGE: usize = 64;
+/// kvbridge patch: the most bytes of one command frame (a READY with its metadata is well
+/// under 1 KiB), so a peer cannot make the command parser build a map of millions of
+/// properties.
+pub const MAX_COMMAND_BYTES: usize = 64 << 10;
 
 #[derive(Debug)]
 pub struct ZmqCodec {
@@ -102,10 +106,13 @@ impl Decoder for ZmqCodec {
                 };
                 // kvbridge patch: refuse oversized frames and messages before reserving.
                 if len > MAX_FRAME_BYTES
+                    || (frame.command && len > MAX_COMMAND_BYTES)
                     || self.buffered_bytes.saturating_add(len) > MAX_FRAME_BYTES
                     || self.buffered_frames >= MAX_FRAMES_PER_MESSAGE
                 {
-                    return Err(CodecError::Decode("frame or message exceeds the size limit"));
+                    return Err(CodecError::Decode(
+                        "frame or message exceeds the size limit",
+                    ));
                 }
                 self.state = DecoderState::Frame(frame);
                 self.waiting_for = len;
