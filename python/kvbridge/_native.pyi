@@ -54,10 +54,16 @@ class Worker:
         """JSON: blocks held for remote peers, loads in flight, lease/heartbeat counters."""
     def stats(self) -> str:
         """Counters as JSON, with a "push" object in push mode."""
+    def take_xfer_stats(self) -> Optional[str]:
+        """JSON of the transfer stats since the last call (vLLM's NixlKVConnectorStats keys
+        plus "handshake_duration" and "held_blocks"), or None when nothing happened."""
 
 def validate_kv_transfer_params(params: str) -> str:
     """"none", "remote_decode", "remote_prefill" or "push_prefill"; raises ParamsError."""
 def nixl_runtime_available(lib_dir: Optional[str] = None) -> bool: ...
-def init_logging(level: Optional[str] = None) -> None: ...
+def init_logging(level: Optional[str] = None, to_python: bool = True) -> None:
+    """Route Rust logs to logging.getLogger("kvbridge") (to_python) or stderr; first call wins."""
+def stop_logging() -> int:
+    """Stop forwarding to Python (at exit); returns the lines dropped on a full queue."""
 def inspect(host: str, port: int, timeout: float = 2.0) -> str:
     """JSON accounting of the worker listening at host:port (see kvbridge.inspect)."""

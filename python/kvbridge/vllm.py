@@ -29,6 +29,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from kvbridge import _native, nixl_lib_dir
+from kvbridge._logging import setup_vllm_logging
+from kvbridge.metrics import KVBridgeKVConnectorStats, KVBridgePromMetrics
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = init_logger("vllm.kvbridge")
-_native.init_logging()
+setup_vllm_logging()
 
 
 class KVBridgeMetadata(KVConnectorMetadata):
@@ -384,8 +386,20 @@ class KVBridgeConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return set(self._worker.get_block_ids_with_load_errors()) if self._worker is not None else set()
 
-    def get_kv_connector_stats(self) -> None:
-        return None
+    def get_kv_connector_stats(self) -> KVBridgeKVConnectorStats | None:
+        # Called by vLLM after every step; the Rust side answers None without allocating
+        # when nothing happened.
+        raw = self._worker.take_xfer_stats() if self._worker is not None else None
+        return KVBridgeKVConnectorStats(data=json.loads(raw)) if raw else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVBridgeKVConnectorStats:
+        return KVBridgeKVConnectorStats(data=data) if data is not None else KVBridgeKVConnectorStats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: "VllmConfig", metric_types: dict[Any, Any], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> KVBridgePromMetrics:  # fmt: skip
+        return KVBridgePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         # Dropping the native objects releases NIXL handles, registrations and the

@@ -6,11 +6,13 @@ One cluster for the module: P + D (prefix caching off, so every P/D request move
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from helpers import expected_kv_bytes, fresh_prompt, log_dir_for
 
@@ -138,3 +140,62 @@ def test_malformed_params_fail_cleanly(cluster: Cluster, case: str, stream: bool
     assert_alive(cluster)
     assert_good_pd(cluster)
     assert_alive(cluster)
+
+
+def _prom(url: str) -> dict[str, float]:
+    """The Prometheus samples of a vLLM server's /metrics, summed over label sets."""
+    out: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=5.0).text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, value = line.rsplit(" ", 1)
+        key = name.split("{", 1)[0]
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def test_prometheus_metrics_show_the_transfer(cluster: Cluster, connector: str) -> None:
+    """D's /metrics carries NixlConnector's metric names (same names, same buckets, so
+    dashboards keep working) and counts this request's transfer: one more transfer, its
+    exact bytes, its descriptors. kvbridge also exports its handshake time and held blocks."""
+    n_tokens = 600
+    before = _prom(cluster.d_url)
+    offset = cluster.log_offset("decode")
+    pd = cluster.pd_request(fresh_prompt(n_tokens), MAX_TOKENS)
+    assert pd.decode.ok, pd.decode
+    after: dict[str, float] = {}
+
+    def counted() -> bool:
+        nonlocal after
+        after = _prom(cluster.d_url)
+        return after.get("vllm:nixl_xfer_time_seconds_count", 0) > before.get("vllm:nixl_xfer_time_seconds_count", 0)
+
+    deadline = time.monotonic() + 15.0  # vLLM publishes stats with the engine's next output
+    while not counted() and time.monotonic() < deadline:
+        time.sleep(0.25)
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    for name in ("vllm:nixl_xfer_time_seconds", "vllm:nixl_post_time_seconds", "vllm:nixl_bytes_transferred",
+                 "vllm:nixl_num_descriptors"):  # fmt: skip
+        assert delta.get(f"{name}_count") == 1, f"{name}: one transfer expected, got {delta.get(f'{name}_count')}"
+    for name in ("vllm:nixl_num_failed_transfers_total", "vllm:nixl_num_kv_expired_reqs_total"):
+        assert name in after, f"{name} missing from D's /metrics"
+        assert delta[name] == 0, f"{name} rose: {delta[name]}"
+    if connector == "kvbridge":
+        assert delta["vllm:nixl_bytes_transferred_sum"] == expected_kv_bytes(n_tokens)
+        assert delta["vllm:nixl_num_descriptors_sum"] >= 1
+        assert 0 < delta["vllm:nixl_xfer_time_seconds_sum"] < 5.0
+        assert after.get("vllm:kvbridge_handshake_time_seconds_count", 0) >= 1, "the first handshake is recorded"
+        p = _prom(cluster.p_url)
+        assert "vllm:kvbridge_held_blocks" in p and "vllm:nixl_num_kv_expired_reqs_total" in p
+    # vLLM's periodic stats line (every 10 s) reports the interval's transfers.
+    line = ""
+    deadline = time.monotonic() + 25.0
+    while not line and time.monotonic() < deadline:
+        with open(cluster.log_path("decode"), "rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode(errors="replace")
+        line = next((ln for ln in text.splitlines() if "KV Transfer metrics:" in ln), "")
+        time.sleep(0.5)
+    assert "Num successful transfers=" in line and "Throughput (MB/s)=" in line, f"no KV Transfer metrics line in {cluster.log_path('decode')}"
+    if connector == "kvbridge":
+        assert "Num successful transfers=0," not in line, line

@@ -3,6 +3,9 @@
 //! Every key and env var is listed in `docs/configuration.md`; keep the two in step.
 use std::time::Duration;
 
+/// The longest duration any `*_timeout`/`*_duration`/`*_ttl` key may take (one year).
+pub const MAX_DURATION_SECS: f64 = 365.0 * 86_400.0;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -247,10 +250,15 @@ impl ConnectorConfig {
                 None => default,
                 Some(v) => num(v, key)?,
             };
-            if !(s.is_finite() && s > 0.0) {
-                return Err(ConfigError::InvalidValue { key: key.into(), reason: "must be > 0".into() });
+            // Bounded above too: durations are added to clocks, and `from_secs_f64` panics on
+            // values past `Duration::MAX` (found by the fuzz).
+            if !(s.is_finite() && s > 0.0 && s <= MAX_DURATION_SECS) {
+                return Err(ConfigError::InvalidValue {
+                    key: key.into(),
+                    reason: format!("must be > 0 and <= {MAX_DURATION_SECS} s, got {s}"),
+                });
             }
-            Ok(Duration::from_secs_f64(s))
+            Duration::try_from_secs_f64(s).map_err(|e| ConfigError::InvalidValue { key: key.into(), reason: e.to_string() })
         };
         let kv_lease_duration = secs("kv_lease_duration", DEFAULT_LEASE_SECS)?;
         let handshake_timeout = secs("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT_SECS)?;
@@ -431,5 +439,17 @@ mod tests {
     fn kv_both_is_accepted() {
         let c = ConnectorConfig::from_json(r#"{"kv_role":"kv_both","engine_id":"e"}"#, EngineInfo::default(), no_env).unwrap();
         assert!(c.role.can_consume() && c.role.can_produce());
+    }
+
+    #[test]
+    fn huge_durations_are_errors_not_panics() {
+        // Found by the fuzz: 6.45e242 s made `Duration::from_secs_f64` panic.
+        for v in ["6.4537579842453165e+242", "1e20", "31536001"] {
+            let j = format!(r#"{{"kv_role":"kv_consumer","engine_id":"d","kv_connector_extra_config":{{"kv_lease_duration":{v}}}}}"#);
+            let e = ConnectorConfig::from_json(&j, EngineInfo::default(), |_| None).unwrap_err();
+            assert!(e.to_string().contains("kv_lease_duration"), "{e}");
+        }
+        let j = r#"{"kv_role":"kv_consumer","engine_id":"d","kv_connector_extra_config":{"engine_ttl":31536000}}"#;
+        assert!(ConnectorConfig::from_json(j, EngineInfo::default(), |_| None).is_ok());
     }
 }

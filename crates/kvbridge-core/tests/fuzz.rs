@@ -404,7 +404,7 @@ fn extra_config() -> impl Strategy<Value = Value> {
     let key = prop_oneof![4 => prop::sample::select(EXTRA_KEYS.to_vec()).prop_map(String::from), 1 => any::<String>()];
     let value = prop_oneof![
         1 => any_json(),
-        1 => prop::sample::select(vec![json!("push"), json!("pull"), json!("push_layerwise"), json!(["UCX"]), json!(-1), json!(0.5)]),
+        1 => prop::sample::select(vec![json!("push"), json!("pull"), json!("push_layerwise"), json!(["UCX"]), json!(-1), json!(0.5), json!(1e20), json!(6.4e242), json!(f64::MAX)]),
     ];
     prop::collection::vec((key, value), 0..8).prop_map(|kv| Value::Object(kv.into_iter().collect()))
 }

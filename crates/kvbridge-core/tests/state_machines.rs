@@ -594,3 +594,53 @@ fn incompatible_handshake_names_the_differing_fields() {
     assert_eq!(w.base.take_finished().failed_recving, vec!["d1".to_string()]);
     assert_eq!(w.stats.handshakes_failed, 1);
 }
+
+/// vLLM's per-interval stats (`get_kv_connector_stats`) record what actually happened:
+/// the handshake time, each READ's time, bytes and descriptors, and the failures, in the
+/// keys of vLLM's `NixlKVConnectorStats`.
+#[test]
+fn worker_stats_record_transfers_handshakes_and_failures() {
+    let (mut p, mut d) = (PullScheduler::new(cfg("kv_producer", "P")), PullScheduler::new(cfg("kv_consumer", "D")));
+    let mut w = d_worker();
+    assert!(w.base.xfer.take().is_empty());
+    w.on_metadata(d_meta(&mut d, &mut p, "d1", &[4, 5, 9], &[1, 2, 3], 0), 10.0);
+    w.on_handshake_payload(PEER, 0, "x", Ok(payload("P", "H", 32)), 10.0, 10.0);
+    let a = w.on_remote_added(PEER, 0, Ok(()), 10.25);
+    assert!(matches!(&a[..], [Action::Read { .. }]));
+    w.mark_posted("d1", 10.25, 0.001);
+    w.on_read_done("d1", &format!("{PEER}#0"), Ok(()), 10.75);
+    let s = w.base.xfer.take();
+    assert_eq!(s.handshake_duration, vec![0.25]);
+    assert_eq!(s.transfer_duration, vec![0.5], "from the READ being issued to its completion");
+    assert_eq!(s.post_duration, vec![0.001]);
+    assert_eq!((s.bytes_transferred.clone(), s.num_descriptors.clone()), (vec![12 * 256], vec![8]));
+    assert!(s.num_failed_transfers.is_empty() && s.num_failed_handshakes.is_empty());
+    assert!(w.base.xfer.take().is_empty(), "taking empties the interval");
+
+    // A failed READ and a failed handshake are counted, and nothing else is.
+    w.on_metadata(d_meta(&mut d, &mut p, "d2", &[6], &[7], 0), 11.0);
+    w.on_read_done("d2", &format!("{PEER}#0"), Err(kvbridge_core::error::TransportError::new("nixl", "peer died")), 11.5);
+    let s = w.base.xfer.take();
+    assert_eq!((s.num_failed_transfers, s.transfer_duration.len()), (vec![1], 0));
+    w.on_metadata(d_meta(&mut d, &mut p, "d3", &[6], &[7], 0), 12.0);
+    w.on_handshake_payload(PEER, 0, "h:1", Err(HandshakeError::Timeout { addr: "h:1".into(), timeout_ms: 5 }), 12.0, 12.0);
+    let s = w.base.xfer.take();
+    assert_eq!((s.num_failed_handshakes, s.handshake_duration.len()), (vec![1], 0));
+}
+
+/// P: an expired lease is vLLM's `num_kv_expired_reqs`; a reader finishing after that is
+/// `num_notifications_after_expiry` (and is not kept as an early notification).
+#[test]
+fn producer_stats_count_expiries_and_late_notifications() {
+    let mut p = PullScheduler::new(cfg("kv_producer", "P"));
+    let mut w = PullWorker::new("P".into(), 0, 1, "H".into(), true);
+    prefill(&mut p, "c", &[3]);
+    w.on_metadata(p.build_connector_meta(), 1000.0);
+    w.base.tick(1031.0);
+    assert_eq!(w.base.take_finished().sending, vec!["c"]);
+    let late = Notif { version: WIRE_VERSION, request_id: "c".into(), from_engine: "D".into(), from_tp_rank: 0, ok: true, expected: 1 };
+    w.base.on_notif(&late.to_bytes().unwrap(), 1032.0);
+    let s = w.base.xfer.take();
+    assert_eq!((s.num_kv_expired_reqs, s.num_notifications_after_expiry), (vec![1], vec![1]));
+    assert!(w.base.take_finished().sending.is_empty(), "reported free once");
+}

@@ -1,6 +1,8 @@
 //! `kvbridge._native`: thin pyo3 classes over the core state machines and the NIXL
 //! worker. Every call that can wait releases the GIL. Errors map to one exception
 //! hierarchy rooted at `KvbridgeError`.
+mod pylog;
+
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -284,6 +286,13 @@ impl Worker {
         self.inner.accounting().to_string()
     }
 
+    /// vLLM's per-interval transfer stats since the last call (the keys of vLLM's
+    /// `NixlKVConnectorStats`, plus `handshake_duration` and `held_blocks`) as JSON, or
+    /// None when nothing was observed.
+    fn take_xfer_stats(&self) -> Option<String> {
+        self.inner.take_xfer_stats().and_then(|s| serde_json::to_string(&s).ok())
+    }
+
     /// Counters as a JSON object.
     fn stats(&self) -> String {
         let s = self.inner.stats();
@@ -326,12 +335,13 @@ fn validate_kv_transfer_params(params: &str) -> PyResult<&'static str> {
 #[pyfunction]
 #[pyo3(signature = (host, port, timeout=2.0))]
 fn inspect(py: Python<'_>, host: String, port: u16, timeout: f64) -> PyResult<String> {
-    if !(timeout.is_finite() && timeout > 0.0) {
-        return Err(ConfigError::new_err("timeout must be > 0"));
-    }
+    let timeout = std::time::Duration::try_from_secs_f64(timeout)
+        .ok()
+        .filter(|t| !t.is_zero() && t.as_secs() <= 86_400)
+        .ok_or_else(|| ConfigError::new_err(format!("timeout must be > 0 and <= 86400 s, got {timeout}")))?;
     py.allow_threads(|| {
         let side = kvbridge_core::side_channel::SideChannel::new().map_err(|e| Error::Other(e.to_string()))?;
-        side.inspect_blocking(&host, port, std::time::Duration::from_secs_f64(timeout)).map_err(Error::from)
+        side.inspect_blocking(&host, port, timeout).map_err(Error::from)
     })
     .map_err(to_py)
 }
@@ -343,17 +353,37 @@ fn nixl_runtime_available(lib_dir: Option<String>) -> bool {
     kvbridge_nixl::NixlTransport::runtime_available(lib_dir.as_deref().map(std::path::Path::new))
 }
 
-/// Route `tracing` logs to stderr. Level from `level`, else `KVBRIDGE_LOG`, else "info".
+/// Route `tracing` logs: to Python's `logging.getLogger("kvbridge")` (`to_python`, the
+/// default: in vLLM that logger uses vLLM's handlers), or to stderr. Level from `level`,
+/// else `KVBRIDGE_LOG`, else "info" (an `EnvFilter` directive such as
+/// "info,kvbridge_core=debug"). The first call wins; later calls change nothing.
 #[pyfunction]
-#[pyo3(signature = (level=None))]
-fn init_logging(level: Option<String>) {
+#[pyo3(signature = (level=None, to_python=true))]
+fn init_logging(level: Option<String>, to_python: bool) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = level.or_else(|| std::env::var("KVBRIDGE_LOG").ok()).unwrap_or_else(|| "info".into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    if to_python {
+        if let Ok(layer) = pylog::layer() {
+            let _ = registry.with(layer).try_init();
+            return;
+        }
+    }
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = registry.with(fmt).try_init();
+}
+
+/// Stop handing Rust log lines to Python (called at interpreter exit); returns how many
+/// lines were dropped because the logging queue was full.
+#[pyfunction]
+fn stop_logging() -> u64 {
+    pylog::STOPPED.store(true, std::sync::atomic::Ordering::Relaxed);
+    pylog::DROPPED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[pymodule]
@@ -365,6 +395,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(nixl_runtime_available, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(stop_logging, m)?)?;
     m.add("KvbridgeError", py.get_type::<KvbridgeError>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;
     m.add("ParamsError", py.get_type::<ParamsError>())?;

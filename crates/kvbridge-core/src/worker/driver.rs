@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::pull::{Action, PullStats, PullWorker};
 use super::push::PushAction;
 use super::push_io::{self, DPeer, Geometry, Job, PushCtl, PushStats, Work, WriterState};
-use super::FinishedSets;
+use super::{FinishedSets, XferStats};
 use crate::config::{ConnectorConfig, TransferMode};
 use crate::error::{Error, HandshakeError, TransportError};
 use crate::layout::{KvLayout, TensorInfo};
@@ -61,6 +61,8 @@ pub struct WorkerDriver<T: Transport + 'static> {
     epoch: Arc<AtomicU64>,
     /// When idle remote engines were last looked for (engine_ttl), as Unix seconds bits.
     last_evict: AtomicU64,
+    /// Held blocks at the last stats sample.
+    last_held: AtomicU64,
 }
 
 fn lock<T: Transport>(m: &Mutex<Inner<T>>) -> MutexGuard<'_, Inner<T>> {
@@ -127,6 +129,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             layerwise_now: AtomicBool::new(false),
             epoch: Arc::new(AtomicU64::new(0)),
             last_evict: AtomicU64::new(0),
+            last_held: AtomicU64::new(0),
         })
     }
 
@@ -533,6 +536,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             for (r, reason) in failed {
                 let blocks = c.d_blocks.remove(&r).unwrap_or_default();
                 c.stats.recv_failed += 1;
+                c.xfer.record_failed_transfer();
                 if c.d_aborted.remove(&r) {
                     out.sending.push(r);
                     continue;
@@ -545,6 +549,23 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             out.sending.extend(c.sender.take_sending());
         }
         out
+    }
+
+    /// vLLM's per-interval stats (`get_kv_connector_stats`): everything observed since the
+    /// last call, or `None` when nothing was (the common case, and cheap).
+    pub fn take_xfer_stats(&self) -> Option<XferStats> {
+        let (mut out, held) = {
+            let mut g = lock(&self.inner);
+            (g.core.base.xfer.take(), g.core.base.held_blocks())
+        };
+        out.merge(lock_ctl(&self.push).xfer.take());
+        // Held blocks are sampled when anything else happened, or when they changed.
+        let changed = self.last_held.swap(held, Ordering::Relaxed) != held;
+        if out.is_empty() && !changed {
+            return None;
+        }
+        out.held_blocks.push(held);
+        Some(out)
     }
 
     pub fn stats(&self) -> PullStats {
@@ -668,6 +689,7 @@ impl<T: Transport + 'static> Writer<T> {
                         for (a, _) in pending {
                             if let PushAction::Write { p_req, .. } = a {
                                 c.stats.writes_failed += 1;
+                                c.xfer.record_failed_transfer();
                                 c.sender.on_write_done(&p_req);
                             }
                         }
@@ -714,6 +736,7 @@ impl<T: Transport + 'static> Writer<T> {
     fn notify(&self, key: &str, msg: &[u8]) {
         if let Err(e) = lock(&self.inner).transport.notify(key, msg) {
             tracing::warn!(%key, error = %e, "kvbridge: push notification failed");
+            lock_ctl(&self.push).xfer.record_failed_notification();
         }
     }
 
@@ -747,6 +770,7 @@ impl<T: Transport + 'static> Writer<T> {
                         self.notify(&key, &push_io::notif(&reg, me.0, me.1, false, 1));
                         let mut c = lock_ctl(&self.push);
                         c.stats.writes_failed += 1;
+                        c.xfer.record_failed_transfer();
                         c.sender.on_write_done(&p_req);
                         return;
                     }
@@ -772,6 +796,7 @@ impl<T: Transport + 'static> Writer<T> {
                     failed: false,
                     bytes,
                     started: now,
+                    post_secs: 0.0,
                 };
                 self.st.next_job += 1;
                 let id = self.st.next_job;
@@ -792,6 +817,7 @@ impl<T: Transport + 'static> Writer<T> {
     /// not layer-wise, or when no forward is running).
     fn post(&mut self, id: u64) {
         let Some(job) = self.st.jobs.get_mut(&id) else { return };
+        let _span = tracing::debug_span!("write", request_id = %job.p_req, key = %job.key).entered();
         let mut g = lock(&self.inner);
         let mut posts = 0;
         for i in 0..job.layers.len() {
@@ -803,7 +829,10 @@ impl<T: Transport + 'static> Writer<T> {
                 continue;
             }
             job.posted[i] = true;
-            match g.transport.write(&job.key, &job.layers[i], &job.notif_ok) {
+            let t0 = std::time::Instant::now();
+            let res = g.transport.write(&job.key, &job.layers[i], &job.notif_ok);
+            job.post_secs += t0.elapsed().as_secs_f64();
+            match res {
                 Ok(x) => {
                     job.in_flight += 1;
                     posts += 1;
@@ -845,7 +874,10 @@ impl<T: Transport + 'static> Writer<T> {
         let mut c = lock_ctl(&self.push);
         if job.failed {
             c.stats.writes_failed += 1;
+            c.xfer.record_failed_transfer();
         } else {
+            let descs = job.layers.iter().map(|l| l.len() as u64).sum();
+            c.xfer.record_transfer(now - job.started, job.post_secs, job.bytes, descs);
             c.stats.writes_ok += 1;
             c.stats.bytes_written += job.bytes;
             c.stats.last_write_secs = (now - job.started).max(0.0);
@@ -963,6 +995,7 @@ fn run<T: Transport + 'static>(inner: &Arc<Mutex<Inner<T>>>, side: &Arc<SideChan
                 side.fetch(host, port, req, cfg.handshake_timeout, cfg.handshake_retries, move |res| {
                     let fetched_ms = t0.elapsed().as_secs_f64() * 1e3;
                     let recv = now_unix();
+                    let _span = tracing::info_span!("handshake", %peer, rank).entered();
                     let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         let follow = lock(&inner2).core.on_handshake_payload(&peer, rank, &addr, res, sent, recv);
                         run(&inner2, &side2, &cfg2, follow);
@@ -987,12 +1020,16 @@ fn run<T: Transport + 'static>(inner: &Arc<Mutex<Inner<T>>>, side: &Arc<SideChan
             }
             Action::RemoveRemote { key } => lock(inner).transport.remove_remote(&key),
             Action::Read { req_id, key, pieces, notif, bytes } => {
+                let _span = tracing::debug_span!("read", request_id = %req_id, %key, bytes, descs = pieces.len()).entered();
                 let mut g = lock(inner);
                 let now = now_unix();
-                match g.transport.read(&key, &pieces, &notif) {
+                let t0 = std::time::Instant::now();
+                let res = g.transport.read(&key, &pieces, &notif);
+                let post_secs = t0.elapsed().as_secs_f64();
+                match res {
                     Ok(x) => {
-                        tracing::debug!(request_id = %req_id, %key, bytes, descs = pieces.len(), "kvbridge: READ posted");
-                        g.core.mark_posted(&req_id, now);
+                        tracing::debug!(request_id = %req_id, %key, bytes, descs = pieces.len(), post_us = post_secs * 1e6, "kvbridge: READ posted");
+                        g.core.mark_posted(&req_id, now, post_secs);
                         g.xfers.insert(x, (req_id, key));
                     }
                     Err(e) => {
@@ -1002,8 +1039,11 @@ fn run<T: Transport + 'static>(inner: &Arc<Mutex<Inner<T>>>, side: &Arc<SideChan
                 }
             }
             Action::Notify { key, msg } => {
-                if let Err(e) = lock(inner).transport.notify(&key, &msg) {
+                let _span = tracing::debug_span!("notify", %key).entered();
+                let mut g = lock(inner);
+                if let Err(e) = g.transport.notify(&key, &msg) {
                     tracing::warn!(%key, error = %e, "kvbridge: notification failed");
+                    g.core.base.xfer.record_failed_notification();
                 }
             }
         }

@@ -13,9 +13,11 @@ pub mod driver;
 pub mod pull;
 pub mod push;
 pub mod push_io;
+pub mod stats;
 
 pub use driver::WorkerDriver;
 pub use pull::PullWorker;
+pub use stats::XferStats;
 
 /// What the worker reports to vLLM after a step.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -69,6 +71,8 @@ pub struct WorkerBase {
     pub heartbeats_received: u64,
     pub notifs_received: u64,
     pub notifs_rejected: u64,
+    /// Observations for vLLM's stats since the last collection.
+    pub xfer: stats::XferStats,
 }
 
 impl WorkerBase {
@@ -112,6 +116,13 @@ impl WorkerBase {
                     self.end(&n.request_id, Ended::Released, now_unix);
                 }
             }
+            None if matches!(self.ended.get(&n.request_id), Some((Ended::Expired, _))) => {
+                // The reader finished after the lease ran out: the blocks may have held
+                // another request's KV by then. Count it (vLLM's
+                // `num_notifications_after_expiry`); there is nothing left to free.
+                tracing::warn!(request_id = %n.request_id, from = %n.from_engine, "kvbridge: notification after the lease expired");
+                self.xfer.record_notification_after_expiry();
+            }
             None => {
                 // The READ can finish before this rank learns of the lease (metadata for the
                 // lease arrives with the next step). Keep it, bounded.
@@ -130,7 +141,10 @@ impl WorkerBase {
     fn end(&mut self, req_id: &str, how: Ended, now_unix: f64) {
         match how {
             Ended::Released => self.released_leases += 1,
-            Ended::Expired => self.expired_leases += 1,
+            Ended::Expired => {
+                self.expired_leases += 1;
+                self.xfer.record_kv_expired_req();
+            }
         }
         if self.ended.len() >= ENDED_CAP {
             self.ended.retain(|_, (_, t)| now_unix - *t < ENDED_TTL_SECS / 10.0);

@@ -43,6 +43,8 @@ enum Engine {
         /// From the payloads: the peer's incarnation (first nonzero) and clock offset.
         epoch: u64,
         clock_offset: Option<f64>,
+        /// When the first handshake request went out (for the handshake-time stat).
+        started_unix: f64,
     },
     Ready {
         plan: TransferPlan,
@@ -78,6 +80,8 @@ pub struct Loading {
     pub bytes: u64,
     pub descriptors: u64,
     pub started_unix: f64,
+    /// Time spent in the post calls (all ranks).
+    pub post_secs: f64,
     /// READs still in flight (one per remote rank read from).
     pub pending: usize,
     pub error: Option<TransportError>,
@@ -292,6 +296,7 @@ impl PullWorker {
                         plan: None,
                         epoch: 0,
                         clock_offset: None,
+                        started_unix: now_unix,
                     },
                 );
             }
@@ -397,6 +402,7 @@ impl PullWorker {
                 bytes: t.bytes,
                 descriptors: t.descriptors,
                 started_unix: now_unix,
+                post_secs: 0.0,
                 pending,
                 error: None,
             },
@@ -447,6 +453,7 @@ impl PullWorker {
             Ok(x) => x,
             Err(e) => {
                 self.stats.handshakes_failed += 1;
+                self.base.xfer.record_failed_handshake();
                 return self.fail_engine(peer, &e);
             }
         };
@@ -462,6 +469,7 @@ impl PullWorker {
             return Vec::new();
         }
         let all: Vec<AgentMetadata> = mds.iter().flatten().cloned().collect();
+        let _span = tracing::debug_span!("plan", peer, ranks = all.len()).entered();
         let built = self
             .layout
             .as_ref()
@@ -481,6 +489,7 @@ impl PullWorker {
             }
             Err(e) => {
                 self.stats.handshakes_failed += 1;
+                self.base.xfer.record_failed_handshake();
                 self.fail_engine(peer, &e.into())
             }
         }
@@ -490,6 +499,7 @@ impl PullWorker {
     pub fn on_remote_added(&mut self, peer: &str, rank: u32, res: Result<(), TransportError>, now_unix: f64) -> Vec<Action> {
         if let Err(e) = res {
             self.stats.handshakes_failed += 1;
+            self.base.xfer.record_failed_handshake();
             return self.fail_engine(peer, &e.into());
         }
         let Some(Engine::Handshaking { tp, added, .. }) = self.engines.get_mut(peer) else { return Vec::new() };
@@ -500,7 +510,8 @@ impl PullWorker {
             return Vec::new();
         }
         let mut actions = Vec::new();
-        if let Some(Engine::Handshaking { queued, plan: Some(plan), epoch, clock_offset, .. }) = self.engines.remove(peer) {
+        if let Some(Engine::Handshaking { queued, plan: Some(plan), epoch, clock_offset, started_unix, .. }) = self.engines.remove(peer) {
+            self.base.xfer.record_handshake(now_unix - started_unix);
             self.stats.handshakes_ok += 1;
             self.last_active.insert(peer.to_string(), now_unix);
             if epoch != 0 {
@@ -576,10 +587,12 @@ impl PullWorker {
                 self.stats.read_secs_total += secs;
                 self.stats.last_read_secs = secs;
                 self.stats.last_read_bytes = l.bytes;
+                self.base.xfer.record_transfer(secs, l.post_secs, l.bytes, l.descriptors);
                 tracing::info!(request_id = %l.req_id, bytes = l.bytes, descs = l.descriptors, secs, "kvbridge-xfer");
                 self.base.out.recving.push(l.req_id);
             }
             Some(e) => {
+                self.base.xfer.record_failed_transfer();
                 // A lost lease says nothing about the connection; a transport error may
                 // mean the peer restarted: forget it, so the next request re-handshakes.
                 let forget = e.kind != "lease";
@@ -592,12 +605,14 @@ impl PullWorker {
         actions
     }
 
-    /// Record when a read was actually posted (for transfer-time stats).
-    pub fn mark_posted(&mut self, req_id: &str, now_unix: f64) {
+    /// Record when a read was actually posted and how long the post call took (for the
+    /// transfer-time and post-time stats).
+    pub fn mark_posted(&mut self, req_id: &str, now_unix: f64, post_secs: f64) {
         if let Some(l) = self.loading.get_mut(req_id) {
             if l.started_unix <= 0.0 {
                 l.started_unix = now_unix;
             }
+            l.post_secs += post_secs;
         }
     }
 

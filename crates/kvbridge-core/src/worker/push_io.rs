@@ -130,6 +130,8 @@ pub struct Job {
     pub failed: bool,
     pub bytes: u64,
     pub started: f64,
+    /// Time spent in the WRITE post calls so far (for the post-time stat).
+    pub post_secs: f64,
 }
 
 /// Counters for stats.
@@ -160,6 +162,8 @@ pub struct PushCtl {
     pub computing: Vec<String>,
 
     pub stats: PushStats,
+    /// Observations for vLLM's stats (WRITEs on P, failed loads on D).
+    pub xfer: super::stats::XferStats,
 }
 
 impl PushCtl {
@@ -173,6 +177,7 @@ impl PushCtl {
             d_aborted: HashSet::new(),
             computing: Vec::new(),
             stats: PushStats::default(),
+            xfer: Default::default(),
         }
     }
 }
