@@ -12,12 +12,14 @@ export KVBRIDGE_NIXL_LIB_DIR := $(KVBRIDGE_CACHE)/nixl-rt-1.5.1/.nixl_cu12.meson
 export UCX_NET_DEVICES := lo
 export KVBRIDGE_PYTHON := $(PY)
 
-.PHONY: help setup wheel install test test-rust test-python demo bench bench-plan fuzz clean
+.PHONY: help setup wheel install test test-rust test-python demo bench bench-plan bench-transfer bench-overhead fuzz clean
 help:
 	@echo "make demo   - real P/D disaggregated generation with vLLM + kvbridge (tiny model)"
 	@echo "make test   - every test: Rust unit + NIXL integration, pytest with real vLLM"
 	@echo "make bench  - benches/pd_ttft.py: kvbridge vs vLLM NixlConnector"
 	@echo "make bench-plan - benches/plan_vs_numpy.py: plan vs vLLM numpy, coalescing vs raw NIXL"
+	@echo "make bench-transfer - benches/transfer.py: kvbridge vs raw NIXL vs memcpy, 1 MiB..1 GiB"
+	@echo "make bench-overhead - benches/connector_overhead.py: per-step connector cost vs NixlConnector"
 	@echo "make wheel  - build the kvbridge wheel into target/wheels"
 	@echo "make fuzz   - the decoder fuzz targets at 20x the cases make test runs (3.5M)"
 
@@ -51,6 +53,12 @@ bench: install
 
 bench-plan: setup
 	$(PY) benches/plan_vs_numpy.py
+
+bench-transfer: setup
+	$(PY) benches/transfer.py
+
+bench-overhead: install
+	$(PY) benches/connector_overhead.py
 
 clean:
 	cargo clean

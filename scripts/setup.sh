@@ -72,6 +72,8 @@ PYEOF
   "$VENV/bin/pip" install -q "nixl==$NIXL_VERSION" "maturin>=1.7,<2" pytest requests
   touch "$VENV/.complete"
 fi
+# Tools added after a venv may have been made (checked each run, installed once).
+"$VENV/bin/python" -c "import matplotlib" 2>/dev/null || "$VENV/bin/pip" install -q "matplotlib>=3.8,<4"
 
 if [ "${1:-}" = "--print-env" ]; then
   echo "export KVBRIDGE_VENV=$VENV NIXL_LIB_DIR=$NIXL_RT/.nixl_cu12.mesonpy.libs"

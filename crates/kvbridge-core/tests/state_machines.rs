@@ -644,3 +644,24 @@ fn producer_stats_count_expiries_and_late_notifications() {
     assert_eq!((s.num_kv_expired_reqs, s.num_notifications_after_expiry), (vec![1], vec![1]));
     assert!(w.base.take_finished().sending.is_empty(), "reported free once");
 }
+
+/// D parses a request's params once, in `on_new_request`; the match reuses them only if
+/// the text is the same, so params that changed in between are parsed (and checked) afresh.
+#[test]
+fn consumer_reuses_params_parsed_on_arrival_only_when_unchanged() {
+    let mut p = PullScheduler::new(cfg("kv_producer", "P"));
+    let params = prefill(&mut p, "r1", &[10, 11]);
+    let mut d = PullScheduler::new(cfg("kv_consumer", "D"));
+    d.on_new_request("d1", Some(&params));
+    let m = d.get_num_new_matched_tokens("d1", 32, 0, Some(&params));
+    assert_eq!((m.num_tokens, m.load_async), (32, true));
+    d.update_state_after_alloc("d1", &[1, 2], 32);
+    assert_eq!(d.build_connector_meta().reqs_to_recv[0].remote.block_ids, vec![vec![10, 11]]);
+
+    // Changed to something malformed after arrival: rejected, not served from the cache.
+    d.on_new_request("d2", Some(&params));
+    let m = d.get_num_new_matched_tokens("d2", 32, 0, Some(r#"{"do_remote_prefill": 5}"#));
+    assert!(m.load_async, "a rejected request is failed through the load path");
+    d.update_state_after_alloc("d2", &[3, 4], m.num_tokens);
+    assert!(d.build_connector_meta().reqs_to_recv.is_empty(), "no READ for malformed params");
+}

@@ -147,6 +147,18 @@ impl NixlTransport {
         })
     }
 
+    /// The underlying NIXL agent, for calls kvbridge does not wrap (benchmarks use it to
+    /// post a hand-made transfer on the same agent). Memory registered or requests made
+    /// through it are the caller's to release before this transport is dropped.
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+
+    /// The NIXL agent name loaded for `peer` by `add_remote`.
+    pub fn remote_agent(&self, peer: &str) -> Option<&str> {
+        self.remotes.get(peer).map(|r| r.agent_name.as_str())
+    }
+
     /// Is the runtime loadable here? (Never aborts.)
     pub fn runtime_available(hint: Option<&Path>) -> bool {
         runtime::available(hint)

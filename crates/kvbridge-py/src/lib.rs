@@ -1,6 +1,7 @@
 //! `kvbridge._native`: thin pyo3 classes over the core state machines and the NIXL
 //! worker. Every call that can wait releases the GIL. Errors map to one exception
 //! hierarchy rooted at `KvbridgeError`.
+mod pyjson;
 mod pylog;
 
 use std::path::PathBuf;
@@ -92,16 +93,18 @@ impl Scheduler {
         self.inner.config().role.as_str()
     }
 
-    /// Returns `(num_tokens, load_async)`.
+    /// Returns `(num_tokens, load_async)`. `kv_transfer_params`: the request's dict (or
+    /// JSON text).
     #[pyo3(signature = (req_id, num_prompt_tokens, num_computed_tokens, kv_transfer_params=None))]
     fn get_num_new_matched_tokens(
         &mut self,
         req_id: &str,
         num_prompt_tokens: u64,
         num_computed_tokens: u64,
-        kv_transfer_params: Option<&str>,
+        kv_transfer_params: Option<&Bound<'_, PyAny>>,
     ) -> (u64, bool) {
-        let m = self.inner.get_num_new_matched_tokens(req_id, num_prompt_tokens, num_computed_tokens, kv_transfer_params);
+        let params = pyjson::params_text(kv_transfer_params);
+        let m = self.inner.get_num_new_matched_tokens(req_id, num_prompt_tokens, num_computed_tokens, params.as_deref());
         (m.num_tokens, m.load_async)
     }
 
@@ -120,8 +123,9 @@ impl Scheduler {
     /// A request entered the engine (vLLM's `on_new_request`): D starts renewing P's
     /// lease on its blocks while it waits.
     #[pyo3(signature = (req_id, kv_transfer_params=None))]
-    fn on_new_request(&mut self, req_id: &str, kv_transfer_params: Option<&str>) {
-        self.inner.on_new_request(req_id, kv_transfer_params);
+    fn on_new_request(&mut self, req_id: &str, kv_transfer_params: Option<&Bound<'_, PyAny>>) {
+        let params = pyjson::params_text(kv_transfer_params);
+        self.inner.on_new_request(req_id, params.as_deref());
     }
 
     /// The scheduler's accounting (held/loading requests and blocks) as JSON text.
@@ -129,25 +133,31 @@ impl Scheduler {
         self.inner.base().accounting().to_string()
     }
 
-    /// Returns `(delay_free_blocks, kv_transfer_params as JSON text or None)`.
+    /// Returns `(delay_free_blocks, kv_transfer_params as a dict or None)`.
     #[pyo3(signature = (req_id, block_ids, finish_reason, num_computed_tokens, kv_transfer_params=None))]
     fn request_finished(
         &mut self,
+        py: Python<'_>,
         req_id: &str,
         block_ids: Vec<u32>,
         finish_reason: &str,
         num_computed_tokens: u64,
-        kv_transfer_params: Option<&str>,
-    ) -> (bool, Option<String>) {
+        kv_transfer_params: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<(bool, PyObject)> {
+        let params = pyjson::params_text(kv_transfer_params);
         let f = self.inner.request_finished(
             req_id,
             &block_ids,
             FinishReason::parse(finish_reason),
             num_computed_tokens,
-            kv_transfer_params,
+            params.as_deref(),
             now_unix(),
         );
-        (f.delay_free, f.kv_transfer_params.map(|v| v.to_string()))
+        let out = match &f.kv_transfer_params {
+            Some(v) => pyjson::to_py(py, v)?,
+            None => py.None(),
+        };
+        Ok((f.delay_free, out))
     }
 
     fn update_connector_output(&mut self, finished_sending: Vec<String>, finished_recving: Vec<String>) {

@@ -351,8 +351,8 @@ class Cluster:
     runs with ``--mode push``), "nixl" (vLLM's NixlConnector) or "nixl-push" (vLLM's
     NixlPushConnector). ``extra_config`` is merged into ``kv_connector_extra_config``.
     ``prefix_caching`` applies to both servers unless ``p_prefix_caching`` sets P's on its own.
-    ``block_sizes`` sets P's and D's ``--block-size`` (None: vLLM's default). ``extra_env`` is
-    added to every process's env.
+    ``block_sizes`` sets P's and D's ``--block-size`` (None: vLLM's default). ``dtype`` is both
+    servers' ``--dtype``. ``extra_env`` is added to every process's env.
     """
 
     def __init__(
@@ -374,6 +374,7 @@ class Cluster:
         max_model_len: int = 4096,
         kv_load_failure_policy: str | None = None,
         engine_ids: tuple[str | None, str | None] = (None, None),
+        dtype: str = "bfloat16",
     ) -> None:
         if connector not in CONNECTORS:
             raise ValueError(f"connector must be one of {sorted(CONNECTORS)}, not {connector!r}")
@@ -381,6 +382,7 @@ class Cluster:
         self.max_model_len = max_model_len
         self.kv_load_failure_policy = kv_load_failure_policy
         self.engine_ids = engine_ids
+        self.dtype = dtype
         self.model_dir = str(Path(model_dir).resolve())
         self.connector = connector
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="kvbridge-cluster-"))
@@ -466,7 +468,7 @@ class Cluster:
             "--host", "127.0.0.1",
             "--port", str(port),
             "--enforce-eager",
-            "--dtype", "bfloat16",
+            "--dtype", self.dtype,
             "--max-model-len", str(self.max_model_len),
             "--max-num-seqs", "8",
             "--enable-prefix-caching"

@@ -22,12 +22,19 @@ pub struct PullScheduler {
     /// load, and it must not trigger a second transfer (vLLM's NixlConnector flips
     /// `do_remote_prefill` for the same reason). Cleared in `request_finished`.
     consumed: HashSet<String>,
+    /// D: params parsed in `on_new_request` (the text they came from, and the result), so
+    /// `get_num_new_matched_tokens` does not parse the same text again. Taken there or in
+    /// `request_finished`; bounded by [`MAX_PRE_PARSED`].
+    pre_parsed: HashMap<String, (String, KvParams)>,
 }
+
+/// Requests whose parsed params are kept between `on_new_request` and their first match.
+const MAX_PRE_PARSED: usize = 65_536;
 
 impl PullScheduler {
     pub fn new(cfg: ConnectorConfig) -> Self {
         cfg.log_startup("scheduler");
-        Self { base: SchedulerBase::new(&cfg), cfg, awaiting_alloc: HashMap::new(), consumed: HashSet::new() }
+        Self { base: SchedulerBase::new(&cfg), cfg, awaiting_alloc: HashMap::new(), consumed: HashSet::new(), pre_parsed: HashMap::new() }
     }
 
     /// The worker's plan aligns the blocks: the local ones cover the end of the prompt (a
@@ -66,8 +73,16 @@ impl SchedulerSide for PullScheduler {
         if !self.cfg.role.can_consume() {
             return;
         }
-        if let Ok(KvParams::RemotePrefill(rp)) = KvParams::parse_json(kv_transfer_params) {
-            self.base.heartbeats.track(req_id, &rp);
+        let Some(text) = kv_transfer_params else { return };
+        let parsed = KvParams::parse_json(Some(text));
+        if let Ok(KvParams::RemotePrefill(rp)) = &parsed {
+            self.base.heartbeats.track(req_id, rp);
+        }
+        if let Ok(p) = parsed {
+            if self.pre_parsed.len() >= MAX_PRE_PARSED {
+                self.pre_parsed.clear(); // only a cache: a later call parses again
+            }
+            self.pre_parsed.insert(req_id.to_string(), (text.to_string(), p));
         }
     }
 
@@ -88,7 +103,11 @@ impl SchedulerSide for PullScheduler {
         // A retry (e.g. no free blocks last step) starts from a clean slate.
         self.base.rejected.remove(req_id);
         self.awaiting_alloc.remove(req_id);
-        let params = match KvParams::parse_json(kv_transfer_params) {
+        let cached = match (self.pre_parsed.remove(req_id), kv_transfer_params) {
+            (Some((text, p)), Some(now)) if text == now => Some(p),
+            _ => None,
+        };
+        let params = match cached.map(Ok).unwrap_or_else(|| KvParams::parse_json(kv_transfer_params)) {
             Ok(p) => p,
             Err(e) => return self.base.reject(req_id, num_prompt_tokens, num_computed_tokens, e.into()),
         };
@@ -149,11 +168,17 @@ impl SchedulerSide for PullScheduler {
     ) -> Finished {
         let none = Finished { delay_free: false, kv_transfer_params: None };
         self.base.rejected.remove(req_id);
+        self.pre_parsed.remove(req_id);
         let tracked = self.base.heartbeats.stop(req_id);
         let consumed = self.consumed.remove(req_id);
         // D: aborted before its blocks were allocated. Tell P to free its blocks.
         if let Some((rp, n)) = self.awaiting_alloc.remove(req_id) {
             self.base.push_recv(Self::recv_req(req_id, &rp, n, Vec::new(), true));
+            return none;
+        }
+        // Only two cases below read the params: a D request that never loaded, and P.
+        let d_unloaded = tracked && !consumed && self.cfg.role.can_consume();
+        if !d_unloaded && !self.cfg.role.can_produce() {
             return none;
         }
         let params = KvParams::parse_json(kv_transfer_params);
