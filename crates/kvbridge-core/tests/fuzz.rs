@@ -333,23 +333,25 @@ fn heartbeat_replies_and_metadata_never_panic() {
     });
 }
 
+/// Every `kv_transfer_params` key the connector reads.
+const PARAM_KEYS: &[&str] = &[
+    "do_remote_prefill",
+    "do_remote_decode",
+    "remote_engine_id",
+    "remote_request_id",
+    "remote_block_ids",
+    "remote_host",
+    "remote_port",
+    "tp_size",
+    "remote_num_tokens",
+    "transfer_mode",
+    "transfer_id",
+    "remote_blocks_expiry_time",
+    "remote_epoch",
+];
+
 fn json_value() -> impl Strategy<Value = Value> {
-    let keys = prop::sample::select(vec![
-        "do_remote_prefill",
-        "do_remote_decode",
-        "remote_engine_id",
-        "remote_request_id",
-        "remote_block_ids",
-        "remote_host",
-        "remote_port",
-        "tp_size",
-        "remote_num_tokens",
-        "transfer_mode",
-        "transfer_id",
-        "remote_blocks_expiry_time",
-        "remote_epoch",
-        "x",
-    ]);
+    let keys = prop::sample::select([PARAM_KEYS, &["x"]].concat());
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
@@ -554,22 +556,7 @@ fn any_json() -> impl Strategy<Value = Value> {
 
 fn param_key() -> impl Strategy<Value = String> {
     prop_oneof![
-        4 => prop::sample::select(vec![
-            "do_remote_prefill",
-            "do_remote_decode",
-            "remote_engine_id",
-            "remote_request_id",
-            "remote_block_ids",
-            "remote_host",
-            "remote_port",
-            "tp_size",
-            "remote_num_tokens",
-            "transfer_mode",
-            "transfer_id",
-            "remote_blocks_expiry_time",
-            "remote_epoch",
-        ])
-        .prop_map(String::from),
+        4 => prop::sample::select(PARAM_KEYS.to_vec()).prop_map(String::from),
         1 => any::<String>(),
     ]
 }

@@ -32,6 +32,22 @@ fn stats(mut v: Vec<f64>) -> (f64, f64) {
     (v[v.len() / 2], v[v.len() - 1])
 }
 
+/// Post `req` (made once) `reps` times, each to completion; seconds per repetition.
+fn repost(d: &NixlTransport, req: &nixl_sys::XferRequest, reps: usize) -> Vec<f64> {
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        d.agent().post_xfer_req(req, None).expect("raw post");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while d.agent().get_xfer_status(req).expect("status") == XferStatus::InProgress {
+            assert!(Instant::now() < deadline, "raw READ stuck");
+            std::hint::spin_loop();
+        }
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times
+}
+
 fn main() {
     let max_blocks: u32 = std::env::args().nth(1).and_then(|x| x.parse().ok()).unwrap_or(1024);
     let reps_arg: Option<usize> = std::env::args().nth(2).and_then(|x| x.parse().ok());
@@ -65,7 +81,10 @@ fn main() {
     let _reg_d = d.agent().register_memory(&raw_d, None).expect("register raw D");
     let mut md = s.p_metadata(0, p.local_metadata().expect("md"));
     md.agent_name = "xfer-bench-p".into();
+    // First contact's NIXL part: loading P's agent metadata (UCX endpoint wire-up).
+    let t0 = Instant::now();
     d.add_remote("P", &md).expect("load P");
+    println!("{}", serde_json::json!({"method": "load_remote_md", "ms": t0.elapsed().as_secs_f64() * 1e3}));
     let plan = s.plan(0, std::slice::from_ref(&md)).expect("plan");
     let remote_agent = d.remote_agent("P").expect("loaded").to_string();
     let (p_base, d_base) = (raw_p.as_slice().as_ptr() as usize, raw_d.as_slice().as_ptr() as usize);
@@ -123,19 +142,8 @@ fn main() {
                     rd.add_desc(pc.remote as usize, pc.len as usize, 0);
                 }
                 let req = d.agent().create_xfer_req(XferOp::Read, &ld, &rd, &remote_agent, None).expect("raw request");
-                let mut times = Vec::with_capacity(reps);
-                for _ in 0..reps {
-                    let t0 = Instant::now();
-                    d.agent().post_xfer_req(&req, None).expect("raw post");
-                    let deadline = Instant::now() + Duration::from_secs(120);
-                    while d.agent().get_xfer_status(&req).expect("status") == XferStatus::InProgress {
-                        assert!(Instant::now() < deadline, "raw READ stuck");
-                        std::hint::spin_loop();
-                    }
-                    times.push(t0.elapsed().as_secs_f64());
-                }
+                let (med, max) = stats(repost(&d, &req, reps));
                 drop(req);
-                let (med, max) = stats(times);
                 println!(
                     "{}",
                     serde_json::json!({"method": "raw-nixl-same-descs", "ids": ids_name, "bytes": bytes_req,
@@ -174,19 +182,8 @@ fn main() {
         local.add_desc(d_base, bytes_req as usize, 0);
         remote.add_desc(p_base, bytes_req as usize, 0);
         let req = d.agent().create_xfer_req(XferOp::Read, &local, &remote, &remote_agent, None).expect("raw request");
-        let mut times = Vec::with_capacity(reps);
-        for _ in 0..reps {
-            let t0 = Instant::now();
-            d.agent().post_xfer_req(&req, None).expect("raw post");
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while d.agent().get_xfer_status(&req).expect("status") == XferStatus::InProgress {
-                assert!(Instant::now() < deadline, "raw READ stuck");
-                std::hint::spin_loop();
-            }
-            times.push(t0.elapsed().as_secs_f64());
-        }
+        let (med, max) = stats(repost(&d, &req, reps));
         drop(req);
-        let (med, max) = stats(times);
         println!(
             "{}",
             serde_json::json!({"method": "raw-nixl", "ids": "one-descriptor", "bytes": bytes_req, "descriptors": 1,
