@@ -55,6 +55,31 @@ fn parse_config(kv_transfer_config: &str, engine_info: &str) -> PyResult<Connect
 #[pyclass(module = "kvbridge._native")]
 struct Scheduler {
     inner: Box<dyn SchedulerSide + Send + Sync>,
+    /// Per request: the params object last converted and its JSON text. vLLM hands the
+    /// same dict to every call for a request, so it is converted once (a miss on another
+    /// object converts again). Dropped at `request_finished`; bounded.
+    params: std::collections::HashMap<String, (Py<PyAny>, String)>,
+}
+
+/// Requests whose converted params are kept at once (past this the cache starts over).
+const MAX_CACHED_PARAMS: usize = 65_536;
+
+impl Scheduler {
+    /// The JSON text of `obj` for request `req_id` (see `params`).
+    fn params_text(&mut self, req_id: &str, obj: Option<&Bound<'_, PyAny>>) -> Option<String> {
+        let obj = obj.filter(|o| !o.is_none())?;
+        if let Some((cached, text)) = self.params.get(req_id) {
+            if cached.is(obj) {
+                return Some(text.clone());
+            }
+        }
+        let text = pyjson::params_text(Some(obj))?;
+        if self.params.len() >= MAX_CACHED_PARAMS {
+            self.params.clear();
+        }
+        self.params.insert(req_id.to_string(), (obj.clone().unbind(), text.clone()));
+        Some(text)
+    }
 }
 
 #[pymethods]
@@ -66,7 +91,7 @@ impl Scheduler {
             TransferMode::Pull => Box::new(PullScheduler::new(cfg)),
             TransferMode::Push => Box::new(PushScheduler::new(cfg)),
         };
-        Ok(Self { inner })
+        Ok(Self { inner, params: std::collections::HashMap::new() })
     }
 
     /// "pull" or "push".
@@ -103,7 +128,7 @@ impl Scheduler {
         num_computed_tokens: u64,
         kv_transfer_params: Option<&Bound<'_, PyAny>>,
     ) -> (u64, bool) {
-        let params = pyjson::params_text(kv_transfer_params);
+        let params = self.params_text(req_id, kv_transfer_params);
         let m = self.inner.get_num_new_matched_tokens(req_id, num_prompt_tokens, num_computed_tokens, params.as_deref());
         (m.num_tokens, m.load_async)
     }
@@ -124,7 +149,7 @@ impl Scheduler {
     /// lease on its blocks while it waits.
     #[pyo3(signature = (req_id, kv_transfer_params=None))]
     fn on_new_request(&mut self, req_id: &str, kv_transfer_params: Option<&Bound<'_, PyAny>>) {
-        let params = pyjson::params_text(kv_transfer_params);
+        let params = self.params_text(req_id, kv_transfer_params);
         self.inner.on_new_request(req_id, params.as_deref());
     }
 
@@ -144,7 +169,8 @@ impl Scheduler {
         num_computed_tokens: u64,
         kv_transfer_params: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<(bool, PyObject)> {
-        let params = pyjson::params_text(kv_transfer_params);
+        let params = self.params_text(req_id, kv_transfer_params);
+        self.params.remove(req_id);
         let f = self.inner.request_finished(
             req_id,
             &block_ids,

@@ -9,19 +9,21 @@ use serde_json::{Map, Number, Value};
 const MAX_DEPTH: u32 = 32;
 
 fn to_value(obj: &Bound<'_, PyAny>, depth: u32) -> Value {
+    // Type checks with `is_instance_of`/`downcast_exact` (no error object built on a miss):
+    // this runs for every element of every request's params.
     if obj.is_none() {
         return Value::Null;
     }
     if depth > MAX_DEPTH {
         return Value::String("<nested too deeply>".into());
     }
-    if let Ok(b) = obj.downcast::<PyBool>() {
-        return Value::Bool(b.is_true());
+    if let Ok(s) = obj.downcast_exact::<PyString>() {
+        return Value::String(s.to_str().map(str::to_owned).unwrap_or_else(|_| s.to_string_lossy().into_owned()));
     }
-    if let Ok(s) = obj.downcast::<PyString>() {
-        return Value::String(s.to_string_lossy().into_owned());
+    if obj.is_instance_of::<PyBool>() {
+        return Value::Bool(obj.is_truthy().unwrap_or(false));
     }
-    if obj.downcast::<PyInt>().is_ok() {
+    if obj.is_instance_of::<PyInt>() {
         if let Ok(i) = obj.extract::<i64>() {
             return Value::Number(i.into());
         }
@@ -31,28 +33,47 @@ fn to_value(obj: &Bound<'_, PyAny>, depth: u32) -> Value {
         // Past 64 bits: as Python's json would write it, a number the parser then refuses.
         return obj.extract::<f64>().ok().and_then(Number::from_f64).map(Value::Number).unwrap_or(Value::Null);
     }
-    if let Ok(f) = obj.downcast::<PyFloat>() {
-        return Number::from_f64(f.value()).map(Value::Number).unwrap_or(Value::Null);
+    if obj.is_instance_of::<PyFloat>() {
+        return obj.extract::<f64>().ok().and_then(Number::from_f64).map(Value::Number).unwrap_or(Value::Null);
     }
-    if let Ok(d) = obj.downcast::<PyDict>() {
-        let mut m = Map::with_capacity(d.len());
-        for (k, v) in d.iter() {
-            let key = match k.downcast::<PyString>() {
-                Ok(s) => s.to_string_lossy().into_owned(),
-                Err(_) => k.str().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
-            };
-            m.insert(key, to_value(&v, depth + 1));
-        }
-        return Value::Object(m);
-    }
-    if let Ok(l) = obj.downcast::<PyList>() {
+    if let Ok(l) = obj.downcast_exact::<PyList>() {
         return Value::Array(l.iter().map(|x| to_value(&x, depth + 1)).collect());
     }
-    if let Ok(t) = obj.downcast::<PyTuple>() {
-        return Value::Array(t.iter().map(|x| to_value(&x, depth + 1)).collect());
+    if obj.is_instance_of::<PyDict>() {
+        if let Ok(d) = obj.downcast::<PyDict>() {
+            let mut m = Map::with_capacity(d.len());
+            for (k, v) in d.iter() {
+                let key = match k.downcast_exact::<PyString>() {
+                    Ok(s) => s.to_str().map(str::to_owned).unwrap_or_else(|_| s.to_string_lossy().into_owned()),
+                    Err(_) => k
+                        .str()
+                        .map(|s| s.to_str().map(str::to_owned).unwrap_or_else(|_| s.to_string_lossy().into_owned()))
+                        .unwrap_or_default(),
+                };
+                m.insert(key, to_value(&v, depth + 1));
+            }
+            return Value::Object(m);
+        }
+    }
+    if obj.is_instance_of::<PyList>() {
+        if let Ok(l) = obj.downcast::<PyList>() {
+            return Value::Array(l.iter().map(|x| to_value(&x, depth + 1)).collect());
+        }
+    }
+    if obj.is_instance_of::<PyTuple>() {
+        if let Ok(t) = obj.downcast::<PyTuple>() {
+            return Value::Array(t.iter().map(|x| to_value(&x, depth + 1)).collect());
+        }
+    }
+    if obj.is_instance_of::<PyString>() {
+        if let Ok(s) = obj.downcast::<PyString>() {
+            return Value::String(s.to_str().map(str::to_owned).unwrap_or_else(|_| s.to_string_lossy().into_owned()));
+        }
     }
     // Anything else as its str(), like json.dumps(default=str).
-    obj.str().map(|s| Value::String(s.to_string_lossy().into_owned())).unwrap_or(Value::Null)
+    obj.str()
+        .map(|s| Value::String(s.to_str().map(str::to_owned).unwrap_or_else(|_| s.to_string_lossy().into_owned())))
+        .unwrap_or(Value::Null)
 }
 
 /// `kv_transfer_params` as JSON text: a str is taken as JSON already, anything else
@@ -63,7 +84,7 @@ pub fn params_text(obj: Option<&Bound<'_, PyAny>>) -> Option<String> {
         return None;
     }
     if let Ok(s) = obj.downcast::<PyString>() {
-        return Some(s.to_string_lossy().into_owned());
+        return Some(s.to_str().map(str::to_owned).unwrap_or_else(|_| s.to_string_lossy().into_owned()));
     }
     Some(to_value(obj, 0).to_string())
 }

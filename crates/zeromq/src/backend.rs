@@ -63,10 +63,14 @@ impl GenericSocketBackend {
                     }
                 },
             };
-            let send_result = match self.peers.get_mut(&next_peer_id) {
-                Some(mut peer) => peer.send_queue.send(message).await,
-                None => continue,
-            };
+            // kvbridge patch: take the peer out of the map for the write instead of holding
+            // the map's (blocking) shard lock across it; put it back once written (see the
+            // ROUTER's send in router.rs for why).
+            let Some((next_peer_id, mut peer)) = self.peers.remove(&next_peer_id) else { continue };
+            let send_result = peer.send_queue.send(message).await;
+            if send_result.is_ok() {
+                self.peers.insert(next_peer_id.clone(), peer);
+            }
             return match send_result {
                 Ok(()) => {
                     self.round_robin.push(next_peer_id.clone());

@@ -96,14 +96,32 @@ impl SocketRecv for RouterSocket {
 #[async_trait]
 impl SocketSend for RouterSocket {
     async fn send(&mut self, mut message: ZmqMessage) -> ZmqResult<()> {
-        assert!(message.len() > 1);
-        let peer_id: PeerIdentity = message.pop_front().unwrap().try_into()?;
-        match self.backend.peers.get_mut(&peer_id) {
-            Some(mut peer) => {
-                peer.send_queue.send(Message::Message(message)).await?;
+        // kvbridge patch: no `assert!`/`unwrap` on the message, and no map guard held
+        // across the write. Upstream awaited the write while holding the DashMap shard's
+        // lock (a blocking lock): a peer that stopped reading then blocked every task that
+        // touched that shard, such as accepting the next peer, and on a one-thread runtime
+        // the whole socket, timers included. The peer is taken out of the map for the write
+        // and put back after it; if the write fails, or the caller gives up on it (drops
+        // this future, e.g. on a timeout), the peer is gone and its connection closed.
+        if message.len() < 2 {
+            return Err(ZmqError::Other("a ROUTER message needs a peer id and a body"));
+        }
+        let Some(id_frame) = message.pop_front() else {
+            return Err(ZmqError::Other("a ROUTER message needs a peer id and a body"));
+        };
+        let peer_id: PeerIdentity = id_frame.try_into()?;
+        let Some((peer_id, mut peer)) = self.backend.peers.remove(&peer_id) else {
+            return Err(ZmqError::Other("Destination client not found by identity"));
+        };
+        match peer.send_queue.send(Message::Message(message)).await {
+            Ok(()) => {
+                self.backend.peers.insert(peer_id, peer);
                 Ok(())
             }
-            None => Err(ZmqError::Other("Destination client not found by identity")),
+            Err(e) => {
+                self.backend.peer_disconnected(&peer_id);
+                Err(e.into())
+            }
         }
     }
 }
