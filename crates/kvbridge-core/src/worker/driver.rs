@@ -219,10 +219,13 @@ impl<T: Transport + 'static> WorkerDriver<T> {
 
     /// P: renew leases on a decode engine's heartbeat (by 2/3 of the lease, as vLLM).
     fn heartbeat_handler(&self) -> HeartbeatHandler {
-        let inner = self.inner.clone();
+        // Weak: side-channel tasks must not keep the NIXL agent alive after the driver is
+        // dropped (it would then outlive the process's teardown).
+        let inner = Arc::downgrade(&self.inner);
         let extend = self.cfg.kv_lease_duration.as_secs_f64() * 2.0 / 3.0;
         let epoch = self.epoch.clone();
         Arc::new(move |from: &str, hb: HeartbeatRequest| {
+            let Some(inner) = inner.upgrade() else { return wire::HeartbeatReply::default() };
             let mut reply = lock(&inner).core.base.on_heartbeat(&hb, now_unix(), extend);
             reply.epoch = epoch.load(Ordering::Acquire);
             tracing::debug!(
@@ -238,11 +241,14 @@ impl<T: Transport + 'static> WorkerDriver<T> {
 
     /// The accounting view served to `Inspect` requests (and [`accounting`](Self::accounting)).
     fn inspect_handler(&self) -> InspectHandler {
-        let inner = self.inner.clone();
+        let inner = Arc::downgrade(&self.inner);
         let push = self.push.clone();
         let engine = self.cfg.engine_id.clone();
         let rank = self.cfg.tp_rank;
-        Arc::new(move || accounting(&inner, &push, &engine, rank).to_string())
+        Arc::new(move || match inner.upgrade() {
+            Some(inner) => accounting(&inner, &push, &engine, rank).to_string(),
+            None => "{}".to_string(),
+        })
     }
 
     /// Blocks held for remote peers and loads in flight on this rank, with counters.
@@ -269,13 +275,15 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             let peer = format!("{}@{}:{}", t.engine_id, t.host, t.port);
             for q in ranks {
                 let Some(port) = u16::try_from(q).ok().and_then(|q| t.port.checked_add(q)) else { continue };
-                let inner = self.inner.clone();
+                let inner = Arc::downgrade(&self.inner);
                 let peer = peer.clone();
                 let sent = now_unix();
                 lock(&self.inner).core.stats.heartbeats_sent += 1;
                 let req = HeartbeatRequest { request_ids: t.request_ids.clone() };
                 self.side.heartbeat(t.host.clone(), port, req, self.cfg.handshake_timeout, move |res| {
-                    lock(&inner).core.on_heartbeat_reply(&peer, res, sent, now_unix());
+                    if let Some(inner) = inner.upgrade() {
+                        lock(&inner).core.on_heartbeat_reply(&peer, res, sent, now_unix());
+                    }
                 });
             }
         }
@@ -705,7 +713,7 @@ impl<T: Transport + 'static> Writer<T> {
         let req = HandshakeRequest { version: WIRE_VERSION, from_engine: self.cfg.engine_id.clone(), from_tp_rank: self.cfg.tp_rank };
         let tx = self.tx.clone();
         let geo = self.st.geo.clone();
-        let inner = self.inner.clone();
+        let inner = Arc::downgrade(&self.inner);
         let null = self.cfg.null_block_id;
         let p_tp = self.cfg.tp_size;
         let addr = format!("{}:{}", reg.host, reg.port);
@@ -713,6 +721,7 @@ impl<T: Transport + 'static> Writer<T> {
         self.side.fetch(reg.host.clone(), reg.port, req, self.cfg.handshake_timeout, self.cfg.handshake_retries, move |res| {
             let out = (|| -> Result<(Box<TransferPlan>, AgentMetadata), Error> {
                 let bytes = res?;
+                let inner = inner.upgrade().ok_or_else(|| Error::Other("the worker is shutting down".into()))?;
                 let (md, _, _) = lock(&inner).core.check_payload(&reg.engine_id, &addr, &bytes)?;
                 if md.tp_rank != reg.tp_rank || md.tp_size != reg.tp_size {
                     return Err(HandshakeError::Rejected {
@@ -985,7 +994,7 @@ fn run<T: Transport + 'static>(inner: &Arc<Mutex<Inner<T>>>, side: &Arc<SideChan
         match a {
             Action::Handshake { peer, rank, host, port } => {
                 tracing::debug!(%peer, rank, %host, port, "kvbridge: handshake");
-                let inner2 = inner.clone();
+                let weak = Arc::downgrade(inner);
                 let side2 = side.clone();
                 let cfg2 = cfg.clone();
                 let addr = format!("{host}:{port}");
@@ -995,6 +1004,7 @@ fn run<T: Transport + 'static>(inner: &Arc<Mutex<Inner<T>>>, side: &Arc<SideChan
                 side.fetch(host, port, req, cfg.handshake_timeout, cfg.handshake_retries, move |res| {
                     let fetched_ms = t0.elapsed().as_secs_f64() * 1e3;
                     let recv = now_unix();
+                    let Some(inner2) = weak.upgrade() else { return }; // the worker is gone
                     let _span = tracing::info_span!("handshake", %peer, rank).entered();
                     let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         let follow = lock(&inner2).core.on_handshake_payload(&peer, rank, &addr, res, sent, recv);
