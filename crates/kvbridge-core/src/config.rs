@@ -258,7 +258,7 @@ impl ConnectorConfig {
                     reason: format!("must be > 0 and <= {MAX_DURATION_SECS} s, got {s}"),
                 });
             }
-            Duration::try_from_secs_f64(s).map_err(|e| ConfigError::InvalidValue { key: key.into(), reason: e.to_string() })
+            Ok(Duration::from_secs_f64(s)) // finite, positive and bounded: cannot panic
         };
         let kv_lease_duration = secs("kv_lease_duration", DEFAULT_LEASE_SECS)?;
         let handshake_timeout = secs("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT_SECS)?;

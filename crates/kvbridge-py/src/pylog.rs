@@ -89,11 +89,7 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for PyLogLayer {
         let Some(SpanFields(fields, t0)) = ext.get::<SpanFields>() else { return };
         let sep = if fields.is_empty() { "" } else { " " };
         let msg = format!("{}: done{sep}{fields} ms={:.3}", span.name(), t0.elapsed().as_secs_f64() * 1e3);
-        let file = meta.file().map(|p| p.rsplit('/').next().unwrap_or(p)).unwrap_or("kvbridge");
-        let line = Line { level: python_level(meta.level()), file, line: meta.line().unwrap_or(0), msg };
-        if let Err(TrySendError::Full(_)) = self.tx.try_send(line) {
-            DROPPED.fetch_add(1, Ordering::Relaxed);
-        }
+        self.send(meta, msg);
     }
 
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
@@ -119,6 +115,13 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for PyLogLayer {
         event.record(&mut f);
         msg.push_str(&f.message);
         msg.push_str(&f.rest);
+        self.send(meta, msg);
+    }
+}
+
+impl PyLogLayer {
+    /// Queue one line for the logging thread; a full queue drops it (counted).
+    fn send(&self, meta: &'static tracing::Metadata<'static>, msg: String) {
         let file = meta.file().map(|p| p.rsplit('/').next().unwrap_or(p)).unwrap_or("kvbridge");
         let line = Line { level: python_level(meta.level()), file, line: meta.line().unwrap_or(0), msg };
         if let Err(TrySendError::Full(_)) = self.tx.try_send(line) {

@@ -696,8 +696,7 @@ impl<T: Transport + 'static> Writer<T> {
                         let mut c = lock_ctl(&self.push);
                         for (a, _) in pending {
                             if let PushAction::Write { p_req, .. } = a {
-                                c.stats.writes_failed += 1;
-                                c.xfer.record_failed_transfer();
+                                c.write_failed();
                                 c.sender.on_write_done(&p_req);
                             }
                         }
@@ -778,8 +777,7 @@ impl<T: Transport + 'static> Writer<T> {
                         tracing::error!(request_id = %p_req, d_request = %reg.request_id, error = %e, "kvbridge: cannot plan the push write");
                         self.notify(&key, &push_io::notif(&reg, me.0, me.1, false, 1));
                         let mut c = lock_ctl(&self.push);
-                        c.stats.writes_failed += 1;
-                        c.xfer.record_failed_transfer();
+                        c.write_failed();
                         c.sender.on_write_done(&p_req);
                         return;
                     }
@@ -882,8 +880,7 @@ impl<T: Transport + 'static> Writer<T> {
         }
         let mut c = lock_ctl(&self.push);
         if job.failed {
-            c.stats.writes_failed += 1;
-            c.xfer.record_failed_transfer();
+            c.write_failed();
         } else {
             let descs = job.layers.iter().map(|l| l.len() as u64).sum();
             c.xfer.record_transfer(now - job.started, job.post_secs, job.bytes, descs);
@@ -1017,7 +1014,7 @@ fn run<T: Transport + 'static>(inner: &Arc<Mutex<Inner<T>>>, side: &Arc<SideChan
                         let follow = lock(&inner2).core.on_handshake_payload(&peer, rank, &addr, Err(err), sent, recv);
                         run(&inner2, &side2, &cfg2, follow);
                     }
-                    tracing::info!(%peer, rank, fetch_ms = fetched_ms, total_ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: handshake finished");
+                    tracing::info!(fetch_ms = fetched_ms, total_ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: handshake finished");
                 });
             }
             Action::AddRemote { peer, rank, key, md } => {

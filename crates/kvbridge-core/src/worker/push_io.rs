@@ -167,6 +167,13 @@ pub struct PushCtl {
 }
 
 impl PushCtl {
+    /// A push WRITE job failed (posting, planning or loading the peer): counted in the
+    /// worker's counters and in vLLM's stats.
+    pub fn write_failed(&mut self) {
+        self.stats.writes_failed += 1;
+        self.xfer.record_failed_transfer();
+    }
+
     pub fn new(engine_id: String, tp_size: u32, registration_ttl: f64) -> Self {
         let mut sender = PushSender::new(engine_id, registration_ttl);
         sender.set_tp_size(tp_size);
