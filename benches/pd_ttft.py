@@ -27,6 +27,7 @@ import platform
 import signal
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -74,7 +75,7 @@ class Bench:
         self.seed = seed
         self.mismatches = 0
 
-    def sample(self, n_tokens: int) -> dict[str, Any]:
+    def sample(self, n_tokens: int, check: bool = True) -> dict[str, Any]:
         """One fresh prompt through P then D; TTFT, token check and (kvbridge) transfer stats."""
         self.seed += 1
         prompt = random_prompt(n_tokens, self.seed)
@@ -83,25 +84,87 @@ class Bench:
         if not pd.decode.ok or pd.ttft is None:
             raise RuntimeError(f"decode request failed ({n_tokens} tokens): {pd.decode}")
         xfers = self.c.xfer_since(offset, count=1, timeout=2.0) if self.c.connector == "kvbridge" else []
-        ref = self.c.reference(prompt, self.max_tokens)
-        equal = ref.ok and pd.tokens == ref.tokens
-        self.mismatches += not equal
-        out: dict[str, Any] = {"ttft_ms": pd.ttft * 1e3, "tokens_equal": equal,
+        out: dict[str, Any] = {"ttft_ms": pd.ttft * 1e3, "tokens_equal": self.check(prompt, pd.tokens) if check else None,
                                "prefill_ms": pd.prefill.latency * 1e3}  # fmt: skip
         if xfers:
             out["xfer_ms"] = sum(x.secs for x in xfers) * 1e3
             out["xfer_bytes"] = sum(x.bytes for x in xfers)
         return out
 
-    def run(self, lengths: list[int], reps: int, idle_secs: float) -> dict[str, Any]:
+    def check(self, prompt: list[int], tokens: list[int]) -> bool:
+        """Tokens equal to D computing the prompt alone (counted in ``mismatches`` if not)."""
+        ref = self.c.reference(prompt, self.max_tokens)
+        equal = ref.ok and tokens == ref.tokens
+        self.mismatches += not equal
+        return equal
+
+    def round(self, n_tokens: int, conc: int, check: bool) -> dict[str, Any]:
+        """``conc`` fresh prompts at once, each P then D (the two-phase flow, one thread per
+        request). Decode-side TTFT per request, and output tokens per second of the round."""
+        prompts = []
+        for _ in range(conc):
+            self.seed += 1
+            prompts.append(random_prompt(n_tokens, self.seed))
+        results: list[Any] = [None] * conc
+
+        def one(i: int) -> None:
+            try:
+                results[i] = self.c.pd_request(prompts[i], self.max_tokens)
+            except Exception as e:  # noqa: BLE001 — recorded as a failed request
+                results[i] = e
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(conc)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        ttfts, failed, tokens, equal = [], 0, 0, []
+        for p, r in zip(prompts, results):
+            if isinstance(r, Exception) or not r.decode.ok or r.ttft is None:
+                failed += 1
+                continue
+            ttfts.append(r.ttft * 1e3)
+            tokens += len(r.tokens)
+            if check:
+                equal.append(self.check(p, r.tokens))
+        return {"ttft_ms": ttfts, "failed": failed, "tokens_per_s": tokens / wall, "wall_s": wall,
+                "tokens_equal": equal}  # fmt: skip
+
+    def matrix(self, lengths: list[int], concs: list[int], rounds: int, check_all_upto: int) -> dict[str, Any]:
+        """Every (length, concurrency) cell: ``rounds`` rounds of ``conc`` simultaneous requests."""
+        cells: dict[str, Any] = {}
+        for n in lengths:
+            for conc in concs:
+                rs = [self.round(n, conc, check=(i == 0 or n <= check_all_upto)) for i in range(rounds)]
+                ttfts = [t for r in rs for t in r["ttft_ms"]]
+                checked = [e for r in rs for e in r["tokens_equal"]]
+                cell: dict[str, Any] = {
+                    "rounds": rs,
+                    "failed": sum(r["failed"] for r in rs),
+                    "tokens_checked": len(checked),
+                    "token_mismatches": checked.count(False),
+                    "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+                }
+                if ttfts:
+                    cell["ttft_ms"] = summarize(ttfts)
+                cells[f"{n}/{conc}"] = cell
+                t = cell.get("ttft_ms", {})
+                print(f"  {n} tok x{conc}: median {t.get('median', float('nan')):.1f} ms, max {t.get('max', float('nan')):.1f}, "
+                      f"{cell['tokens_per_s']:.1f} tok/s, {cell['token_mismatches']}/{len(checked)} mismatched, "
+                      f"{cell['failed']} failed", flush=True)  # fmt: skip
+        return cells
+
+    def run(self, lengths: list[int], reps: int, idle_secs: float, check_all_upto: int = 1 << 30) -> dict[str, Any]:
         first = self.sample(lengths[0])
         print(f"  first request ({lengths[0]} tokens): {first['ttft_ms']:.1f} ms", flush=True)
         result: dict[str, Any] = {"first_request": first, "lengths": {}}
         for n in lengths:
-            samples = [self.sample(n) for _ in range(reps)]
+            samples = [self.sample(n, check=(i == 0 or n <= check_all_upto)) for i in range(reps)]
             ttfts = [s["ttft_ms"] for s in samples]
             entry: dict[str, Any] = {"samples": samples, "ttft_ms": summarize(ttfts),
-                                     "tokens_equal": all(s["tokens_equal"] for s in samples)}  # fmt: skip
+                                     "tokens_equal": all(s["tokens_equal"] is not False for s in samples)}  # fmt: skip
             xfer = [s for s in samples if "xfer_ms" in s]
             if xfer:
                 med_ms = statistics.median(s["xfer_ms"] for s in xfer)
@@ -145,6 +208,18 @@ def markdown(results: dict[str, Any], lengths: list[int]) -> str:
         scale = 10.0 / r["idle_secs"]
         lines.append(f"| {c} | {r['first_request']['ttft_ms']:.1f} | {r['idle_cpu_s']['prefill'] * scale:.2f} | "
                      f"{r['idle_cpu_s']['decode'] * scale:.2f} |")  # fmt: skip
+    if any("cells" in results[c] for c in conns):
+        lines += ["", "| connector | tokens / conc. | median TTFT (ms) | max | max/median | output tok/s | "
+                  "vs nixl (median) | mismatches / checked | failed |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        base = results.get("nixl", {}).get("cells", {})
+        for c in conns:
+            for key, cell in results[c].get("cells", {}).items():
+                t = cell.get("ttft_ms")
+                b = base.get(key, {}).get("ttft_ms")
+                ratio = f"{t['median'] / b['median']:.2f}" if t and b and c != "nixl" else "—"
+                lines.append(f"| {c} | {key} | {fmt(t and t['median'])} | {fmt(t and t['max'])} | "
+                             f"{fmt(t and t['max_over_median'], 2)} | {cell['tokens_per_s']:.1f} | {ratio} | "
+                             f"{cell['token_mismatches']} / {cell['tokens_checked']} | {cell['failed']} |")  # fmt: skip
     if len(conns) == 2:
         k, x = results["kvbridge"], results["nixl"]
         lines += ["", "| kvbridge / nixl | ratio |", "|---|---:|"]
@@ -165,6 +240,11 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=8, help="prompts per length (>= 1)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--conc", type=int, nargs="+", default=[],
+                    help="also run these concurrencies (rounds of simultaneous requests) at every length")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per (length, concurrency) cell")
+    ap.add_argument("--check-all-upto", type=int, default=2048,
+                    help="check every sample's tokens up to this length, the first round beyond")
     ap.add_argument("--idle-secs", type=float, default=10.0)
     ap.add_argument("--out", type=Path, default=REPO / "benches" / "results" / "pd_ttft.json")
     ap.add_argument("--log-dir", type=Path, default=REPO / "out" / "bench")
@@ -180,11 +260,14 @@ def main() -> int:
     seed = int(time.time()) * 100_000
     for conn in conns:
         print(f"== {conn}: starting P + D + proxy (logs: {args.log_dir / conn})", flush=True)
-        cluster = Cluster(model, connector=conn, log_dir=args.log_dir / conn)
+        max_len = max(args.lengths) + args.max_tokens + 64
+        cluster = Cluster(model, connector=conn, log_dir=args.log_dir / conn, max_model_len=max(4096, max_len))
         try:
             cluster.start()
             bench = Bench(cluster, args.max_tokens, seed)
-            results[conn] = bench.run(args.lengths, args.reps, args.idle_secs)
+            results[conn] = bench.run(args.lengths, args.reps, args.idle_secs, args.check_all_upto)
+            if args.conc:
+                results[conn]["cells"] = bench.matrix(args.lengths, args.conc, args.rounds, args.check_all_upto)
             mismatches[conn] = bench.mismatches
             seed = bench.seed + 1
         finally:
@@ -194,7 +277,8 @@ def main() -> int:
         "bench": "pd_ttft",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "config": {"reps": args.reps, "lengths": args.lengths, "max_tokens": args.max_tokens,
+        "config": {"reps": args.reps, "lengths": args.lengths, "max_tokens": args.max_tokens, "conc": args.conc,
+                   "rounds": args.rounds,
                    "model": "tiny-llama (scripts/make_model.py)", "prefix_caching": False},  # fmt: skip
         "results": results,
     }

@@ -301,6 +301,13 @@ impl Cache {
         }
     }
 
+    /// Every byte back to [`SENTINEL`] (buffers stay where they are: registrations hold).
+    pub fn reset(&mut self) {
+        for t in &mut self.tensors {
+            t.buf.fill(SENTINEL);
+        }
+    }
+
     pub fn num_tensors(&self) -> usize {
         self.tensors.len()
     }

@@ -3,8 +3,11 @@
 //! RAII: transfer requests, remote-agent entries and memory registrations are owned
 //! handles, released on drop, and dropped before the agent (field order below).
 //!
-//! Transfers use per-request descriptor lists built from the plan's coalesced pieces (a
-//! run of contiguous blocks is one descriptor), not prepared per-block lists.
+//! Transfers are made from the plan's pieces. When every piece is whole blocks on both
+//! sides, the request is made from indices into per-(region, block) lists prepared once
+//! (locally at registration, per peer after its first transfer; see [`crate::prepped`]);
+//! otherwise from descriptor lists built for the request (a run of contiguous blocks is one
+//! descriptor).
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -19,6 +22,7 @@ use nixl_sys::{
 };
 
 use crate::error::NixlError;
+use crate::prepped::{self, Prepped, Units};
 use crate::runtime;
 
 /// Transport settings.
@@ -83,6 +87,11 @@ impl NixlDescriptor for Span {
 }
 
 struct Remote {
+    /// The peer's per-block list, prepared after the first transfer to it (so the first
+    /// request does not wait for it). Dropped before the metadata is invalidated.
+    prepped: Option<Prepped>,
+    /// The numbering to prepare (None: too many blocks, or already tried).
+    to_prep: Option<Units>,
     agent_name: String,
     /// True if this entry loaded the agent's metadata (and must invalidate it).
     owns_md: bool,
@@ -100,9 +109,14 @@ pub struct NixlTransport {
     // Drop order matters: requests, then prepared lists, then registrations, then agent.
     xfers: HashMap<XferId, XferRequest>,
     remotes: HashMap<String, Remote>,
+    /// This side's per-block list (None: not registered, or too many blocks).
+    local_prepped: Option<Prepped>,
     /// Memory type of the registered regions (None until registered).
     local: Option<MemType>,
     regs: Vec<RegistrationHandle>,
+    /// Requests made from prepared lists, and from per-request lists (counters).
+    pub made_prepped: u64,
+    pub made_listed: u64,
     next_xfer: XferId,
     name: String,
     agent: Agent,
@@ -139,8 +153,11 @@ impl NixlTransport {
         Ok(Self {
             xfers: HashMap::new(),
             remotes: HashMap::new(),
+            local_prepped: None,
             local: None,
             regs: Vec::new(),
+            made_prepped: 0,
+            made_listed: 0,
             next_xfer: 1,
             name: name.to_string(),
             agent,
@@ -167,6 +184,10 @@ impl NixlTransport {
     fn register_impl(&mut self, layout: &KvLayout) -> Result<(), NixlError> {
         // Re-registration replaces everything.
         self.xfers.clear();
+        self.local_prepped = None;
+        for r in self.remotes.values_mut() {
+            r.prepped = None;
+        }
         self.local = None;
         self.regs.clear();
         let mem = layout.regions.first().map(|r| mem_type(r.mem)).unwrap_or(MemType::Dram);
@@ -180,8 +201,35 @@ impl NixlTransport {
             self.regs.push(h);
         }
         self.local = Some(mem);
-        tracing::info!(regions = layout.regions.len(), "kvbridge: registered KV regions with NIXL");
+        self.local_prepped = self.prepare("", &layout.regions, mem);
+        tracing::info!(
+            regions = layout.regions.len(),
+            prepared_descs = self.local_prepped.as_ref().map_or(0, |p| p.units.len()),
+            "kvbridge: registered KV regions with NIXL"
+        );
         Ok(())
+    }
+
+    /// Prepare the per-block list of `regions` for `agent` ("": this agent's own memory).
+    /// A failure only costs the fast path, so it is logged, not returned.
+    fn prepare(&self, agent: &str, regions: &[kvbridge_core::layout::Region], mem: MemType) -> Option<Prepped> {
+        let units = Units::new(regions)?;
+        Self::prepare_units(&self.agent, agent, units, mem)
+    }
+
+    fn prepare_units(nixl: &Agent, agent: &str, units: Units, mem: MemType) -> Option<Prepped> {
+        let t0 = std::time::Instant::now();
+        let made = units.desc_list(mem).and_then(|l| nixl.prepare_xfer_dlist(agent, &l, None));
+        match made {
+            Ok(handle) => {
+                tracing::debug!(agent, descs = units.len(), ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: descriptor list prepared");
+                Some(Prepped { units, handle })
+            }
+            Err(e) => {
+                tracing::warn!(agent, error = %e, "kvbridge: cannot prepare a descriptor list; using per-request lists");
+                None
+            }
+        }
     }
 
     fn add_remote_impl(&mut self, peer: &str, md: &AgentMetadata) -> Result<(), NixlError> {
@@ -203,7 +251,8 @@ impl NixlTransport {
         };
         let mem = md.regions.first().map(|r| mem_type(r.mem)).unwrap_or(MemType::Dram);
         tracing::debug!(peer, load_ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: remote agent loaded");
-        self.remotes.insert(peer.to_string(), Remote { agent_name: name, owns_md: !loaded, mem });
+        let to_prep = Units::new(&md.regions);
+        self.remotes.insert(peer.to_string(), Remote { prepped: None, to_prep, agent_name: name, owns_md: !loaded, mem });
         Ok(())
     }
 
@@ -213,22 +262,43 @@ impl NixlTransport {
     fn post(&mut self, op: XferOp, peer: &str, pieces: &[Piece], notif: &[u8]) -> Result<XferId, NixlError> {
         let lmem = self.local.ok_or(NixlError::NotRegistered)?;
         let r = self.remotes.get(peer).ok_or_else(|| NixlError::UnknownRemote(peer.to_string()))?;
-        let mut local = XferDescList::new(lmem).map_err(NixlError::nixl("create descriptor list"))?;
-        let mut remote = XferDescList::new(r.mem).map_err(NixlError::nixl("create descriptor list"))?;
-        for p in pieces {
-            local.add_desc(p.local as usize, p.len as usize, p.local_dev.into());
-            remote.add_desc(p.remote as usize, p.len as usize, p.remote_dev.into());
-        }
-        let mut opt = OptArgs::new().map_err(NixlError::nixl("create opt args"))?;
-        if !notif.is_empty() {
+        let opt = if notif.is_empty() {
+            None
+        } else {
+            let mut opt = OptArgs::new().map_err(NixlError::nixl("create opt args"))?;
             opt.set_notification_message(notif).map_err(NixlError::nixl("set notification"))?;
             opt.set_has_notification(true).map_err(NixlError::nixl("set notification"))?;
-        }
-        let req = self.agent.create_xfer_req(op, &local, &remote, &r.agent_name, Some(&opt)).map_err(NixlError::nixl("make transfer"))?;
+            Some(opt)
+        };
+        let by_index = match (&self.local_prepped, &r.prepped) {
+            (Some(l), Some(rp)) => prepped::indices(&l.units, &rp.units, pieces).map(|ix| (l, rp, ix)),
+            _ => None,
+        };
+        let req = if let Some((l, rp, (li, ri))) = by_index {
+            self.made_prepped += 1;
+            self.agent.make_xfer_req(op, &l.handle, &li, &rp.handle, &ri, opt.as_ref()).map_err(NixlError::nixl("make transfer"))?
+        } else {
+            self.made_listed += 1;
+            let mut local = XferDescList::new(lmem).map_err(NixlError::nixl("create descriptor list"))?;
+            let mut remote = XferDescList::new(r.mem).map_err(NixlError::nixl("create descriptor list"))?;
+            for p in pieces {
+                local.add_desc(p.local as usize, p.len as usize, p.local_dev.into());
+                remote.add_desc(p.remote as usize, p.len as usize, p.remote_dev.into());
+            }
+            self.agent.create_xfer_req(op, &local, &remote, &r.agent_name, opt.as_ref()).map_err(NixlError::nixl("make transfer"))?
+        };
         self.agent.post_xfer_req(&req, None).map_err(NixlError::nixl("post transfer"))?;
         let id = self.next_xfer;
         self.next_xfer += 1;
         self.xfers.insert(id, req);
+        // First transfer to this peer posted: prepare its list now, while that one moves.
+        if self.local_prepped.is_some() {
+            if let Some(r) = self.remotes.get_mut(peer) {
+                if let Some(units) = r.to_prep.take() {
+                    r.prepped = Self::prepare_units(&self.agent, &r.agent_name, units, r.mem);
+                }
+            }
+        }
         Ok(id)
     }
 
@@ -261,7 +331,8 @@ impl Transport for NixlTransport {
         Ok(self.add_remote_impl(peer, md)?)
     }
     fn remove_remote(&mut self, peer: &str) {
-        if let Some(r) = self.remotes.remove(peer) {
+        if let Some(mut r) = self.remotes.remove(peer) {
+            r.prepped = None; // released before the metadata it refers to
             let still_used = self.remotes.values().any(|o| o.agent_name == r.agent_name);
             if still_used {
                 // Hand the metadata's ownership to a remaining entry.

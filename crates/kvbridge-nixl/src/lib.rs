@@ -5,8 +5,9 @@
 //!
 //! - [`NixlTransport`] implements `kvbridge_core::transport::Transport`: one agent with the
 //!   configured backends (UCX by default), KV regions registered as DRAM (CPU tensors) or
-//!   VRAM (CUDA tensors, checked through `cudarc`), descriptor lists prepared once at
-//!   registration and once per peer at handshake, READ/WRITE with a completion
+//!   VRAM (CUDA tensors, checked through `cudarc`), per-block descriptor lists prepared
+//!   once at registration and once per peer (after its first transfer), used when a
+//!   request's pieces are whole blocks ([`prepped`]), READ/WRITE with a completion
 //!   notification, polled for completion, handles released on drop.
 //! - [`runtime::ensure_loaded`] finds the runtime and returns [`NixlError::RuntimeMissing`]
 //!   instead of letting nixl-sys abort the process.
@@ -15,6 +16,7 @@
 pub mod agent;
 pub mod cuda;
 pub mod error;
+pub mod prepped;
 pub mod runtime;
 
 pub use agent::{NixlOptions, NixlTransport};

@@ -23,7 +23,7 @@ use kvbridge_core::transport::{Transport, XferPoll};
 use kvbridge_core::wire::Notif;
 use kvbridge_nixl::{NixlOptions, NixlTransport};
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 struct Side {
     tp: u32,
     block: u32,
@@ -109,7 +109,7 @@ fn run_case(ci: usize, c: &Case) {
         p_agents.push(t);
     }
     let mut d_agents: Vec<NixlTransport> = Vec::new();
-    let mut posted = Vec::new();
+    let mut reads = Vec::new(); // per D rank: (remote key, pieces or None for a notification)
     let mut expected = 0;
     let (mut descs, mut unco, mut bytes) = (0, 0, 0);
     for r in 0..s.d.len() {
@@ -121,62 +121,83 @@ fn run_case(ci: usize, c: &Case) {
         descs += xfer.descriptors;
         unco += xfer.uncoalesced;
         bytes += xfer.bytes;
-        let msg = |ok| {
-            Notif {
-                version: kvbridge_core::wire::WIRE_VERSION,
-                request_id: "req".into(),
-                from_engine: "D".into(),
-                from_tp_rank: r as u32,
-                ok,
-                expected: plan.tp.notifs_per_remote_rank,
-            }
-            .to_bytes()
-            .unwrap()
-        };
+        let mut mine = Vec::new();
         for (i, &q) in plan.tp.sources.iter().enumerate() {
             let key = format!("P#{q}");
             t.add_remote(&key, &p_md[q as usize]).expect("load P metadata");
-            match xfer.reads.iter().find(|x| x.source == i) {
-                Some(read) => posted.push((r, t.read(&key, &read.pieces, &msg(true)).expect("post READ"))),
-                None => t.notify(&key, &msg(true)).expect("notify"),
-            }
+            mine.push((key, xfer.reads.iter().find(|x| x.source == i).map(|x| x.pieces.clone())));
         }
+        reads.push(mine);
         d_agents.push(t);
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for (r, x) in posted {
-        loop {
-            match d_agents[r].poll(x).expect("transfer failed") {
-                XferPoll::Done => break,
-                XferPoll::Pending => {
-                    assert!(Instant::now() < deadline, "{}: READ did not finish", c.name);
-                    std::thread::sleep(Duration::from_millis(1));
+    // Twice: the first READ to a peer uses per-request descriptor lists (and prepares the
+    // peer's per-block list); the second uses the prepared lists where pieces are whole
+    // blocks. D's caches are reset in between, so each round's bytes are checked on their own.
+    for round in 0..2 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut posted = Vec::new();
+        for (r, mine) in reads.iter().enumerate() {
+            let msg = Notif {
+                version: kvbridge_core::wire::WIRE_VERSION,
+                request_id: format!("req{round}"),
+                from_engine: "D".into(),
+                from_tp_rank: r as u32,
+                ok: true,
+                expected,
+            }
+            .to_bytes()
+            .unwrap();
+            for (key, pieces) in mine {
+                match pieces {
+                    Some(pieces) => posted.push((r, d_agents[r].read(key, pieces, &msg).expect("post READ"))),
+                    None => d_agents[r].notify(key, &msg).expect("notify"),
                 }
             }
         }
-        d_agents[r].release(x);
-    }
-    // Every P rank hears from every D rank that depends on it, exactly once each.
-    for (q, t) in p_agents.iter_mut().enumerate() {
-        let mut got = Vec::new();
-        while got.len() < expected as usize && Instant::now() < deadline {
+        for (r, x) in posted {
+            loop {
+                match d_agents[r].poll(x).expect("transfer failed") {
+                    XferPoll::Done => break,
+                    XferPoll::Pending => {
+                        assert!(Instant::now() < deadline, "{}: READ did not finish", c.name);
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+            d_agents[r].release(x);
+        }
+        // Every P rank hears from every D rank that depends on it, exactly once each.
+        for (q, t) in p_agents.iter_mut().enumerate() {
+            let mut got = Vec::new();
+            while got.len() < expected as usize && Instant::now() < deadline {
+                got.extend(t.take_notifs().expect("notifs"));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
             got.extend(t.take_notifs().expect("notifs"));
-            std::thread::sleep(Duration::from_millis(1));
+            assert_eq!(got.len(), expected as usize, "{}: P rank {q} got {} notifications, expected {expected}", c.name, got.len());
+            for n in got {
+                let n = Notif::from_bytes(&n).expect("notif");
+                assert!(n.ok && n.expected == expected && n.request_id == format!("req{round}"));
+            }
         }
-        std::thread::sleep(Duration::from_millis(20));
-        got.extend(t.take_notifs().expect("notifs"));
-        assert_eq!(got.len(), expected as usize, "{}: P rank {q} got {} notifications, expected {expected}", c.name, got.len());
-        for n in got {
-            let n = Notif::from_bytes(&n).expect("notif");
-            assert!(n.ok && n.expected == expected && n.request_id == "req");
+        for (r, d) in s.d.iter_mut().enumerate() {
+            d.check(&s.d_blocks, c.tokens).unwrap_or_else(|e| panic!("{}: round {round}: D rank {r}: {e}", c.name));
+            d.reset();
         }
+    }
+    let prepped: u64 = d_agents.iter().map(|t| t.made_prepped).sum();
+    let listed: u64 = d_agents.iter().map(|t| t.made_listed).sum();
+    if c.p == c.d && !c.mla && !c.hybrid && !c.state && c.hit == 0 {
+        // Equal geometry: every piece is whole blocks, so the second round is all prepared.
+        assert!(prepped > 0 && prepped == listed, "{}: {prepped} prepared vs {listed} listed requests", c.name);
     }
     drop(d_agents);
     drop(p_agents);
-    for (r, d) in s.d.iter_mut().enumerate() {
-        d.check(&s.d_blocks, c.tokens).unwrap_or_else(|e| panic!("{}: D rank {r}: {e}", c.name));
-    }
-    eprintln!("{:<44} bytes {bytes:>8}  descriptors {descs:>5} (uncoalesced {unco:>5})", c.name);
+    eprintln!(
+        "{:<44} bytes {bytes:>8}  descriptors {descs:>5} (uncoalesced {unco:>5})  requests prepared/listed {prepped}/{listed}",
+        c.name
+    );
 }
 
 #[test]
@@ -209,6 +230,7 @@ fn heterogeneous_pd_matrix_is_byte_exact() {
         Case { name: "tp2->2 h1 (replicated) + state bs32", p: side(2, 32, Hnd), d: side(2, 32, Hnd), heads: 1, state: true, ..base },
         Case { name: "tp1->1 h2 vLLM-CPU (K dim-major) bs64->16", p: side(1, 64, CpuVec), d: side(1, 16, CpuVec), heads: 2, ..base },
         Case { name: "tp1->2 h2 vLLM-CPU bs16->32 prefix", p: side(1, 16, CpuVec), d: side(2, 32, CpuVec), heads: 2, hit: 1, ..base },
+        Case { name: "tp1->1 h2 vLLM-CPU bs32->32 (equal)", p: side(1, 32, CpuVec), d: side(1, 32, CpuVec), heads: 2, ..base },
     ];
     for (i, c) in cases.iter().enumerate() {
         run_case(i, c);
