@@ -12,11 +12,12 @@ export KVBRIDGE_NIXL_LIB_DIR := $(KVBRIDGE_CACHE)/nixl-rt-1.5.1/.nixl_cu12.meson
 export UCX_NET_DEVICES := lo
 export KVBRIDGE_PYTHON := $(PY)
 
-.PHONY: help setup wheel install test test-rust test-python demo bench bench-plan bench-transfer bench-overhead fuzz clean
+.PHONY: help setup wheel install test test-rust test-python demo bench bench-e2e bench-plan bench-transfer bench-overhead fuzz clean
 help:
 	@echo "make demo   - real P/D disaggregated generation with vLLM + kvbridge (tiny model)"
 	@echo "make test   - every test: Rust unit + NIXL integration, pytest with real vLLM"
 	@echo "make bench  - benches/pd_ttft.py: kvbridge vs vLLM NixlConnector"
+	@echo "make bench-e2e  - pd_ttft matrix (512/2048/8192 tokens x concurrency 1/4/8) + push vs pull (~50 min)"
 	@echo "make bench-plan - benches/plan_vs_numpy.py: plan vs vLLM numpy, coalescing vs raw NIXL"
 	@echo "make bench-transfer - benches/transfer.py: kvbridge vs raw NIXL vs memcpy, 1 MiB..1 GiB"
 	@echo "make bench-overhead - benches/connector_overhead.py: per-step connector cost vs NixlConnector"
@@ -50,6 +51,11 @@ demo: install
 
 bench: install
 	$(PY) benches/pd_ttft.py
+
+bench-e2e: install
+	$(PY) benches/pd_ttft.py --lengths 512 2048 8192 --reps 6 --conc 4 8 --rounds 1 --out benches/results/pd_ttft_e2e.json
+	$(PY) benches/push_ttft.py --only kvbridge-push-layerwise kvbridge-pull --lengths 512 2048 --conc 1 4 8 --reps 2 \
+	  --out benches/results/push_ttft_e2e.json --plot docs/img/push_ttft_e2e.png
 
 bench-plan: setup
 	$(PY) benches/plan_vs_numpy.py

@@ -31,9 +31,12 @@ if __name__ == "__main__":
                          cwd=REPO, check=True, env=env, capture_output=True, text=True).stdout  # fmt: skip
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     load_ms = [r["ms"] for r in rows if r.get("method") == "load_remote_md"]
-    rows = [r for r in rows if r.get("method") != "load_remote_md"]
+    counts = next((r for r in rows if r.get("method") == "kvbridge-requests"), {})
+    rows = [r for r in rows if "bytes" in r]
     res = REPO / "benches" / "results" / "transfer.json"
-    res.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "load_remote_md_ms": load_ms, "rows": rows}, indent=1))
+    res.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "load_remote_md_ms": load_ms,
+                               "kvbridge_requests": {k: counts.get(k) for k in ("prepared", "listed")}, "rows": rows}, indent=1))  # fmt: skip
+    print(f"kvbridge requests made from prepared lists / per-request lists: {counts.get('prepared')} / {counts.get('listed')}")
     print(f"first contact, NIXL load_remote_md (in-process): {load_ms[0]:.1f} ms\n" if load_ms else "")
 
     MIB = 1 << 20

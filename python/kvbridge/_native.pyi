@@ -34,7 +34,13 @@ class Scheduler:
         """JSON: held/loading requests and blocks as this scheduler sees them."""
     def request_finished(self, req_id: str, block_ids: list[int], finish_reason: str, num_computed_tokens: int, kv_transfer_params: Optional[Union[dict[str, Any], str]] = None) -> tuple[bool, Optional[dict[str, Any]]]:
         """(delay_free_blocks, the kv_transfer_params to return to the client, or None)."""
-    def update_connector_output(self, finished_sending: list[str], finished_recving: list[str]) -> None: ...
+    def update_connector_output(self, finished_sending: list[str], finished_recving: list[str]) -> list[str]:
+        """Returns the ids of ``finished_sending`` vLLM must not see (staged requests)."""
+        ...
+    @property
+    def staging_slots(self) -> int:
+        """Staging slots (``kv_staging_blocks`` on a pull-mode producer; 0: off)."""
+        ...
     def has_pending_block_frees(self) -> bool: ...
 
 class Worker:

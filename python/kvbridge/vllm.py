@@ -247,9 +247,11 @@ class KVBridgeConnector(KVConnectorBase_V1):
         self._worker: _native.Worker | None = None
         self._idle_step = False
         self._push = False
+        self._staging = False
         if role == KVConnectorRole.SCHEDULER:
             self._sched = _native.Scheduler(cfg, _engine_info(vllm_config, 0))
             self._push = self._sched.transfer_mode == "push"
+            self._staging = self._sched.staging_slots > 0
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -272,8 +274,9 @@ class KVBridgeConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         assert self._sched is not None
-        if self._push:
-            # Layer-wise push: requests whose prefill completes in this step.
+        if self._push or self._staging:
+            # Requests whose prefill completes in this step (in its first scheduled step):
+            # layer-wise push writes them as they compute; staging copies them out after.
             completing = []
             for r in scheduler_output.scheduled_new_reqs:
                 n = scheduler_output.num_scheduled_tokens.get(r.req_id, 0)
@@ -303,7 +306,11 @@ class KVBridgeConnector(KVConnectorBase_V1):
         sending = connector_output.finished_sending or ()
         recving = connector_output.finished_recving or ()
         if sending or recving:
-            self._sched.update_connector_output(list(sending), list(recving))
+            hidden = self._sched.update_connector_output(list(sending), list(recving))
+            if hidden:
+                # Staged requests: their slots are free now, and vLLM freed their blocks
+                # when they finished; it must not see them (it would look them up).
+                connector_output.finished_sending = set(sending).difference(hidden) or None
 
     def has_pending_block_frees(self) -> bool:
         return self._sched is not None and self._sched.has_pending_block_frees()

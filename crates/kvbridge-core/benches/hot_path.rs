@@ -49,6 +49,7 @@ fn bench(c: &mut Criterion) {
         blocks_per_logical: 1,
         regions: l.regions.clone(),
         nixl_md: vec![0; 4096],
+        staging_regions: vec![],
     };
     let plan = TransferPlan::build(&l, 1, 0, 128, std::slice::from_ref(&md), Some(0)).unwrap();
     let local: Vec<u32> = (100..116).collect();

@@ -45,6 +45,7 @@ fn main() {
         blocks_per_logical: 1,
         regions: r.regions.clone(),
         nixl_md: vec![],
+        staging_regions: vec![],
     };
     let reps = if n >= 100_000 { 5 } else { 20 };
     let build: Vec<f64> = (0..reps)

@@ -145,6 +145,9 @@ pub struct ConnectorConfig {
     pub push_layerwise: bool,
     /// Push, D side: fail a registered request no prefill write reached in this long.
     pub push_registration_timeout: Duration,
+    /// Pull, P side: logical blocks of connector-owned DRAM a finished prefill's KV is
+    /// copied into, so vLLM frees P's own blocks at once (0: off, the KV is read in place).
+    pub kv_staging_blocks: u32,
     pub compat: CompatInfo,
 }
 
@@ -166,7 +169,11 @@ pub const EXTRA_KEYS: &[&str] = &[
     "null_block_id",
     "push_layerwise",
     "push_registration_timeout",
+    "kv_staging_blocks",
 ];
+
+/// Most staging blocks accepted (slot ids are u32, and each costs a block of DRAM).
+pub const MAX_STAGING_BLOCKS: u64 = 1 << 20;
 
 pub const DEFAULT_SIDE_CHANNEL_HOST: &str = "localhost";
 pub const DEFAULT_SIDE_CHANNEL_PORT: u16 = 5600;
@@ -293,6 +300,13 @@ impl ConnectorConfig {
         let coalesce_descriptors = flag("coalesce_descriptors", true)?;
         let push_layerwise = flag("push_layerwise", true)?;
         let push_registration_timeout = secs("push_registration_timeout", DEFAULT_PUSH_REGISTRATION_SECS)?;
+        let kv_staging_blocks = match extra.get("kv_staging_blocks") {
+            None => 0,
+            Some(v) => v.as_u64().filter(|n| *n <= MAX_STAGING_BLOCKS).map(|n| n as u32).ok_or_else(|| ConfigError::InvalidValue {
+                key: "kv_staging_blocks".into(),
+                reason: format!("expected an integer in 0..={MAX_STAGING_BLOCKS}, got {v}"),
+            })?,
+        };
         let null_block_id = match extra.get("null_block_id") {
             None => Some(0),
             Some(Value::Null) => None,
@@ -337,6 +351,7 @@ impl ConnectorConfig {
             load_failure_policy,
             enforce_handshake_compat,
             coalesce_descriptors,
+            kv_staging_blocks,
             null_block_id,
             push_layerwise,
             push_registration_timeout,
@@ -363,6 +378,15 @@ impl ConnectorConfig {
     }
 
     /// Log role-related start-up facts: the role, and the one `kv_both` deprecation warning.
+    /// Staging slots this engine uses: `kv_staging_blocks` on a pull-mode producer, else 0.
+    pub fn staging_blocks(&self) -> u32 {
+        if self.mode == TransferMode::Pull && self.role.can_produce() {
+            self.kv_staging_blocks
+        } else {
+            0
+        }
+    }
+
     pub fn log_startup(&self, side: &str) {
         tracing::info!(engine_id = %self.engine_id, role = self.role.as_str(), mode = self.mode.as_str(),
             side, "kvbridge connector starting");

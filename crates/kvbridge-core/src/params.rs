@@ -21,6 +21,9 @@ pub struct RemotePrefill {
     pub remote_epoch: u64,
     /// P's lease expiry on P's clock (`remote_blocks_expiry_time`; 0: not sent).
     pub remote_expiry_unix: f64,
+    /// `remote_block_ids` name slots of P's staging buffer (`remote_staged`), not blocks
+    /// of its KV cache: P copied the KV there and already freed its own blocks.
+    pub remote_staged: bool,
 }
 
 /// Push mode, sent to D: the prefill engine to register D's blocks with. D learns it up
@@ -226,6 +229,11 @@ impl KvParams {
                         got: type_name(v),
                     })?,
                 };
+                let remote_staged = match m.get("remote_staged") {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(v) => return Err(ParamsError::WrongType { field: "remote_staged", expected: "a boolean", got: type_name(v) }),
+                };
                 Ok(Self::RemotePrefill(RemotePrefill {
                     remote_engine_id,
                     remote_request_id,
@@ -236,6 +244,7 @@ impl KvParams {
                     remote_num_tokens,
                     remote_epoch,
                     remote_expiry_unix,
+                    remote_staged,
                 }))
             }
         }

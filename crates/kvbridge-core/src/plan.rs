@@ -741,6 +741,7 @@ mod tests {
             blocks_per_logical: 1,
             regions: l.regions.clone(),
             nixl_md: vec![],
+            staging_regions: vec![],
         }
     }
 

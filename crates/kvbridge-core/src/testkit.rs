@@ -382,6 +382,7 @@ fn metadata(c: &Cache, engine: &str, agent_name: String, rank: usize, nixl_md: V
         blocks_per_logical: l.blocks_per_logical,
         regions: l.regions,
         nixl_md,
+        staging_regions: Vec::new(),
     }
 }
 

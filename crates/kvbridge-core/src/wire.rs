@@ -61,6 +61,9 @@ pub struct RemoteRef {
     /// When P's lease on the blocks ends, on P's clock (Unix seconds; 0: unknown).
     #[serde(default)]
     pub expiry_unix: f64,
+    /// `block_ids` are slots of P's staging buffer (its advertised `staging_regions`).
+    #[serde(default)]
+    pub staged: bool,
 }
 
 /// One request the worker must load (pull: READ remote blocks into `local_block_ids`).
@@ -90,6 +93,17 @@ pub struct SendLease {
     /// Blocks held (accounting only).
     #[serde(default)]
     pub num_blocks: u32,
+}
+
+/// P, pull with staging: copy a request's blocks into staging slots once this step's
+/// forward is done (`wait_for_save`), so vLLM can free the blocks when the request ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageReq {
+    pub req_id: String,
+    /// vLLM's (logical) block ids, in prompt order.
+    pub block_ids: Vec<u32>,
+    /// The staging slots, one per block (never 0).
+    pub slots: Vec<u32>,
 }
 
 /// A request the scheduler already knows failed (bad params, role error): the worker
@@ -162,6 +176,9 @@ pub struct ConnectorMetadata {
     /// D: lease heartbeats to send now, one batch per remote engine.
     #[serde(default)]
     pub heartbeats: Vec<HeartbeatTarget>,
+    /// P, pull with staging: blocks to copy into staging slots after this step's forward.
+    #[serde(default)]
+    pub stage: Vec<StageReq>,
 }
 
 /// D → one remote engine: "I still want these requests' blocks".
@@ -186,6 +203,7 @@ impl ConnectorMetadata {
             && self.push_register.is_empty()
             && self.push_aborted.is_empty()
             && self.heartbeats.is_empty()
+            && self.stage.is_empty()
     }
     pub fn to_bytes(&self) -> Result<Vec<u8>, WireError> {
         encode("ConnectorMetadata", self)
@@ -220,6 +238,10 @@ pub struct AgentMetadata {
     pub regions: Vec<Region>,
     #[serde(with = "serde_bytes")]
     pub nixl_md: Vec<u8>,
+    /// P, pull with staging: the staging buffer, as regions with the cache's geometry
+    /// (one per cache region, `num_blocks` = staging slots + 1); empty without staging.
+    #[serde(default)]
+    pub staging_regions: Vec<Region>,
 }
 
 impl AgentMetadata {
@@ -509,6 +531,7 @@ mod tests {
                     tp_size: 1,
                     epoch: 7,
                     expiry_unix: 2.5,
+                    staged: true,
                 },
             }],
             reqs_to_send: vec![SendLease { req_id: "s".into(), expiry_unix: 1.5, expected_readers: 1, num_blocks: 2 }],

@@ -266,6 +266,7 @@ fn recv_md() -> ConnectorMetadata {
                 tp_size: 1,
                 epoch: 5,
                 expiry_unix: 2000.0,
+                staged: false,
             },
         }],
         ..Default::default()
@@ -336,6 +337,7 @@ fn heartbeat_replies_and_metadata_never_panic() {
 /// Every `kv_transfer_params` key the connector reads.
 const PARAM_KEYS: &[&str] = &[
     "do_remote_prefill",
+    "remote_staged",
     "do_remote_decode",
     "remote_engine_id",
     "remote_request_id",

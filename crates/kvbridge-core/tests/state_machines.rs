@@ -196,6 +196,7 @@ fn payload(engine: &str, hash: &str, blocks: u64) -> Vec<u8> {
         blocks_per_logical: 1,
         regions: l.regions,
         nixl_md: vec![1, 2, 3],
+        staging_regions: vec![],
     };
     wire::encode("p", &HandshakePayload { compat_hash: hash.into(), agent_metadata: wire::encode("m", &md).unwrap(), ..Default::default() })
         .unwrap()

@@ -251,7 +251,13 @@ impl NixlTransport {
         };
         let mem = md.regions.first().map(|r| mem_type(r.mem)).unwrap_or(MemType::Dram);
         tracing::debug!(peer, load_ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: remote agent loaded");
-        let to_prep = Units::new(&md.regions);
+        // The peer's cache and, when it stages (pull, `kv_staging_blocks`), its staging
+        // buffer: reads from either are whole blocks.
+        let to_prep = if md.staging_regions.is_empty() {
+            Units::new(&md.regions)
+        } else {
+            Units::new(&[md.regions.clone(), md.staging_regions.clone()].concat())
+        };
         self.remotes.insert(peer.to_string(), Remote { prepped: None, to_prep, agent_name: name, owns_md: !loaded, mem });
         Ok(())
     }

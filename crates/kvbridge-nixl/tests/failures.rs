@@ -81,6 +81,7 @@ fn hostile_peer_metadata_is_an_error() {
         blocks_per_logical: 1,
         regions: layout.regions.clone(),
         nixl_md: b"this is not nixl metadata".to_vec(),
+        staging_regions: vec![],
     };
     assert!(t.add_remote("evil@h:1", &md).is_err(), "garbage metadata accepted");
     // Reads and notifications to an unknown peer are errors too.

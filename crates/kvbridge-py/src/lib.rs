@@ -155,7 +155,7 @@ impl Scheduler {
 
     /// The scheduler's accounting (held/loading requests and blocks) as JSON text.
     fn accounting(&self) -> String {
-        self.inner.base().accounting().to_string()
+        self.inner.accounting().to_string()
     }
 
     /// Returns `(delay_free_blocks, kv_transfer_params as a dict or None)`.
@@ -186,8 +186,16 @@ impl Scheduler {
         Ok((f.delay_free, out))
     }
 
-    fn update_connector_output(&mut self, finished_sending: Vec<String>, finished_recving: Vec<String>) {
-        self.inner.update_connector_output(&finished_sending, &finished_recving);
+    /// Returns the ids of `finished_sending` vLLM must not see (staged requests, whose
+    /// blocks it already freed).
+    fn update_connector_output(&mut self, finished_sending: Vec<String>, finished_recving: Vec<String>) -> Vec<String> {
+        self.inner.update_connector_output(&finished_sending, &finished_recving)
+    }
+
+    /// Staging slots (`kv_staging_blocks` on a pull-mode producer; 0: off).
+    #[getter]
+    fn staging_slots(&self) -> u32 {
+        self.inner.staging_slots()
     }
 
     fn has_pending_block_frees(&self) -> bool {
@@ -307,9 +315,10 @@ impl Worker {
         self.inner.save_layer(layer_name);
     }
 
-    /// Push, P: the forward ended (its WRITEs complete on the writer thread).
-    fn wait_for_save(&self) {
-        self.inner.wait_for_save();
+    /// The forward ended. Push, P: its WRITEs complete on the writer thread. Pull, P with
+    /// staging: the step's finished prefills are copied into staging slots (GIL released).
+    fn wait_for_save(&self, py: Python<'_>) {
+        py.allow_threads(|| self.inner.wait_for_save());
     }
 
     fn get_block_ids_with_load_errors(&self) -> Vec<u32> {

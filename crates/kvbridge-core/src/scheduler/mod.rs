@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::config::ConnectorConfig;
 use crate::params::RemotePrefill;
-use crate::wire::{ConnectorMetadata, FailedReq, HeartbeatTarget, PushRecv, PushSend, RecvReq, SendLease, WIRE_VERSION};
+use crate::wire::{ConnectorMetadata, FailedReq, HeartbeatTarget, PushRecv, PushSend, RecvReq, SendLease, StageReq, WIRE_VERSION};
 
 pub mod pull;
 pub mod push;
@@ -165,6 +165,67 @@ pub struct SchedulerBase {
     step_push_saves: Vec<PushSend>,
     step_push_register: Vec<PushRecv>,
     step_push_aborted: Vec<String>,
+    step_stage: Vec<StageReq>,
+}
+
+/// P, pull with staging (`kv_staging_blocks`): which staging slots are free and which
+/// requests hold them. Slot ids run from 1 (0 is never used: it reads as the null block).
+#[derive(Debug, Default)]
+pub struct Staging {
+    capacity: u32,
+    free: Vec<u32>,
+    held: HashMap<String, Vec<u32>>,
+    /// Held requests already handed to a reader (their lease runs on the workers).
+    leased: HashSet<String>,
+}
+
+impl Staging {
+    pub fn new(capacity: u32) -> Self {
+        Self { capacity, free: (1..=capacity).rev().collect(), ..Default::default() }
+    }
+    pub fn enabled(&self) -> bool {
+        self.capacity > 0
+    }
+    /// Reserve `n` slots for `req_id` (None: not enough free, or it already holds some).
+    pub fn reserve(&mut self, req_id: &str, n: usize) -> Option<Vec<u32>> {
+        if n == 0 || n > self.free.len() || self.held.contains_key(req_id) {
+            return None;
+        }
+        let slots = self.free.split_off(self.free.len() - n);
+        self.held.insert(req_id.to_string(), slots.clone());
+        Some(slots)
+    }
+    pub fn slots(&self, req_id: &str) -> Option<&[u32]> {
+        self.held.get(req_id).map(Vec::as_slice)
+    }
+    pub fn mark_leased(&mut self, req_id: &str) {
+        if self.held.contains_key(req_id) {
+            self.leased.insert(req_id.to_string());
+        }
+    }
+    pub fn is_leased(&self, req_id: &str) -> bool {
+        self.leased.contains(req_id)
+    }
+    /// Return `req_id`'s slots to the pool; true if it held any.
+    pub fn release(&mut self, req_id: &str) -> bool {
+        self.leased.remove(req_id);
+        match self.held.remove(req_id) {
+            Some(slots) => {
+                self.free.extend(slots);
+                true
+            }
+            None => false,
+        }
+    }
+    pub fn free_slots(&self) -> usize {
+        self.free.len()
+    }
+    pub fn held_requests(&self) -> usize {
+        self.held.len()
+    }
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
 }
 
 impl SchedulerBase {
@@ -216,6 +277,9 @@ impl SchedulerBase {
     pub fn push_push_aborted(&mut self, req_id: &str) {
         self.step_push_aborted.push(req_id.to_string());
     }
+    pub fn push_stage(&mut self, s: StageReq) {
+        self.step_stage.push(s);
+    }
 
     /// Build this step's metadata and reset the per-step lists.
     pub fn build_connector_meta(&mut self) -> ConnectorMetadata {
@@ -230,6 +294,7 @@ impl SchedulerBase {
             push_aborted: std::mem::take(&mut self.step_push_aborted),
             epoch: self.epoch,
             heartbeats: std::mem::take(&mut self.step_heartbeats),
+            stage: std::mem::take(&mut self.step_stage),
         }
     }
 
@@ -297,6 +362,16 @@ pub trait SchedulerSide {
     /// ignore it.
     fn prefill_completing(&mut self, _req_id: &str, _block_ids: &[u32], _num_tokens: u64) {}
     fn build_connector_meta(&mut self) -> ConnectorMetadata;
-    fn update_connector_output(&mut self, finished_sending: &[String], finished_recving: &[String]);
+    /// Workers reported these requests done. Returns the ids of `finished_sending` that
+    /// vLLM must not see: staged requests, whose blocks vLLM already freed.
+    fn update_connector_output(&mut self, finished_sending: &[String], finished_recving: &[String]) -> Vec<String>;
     fn has_pending_block_frees(&self) -> bool;
+    /// The scheduler's accounting (see [`SchedulerBase::accounting`]).
+    fn accounting(&self) -> serde_json::Value {
+        self.base().accounting()
+    }
+    /// Staging slots this scheduler hands out (0: staging off).
+    fn staging_slots(&self) -> u32 {
+        0
+    }
 }

@@ -3,11 +3,11 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::json;
 
-use super::{FinishReason, Finished, Matched, SchedulerBase, SchedulerSide};
+use super::{FinishReason, Finished, Matched, SchedulerBase, SchedulerSide, Staging};
 use crate::config::ConnectorConfig;
 use crate::error::{ParamsError, RoleError};
 use crate::params::{KvParams, RemotePrefill};
-use crate::wire::{ConnectorMetadata, RecvReq, RemoteRef, SendLease};
+use crate::wire::{ConnectorMetadata, RecvReq, RemoteRef, SendLease, StageReq};
 
 /// The pull-mode scheduler. Pure: inputs are vLLM's calls, outputs are return values
 /// plus the metadata built each step.
@@ -26,6 +26,11 @@ pub struct PullScheduler {
     /// `get_num_new_matched_tokens` does not parse the same text again. Taken there or in
     /// `request_finished`; bounded by [`MAX_PRE_PARSED`].
     pre_parsed: HashMap<String, (String, KvParams)>,
+    /// P: requests asking for a remote decode (their KV may be staged), from their first
+    /// match to their end.
+    producing: HashSet<String>,
+    /// P: the staging slots (`kv_staging_blocks`; disabled when 0).
+    pub staging: Staging,
 }
 
 /// Requests whose parsed params are kept between `on_new_request` and their first match.
@@ -34,7 +39,52 @@ const MAX_PRE_PARSED: usize = 65_536;
 impl PullScheduler {
     pub fn new(cfg: ConnectorConfig) -> Self {
         cfg.log_startup("scheduler");
-        Self { base: SchedulerBase::new(&cfg), cfg, awaiting_alloc: HashMap::new(), consumed: HashSet::new(), pre_parsed: HashMap::new() }
+        Self {
+            base: SchedulerBase::new(&cfg),
+            staging: Staging::new(cfg.staging_blocks()),
+            cfg,
+            awaiting_alloc: HashMap::new(),
+            consumed: HashSet::new(),
+            pre_parsed: HashMap::new(),
+            producing: HashSet::new(),
+        }
+    }
+
+    /// The `kv_transfer_params` P returns for D.
+    fn params(&self, req_id: &str, block_ids: &[u32], port: u16, num_tokens: u64, expiry: f64, staged: bool) -> serde_json::Value {
+        let mut v = json!({
+            "do_remote_prefill": true,
+            "do_remote_decode": false,
+            "remote_block_ids": [block_ids],
+            "remote_engine_id": self.cfg.engine_id,
+            "remote_request_id": req_id,
+            "remote_host": self.cfg.side_channel_host,
+            "remote_port": port,
+            "tp_size": self.cfg.tp_size,
+            "remote_num_tokens": num_tokens,
+            "remote_blocks_expiry_time": expiry,
+            "remote_epoch": self.base.epoch,
+            "transfer_mode": self.cfg.mode.as_str(),
+        });
+        if staged {
+            v["remote_staged"] = json!(true);
+        }
+        v
+    }
+
+    /// `request_finished` for a request whose KV sits in staging slots.
+    fn finish_staged(&mut self, req_id: &str, reason: FinishReason, num_tokens: u64, now_unix: f64) -> Finished {
+        let port = self.cfg.advertised_port();
+        let slots: Vec<u32> = self.staging.slots(req_id).map(<[u32]>::to_vec).unwrap_or_default();
+        let (Some(port), true) = (port, reason.completed()) else {
+            self.staging.release(req_id); // nothing will read them
+            return Finished { delay_free: false, kv_transfer_params: None };
+        };
+        let expiry = now_unix + self.cfg.kv_lease_duration.as_secs_f64();
+        self.staging.mark_leased(req_id);
+        let num_blocks = u32::try_from(slots.len()).unwrap_or(u32::MAX);
+        self.base.push_send(SendLease { req_id: req_id.to_string(), expiry_unix: expiry, expected_readers: 1, num_blocks });
+        Finished { delay_free: false, kv_transfer_params: Some(self.params(req_id, &slots, port, num_tokens, expiry, true)) }
     }
 
     /// The worker's plan aligns the blocks: the local ones cover the end of the prompt (a
@@ -55,6 +105,7 @@ impl PullScheduler {
                 tp_size: rp.tp_size,
                 epoch: rp.remote_epoch,
                 expiry_unix: rp.remote_expiry_unix,
+                staged: rp.remote_staged,
             },
         }
     }
@@ -113,7 +164,12 @@ impl SchedulerSide for PullScheduler {
         };
         match params {
             KvParams::None => Matched::NONE,
-            KvParams::RemoteDecode if self.cfg.role.can_produce() => Matched::NONE,
+            KvParams::RemoteDecode if self.cfg.role.can_produce() => {
+                if self.staging.enabled() && self.producing.len() < MAX_PRE_PARSED {
+                    self.producing.insert(req_id.to_string());
+                }
+                Matched::NONE
+            }
             KvParams::RemoteDecode => {
                 self.base.reject(req_id, num_prompt_tokens, num_computed_tokens, RoleError::RemoteDecodeOnConsumer.into())
             }
@@ -169,6 +225,12 @@ impl SchedulerSide for PullScheduler {
         let none = Finished { delay_free: false, kv_transfer_params: None };
         self.base.rejected.remove(req_id);
         self.pre_parsed.remove(req_id);
+        self.producing.remove(req_id);
+        // Staged, P: the KV was copied out when the prefill ended, so vLLM frees its blocks
+        // now; the slots are held for the reader instead (or freed, if nothing will read).
+        if self.staging.slots(req_id).is_some() && !self.staging.is_leased(req_id) {
+            return self.finish_staged(req_id, reason, num_computed_tokens, now_unix);
+        }
         let tracked = self.base.heartbeats.stop(req_id);
         let consumed = self.consumed.remove(req_id);
         // D: aborted before its blocks were allocated. Tell P to free its blocks.
@@ -201,34 +263,48 @@ impl SchedulerSide for PullScheduler {
         let num_blocks = u32::try_from(block_ids.len()).unwrap_or(u32::MAX);
         self.base.leased_blocks.insert(req_id.to_string(), num_blocks);
         self.base.push_send(SendLease { req_id: req_id.to_string(), expiry_unix: expiry, expected_readers: 1, num_blocks });
-        Finished {
-            delay_free: true,
-            kv_transfer_params: Some(json!({
-                "do_remote_prefill": true,
-                "do_remote_decode": false,
-                "remote_block_ids": [block_ids],
-                "remote_engine_id": self.cfg.engine_id,
-                "remote_request_id": req_id,
-                "remote_host": self.cfg.side_channel_host,
-                "remote_port": port,
-                "tp_size": self.cfg.tp_size,
-                "remote_num_tokens": num_computed_tokens,
-                "remote_blocks_expiry_time": expiry,
-                "remote_epoch": self.base.epoch,
-                "transfer_mode": self.cfg.mode.as_str(),
-            })),
-        }
+        Finished { delay_free: true, kv_transfer_params: Some(self.params(req_id, block_ids, port, num_computed_tokens, expiry, false)) }
     }
 
     fn build_connector_meta(&mut self) -> ConnectorMetadata {
         self.base.build_connector_meta()
     }
 
-    fn update_connector_output(&mut self, finished_sending: &[String], finished_recving: &[String]) {
+    fn staging_slots(&self) -> u32 {
+        self.staging.capacity()
+    }
+
+    fn accounting(&self) -> serde_json::Value {
+        let mut v = self.base.accounting();
+        if let Some(m) = v.as_object_mut() {
+            m.insert("staged_requests".into(), json!(self.staging.held_requests()));
+            m.insert("staging_free_slots".into(), json!(self.staging.free_slots()));
+            m.insert("staging_slots".into(), json!(self.staging.capacity()));
+        }
+        v
+    }
+
+    fn update_connector_output(&mut self, finished_sending: &[String], finished_recving: &[String]) -> Vec<String> {
         if !finished_recving.is_empty() {
             tracing::debug!(requests = ?finished_recving, "kvbridge: loads finished");
         }
+        // Staged requests' slots are free again; vLLM freed their blocks long ago.
+        let hidden: Vec<String> = finished_sending.iter().filter(|r| self.staging.release(r)).cloned().collect();
         self.base.update_connector_output(finished_sending.iter().map(String::as_str), finished_recving.iter().map(String::as_str));
+        hidden
+    }
+
+    fn prefill_completing(&mut self, req_id: &str, block_ids: &[u32], _num_tokens: u64) {
+        // Staging: copy the KV out once this step's forward has computed it. Too few free
+        // slots: the request keeps its blocks in place (vLLM holds them, as without staging).
+        if !self.staging.enabled() || !self.producing.contains(req_id) {
+            return;
+        }
+        match self.staging.reserve(req_id, block_ids.len()) {
+            Some(slots) => self.base.push_stage(StageReq { req_id: req_id.to_string(), block_ids: block_ids.to_vec(), slots }),
+            None => tracing::debug!(request_id = %req_id, blocks = block_ids.len(), free = self.staging.free_slots(),
+                "kvbridge: not staging (too few free slots, or already staged); blocks stay held in place"),
+        }
     }
 
     fn has_pending_block_frees(&self) -> bool {

@@ -246,7 +246,7 @@ impl SchedulerSide for PushScheduler {
         self.base.build_connector_meta()
     }
 
-    fn update_connector_output(&mut self, finished_sending: &[String], finished_recving: &[String]) {
+    fn update_connector_output(&mut self, finished_sending: &[String], finished_recving: &[String]) -> Vec<String> {
         // A held D request is released by its worker's `finished_sending`, or, if the
         // worker had already reported it in `finished_recving` (the abort raced the
         // load's end), by that: vLLM frees a finished request's blocks on it.
@@ -254,6 +254,7 @@ impl SchedulerSide for PushScheduler {
             self.held_aborted.remove(r);
         }
         self.base.update_connector_output(finished_sending.iter().map(String::as_str), finished_recving.iter().map(String::as_str));
+        Vec::new()
     }
 
     fn has_pending_block_frees(&self) -> bool {

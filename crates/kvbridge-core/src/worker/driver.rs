@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::pull::{Action, PullStats, PullWorker};
 use super::push::PushAction;
 use super::push_io::{self, DPeer, Geometry, Job, PushCtl, PushStats, Work, WriterState};
+use super::staging::StagingBuffer;
 use super::{FinishedSets, XferStats};
 use crate::config::{ConnectorConfig, TransferMode};
 use crate::error::{Error, HandshakeError, TransportError};
@@ -26,7 +27,8 @@ use crate::plan::TransferPlan;
 use crate::side_channel::{Handlers, HeartbeatHandler, Identity, InspectHandler, PayloadCell, RegisterHandler, SideChannel};
 use crate::transport::{Transport, XferId, XferPoll};
 use crate::wire::{
-    self, AgentMetadata, ConnectorMetadata, HandshakePayload, HandshakeRequest, HeartbeatRequest, Notif, PushRegistration, WIRE_VERSION,
+    self, AgentMetadata, ConnectorMetadata, HandshakePayload, HandshakeRequest, HeartbeatRequest, Notif, PushRegistration, StageReq,
+    WIRE_VERSION,
 };
 
 pub fn now_unix() -> f64 {
@@ -63,6 +65,10 @@ pub struct WorkerDriver<T: Transport + 'static> {
     last_evict: AtomicU64,
     /// Held blocks at the last stats sample.
     last_held: AtomicU64,
+    /// P, pull with staging: the staging memory (after registration).
+    staging: RwLock<Option<Arc<StagingBuffer>>>,
+    /// P, pull with staging: copies ordered by this step's metadata, done in `wait_for_save`.
+    to_stage: Mutex<Vec<StageReq>>,
 }
 
 fn lock<T: Transport>(m: &Mutex<Inner<T>>) -> MutexGuard<'_, Inner<T>> {
@@ -130,6 +136,8 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             epoch: Arc::new(AtomicU64::new(0)),
             last_evict: AtomicU64::new(0),
             last_held: AtomicU64::new(0),
+            staging: RwLock::new(None),
+            to_stage: Mutex::new(Vec::new()),
         })
     }
 
@@ -147,9 +155,25 @@ impl<T: Transport + 'static> WorkerDriver<T> {
     /// logical (scheduler) blocks.
     pub fn register(&self, tensors: &[TensorInfo], num_blocks: u64) -> Result<KvLayout, Error> {
         let layout = KvLayout::from_tensors(tensors, num_blocks, self.cfg.tp_rank, self.cfg.tp_size)?;
+        // Staging memory is registered with the cache (one registration call), and
+        // advertised next to it.
+        let staging = match self.cfg.staging_blocks() {
+            0 => None,
+            n => {
+                let st = StagingBuffer::new(&layout, n)?;
+                tracing::info!(slots = n, mib = st.bytes() as f64 / (1u64 << 20) as f64, "kvbridge: staging buffer allocated");
+                Some(Arc::new(st))
+            }
+        };
         let payload = {
             let mut g = lock(&self.inner);
-            g.transport.register(&layout)?;
+            match &staging {
+                Some(st) => {
+                    let both = KvLayout { regions: [layout.regions.clone(), st.regions.clone()].concat(), ..layout.clone() };
+                    g.transport.register(&both)?;
+                }
+                None => g.transport.register(&layout)?,
+            }
             let nixl_md = g.transport.local_metadata()?;
             let md = AgentMetadata {
                 engine_id: self.cfg.engine_id.clone(),
@@ -160,6 +184,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 blocks_per_logical: layout.blocks_per_logical,
                 regions: layout.regions.clone(),
                 nixl_md,
+                staging_regions: staging.as_ref().map(|st| st.regions.clone()).unwrap_or_default(),
             };
             g.core.on_registered(layout.clone(), self.block_size);
             if self.work.is_some() {
@@ -182,6 +207,9 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         };
         if let Ok(mut p) = self.payload.lock() {
             *p = Some(payload);
+        }
+        if let Ok(mut st) = self.staging.write() {
+            *st = staging;
         }
         let port = self.cfg.local_listener_port().ok_or_else(|| Error::Other("side-channel port out of range".into()))?;
         let on_register: Option<RegisterHandler> = self.work.as_ref().map(|tx| {
@@ -299,6 +327,12 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         let hb = std::mem::take(&mut md.heartbeats);
         if !hb.is_empty() {
             self.send_heartbeats(hb);
+        }
+        let stage = std::mem::take(&mut md.stage);
+        if !stage.is_empty() {
+            if let Ok(mut v) = self.to_stage.lock() {
+                v.extend(stage);
+            }
         }
         self.start_push(&mut md);
         if md.reqs_to_recv.is_empty() && md.reqs_to_send.is_empty() && md.reqs_failed.is_empty() {
@@ -423,11 +457,39 @@ impl<T: Transport + 'static> WorkerDriver<T> {
     /// Push, P: the forward ended. The WRITEs it started finish on the writer thread;
     /// P's blocks stay held until they have.
     pub fn wait_for_save(&self) {
+        self.stage_now();
         if !self.layerwise_now.swap(false, Ordering::AcqRel) {
             return;
         }
         let computing = std::mem::take(&mut lock_ctl(&self.push).computing);
         self.send_work(Work::ForwardDone { computing });
+    }
+
+    /// Pull, P with staging: copy the prefills this step completed into their slots.
+    fn stage_now(&self) {
+        let todo = match self.to_stage.lock() {
+            Ok(mut v) if !v.is_empty() => std::mem::take(&mut *v),
+            _ => return,
+        };
+        let st = self.staging.read().ok().and_then(|g| g.clone());
+        for s in todo {
+            let _span = tracing::debug_span!("stage", request_id = %s.req_id, blocks = s.block_ids.len()).entered();
+            let t0 = std::time::Instant::now();
+            let res = match &st {
+                Some(st) => st.copy(&s),
+                None => Err(Error::Other("staging ordered but no staging buffer is registered".into())),
+            };
+            match res {
+                Ok(bytes) => tracing::debug!(request_id = %s.req_id, bytes, us = t0.elapsed().as_secs_f64() * 1e6, "kvbridge: staged"),
+                // Block ids come from vLLM and slots from our scheduler: an error here is
+                // a bug. D would read stale slots, so the lease is refused: P's worker
+                // answers D's reads only from leases it holds.
+                Err(e) => {
+                    tracing::error!(request_id = %s.req_id, error = %e, "kvbridge: staging copy failed");
+                    lock(&self.inner).core.base.refuse_lease(&s.req_id);
+                }
+            }
+        }
     }
 
     pub fn push_stats(&self) -> PushStats {

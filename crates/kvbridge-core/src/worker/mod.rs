@@ -13,6 +13,7 @@ pub mod driver;
 pub mod pull;
 pub mod push;
 pub mod push_io;
+pub mod staging;
 pub mod stats;
 
 pub use driver::WorkerDriver;
@@ -73,12 +74,19 @@ pub struct WorkerBase {
     pub notifs_rejected: u64,
     /// Observations for vLLM's stats since the last collection.
     pub xfer: stats::XferStats,
+    /// Staged requests whose copy failed: their lease ends (as expired) on arrival, so a
+    /// heartbeat tells D the KV is gone.
+    refused: std::collections::HashSet<String>,
 }
 
 impl WorkerBase {
     /// P: the scheduler says we hold these requests' blocks for remote readers.
     pub fn on_leases(&mut self, leases: &[SendLease]) {
         for l in leases {
+            if self.refused.remove(&l.req_id) {
+                self.end(&l.req_id, Ended::Expired, l.expiry_unix);
+                continue;
+            }
             let (seen, expected) = match self.early.remove(&l.req_id) {
                 Some((n, _, e)) => (n, e),
                 None => (0, l.expected_readers.clamp(1, MAX_READERS)),
@@ -153,6 +161,13 @@ impl WorkerBase {
             self.ended.insert(req_id.to_string(), (how, now_unix));
         }
         self.out.sending.push(req_id.to_string());
+    }
+
+    /// The KV of `req_id` could not be staged: end its lease as soon as it arrives.
+    pub fn refuse_lease(&mut self, req_id: &str) {
+        if self.refused.len() < EARLY_NOTIF_CAP {
+            self.refused.insert(req_id.to_string());
+        }
     }
 
     /// Release leases past expiry (the reader never came) and drop stale early notifs.

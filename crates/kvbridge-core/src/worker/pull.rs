@@ -40,6 +40,8 @@ enum Engine {
         added: Vec<bool>,
         queued: Vec<RecvReq>,
         plan: Option<TransferPlan>,
+        /// The plan for P's staging buffer, when every rank advertised one.
+        staged: Option<TransferPlan>,
         /// From the payloads: the peer's incarnation (first nonzero) and clock offset.
         epoch: u64,
         clock_offset: Option<f64>,
@@ -48,6 +50,8 @@ enum Engine {
     },
     Ready {
         plan: TransferPlan,
+        /// For requests whose KV P staged (`remote_staged`); None: P has no staging.
+        staged: Option<TransferPlan>,
         /// The peer's incarnation (0: it did not say).
         epoch: u64,
         /// The peer's clock minus ours, estimated at handshake (seconds).
@@ -255,7 +259,18 @@ impl PullWorker {
             }
         }
         match self.engines.get_mut(&peer) {
-            Some(Engine::Ready { plan, .. }) => {
+            Some(Engine::Ready { plan, staged, .. }) => {
+                let plan = match (r.remote.staged, staged) {
+                    (false, _) => plan,
+                    (true, Some(s)) => s,
+                    (true, None) => {
+                        let e = HandshakeError::Rejected {
+                            addr: peer.clone(),
+                            reason: "the request's KV is staged (remote_staged) but the prefill engine advertised no staging buffer".into(),
+                        };
+                        return self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e.into());
+                    }
+                };
                 if plan.tp.remote_tp_size != r.remote.tp_size {
                     let e = HandshakeError::Rejected {
                         addr: peer.clone(),
@@ -294,6 +309,7 @@ impl PullWorker {
                         added: vec![false; n],
                         queued: vec![r],
                         plan: None,
+                        staged: None,
                         epoch: 0,
                         clock_offset: None,
                         started_unix: now_unix,
@@ -475,11 +491,21 @@ impl PullWorker {
             .as_ref()
             .ok_or(PlanError::NotRegistered)
             .and_then(|l| TransferPlan::build(l, self.tp_size, self.tp_rank, self.block_size, &all, self.null_block));
+        // P's staging buffer mirrors its cache region by region: the same plan, built on
+        // the staging regions.
+        let staged = (!all.is_empty() && all.iter().all(|m| m.staging_regions.len() == m.regions.len())).then(|| {
+            let mds: Vec<AgentMetadata> = all.iter().map(|m| AgentMetadata { regions: m.staging_regions.clone(), ..m.clone() }).collect();
+            let l = self.layout.as_ref()?;
+            TransferPlan::build(l, self.tp_size, self.tp_rank, self.block_size, &mds, self.null_block)
+                .map_err(|e| tracing::warn!(peer, error = %e, "kvbridge: no plan for the peer's staging buffer"))
+                .ok()
+        });
         match built {
             Ok(plan) => {
                 let sources = plan.tp.sources.clone();
-                if let Some(Engine::Handshaking { plan: p, .. }) = self.engines.get_mut(peer) {
+                if let Some(Engine::Handshaking { plan: p, staged: s, .. }) = self.engines.get_mut(peer) {
                     *p = Some(plan);
+                    *s = staged.flatten();
                 }
                 sources
                     .into_iter()
@@ -510,7 +536,9 @@ impl PullWorker {
             return Vec::new();
         }
         let mut actions = Vec::new();
-        if let Some(Engine::Handshaking { queued, plan: Some(plan), epoch, clock_offset, started_unix, .. }) = self.engines.remove(peer) {
+        if let Some(Engine::Handshaking { queued, plan: Some(plan), staged, epoch, clock_offset, started_unix, .. }) =
+            self.engines.remove(peer)
+        {
             self.base.xfer.record_handshake(now_unix - started_unix);
             self.stats.handshakes_ok += 1;
             self.last_active.insert(peer.to_string(), now_unix);
@@ -528,15 +556,28 @@ impl PullWorker {
             }
             tracing::info!(
                 peer,
+                handshake_ms = (now_unix - started_unix) * 1e3,
                 remote_ranks = ?plan.tp.sources,
                 regions = plan.num_regions,
                 remote_blocks = plan.remote_num_blocks,
                 ranges_per_block = plan.ranges_per_block,
                 "kvbridge: handshake done, transfer plan ready"
             );
-            self.engines.insert(peer.to_string(), Engine::Ready { plan: plan.clone(), epoch, clock_offset: clock_offset.unwrap_or(0.0) });
+            self.engines.insert(
+                peer.to_string(),
+                Engine::Ready { plan: plan.clone(), staged: staged.clone(), epoch, clock_offset: clock_offset.unwrap_or(0.0) },
+            );
             for r in queued {
-                self.start(r, peer, &plan, now_unix, &mut actions);
+                match (r.remote.staged, &staged) {
+                    (false, _) => self.start(r, peer, &plan, now_unix, &mut actions),
+                    (true, Some(s)) => self.start(r, peer, s, now_unix, &mut actions),
+                    (true, None) => {
+                        let e = Error::Other(format!(
+                            "the request's KV is staged (remote_staged) but the prefill engine at {peer} advertised no staging buffer"
+                        ));
+                        self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e);
+                    }
+                }
             }
         }
         actions

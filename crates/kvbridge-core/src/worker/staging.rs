@@ -1,0 +1,248 @@
+//! P-side staging (pull mode, `kv_staging_blocks`): connector-owned DRAM with the KV
+//! cache's geometry, into which a finished prefill's blocks are copied at the end of the
+//! step that computed them. vLLM then frees P's own blocks at once (no `delay_free`), so
+//! P's engine goes idle instead of stepping until D has read; D reads the slots instead.
+//!
+//! The buffer mirrors the cache region by region: each region gets a staging region with
+//! the same block length, stride and intra-block layout (so D's transfer plan for it is the
+//! one it builds for the cache), holding `slots + 1` logical blocks (slot 0 is never used).
+//! Views of one buffer interleaved block by block (vLLM's CPU K and V parts) share one
+//! staging buffer and are copied together, one range per block.
+use std::alloc::Layout;
+
+use crate::error::Error;
+use crate::layout::{KvLayout, MemKind, Region};
+use crate::wire::StageReq;
+
+/// Staging memory alignment (pages; NIXL and memcpy both like it).
+const ALIGN: usize = 4096;
+
+/// Zeroed, page-aligned heap memory, freed on drop.
+struct Buf {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+// SAFETY: plain heap memory owned by this value; every access goes through raw copies
+// whose ranges are checked against `layout.size()` (see `StagingBuffer::copy`).
+unsafe impl Send for Buf {}
+unsafe impl Sync for Buf {}
+
+impl Buf {
+    fn new(len: usize) -> Result<Self, Error> {
+        let layout = Layout::from_size_align(len.max(1), ALIGN).map_err(|e| Error::Other(format!("staging buffer of {len} bytes: {e}")))?;
+        // SAFETY: the layout has a nonzero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(Error::Other(format!("cannot allocate a {len}-byte staging buffer (kv_staging_blocks too large?)")));
+        }
+        Ok(Self { ptr, layout })
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+/// Cache regions that share a buffer, copied as one range per kernel block.
+struct Group {
+    /// The lowest region base (the copy's source start for kernel block 0).
+    base: u64,
+    stride: u64,
+    /// Bytes copied per kernel block: from `base` to the furthest region's block end.
+    footprint: u64,
+    /// Kernel blocks in the cache.
+    blocks: u64,
+    buf: Buf,
+}
+
+/// The staging memory of one worker.
+pub struct StagingBuffer {
+    groups: Vec<Group>,
+    /// One per cache region, in the cache layout's order (advertised as `staging_regions`).
+    pub regions: Vec<Region>,
+    slots: u32,
+    blocks_per_logical: u64,
+}
+
+impl std::fmt::Debug for StagingBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagingBuffer").field("slots", &self.slots).field("bytes", &self.bytes()).finish()
+    }
+}
+
+impl StagingBuffer {
+    /// Staging for `slots` logical blocks of `layout` (DRAM caches, one KV cache group).
+    pub fn new(layout: &KvLayout, slots: u32) -> Result<Self, Error> {
+        if let Some(r) = layout.regions.iter().find(|r| r.mem != MemKind::Dram) {
+            return Err(Error::Other(format!(
+                "kv_staging_blocks needs DRAM KV caches; region {} is {:?} (staging from GPU memory is not implemented)",
+                r.name, r.mem
+            )));
+        }
+        if let Some(r) = layout.regions.iter().find(|r| r.group != 0) {
+            return Err(Error::Other(format!(
+                "kv_staging_blocks supports one KV cache group; region {} is in group {} (set kv_staging_blocks=0)",
+                r.name, r.group
+            )));
+        }
+        let bpl = u64::from(layout.blocks_per_logical.max(1));
+        let kernel_blocks = (u64::from(slots) + 1) * bpl;
+        // Group regions whose blocks interleave (same stride and count, bases within one
+        // stride, the union not wider than a stride).
+        let mut order: Vec<usize> = (0..layout.regions.len()).collect();
+        order.sort_by_key(|&i| {
+            let r = &layout.regions[i];
+            (r.block_stride, r.num_blocks, r.base)
+        });
+        let mut group_of = vec![0usize; layout.regions.len()];
+        let mut spans: Vec<(u64, u64, u64, u64)> = Vec::new(); // (base, stride, footprint, blocks)
+        for i in order {
+            let r = &layout.regions[i];
+            if r.block_len == 0 || r.block_stride == 0 || r.block_len > r.block_stride {
+                return Err(Error::Other(format!(
+                    "region {}: block length {} / stride {} cannot be staged",
+                    r.name, r.block_len, r.block_stride
+                )));
+            }
+            let joined = match spans.last_mut() {
+                Some(g) if g.1 == r.block_stride && g.3 == r.num_blocks && r.base < g.0 + g.1 && r.base - g.0 + r.block_len <= g.1 => {
+                    g.2 = g.2.max(r.base - g.0 + r.block_len);
+                    true
+                }
+                _ => false,
+            };
+            if !joined {
+                spans.push((r.base, r.block_stride, r.block_len, r.num_blocks));
+            }
+            group_of[i] = spans.len() - 1;
+        }
+        let mut groups = Vec::with_capacity(spans.len());
+        for (base, stride, footprint, blocks) in spans {
+            let len = (kernel_blocks - 1).checked_mul(stride).and_then(|x| x.checked_add(footprint)).and_then(|x| usize::try_from(x).ok());
+            let len = len.ok_or_else(|| Error::Other("kv_staging_blocks: staging buffer size overflows".into()))?;
+            groups.push(Group { base, stride, footprint, blocks, buf: Buf::new(len)? });
+        }
+        let regions = layout
+            .regions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let g = &groups[group_of[i]];
+                Region { base: g.buf.ptr as u64 + (r.base - g.base), num_blocks: kernel_blocks, ..r.clone() }
+            })
+            .collect();
+        Ok(Self { groups, regions, slots, blocks_per_logical: bpl })
+    }
+
+    /// Total staging bytes.
+    pub fn bytes(&self) -> u64 {
+        self.groups.iter().map(|g| g.buf.layout.size() as u64).sum()
+    }
+
+    pub fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    /// Copy `s.block_ids[i]` into slot `s.slots[i]`, every region. Returns the bytes copied.
+    ///
+    /// The cache memory is the engine's, registered by it and live while it is; block ids
+    /// and slots are checked against both sides' sizes first, so an id out of range is an
+    /// error, never a stray copy.
+    pub fn copy(&self, s: &StageReq) -> Result<u64, Error> {
+        if s.block_ids.len() != s.slots.len() {
+            return Err(Error::Other(format!("request {}: {} blocks for {} staging slots", s.req_id, s.block_ids.len(), s.slots.len())));
+        }
+        let bpl = self.blocks_per_logical;
+        for (&b, &slot) in s.block_ids.iter().zip(&s.slots) {
+            if slot == 0 || slot > self.slots {
+                return Err(Error::Other(format!("request {}: staging slot {slot} out of 1..={}", s.req_id, self.slots)));
+            }
+            if let Some(g) = self.groups.iter().find(|g| (u64::from(b) + 1) * bpl > g.blocks) {
+                return Err(Error::Other(format!("request {}: block {b} out of range ({} kernel blocks)", s.req_id, g.blocks)));
+            }
+        }
+        let mut bytes = 0u64;
+        for g in &self.groups {
+            let len = (bpl - 1) * g.stride + g.footprint;
+            for (&b, &slot) in s.block_ids.iter().zip(&s.slots) {
+                let src = g.base + u64::from(b) * bpl * g.stride;
+                let dst_off = u64::from(slot) * bpl * g.stride;
+                debug_assert!(dst_off + len <= g.buf.layout.size() as u64);
+                // SAFETY: `src..src+len` lies in the registered cache (block b < blocks,
+                // checked above, and the footprint stays within the regions' block ends);
+                // `dst_off+len` is within the staging buffer (slot <= slots, and the
+                // buffer holds `(slots + 1) * bpl` kernel blocks); the two never overlap.
+                unsafe { std::ptr::copy_nonoverlapping(src as usize as *const u8, g.buf.ptr.add(dst_off as usize), len as usize) };
+                bytes += len;
+            }
+        }
+        Ok(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{Cache, CacheLayout, Spec};
+
+    fn spec(layout: CacheLayout) -> Spec {
+        Spec {
+            layers: 2,
+            total_heads: 2,
+            content: 16,
+            tp_size: 1,
+            tp_rank: 0,
+            block_tokens: 4,
+            blocks_per_logical: 1,
+            num_blocks: 8,
+            layout,
+            mla: false,
+            swa_layers: 0,
+            window: 0,
+            state_layers: 0,
+            state_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn staged_blocks_hold_the_cache_bytes_at_the_mirrored_addresses() {
+        for layout in [CacheLayout::Hnd, CacheLayout::KvSplitNhd, CacheLayout::CpuVec] {
+            let mut cache = Cache::new(spec(layout));
+            let blocks = vec![vec![5, 2, 7]];
+            cache.fill(&blocks, 10);
+            let kv = cache.layout();
+            let st = StagingBuffer::new(&kv, 4).expect("staging");
+            assert_eq!(st.regions.len(), kv.regions.len());
+            st.copy(&StageReq { req_id: "r".into(), block_ids: vec![5, 2, 7], slots: vec![3, 1, 4] }).expect("copy");
+            for (r, s) in kv.regions.iter().zip(&st.regions) {
+                assert_eq!((s.block_len, s.block_stride, s.num_blocks), (r.block_len, r.block_stride, 5));
+                for (b, slot) in [(5u64, 3u64), (2, 1), (7, 4)] {
+                    // SAFETY: both ranges are inside live buffers (the cache and the staging).
+                    let (a, z) = unsafe {
+                        (
+                            std::slice::from_raw_parts(r.block_addr(b) as usize as *const u8, r.block_len as usize),
+                            std::slice::from_raw_parts(s.block_addr(slot) as usize as *const u8, s.block_len as usize),
+                        )
+                    };
+                    assert_eq!(a, z, "{layout:?} region {} block {b} → slot {slot}", r.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_ids_are_errors_not_copies() {
+        let cache = Cache::new(spec(CacheLayout::Hnd));
+        let st = StagingBuffer::new(&cache.layout(), 2).expect("staging");
+        let req = |b: Vec<u32>, s: Vec<u32>| StageReq { req_id: "r".into(), block_ids: b, slots: s };
+        assert!(st.copy(&req(vec![8], vec![1])).is_err(), "block past the cache");
+        assert!(st.copy(&req(vec![1], vec![0])).is_err(), "slot 0");
+        assert!(st.copy(&req(vec![1], vec![3])).is_err(), "slot past the pool");
+        assert!(st.copy(&req(vec![1, 2], vec![1])).is_err(), "length mismatch");
+        assert!(st.copy(&req(vec![1], vec![2])).is_ok());
+    }
+}
