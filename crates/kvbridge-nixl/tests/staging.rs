@@ -103,7 +103,7 @@ impl Rig {
         self.d_sched.update_state_after_alloc(req, local, TOKENS);
         let (mut p_all, mut hidden, mut done) = (FinishedSets::default(), Vec::new(), false);
         let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(10) && !(done && !p_all.sending.is_empty()) {
+        while t0.elapsed() < Duration::from_secs(10) && (!done || p_all.sending.is_empty()) {
             self.d.start_load(&self.d_sched.build_connector_meta().to_bytes().unwrap()).unwrap();
             self.p.start_load(&self.p_sched.build_connector_meta().to_bytes().unwrap()).unwrap();
             let (pf, df) = (self.p.get_finished(), self.d.get_finished());
