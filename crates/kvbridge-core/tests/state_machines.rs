@@ -50,6 +50,53 @@ fn producer_holds_blocks_until_workers_report() {
 }
 
 #[test]
+fn producer_stages_frees_vllm_blocks_and_recycles_slots() {
+    let json = r#"{"kv_role":"kv_producer","engine_id":"P","kv_connector_extra_config":{"side_channel_host":"127.0.0.1","side_channel_port":7000,"kv_staging_blocks":5}}"#;
+    let info =
+        EngineInfo { tp_size: 1, compat: CompatInfo { model: "m".into(), block_size: 16, ..Default::default() }, ..Default::default() };
+    let mut p = PullScheduler::new(ConnectorConfig::from_json(json, info, |_| None).unwrap());
+    assert_eq!(p.staging_slots(), 5);
+    // A producing request whose prefill completes: slots reserved, a copy ordered.
+    p.get_num_new_matched_tokens("a", 64, 0, Some(DECODE));
+    p.prefill_completing("a", &[7, 8, 9], 64);
+    p.prefill_completing("not-producing", &[1], 16); // no do_remote_decode: ignored
+    let md = p.build_connector_meta();
+    assert_eq!(md.stage.len(), 1);
+    assert_eq!(md.stage[0].block_ids, vec![7, 8, 9]);
+    let slots = md.stage[0].slots.clone();
+    assert!(slots.iter().all(|&s| (1..=5).contains(&s)), "{slots:?}");
+    // Finished: vLLM frees its blocks now; D gets the slots.
+    let f = p.request_finished("a", &[7, 8, 9], FinishReason::LengthCapped, 64, Some(DECODE), 1000.0);
+    assert!(!f.delay_free);
+    let v = f.kv_transfer_params.unwrap();
+    assert_eq!(v["remote_staged"], true);
+    assert_eq!(v["remote_block_ids"], serde_json::json!([slots]));
+    assert!(!p.has_pending_block_frees(), "vLLM holds nothing for this request");
+    assert_eq!(p.build_connector_meta().reqs_to_send.len(), 1, "the worker holds the lease");
+    // Too few free slots left (2): the next request is held in place.
+    p.get_num_new_matched_tokens("b", 64, 0, Some(DECODE));
+    p.prefill_completing("b", &[1, 2, 3], 64);
+    assert!(p.build_connector_meta().stage.is_empty());
+    let f = p.request_finished("b", &[1, 2, 3], FinishReason::LengthCapped, 64, Some(DECODE), 1000.0);
+    assert!(f.delay_free && f.kv_transfer_params.unwrap().get("remote_staged").is_none());
+    // The workers report both: the staged one is hidden from vLLM, its slots are free.
+    let hidden = p.update_connector_output(&["a".into(), "b".into()], &[]);
+    assert_eq!(hidden, vec!["a".to_string()]);
+    assert_eq!(p.accounting()["staging_free_slots"], 5);
+    // Staged then aborted: the slots come back at once, no params.
+    p.get_num_new_matched_tokens("c", 64, 0, Some(DECODE));
+    p.prefill_completing("c", &[4, 5], 64);
+    assert_eq!(p.accounting()["staging_free_slots"], 3);
+    let f = p.request_finished("c", &[4, 5], FinishReason::Aborted, 64, Some(DECODE), 1000.0);
+    assert!(!f.delay_free && f.kv_transfer_params.is_none());
+    assert_eq!(p.accounting()["staging_free_slots"], 5);
+    // A consumer never stages, whatever the config says.
+    let json = r#"{"kv_role":"kv_consumer","engine_id":"D","kv_connector_extra_config":{"kv_staging_blocks":5}}"#;
+    let info = EngineInfo { tp_size: 1, ..Default::default() };
+    assert_eq!(PullScheduler::new(ConnectorConfig::from_json(json, info, |_| None).unwrap()).staging_slots(), 0);
+}
+
+#[test]
 fn producer_frees_at_once_on_abort() {
     let mut p = PullScheduler::new(cfg("kv_producer", "P"));
     p.get_num_new_matched_tokens("r", 64, 0, Some(DECODE));
