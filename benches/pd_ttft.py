@@ -1,21 +1,30 @@
 #!/usr/bin/env python3
-"""Decode-side TTFT and idle CPU of P/D disaggregation: kvbridge vs vLLM's NixlConnector.
+"""Decode-side TTFT, throughput and idle CPU of P/D disaggregation: kvbridge (plain and with
+P-side staging) vs vLLM's NixlConnector, in one run.
 
-Usage: python benches/pd_ttft.py [--only kvbridge|nixl] [--reps 8] [--lengths 512 2048]
-                                 [--out benches/results/pd_ttft.json]
+Usage: python benches/pd_ttft.py [--only kvbridge kvbridge-staged nixl] [--reps 8]
+                                 [--lengths 512 2048] [--conc 4 8] [--rounds 3]
+                                 [--out benches/results/pd_ttft.json] [--plot docs/img/pd_ttft.png]
+       python benches/pd_ttft.py --from-json RESULTS.json [--plot PNG]
 
-For each connector (kvbridge first, then nixl) it starts P + D (prefix caching off) + proxy and:
+For each configuration it starts P + D (prefix caching off) + proxy and:
   1. sends a warm-up request; its decode-side TTFT (it includes the first handshake) is reported
      as "first request";
   2. for each length, sends ``--reps`` fresh random prompts with the explicit two-phase flow
      (P with max_tokens=1, then D streaming with P's kv_transfer_params) and records the
-     decode-side TTFT: from sending the D request to D's first token. Every sample's tokens are
-     checked against a D-local run of the same prompt;
-  3. measures the CPU seconds each instance's process tree uses in ``--idle-secs`` (10) s with
+     decode-side TTFT: from sending the D request to D's first token. Tokens are checked
+     against a D-local run of the same prompt (every sample up to ``--check-all-upto``
+     tokens, the first beyond);
+  3. with ``--conc``, for each length and concurrency, ``--rounds`` rounds of that many
+     simultaneous two-phase requests: decode-side TTFT per request, output tokens per second
+     per round;
+  4. measures the CPU seconds each instance's process tree uses in ``--idle-secs`` (10) s with
      no requests.
 For kvbridge it also reads D's ``kvbridge-xfer`` log lines (transfer time, bytes).
-Writes a JSON file and prints a markdown table. Exits non-zero if any tokens differ or a
-request fails. Timings are only comparable on the same machine under the same load.
+Writes a JSON file and prints markdown tables. Exits non-zero if a kvbridge single request's
+tokens differ (concurrent requests decode in batches whose numerics differ from a batch of
+one, for vLLM's connector too: those are reported, not fatal) or a request fails. Timings
+are only comparable on the same machine under the same load.
 """
 
 from __future__ import annotations
@@ -246,6 +255,28 @@ def markdown(results: dict[str, Any], lengths: list[int]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Median decode-side TTFT per (length, concurrency), one bar per configuration (log scale)."""
+    sys.path.insert(0, str(REPO / "benches"))
+    from plan_vs_numpy import png_bars
+
+    names = list(results)
+    keys: list[str] = []
+    for r in results.values():
+        for n in r["lengths"]:
+            keys.append(f"{n}/1") if f"{n}/1" not in keys else None
+        for k in r.get("cells", {}):
+            keys.append(k) if k not in keys else None
+
+    def med(r: dict[str, Any], key: str) -> float:
+        n, conc = key.split("/")
+        cell = r["lengths"].get(n) if conc == "1" else r.get("cells", {}).get(key)
+        return (cell or {}).get("ttft_ms", {}).get("median", 0.0) / 1e3
+
+    groups = [(f"{k.split('/')[0]} tok, c={k.split('/')[1]}", [med(results[nm], k) for nm in names]) for k in keys]
+    png_bars(path, groups, names, "Decode-side TTFT, median (P/D on 2 vCPUs; lower is better)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=CONNECTORS, nargs="+", default=None, help="run these configurations only")
@@ -260,10 +291,18 @@ def main() -> int:
     ap.add_argument("--idle-secs", type=float, default=10.0)
     ap.add_argument("--out", type=Path, default=REPO / "benches" / "results" / "pd_ttft.json")
     ap.add_argument("--log-dir", type=Path, default=REPO / "out" / "bench")
+    ap.add_argument("--plot", type=Path, default=None, help="also draw the medians as a PNG")
+    ap.add_argument("--from-json", type=Path, default=None, help="only print the tables (and --plot) from a results file")
     ap.add_argument("--model-dir", type=Path,
                     default=Path(os.environ.get("KVBRIDGE_CACHE", Path.home() / ".cache" / "kvbridge")) / "tiny-llama")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, _raise_exit)  # so `finally` stops the servers
+    if args.from_json:
+        doc = json.loads(args.from_json.read_text())
+        print(markdown(doc["results"], doc["config"]["lengths"]))
+        if args.plot:
+            plot(doc["results"], args.plot)
+        return 0
 
     model = make_model(args.model_dir)
     conns = args.only or list(CONNECTORS)
@@ -298,6 +337,8 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print("\n" + markdown(results, args.lengths))
+    if args.plot:
+        plot(results, args.plot)
     print(f"\nresults: {args.out}")
     for conn, n in mismatches.items():
         if n:

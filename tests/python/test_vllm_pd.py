@@ -16,7 +16,7 @@ import httpx
 import pytest
 from helpers import expected_kv_bytes, fresh_prompt, log_dir_for
 
-from kvbridge.testing.cluster import PREFILL_PARAMS, Cluster, CompletionResult, complete
+from kvbridge.testing.cluster import PREFILL_PARAMS, Cluster, CompletionResult, complete, describe_divergence, same_generation
 
 pytestmark = pytest.mark.slow
 
@@ -41,25 +41,25 @@ def assert_alive(c: Cluster) -> None:
 def assert_good_pd(c: Cluster) -> None:
     """A normal P/D request succeeds with the same tokens as D alone."""
     prompt = fresh_prompt(300)
-    pd = c.pd_request(prompt, MAX_TOKENS)
+    pd = c.pd_request(prompt, MAX_TOKENS, logprobs=2)
     alive = {name: c.alive(name) for name in ("prefill", "decode")}
     assert pd.decode.ok, f"good P/D request failed (alive: {alive}; see {c.log_path('decode')}): {pd.decode}"
     ref = c.reference(prompt, MAX_TOKENS)
     assert ref.ok, ref
-    assert pd.tokens == ref.tokens and len(pd.tokens) == MAX_TOKENS
+    assert same_generation(pd.decode, ref) and len(pd.tokens) == MAX_TOKENS, describe_divergence(pd.decode, ref)
 
 
 @pytest.mark.parametrize("n_tokens", [1, 127, 128, 129, 511, 2048])
 def test_proxy_tokens_equal_single_instance(cluster: Cluster, connector: str, n_tokens: int) -> None:
     prompt = fresh_prompt(n_tokens)
     offset = cluster.log_offset("decode")
-    res = cluster.proxy_request(prompt, MAX_TOKENS, stream=True)
+    res = cluster.proxy_request(prompt, MAX_TOKENS, stream=True, logprobs=2)
     assert res.ok, res
     assert res.ttft is not None
     ref = cluster.reference(prompt, MAX_TOKENS)
     assert ref.ok, ref
     assert len(ref.tokens) == MAX_TOKENS
-    assert res.tokens == ref.tokens, f"P/D tokens differ from single instance for {n_tokens} tokens"
+    assert same_generation(res, ref), f"{n_tokens} tokens: {describe_divergence(res, ref)}"
 
     if connector == "kvbridge" and n_tokens > 1:
         records = cluster.xfer_since(offset, count=1, timeout=5.0)
@@ -70,10 +70,10 @@ def test_proxy_tokens_equal_single_instance(cluster: Cluster, connector: str, n_
 
 def test_proxy_non_streaming(cluster: Cluster) -> None:
     prompt = fresh_prompt(200)
-    res = cluster.proxy_request(prompt, MAX_TOKENS, stream=False)
+    res = cluster.proxy_request(prompt, MAX_TOKENS, stream=False, logprobs=2)
     ref = cluster.reference(prompt, MAX_TOKENS)
     assert res.ok and ref.ok, (res, ref)
-    assert res.tokens == ref.tokens
+    assert same_generation(res, ref), describe_divergence(res, ref)
 
 
 # ----------------------------------------------------------------------------- malformed params

@@ -305,6 +305,59 @@ def complete(
     return post_completion(url, completion_body(prompt_ids, max_tokens, kv_transfer_params, stream, logprobs))
 
 
+# ----------------------------------------------------------------------------- comparing generations
+
+#: Top-2 log-probabilities closer than this (nats) are a near-tie: which of the two greedy
+#: decoding picks depends on the last bits of the arithmetic.
+NEAR_TIE_NATS = 0.02
+#: Before a divergence, the top log-probabilities must agree this closely (nats). Measured
+#: on the AMX machine: 4e-5 apart where P/D and D alone diverged at a tie; KV read from the
+#: wrong place moves them by 1e-4 to 2e-2 (docs/heterogeneous.md), and more often flips
+#: tokens outright.
+SAME_LOGPROB_NATS = 1e-3
+
+
+def same_generation(got: CompletionResult, ref: CompletionResult) -> bool:
+    """True when ``got`` generated ``ref``'s tokens, or the same tokens up to a near-tie.
+
+    P/D decode recomputes a prompt's last token from P's KV through another kernel path and
+    batch than a single-instance prefill, so the logits differ in their last bits (for
+    vLLM's NixlConnector too). The test model has random weights and nearly flat output
+    distributions, so now and then two candidates tie to within 1e-5 nats and greedy
+    decoding may pick either. That is accepted only with the evidence that it is numerics,
+    not wrong KV: both requests made with ``logprobs >= 2``, every earlier position's top
+    log-probability equal within ``SAME_LOGPROB_NATS``, and at the first differing position
+    the same two candidates, within ``NEAR_TIE_NATS`` of each other in both runs.
+    """
+    if got.tokens == ref.tokens:
+        return True
+    if len(got.tokens) != len(ref.tokens):
+        return False
+    i = next(k for k, (a, b) in enumerate(zip(got.tokens, ref.tokens)) if a != b)
+    if i >= len(got.top_logprobs) or i >= len(ref.top_logprobs):
+        return False
+    for g, r in zip(got.top_logprobs[:i], ref.top_logprobs[:i]):
+        if not g or not r or abs(max(g.values()) - max(r.values())) > SAME_LOGPROB_NATS:
+            return False
+
+    def top2(d: dict[str, float]) -> tuple[set[str], float]:
+        best = sorted(d.items(), key=lambda kv: -kv[1])[:2]
+        return {k for k, _ in best}, (best[0][1] - best[-1][1]) if len(best) == 2 else float("inf")
+
+    (gk, gs), (rk, rs) = top2(got.top_logprobs[i]), top2(ref.top_logprobs[i])
+    return gk == rk and gs < NEAR_TIE_NATS and rs < NEAR_TIE_NATS
+
+
+def describe_divergence(got: CompletionResult, ref: CompletionResult) -> str:
+    """Where two generations part, with the top log-probabilities there and just before."""
+    i = next((k for k, (a, b) in enumerate(zip(got.tokens, ref.tokens)) if a != b), None)
+    if i is None:
+        return f"same tokens ({len(got.tokens)} vs {len(ref.tokens)} long)"
+    at = lambda r, k: r.top_logprobs[k] if k < len(r.top_logprobs) else None  # noqa: E731
+    return (f"tokens differ at {i}: {got.tokens[i]} vs {ref.tokens[i]}; top log-probabilities there {at(got, i)} vs "
+            f"{at(ref, i)}; before {at(got, i - 1) if i else None} vs {at(ref, i - 1) if i else None}")  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- log parsing
 
 
@@ -649,13 +702,16 @@ class Cluster:
         d = complete(self.d_url, prompt_ids, max_tokens, p.kv_transfer_params, stream=True, logprobs=logprobs)
         return PDResult(p, d)
 
-    def proxy_request(self, prompt_ids: list[int], max_tokens: int = 16, stream: bool = True) -> CompletionResult:
+    def proxy_request(
+        self, prompt_ids: list[int], max_tokens: int = 16, stream: bool = True, logprobs: int | None = None
+    ) -> CompletionResult:
         """Request through the proxy (TTFT measured at the client of the proxy)."""
-        return complete(self.proxy_url, prompt_ids, max_tokens, None, stream=stream)
+        return complete(self.proxy_url, prompt_ids, max_tokens, None, stream=stream, logprobs=logprobs)
 
-    def reference(self, prompt_ids: list[int], max_tokens: int = 16) -> CompletionResult:
-        """Single-instance reference: the prompt sent straight to D, no kv_transfer_params."""
-        return complete(self.d_url, prompt_ids, max_tokens, None, stream=False)
+    def reference(self, prompt_ids: list[int], max_tokens: int = 16, logprobs: int | None = 2) -> CompletionResult:
+        """Single-instance reference: the prompt sent straight to D, no kv_transfer_params
+        (with the top-2 log-probabilities, for ``same_generation``)."""
+        return complete(self.d_url, prompt_ids, max_tokens, None, stream=False, logprobs=logprobs)
 
     # -- logs
 
