@@ -69,9 +69,20 @@ def _config_json(vllm_config: "VllmConfig", mode: str | None = None) -> str:
     })
 
 
-def _engine_info(vllm_config: "VllmConfig", tp_rank: int) -> str:
+def _cuda_device(vllm_config: "VllmConfig") -> int | None:
+    """The CUDA device this worker runs on (None on CPU engines). kvbridge makes its context
+    current before the NIXL agent starts, so UCX initialises with CUDA support."""
+    if str(getattr(vllm_config.device_config, "device_type", "cpu")) != "cuda":
+        return None
+    import torch
+
+    return int(torch.cuda.current_device()) if torch.cuda.is_available() else None
+
+
+def _engine_info(vllm_config: "VllmConfig", tp_rank: int, cuda_device: int | None = None) -> str:
     mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
     return json.dumps({
+        "cuda_device": cuda_device,
         "tp_size": pc.tensor_parallel_size,
         "tp_rank": tp_rank,
         "dp_rank": getattr(pc, "data_parallel_index", None) or getattr(pc, "data_parallel_rank", 0) or 0,
@@ -255,7 +266,8 @@ class KVBridgeConnector(KVConnectorBase_V1):
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
-            self._worker = _native.Worker(cfg, _engine_info(vllm_config, get_tensor_model_parallel_rank()), nixl_lib_dir())
+            info = _engine_info(vllm_config, get_tensor_model_parallel_rank(), _cuda_device(vllm_config))
+            self._worker = _native.Worker(cfg, info, nixl_lib_dir())
 
     # ---------------------------------------------------------------- scheduler side
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:

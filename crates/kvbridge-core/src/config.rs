@@ -109,6 +109,10 @@ pub struct EngineInfo {
     pub dp_rank: u32,
     #[serde(default)]
     pub compat: CompatInfo,
+    /// The CUDA device this worker's KV caches live on (None: a CPU engine). Its context is
+    /// made current before the NIXL agent starts, so UCX sees CUDA.
+    #[serde(default)]
+    pub cuda_device: Option<u32>,
 }
 
 /// Parsed, validated connector configuration.
@@ -148,6 +152,8 @@ pub struct ConnectorConfig {
     /// Pull, P side: logical blocks of connector-owned DRAM a finished prefill's KV is
     /// copied into, so vLLM frees P's own blocks at once (0: off, the KV is read in place).
     pub kv_staging_blocks: u32,
+    /// From [`EngineInfo::cuda_device`].
+    pub cuda_device: Option<u32>,
     pub compat: CompatInfo,
 }
 
@@ -355,6 +361,7 @@ impl ConnectorConfig {
             null_block_id,
             push_layerwise,
             push_registration_timeout,
+            cuda_device: engine.cuda_device,
             compat: engine.compat,
         })
     }

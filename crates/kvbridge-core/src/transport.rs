@@ -47,4 +47,11 @@ pub trait Transport: Send {
     fn notify(&mut self, peer: &str, msg: &[u8]) -> Result<(), TransportError>;
     /// Notifications received since the last call.
     fn take_notifs(&mut self) -> Result<Vec<Vec<u8>>, TransportError>;
+    /// Copy device memory to host memory, synchronously (P-side staging of GPU caches):
+    /// `copies` are `(device address, host address, bytes)` on device `device_id`. The
+    /// default refuses: a transport without device support never stages VRAM.
+    fn copy_device_to_host(&mut self, device_id: u64, copies: &[(u64, u64, u64)]) -> Result<(), TransportError> {
+        let _ = (device_id, copies);
+        Err(TransportError::new("unsupported", "this transport cannot copy device memory to the host".to_string()))
+    }
 }

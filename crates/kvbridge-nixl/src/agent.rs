@@ -35,11 +35,13 @@ pub struct NixlOptions {
     pub progress_delay_us: u64,
     /// Where to look for `libnixl_capi.so` besides the env vars.
     pub lib_dir_hint: Option<std::path::PathBuf>,
+    /// The CUDA device whose context is made current before the agent starts (GPU engines).
+    pub cuda_device: Option<u32>,
 }
 
 impl Default for NixlOptions {
     fn default() -> Self {
-        Self { backends: vec!["UCX".into()], progress_delay_us: 100, lib_dir_hint: None }
+        Self { backends: vec!["UCX".into()], progress_delay_us: 100, lib_dir_hint: None, cuda_device: None }
     }
 }
 
@@ -87,6 +89,9 @@ impl NixlDescriptor for Span {
 }
 
 struct Remote {
+    /// The peer's staging buffer (pull with `kv_staging_blocks`), `[start, end)` ranges:
+    /// host memory even when its cache is on a GPU.
+    staging: Vec<(u64, u64)>,
     /// The peer's per-block list, prepared after the first transfer to it (so the first
     /// request does not wait for it). Dropped before the metadata is invalidated.
     prepped: Option<Prepped>,
@@ -120,6 +125,8 @@ pub struct NixlTransport {
     next_xfer: XferId,
     name: String,
     agent: Agent,
+    /// The CUDA context made current before the agent started; released after it.
+    cuda: Option<std::sync::Arc<cudarc::driver::CudaContext>>,
 }
 
 impl NixlTransport {
@@ -127,6 +134,8 @@ impl NixlTransport {
     /// [`NixlError::RuntimeMissing`] (never aborts) if the NIXL runtime is absent.
     pub fn new(name: &str, opts: &NixlOptions) -> Result<Self, NixlError> {
         runtime::ensure_loaded(opts.lib_dir_hint.as_deref())?;
+        // UCX picks up the current CUDA context when the backend initialises (below).
+        let cuda = opts.cuda_device.map(crate::cuda::bind_device).transpose()?;
         // Every call into the agent is serialised by the worker driver's mutex, so NIXL's
         // default sync mode suffices (RW locking measured slower in load_remote_md).
         let cfg = AgentConfig {
@@ -161,6 +170,7 @@ impl NixlTransport {
             next_xfer: 1,
             name: name.to_string(),
             agent,
+            cuda,
         })
     }
 
@@ -201,7 +211,10 @@ impl NixlTransport {
             self.regs.push(h);
         }
         self.local = Some(mem);
-        self.local_prepped = self.prepare("", &layout.regions, mem);
+        // One list per memory kind; regions in another (a GPU engine's host staging buffer,
+        // which only peers read) are left to per-request lists.
+        let same: Vec<_> = layout.regions.iter().filter(|r| mem_type(r.mem) == mem).cloned().collect();
+        self.local_prepped = self.prepare("", &same, mem);
         tracing::info!(
             regions = layout.regions.len(),
             prepared_descs = self.local_prepped.as_ref().map_or(0, |p| p.units.len()),
@@ -251,14 +264,16 @@ impl NixlTransport {
         };
         let mem = md.regions.first().map(|r| mem_type(r.mem)).unwrap_or(MemType::Dram);
         tracing::debug!(peer, load_ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: remote agent loaded");
-        // The peer's cache and, when it stages (pull, `kv_staging_blocks`), its staging
-        // buffer: reads from either are whole blocks.
-        let to_prep = if md.staging_regions.is_empty() {
+        // The peer's cache and, when it stages (pull, `kv_staging_blocks`) in the same kind
+        // of memory, its staging buffer: reads from either are whole blocks.
+        let same_mem = md.staging_regions.iter().all(|r| md.regions.first().is_some_and(|c| c.mem == r.mem));
+        let to_prep = if md.staging_regions.is_empty() || !same_mem {
             Units::new(&md.regions)
         } else {
             Units::new(&[md.regions.clone(), md.staging_regions.clone()].concat())
         };
-        self.remotes.insert(peer.to_string(), Remote { prepped: None, to_prep, agent_name: name, owns_md: !loaded, mem });
+        let staging = md.staging_regions.iter().map(|r| (r.base, r.base.saturating_add(r.span()))).collect();
+        self.remotes.insert(peer.to_string(), Remote { staging, prepped: None, to_prep, agent_name: name, owns_md: !loaded, mem });
         Ok(())
     }
 
@@ -285,8 +300,11 @@ impl NixlTransport {
             self.agent.make_xfer_req(op, &l.handle, &li, &rp.handle, &ri, opt.as_ref()).map_err(NixlError::nixl("make transfer"))?
         } else {
             self.made_listed += 1;
+            // Reads from a peer's staging buffer are from its host memory.
+            let staged = pieces.first().is_some_and(|p| r.staging.iter().any(|&(a, b)| p.remote >= a && p.remote < b));
+            let rmem = if staged { MemType::Dram } else { r.mem };
             let mut local = XferDescList::new(lmem).map_err(NixlError::nixl("create descriptor list"))?;
-            let mut remote = XferDescList::new(r.mem).map_err(NixlError::nixl("create descriptor list"))?;
+            let mut remote = XferDescList::new(rmem).map_err(NixlError::nixl("create descriptor list"))?;
             for p in pieces {
                 local.add_desc(p.local as usize, p.len as usize, p.local_dev.into());
                 remote.add_desc(p.remote as usize, p.len as usize, p.remote_dev.into());
@@ -376,5 +394,26 @@ impl Transport for NixlTransport {
     }
     fn take_notifs(&mut self) -> Result<Vec<Vec<u8>>, TransportError> {
         Ok(self.take_notifs_impl()?)
+    }
+    fn copy_device_to_host(&mut self, device_id: u64, copies: &[(u64, u64, u64)]) -> Result<(), TransportError> {
+        let ctx = self.cuda.as_ref().ok_or(NixlError::CudaUnavailable)?;
+        if ctx.ordinal() as u64 != device_id {
+            return Err(NixlError::CudaDevice {
+                ordinal: u32::try_from(device_id).unwrap_or(u32::MAX),
+                reason: format!("the cache is on device {device_id}, this agent's context on device {}", ctx.ordinal()),
+            }
+            .into());
+        }
+        let ordinal = ctx.ordinal() as u32;
+        ctx.bind_to_thread().map_err(|e| NixlError::CudaDevice { ordinal, reason: e.to_string() })?;
+        for &(src, dst, len) in copies {
+            // SAFETY: the caller (the staging buffer) checked both ranges: `src..src+len` is
+            // in the registered device cache, `dst..dst+len` in its own host allocation.
+            let host = unsafe { std::slice::from_raw_parts_mut(dst as usize as *mut u8, len as usize) };
+            // SAFETY: as above; the context of the cache's device is current.
+            unsafe { cudarc::driver::result::memcpy_dtoh_sync(host, src) }
+                .map_err(|e| NixlError::CudaDevice { ordinal, reason: format!("device→host copy: {e}") })?;
+        }
+        Ok(())
     }
 }

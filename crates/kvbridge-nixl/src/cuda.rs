@@ -1,5 +1,9 @@
 //! CUDA checks through cudarc, loaded dynamically: builds and runs without CUDA. Every
 //! call is gated on `is_culib_present()`, since cudarc panics when the library is absent.
+use std::sync::Arc;
+
+use cudarc::driver::CudaContext;
+
 use crate::error::NixlError;
 
 /// True if the CUDA driver library can be loaded.
@@ -27,4 +31,34 @@ pub fn check_device_pointer(ptr: u64) -> Result<(), NixlError> {
         return Err(NixlError::NotDeviceMemory { ptr, code: r as i64 });
     }
     Ok(())
+}
+
+/// Make device `ordinal`'s primary CUDA context current on the calling thread, retained for
+/// as long as the returned handle lives.
+///
+/// Call it before the NIXL agent and its UCX backend are created on this thread: UCX looks
+/// for a current context when it initialises, and without one it silently leaves out its
+/// CUDA transports (`cuda_copy`, `cuda_ipc`/NVLink). Without a CUDA driver, or with no such
+/// device, this is an error, never a panic.
+pub fn bind_device(ordinal: u32) -> Result<Arc<CudaContext>, NixlError> {
+    if !driver_present() {
+        return Err(NixlError::CudaUnavailable);
+    }
+    let ctx = CudaContext::new(ordinal as usize).map_err(|e| NixlError::CudaDevice { ordinal, reason: e.to_string() })?;
+    tracing::info!(device = ordinal, "kvbridge: CUDA context current before NIXL starts");
+    Ok(ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_driver_cuda_calls_are_typed_errors() {
+        if driver_present() {
+            return; // covered by the GPU tests (tests/gpu.rs)
+        }
+        assert!(matches!(bind_device(0), Err(NixlError::CudaUnavailable)));
+        assert!(matches!(check_device_pointer(0x1000), Err(NixlError::CudaUnavailable)));
+    }
 }

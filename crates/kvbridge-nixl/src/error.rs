@@ -25,6 +25,8 @@ pub enum NixlError {
     CudaUnavailable,
     #[error("pointer {ptr:#x} is not CUDA device memory (CUresult {code})")]
     NotDeviceMemory { ptr: u64, code: i64 },
+    #[error("cannot make CUDA device {ordinal}'s context current: {reason}")]
+    CudaDevice { ordinal: u32, reason: String },
 }
 
 impl NixlError {
@@ -41,7 +43,7 @@ impl NixlError {
             Self::AgentMismatch { .. } => "agent_mismatch",
             Self::UnknownXfer(_) => "unknown_xfer",
             Self::NotRegistered => "not_registered",
-            Self::CudaUnavailable | Self::NotDeviceMemory { .. } => "cuda",
+            Self::CudaUnavailable | Self::NotDeviceMemory { .. } | Self::CudaDevice { .. } => "cuda",
         }
     }
 }

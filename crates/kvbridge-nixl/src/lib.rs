@@ -31,7 +31,12 @@ pub fn new_worker(
     cfg: kvbridge_core::ConnectorConfig,
     lib_dir_hint: Option<std::path::PathBuf>,
 ) -> Result<NixlWorker, kvbridge_core::Error> {
-    let opts = NixlOptions { backends: cfg.backends.clone(), progress_delay_us: cfg.progress_delay_us, lib_dir_hint };
+    let opts = NixlOptions {
+        backends: cfg.backends.clone(),
+        progress_delay_us: cfg.progress_delay_us,
+        lib_dir_hint,
+        cuda_device: cfg.cuda_device,
+    };
     let name = format!("{}-dp{}-tp{}-{}", cfg.engine_id, cfg.dp_rank, cfg.tp_rank, std::process::id());
     let t = NixlTransport::new(&name, &opts)?;
     kvbridge_core::worker::WorkerDriver::new(cfg, t)

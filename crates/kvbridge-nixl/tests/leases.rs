@@ -49,7 +49,8 @@ fn config(role: &str, engine: &str, port: u16) -> ConnectorConfig {
     let json = format!(
         r#"{{"kv_role":"{role}","engine_id":"{engine}","kv_connector_extra_config":{{"side_channel_host":"127.0.0.1","side_channel_port":{port},"kv_lease_duration":{LEASE},"handshake_timeout":2}}}}"#
     );
-    ConnectorConfig::from_json(&json, EngineInfo { tp_size: 1, tp_rank: 0, dp_rank: 0, compat }, |_| None).expect("config")
+    ConnectorConfig::from_json(&json, EngineInfo { tp_size: 1, tp_rank: 0, dp_rank: 0, compat, cuda_device: None }, |_| None)
+        .expect("config")
 }
 
 struct Rig {

@@ -476,7 +476,12 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             let _span = tracing::debug_span!("stage", request_id = %s.req_id, blocks = s.block_ids.len()).entered();
             let t0 = std::time::Instant::now();
             let res = match &st {
-                Some(st) => st.copy(&s),
+                Some(st) if st.source == crate::layout::MemKind::Dram => st.copy(&s),
+                // A GPU cache: device→host copies through the transport (CUDA).
+                Some(st) => st.copies(&s).and_then(|c| {
+                    let bytes = c.iter().map(|x| x.2).sum();
+                    lock(&self.inner).transport.copy_device_to_host(st.device, &c).map(|_| bytes).map_err(Error::from)
+                }),
                 None => Err(Error::Other("staging ordered but no staging buffer is registered".into())),
             };
             match res {

@@ -8,6 +8,11 @@
 //! one it builds for the cache), holding `slots + 1` logical blocks (slot 0 is never used).
 //! Views of one buffer interleaved block by block (vLLM's CPU K and V parts) share one
 //! staging buffer and are copied together, one range per block.
+//!
+//! The staging memory is always host DRAM. DRAM caches are copied with `memcpy`; GPU caches
+//! (VRAM, one device) are copied device→host by the transport
+//! ([`crate::transport::Transport::copy_device_to_host`]), and D then reads host memory (UCX
+//! moves it into D's VRAM itself).
 use std::alloc::Layout;
 
 use crate::error::Error;
@@ -61,6 +66,9 @@ struct Group {
 
 /// The staging memory of one worker.
 pub struct StagingBuffer {
+    /// Where the cache lives (the copies' source): DRAM, or VRAM of `device`.
+    pub source: MemKind,
+    pub device: u64,
     groups: Vec<Group>,
     /// One per cache region, in the cache layout's order (advertised as `staging_regions`).
     pub regions: Vec<Region>,
@@ -77,10 +85,11 @@ impl std::fmt::Debug for StagingBuffer {
 impl StagingBuffer {
     /// Staging for `slots` logical blocks of `layout` (DRAM caches, one KV cache group).
     pub fn new(layout: &KvLayout, slots: u32) -> Result<Self, Error> {
-        if let Some(r) = layout.regions.iter().find(|r| r.mem != MemKind::Dram) {
+        let (mem, device) = layout.regions.first().map(|r| (r.mem, r.device_id)).unwrap_or((MemKind::Dram, 0));
+        if let Some(r) = layout.regions.iter().find(|r| r.mem != mem || r.device_id != device) {
             return Err(Error::Other(format!(
-                "kv_staging_blocks needs DRAM KV caches; region {} is {:?} (staging from GPU memory is not implemented)",
-                r.name, r.mem
+                "kv_staging_blocks needs every KV cache region in one memory (DRAM, or VRAM of one device); region {} is {:?} on device {}",
+                r.name, r.mem, r.device_id
             )));
         }
         if let Some(r) = layout.regions.iter().find(|r| r.group != 0) {
@@ -132,10 +141,17 @@ impl StagingBuffer {
             .enumerate()
             .map(|(i, r)| {
                 let g = &groups[group_of[i]];
-                Region { base: g.buf.ptr as u64 + (r.base - g.base), num_blocks: kernel_blocks, ..r.clone() }
+                // Host memory whatever the cache's: device id 0 is NIXL's for DRAM.
+                Region {
+                    base: g.buf.ptr as u64 + (r.base - g.base),
+                    num_blocks: kernel_blocks,
+                    mem: MemKind::Dram,
+                    device_id: 0,
+                    ..r.clone()
+                }
             })
             .collect();
-        Ok(Self { groups, regions, slots, blocks_per_logical: bpl })
+        Ok(Self { source: mem, device, groups, regions, slots, blocks_per_logical: bpl })
     }
 
     /// Total staging bytes.
@@ -147,12 +163,13 @@ impl StagingBuffer {
         self.slots
     }
 
-    /// Copy `s.block_ids[i]` into slot `s.slots[i]`, every region. Returns the bytes copied.
+    /// The copies that stage `s` (`s.block_ids[i]` into slot `s.slots[i]`, every region), as
+    /// `(cache address, staging address, bytes)`, checked first.
     ///
     /// The cache memory is the engine's, registered by it and live while it is; block ids
-    /// and slots are checked against both sides' sizes first, so an id out of range is an
-    /// error, never a stray copy.
-    pub fn copy(&self, s: &StageReq) -> Result<u64, Error> {
+    /// and slots are checked against both sides' sizes, so an id out of range is an error,
+    /// never a stray copy.
+    pub fn copies(&self, s: &StageReq) -> Result<Vec<(u64, u64, u64)>, Error> {
         if s.block_ids.len() != s.slots.len() {
             return Err(Error::Other(format!("request {}: {} blocks for {} staging slots", s.req_id, s.block_ids.len(), s.slots.len())));
         }
@@ -165,20 +182,31 @@ impl StagingBuffer {
                 return Err(Error::Other(format!("request {}: block {b} out of range ({} kernel blocks)", s.req_id, g.blocks)));
             }
         }
-        let mut bytes = 0u64;
+        let mut out = Vec::with_capacity(self.groups.len() * s.block_ids.len());
         for g in &self.groups {
             let len = (bpl - 1) * g.stride + g.footprint;
             for (&b, &slot) in s.block_ids.iter().zip(&s.slots) {
-                let src = g.base + u64::from(b) * bpl * g.stride;
                 let dst_off = u64::from(slot) * bpl * g.stride;
                 debug_assert!(dst_off + len <= g.buf.layout.size() as u64);
-                // SAFETY: `src..src+len` lies in the registered cache (block b < blocks,
-                // checked above, and the footprint stays within the regions' block ends);
-                // `dst_off+len` is within the staging buffer (slot <= slots, and the
-                // buffer holds `(slots + 1) * bpl` kernel blocks); the two never overlap.
-                unsafe { std::ptr::copy_nonoverlapping(src as usize as *const u8, g.buf.ptr.add(dst_off as usize), len as usize) };
-                bytes += len;
+                out.push((g.base + u64::from(b) * bpl * g.stride, g.buf.ptr as u64 + dst_off, len));
             }
+        }
+        Ok(out)
+    }
+
+    /// Stage a DRAM cache's blocks with `memcpy`. Returns the bytes copied. (A VRAM cache's
+    /// [`copies`](Self::copies) go to the transport instead.)
+    pub fn copy(&self, s: &StageReq) -> Result<u64, Error> {
+        if self.source != MemKind::Dram {
+            return Err(Error::Other("staging a GPU cache needs the transport's device copies".into()));
+        }
+        let mut bytes = 0;
+        for (src, dst, len) in self.copies(s)? {
+            // SAFETY: `copies` checked both ranges: the source lies in the registered
+            // cache (block < blocks, footprint within the regions' block ends), the
+            // destination in this staging buffer (slot <= slots); they never overlap.
+            unsafe { std::ptr::copy_nonoverlapping(src as usize as *const u8, dst as usize as *mut u8, len as usize) };
+            bytes += len;
         }
         Ok(bytes)
     }
@@ -244,5 +272,30 @@ mod tests {
         assert!(st.copy(&req(vec![1], vec![3])).is_err(), "slot past the pool");
         assert!(st.copy(&req(vec![1, 2], vec![1])).is_err(), "length mismatch");
         assert!(st.copy(&req(vec![1], vec![2])).is_ok());
+    }
+
+    #[test]
+    fn gpu_caches_stage_to_host_through_planned_copies() {
+        // A VRAM cache (addresses only: nothing is copied here) gets host staging regions
+        // and a list of device→host copies; a cache split over two devices is refused.
+        let cache = Cache::new(spec(CacheLayout::KvSplitNhd));
+        let mut kv = cache.layout();
+        for r in &mut kv.regions {
+            r.mem = MemKind::Vram;
+            r.device_id = 1;
+        }
+        let st = StagingBuffer::new(&kv, 3).expect("staging for a GPU cache");
+        assert_eq!((st.source, st.device), (MemKind::Vram, 1));
+        assert!(st.regions.iter().all(|r| r.mem == MemKind::Dram && r.device_id == 0), "staging is host memory");
+        let req = StageReq { req_id: "r".into(), block_ids: vec![6, 1], slots: vec![2, 3] };
+        let copies = st.copies(&req).expect("copies");
+        assert_eq!(copies.len(), kv.regions.len() * 2, "one range per region (K and V apart) and block");
+        for (r, s) in kv.regions.iter().zip(&st.regions) {
+            assert!(copies.contains(&(r.block_addr(6), s.block_addr(2), r.block_len)));
+            assert!(copies.contains(&(r.block_addr(1), s.block_addr(3), r.block_len)));
+        }
+        assert!(st.copy(&req).is_err(), "no memcpy from device memory");
+        kv.regions[0].device_id = 0;
+        assert!(StagingBuffer::new(&kv, 3).is_err(), "two devices");
     }
 }
