@@ -12,7 +12,7 @@ export KVBRIDGE_NIXL_LIB_DIR := $(KVBRIDGE_CACHE)/nixl-rt-1.5.1/.nixl_cu12.meson
 export UCX_NET_DEVICES := lo
 export KVBRIDGE_PYTHON := $(PY)
 
-.PHONY: help setup wheel install test test-rust test-python demo bench bench-e2e bench-plan bench-transfer bench-overhead fuzz clean
+.PHONY: help setup wheel install test test-rust test-python demo bench bench-e2e bench-plan bench-transfer bench-overhead fuzz gpu-bundle clean
 help:
 	@echo "make demo   - real P/D disaggregated generation with vLLM + kvbridge (tiny model)"
 	@echo "make test   - every test: Rust unit + NIXL integration, pytest with real vLLM"
@@ -23,6 +23,7 @@ help:
 	@echo "make bench-overhead - benches/connector_overhead.py: per-step connector cost vs NixlConnector"
 	@echo "make wheel  - build the kvbridge wheel into target/wheels"
 	@echo "make fuzz   - the decoder fuzz targets at 20x the cases make test runs (3.5M)"
+	@echo "make gpu-bundle - GPU test binaries + the NIXL/UCX runtime subset for a GPU machine (docs/gpu.md)"
 
 setup:
 	@bash scripts/setup.sh
@@ -65,6 +66,9 @@ bench-transfer: setup
 
 bench-overhead: install
 	$(PY) benches/connector_overhead.py
+
+gpu-bundle: setup
+	bash scripts/gpu_bundle.sh
 
 clean:
 	cargo clean
