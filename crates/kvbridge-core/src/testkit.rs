@@ -48,6 +48,27 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// A single-rank attention cache: `layers` layers of `total_heads` heads, `content` bytes
+    /// per (head, token), `num_blocks` blocks of `block_tokens` tokens, one KV-cache group.
+    pub fn dense(layers: u32, total_heads: u32, content: u32, block_tokens: u32, num_blocks: u32, layout: CacheLayout) -> Self {
+        Self {
+            layers,
+            total_heads,
+            content,
+            tp_size: 1,
+            tp_rank: 0,
+            block_tokens,
+            blocks_per_logical: 1,
+            num_blocks,
+            layout,
+            mla: false,
+            swa_layers: 0,
+            window: 0,
+            state_layers: 0,
+            state_bytes: 0,
+        }
+    }
+
     pub fn logical_block_size(&self) -> u32 {
         self.block_tokens * self.blocks_per_logical
     }

@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 mod common;
-use common::runtime_or_skip;
+use common::{free_port, runtime_or_skip};
 use kvbridge_core::layout::{KvLayout, MemKind, TensorInfo};
 use kvbridge_core::plan::Piece;
 use kvbridge_core::transport::{Transport, XferPoll};
@@ -198,8 +198,7 @@ fn gpu_p_stages_to_host_and_d_reads_it() {
     }
     const BLOCKS: u64 = 32;
     const BB: u64 = 64 << 10;
-    let port = |_: ()| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let (pp, dp) = (port(()), port(()));
+    let (pp, dp) = (free_port(), free_port());
     let cfg = |role: &str, engine: &str, port: u16, cuda: Option<u32>| {
         let json = format!(
             r#"{{"kv_role":"{role}","engine_id":"{engine}","kv_connector_extra_config":{{"side_channel_host":"127.0.0.1","side_channel_port":{port},"handshake_timeout":5,"kv_staging_blocks":8}}}}"#

@@ -19,22 +19,7 @@ use kvbridge_nixl::{NixlOptions, NixlTransport};
 const TOKENS: u64 = 150;
 
 fn spec(tp: u32, block: u32, layout: CacheLayout) -> Spec {
-    Spec {
-        layers: 2,
-        total_heads: 4,
-        content: 64,
-        tp_size: tp,
-        tp_rank: 0,
-        block_tokens: block,
-        blocks_per_logical: 1,
-        num_blocks: 32,
-        layout,
-        mla: false,
-        swa_layers: 0,
-        window: 0,
-        state_layers: 0,
-        state_bytes: 0,
-    }
+    Spec { tp_size: tp, ..Spec::dense(2, 4, 64, block, 32, layout) }
 }
 
 struct Rig {

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 mod common;
-use common::runtime_or_skip;
+use common::{free_port, runtime_or_skip};
 use kvbridge_core::config::{CompatInfo, ConnectorConfig, EngineInfo};
 use kvbridge_core::scheduler::{FinishReason, PullScheduler, SchedulerSide};
 use kvbridge_core::testkit::{Cache, CacheLayout, Spec};
@@ -21,26 +21,7 @@ const TOKENS: u64 = 40;
 const SLOTS: u32 = 4;
 
 fn spec(layout: CacheLayout) -> Spec {
-    Spec {
-        layers: 2,
-        total_heads: 2,
-        content: 32,
-        tp_size: 1,
-        tp_rank: 0,
-        block_tokens: 16,
-        blocks_per_logical: 1,
-        num_blocks: 32,
-        layout,
-        mla: false,
-        swa_layers: 0,
-        window: 0,
-        state_layers: 0,
-        state_bytes: 0,
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    Spec::dense(2, 2, 32, 16, 32, layout)
 }
 
 fn config(role: &str, engine: &str, port: u16) -> ConnectorConfig {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::runtime_or_skip;
+use common::{free_port, runtime_or_skip};
 use kvbridge_core::config::{CompatInfo, ConnectorConfig, EngineInfo};
 use kvbridge_core::layout::{MemKind, TensorInfo};
 use kvbridge_core::scheduler::{FinishReason, PullScheduler, SchedulerSide};
@@ -88,10 +88,6 @@ fn config(role: &str, engine: &str, port: u16) -> ConnectorConfig {
     );
     ConnectorConfig::from_json(&json, EngineInfo { tp_size: 1, tp_rank: 0, dp_rank: 0, compat, cuda_device: None }, |_| None)
         .expect("config")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn wait_for(path: &Path, timeout: Duration) -> String {

@@ -218,22 +218,7 @@ mod tests {
     use crate::testkit::{Cache, CacheLayout, Spec};
 
     fn spec(layout: CacheLayout) -> Spec {
-        Spec {
-            layers: 2,
-            total_heads: 2,
-            content: 16,
-            tp_size: 1,
-            tp_rank: 0,
-            block_tokens: 4,
-            blocks_per_logical: 1,
-            num_blocks: 8,
-            layout,
-            mla: false,
-            swa_layers: 0,
-            window: 0,
-            state_layers: 0,
-            state_bytes: 0,
-        }
+        Spec::dense(2, 2, 16, 4, 8, layout)
     }
 
     #[test]

@@ -13,3 +13,9 @@ pub fn runtime_or_skip() -> bool {
     eprintln!("SKIP: NIXL runtime not found (set KVBRIDGE_NIXL_LIB_DIR)");
     false
 }
+
+/// A TCP port free on 127.0.0.1 right now (for a side-channel listener).
+#[allow(dead_code)] // not every test binary uses it
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
