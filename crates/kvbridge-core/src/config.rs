@@ -384,7 +384,6 @@ impl ConnectorConfig {
         self.listener_port_for(self.side_channel_port, self.dp_rank, self.tp_size, 0)
     }
 
-    /// Log role-related start-up facts: the role, and the one `kv_both` deprecation warning.
     /// Staging slots this engine uses: `kv_staging_blocks` on a pull-mode producer, else 0.
     pub fn staging_blocks(&self) -> u32 {
         if self.mode == TransferMode::Pull && self.role.can_produce() {
@@ -394,6 +393,7 @@ impl ConnectorConfig {
         }
     }
 
+    /// Log role-related start-up facts: the role, and the one `kv_both` deprecation warning.
     pub fn log_startup(&self, side: &str) {
         tracing::info!(engine_id = %self.engine_id, role = self.role.as_str(), mode = self.mode.as_str(),
             side, "kvbridge connector starting");

@@ -159,6 +159,35 @@ pub struct Region {
 }
 
 impl Region {
+    /// A region of `num_blocks` opaque blocks of `block_len` bytes every `block_stride`
+    /// bytes from `base`, in DRAM on device 0 (set the other fields with struct update).
+    pub fn opaque(name: &str, base: u64, block_len: u64, block_stride: u64, num_blocks: u64) -> Self {
+        Self {
+            name: name.into(),
+            layer: name.into(),
+            base,
+            block_len,
+            block_stride,
+            num_blocks,
+            mem: MemKind::Dram,
+            device_id: 0,
+            kind: RegionKind::Opaque,
+            group: 0,
+            window: 0,
+            block_tokens: 0,
+            kv_parts: vec![],
+            kv_stride: 0,
+            first_head: 0,
+            num_heads: 1,
+            total_heads: 1,
+            head_stride: 0,
+            token_stride: 0,
+            unit_len: block_len,
+            rows: 1,
+            row_stride: 0,
+        }
+    }
+
     /// Bytes spanned from the first block's start to the last block's end.
     pub fn span(&self) -> u64 {
         if self.num_blocks == 0 {
@@ -174,6 +203,61 @@ impl Region {
     pub fn dense_blocks(&self) -> bool {
         self.block_stride == self.block_len
     }
+}
+
+/// Regions whose blocks share memory block by block, seen as one range per block: views of
+/// one buffer interleaved within each block (vLLM's CPU cache registers a block's K part
+/// and V part as two regions) fuse into one group; every other region is a group of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockGroup {
+    /// The lowest member base: where the group's block 0 starts.
+    pub base: u64,
+    pub stride: u64,
+    /// Bytes from a block's start to the furthest member's block end (at most `stride`).
+    pub footprint: u64,
+    pub num_blocks: u64,
+    pub device_id: u64,
+}
+
+/// The [`BlockGroup`]s of `regions`, ordered by (device, stride, blocks, base), and each
+/// region's group index. None if a region's blocks are empty or overlap their stride, or
+/// its addresses overflow (regions may come from a peer).
+pub fn block_groups(regions: &[Region]) -> Option<(Vec<BlockGroup>, Vec<usize>)> {
+    let mut order: Vec<usize> = (0..regions.len()).collect();
+    order.sort_by_key(|&i| {
+        let r = &regions[i];
+        (r.device_id, r.block_stride, r.num_blocks, r.base)
+    });
+    let mut groups: Vec<BlockGroup> = Vec::new();
+    let mut group_of = vec![0usize; regions.len()];
+    for i in order {
+        let r = &regions[i];
+        if r.block_len == 0 || r.block_stride == 0 || r.block_len > r.block_stride {
+            return None;
+        }
+        r.base.checked_add(r.block_stride)?;
+        match groups.last_mut() {
+            // Same key as the last group, so `r.base >= g.base`; `g.base + g.stride` was checked.
+            Some(g)
+                if g.device_id == r.device_id
+                    && g.stride == r.block_stride
+                    && g.num_blocks == r.num_blocks
+                    && r.base < g.base + g.stride
+                    && r.base - g.base + r.block_len <= g.stride =>
+            {
+                g.footprint = g.footprint.max(r.base - g.base + r.block_len);
+            }
+            _ => groups.push(BlockGroup {
+                base: r.base,
+                stride: r.block_stride,
+                footprint: r.block_len,
+                num_blocks: r.num_blocks,
+                device_id: r.device_id,
+            }),
+        }
+        group_of[i] = groups.len() - 1;
+    }
+    Some((groups, group_of))
 }
 
 /// The regions of one engine's KV cache, in tensor order.
@@ -263,26 +347,13 @@ fn infer_opaque(t: &TensorInfo, num_blocks: u64, out: &mut Vec<Region>) -> Resul
     let region = |name: String, base: u64, len: u64, stride: u64, kv: Vec<u8>| Region {
         name,
         layer: t.name.clone(),
-        base,
-        block_len: len,
-        block_stride: stride,
-        num_blocks,
         mem: t.mem,
         device_id: t.device_id,
         kind,
         group: t.group,
         window: t.window,
-        block_tokens: 0,
         kv_parts: kv,
-        kv_stride: 0,
-        first_head: 0,
-        num_heads: 1,
-        total_heads: 1,
-        head_stride: 0,
-        token_stride: 0,
-        unit_len: len,
-        rows: 1,
-        row_stride: 0,
+        ..Region::opaque("", base, len, stride, num_blocks)
     };
     if t.shape[0] == num_blocks {
         let inner: u64 = t.shape[1..].iter().product();
@@ -518,6 +589,23 @@ mod tests {
         let l = KvLayout::from_tensors(&[x], 10, 0, 1).unwrap();
         assert_eq!(l.regions.len(), 2);
         assert_eq!((l.regions[1].kv_parts.clone(), l.regions[1].head_stride, l.regions[1].token_stride), (vec![1], 128, 256));
+    }
+
+    #[test]
+    fn block_groups_fuse_interleaved_views_and_refuse_bad_regions() {
+        // K at +0 and V at +50 of a 100-byte block: one group; a dense region apart.
+        let k = Region::opaque("l.k", 9000, 50, 100, 4);
+        let v = Region::opaque("l.v", 9050, 50, 100, 4);
+        let other = Region::opaque("m", 1000, 100, 100, 4);
+        let (groups, of) = block_groups(&[k, v, other.clone()]).expect("groups");
+        assert_eq!(groups.len(), 2);
+        assert_eq!(of[0], of[1]);
+        assert_eq!((groups[of[0]].base, groups[of[0]].footprint), (9000, 100));
+        assert_eq!((groups[of[2]].base, groups[of[2]].footprint), (1000, 100));
+        // A peer's regions may say anything: empty blocks, overlap, addresses that overflow.
+        assert!(block_groups(&[Region::opaque("z", 0, 0, 8, 1)]).is_none());
+        assert!(block_groups(&[Region::opaque("o", 0, 16, 8, 1)]).is_none());
+        assert!(block_groups(&[Region::opaque("m", u64::MAX - 4, 8, 8, 1), other]).is_none());
     }
 
     #[test]

@@ -694,33 +694,9 @@ impl TransferPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::MemKind;
 
     fn region(name: &str, base: u64, nblocks: u64, len: u64) -> Region {
-        Region {
-            name: name.into(),
-            layer: name.into(),
-            base,
-            block_len: len,
-            block_stride: len,
-            num_blocks: nblocks,
-            mem: MemKind::Dram,
-            device_id: 0,
-            kind: RegionKind::Opaque,
-            group: 0,
-            window: 0,
-            block_tokens: 0,
-            kv_parts: vec![],
-            kv_stride: 0,
-            first_head: 0,
-            num_heads: 1,
-            total_heads: 1,
-            head_stride: 0,
-            token_stride: 0,
-            unit_len: len,
-            rows: 1,
-            row_stride: 0,
-        }
+        Region::opaque(name, base, len, len, nblocks)
     }
 
     fn layout(nregions: usize, nblocks: u64, len: u64) -> KvLayout {

@@ -5,7 +5,7 @@
 //! it is a fast path under the plan's pieces, not a replacement for them: a piece that is
 //! not a whole number of blocks on both sides (TP head splits, different block sizes, K
 //! rows) sends the whole request through per-request lists, as before.
-use kvbridge_core::layout::Region;
+use kvbridge_core::layout::{block_groups, Region};
 use kvbridge_core::plan::Piece;
 use nixl_sys::{MemType, XferDescList, XferDlistHandle};
 
@@ -13,7 +13,7 @@ use nixl_sys::{MemType, XferDescList, XferDlistHandle};
 /// lists cost more memory than they save time, and indices must fit NIXL's `int`).
 pub const MAX_PREPARED_DESCS: u64 = 1 << 22;
 
-/// One region's blocks as numbered descriptors.
+/// One block group's blocks (a region, or interleaved views fused) as numbered descriptors.
 #[derive(Debug, Clone, Copy)]
 struct Unit {
     base: u64,
@@ -25,8 +25,8 @@ struct Unit {
     dev: u64,
 }
 
-/// The descriptor numbering of one side's regions: region `r`'s block `b` is descriptor
-/// `first(r) + b`, regions in their advertised order.
+/// The descriptor numbering of one side's regions: group `g`'s block `b` is descriptor
+/// `first(g) + b`, groups in [`block_groups`]' order.
 #[derive(Debug, Clone)]
 pub struct Units {
     /// In list order.
@@ -43,34 +43,11 @@ impl Units {
     /// as two regions of one tensor) become one unit over their union, as the plan copies
     /// them when both sides' geometries are equal (`plan::fuse_jobs`).
     pub fn new(regions: &[Region]) -> Option<Self> {
-        let mut sorted: Vec<&Region> = regions.iter().collect();
-        sorted.sort_by_key(|r| (r.device_id, r.block_stride, r.num_blocks, r.base));
-        let mut ordered: Vec<Unit> = Vec::with_capacity(regions.len());
-        for r in sorted {
-            if r.block_len == 0 || r.block_stride == 0 || r.block_len > r.block_stride {
-                return None;
-            }
-            let end = r.base.checked_add(r.block_len)?;
-            match ordered.last_mut() {
-                Some(u)
-                    if u.dev == r.device_id
-                        && u.stride == r.block_stride
-                        && u.blocks == r.num_blocks
-                        && r.base < u.base + u.stride
-                        && end.max(u.base + u.len) - u.base <= u.stride =>
-                {
-                    u.len = end.max(u.base + u.len) - u.base;
-                }
-                _ => ordered.push(Unit {
-                    base: r.base,
-                    len: r.block_len,
-                    stride: r.block_stride,
-                    blocks: r.num_blocks,
-                    first: 0,
-                    dev: r.device_id,
-                }),
-            }
-        }
+        let (groups, _) = block_groups(regions)?;
+        let mut ordered: Vec<Unit> = groups
+            .iter()
+            .map(|g| Unit { base: g.base, len: g.footprint, stride: g.stride, blocks: g.num_blocks, first: 0, dev: g.device_id })
+            .collect();
         let mut total = 0u64;
         for u in &mut ordered {
             u.first = total;
@@ -104,8 +81,8 @@ impl Units {
         Ok(l)
     }
 
-    /// The region block that starts at `addr`: (unit, block). Views of one buffer (K and V
-    /// parts interleaved per block) overlap, so a few regions below `addr` are tried.
+    /// The group block that starts at `addr`: (unit, block). Groups of different strides
+    /// could overlap, so a few groups below `addr` are tried.
     fn find(&self, addr: u64) -> Option<(&Unit, u64)> {
         let i = self.by_base.partition_point(|&k| self.ordered[k].base <= addr);
         self.by_base[..i].iter().rev().take(8).map(|&k| &self.ordered[k]).find_map(|u| {
@@ -165,33 +142,9 @@ unsafe impl Send for Prepped {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvbridge_core::layout::{MemKind, RegionKind};
 
     fn region(base: u64, len: u64, stride: u64, blocks: u64) -> Region {
-        Region {
-            name: "l".into(),
-            layer: "l".into(),
-            base,
-            block_len: len,
-            block_stride: stride,
-            num_blocks: blocks,
-            mem: MemKind::Dram,
-            device_id: 0,
-            kind: RegionKind::Attention,
-            group: 0,
-            window: 0,
-            block_tokens: 16,
-            kv_parts: vec![],
-            kv_stride: 0,
-            first_head: 0,
-            num_heads: 1,
-            total_heads: 1,
-            head_stride: 0,
-            token_stride: 0,
-            unit_len: 0,
-            rows: 0,
-            row_stride: 0,
-        }
+        Region::opaque("l", base, len, stride, blocks)
     }
 
     fn piece(local: u64, remote: u64, len: u64) -> Piece {

@@ -9,8 +9,8 @@
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, runtime_or_skip};
-use kvbridge_core::config::{CompatInfo, ConnectorConfig, EngineInfo};
+use common::{free_port, local_config, runtime_or_skip};
+use kvbridge_core::config::ConnectorConfig;
 use kvbridge_core::scheduler::{FinishReason, PullScheduler, SchedulerSide};
 use kvbridge_core::side_channel::SideChannel;
 use kvbridge_core::testkit::{Cache, CacheLayout, Spec};
@@ -26,12 +26,7 @@ fn spec() -> Spec {
 }
 
 fn config(role: &str, engine: &str, port: u16) -> ConnectorConfig {
-    let compat = CompatInfo { model: "lease-test".into(), block_size: 16, ..Default::default() };
-    let json = format!(
-        r#"{{"kv_role":"{role}","engine_id":"{engine}","kv_connector_extra_config":{{"side_channel_host":"127.0.0.1","side_channel_port":{port},"kv_lease_duration":{LEASE},"handshake_timeout":2}}}}"#
-    );
-    ConnectorConfig::from_json(&json, EngineInfo { tp_size: 1, tp_rank: 0, dp_rank: 0, compat, cuda_device: None }, |_| None)
-        .expect("config")
+    local_config(role, engine, port, "lease-test", &format!(",\"kv_lease_duration\":{LEASE}"))
 }
 
 struct Rig {

@@ -316,9 +316,14 @@ impl Worker {
     }
 
     /// The forward ended. Push, P: its WRITEs complete on the writer thread. Pull, P with
-    /// staging: the step's finished prefills are copied into staging slots (GIL released).
+    /// staging: the step's finished prefills are copied into staging slots, with the GIL
+    /// released (only then: other steps keep it, the call is a few atomics).
     fn wait_for_save(&self, py: Python<'_>) {
-        py.allow_threads(|| self.inner.wait_for_save());
+        if self.inner.has_staging_work() {
+            py.allow_threads(|| self.inner.wait_for_save());
+        } else {
+            self.inner.wait_for_save();
+        }
     }
 
     fn get_block_ids_with_load_errors(&self) -> Vec<u32> {

@@ -465,6 +465,12 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         self.send_work(Work::ForwardDone { computing });
     }
 
+    /// Pull, P with staging: copies wait for this step's `wait_for_save` (an engine may
+    /// release its interpreter lock for them, and only then).
+    pub fn has_staging_work(&self) -> bool {
+        self.to_stage.lock().map(|v| !v.is_empty()).unwrap_or(false)
+    }
+
     /// Pull, P with staging: copy the prefills this step completed into their slots.
     fn stage_now(&self) {
         let todo = match self.to_stage.lock() {
@@ -487,8 +493,10 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             match res {
                 Ok(bytes) => tracing::debug!(request_id = %s.req_id, bytes, us = t0.elapsed().as_secs_f64() * 1e6, "kvbridge: staged"),
                 // Block ids come from vLLM and slots from our scheduler: an error here is
-                // a bug. D would read stale slots, so the lease is refused: P's worker
-                // answers D's reads only from leases it holds.
+                // a bug. The slots hold stale bytes, and a READ is one-sided, so P cannot
+                // stop one: the lease is ended on arrival instead, so D's heartbeats and
+                // lease check report the KV gone (a READ started before that still reads
+                // the stale slots).
                 Err(e) => {
                     tracing::error!(request_id = %s.req_id, error = %e, "kvbridge: staging copy failed");
                     lock(&self.inner).core.base.refuse_lease(&s.req_id);

@@ -70,6 +70,20 @@ pub fn peer_key(r: &crate::wire::RemoteRef) -> String {
     format!("{}@{}:{}", r.engine_id, r.host, r.port)
 }
 
+/// The plan for `r`: the peer's cache plan, or its staging plan when P staged the KV
+/// (`remote_staged`); an error if P staged it but advertised no staging buffer.
+fn plan_for<'a>(r: &RecvReq, peer: &str, plan: &'a TransferPlan, staged: Option<&'a TransferPlan>) -> Result<&'a TransferPlan, Error> {
+    match (r.remote.staged, staged) {
+        (false, _) => Ok(plan),
+        (true, Some(s)) => Ok(s),
+        (true, None) => Err(HandshakeError::Rejected {
+            addr: peer.to_string(),
+            reason: "the request's KV is staged (remote_staged) but the prefill engine advertised no staging buffer".into(),
+        }
+        .into()),
+    }
+}
+
 /// The transport connection to remote rank `rank` of `peer`.
 pub fn remote_key(peer: &str, rank: u32) -> String {
     format!("{peer}#{rank}")
@@ -260,16 +274,9 @@ impl PullWorker {
         }
         match self.engines.get_mut(&peer) {
             Some(Engine::Ready { plan, staged, .. }) => {
-                let plan = match (r.remote.staged, staged) {
-                    (false, _) => plan,
-                    (true, Some(s)) => s,
-                    (true, None) => {
-                        let e = HandshakeError::Rejected {
-                            addr: peer.clone(),
-                            reason: "the request's KV is staged (remote_staged) but the prefill engine advertised no staging buffer".into(),
-                        };
-                        return self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e.into());
-                    }
+                let plan = match plan_for(&r, &peer, plan, staged.as_ref()) {
+                    Ok(p) => p,
+                    Err(e) => return self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e),
                 };
                 if plan.tp.remote_tp_size != r.remote.tp_size {
                     let e = HandshakeError::Rejected {
@@ -568,15 +575,9 @@ impl PullWorker {
                 Engine::Ready { plan: plan.clone(), staged: staged.clone(), epoch, clock_offset: clock_offset.unwrap_or(0.0) },
             );
             for r in queued {
-                match (r.remote.staged, &staged) {
-                    (false, _) => self.start(r, peer, &plan, now_unix, &mut actions),
-                    (true, Some(s)) => self.start(r, peer, s, now_unix, &mut actions),
-                    (true, None) => {
-                        let e = Error::Other(format!(
-                            "the request's KV is staged (remote_staged) but the prefill engine at {peer} advertised no staging buffer"
-                        ));
-                        self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e);
-                    }
+                match plan_for(&r, peer, &plan, staged.as_ref()) {
+                    Ok(p) => self.start(r, peer, p, now_unix, &mut actions),
+                    Err(e) => self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e),
                 }
             }
         }

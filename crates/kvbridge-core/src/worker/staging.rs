@@ -16,7 +16,7 @@
 use std::alloc::Layout;
 
 use crate::error::Error;
-use crate::layout::{KvLayout, MemKind, Region};
+use crate::layout::{block_groups, KvLayout, MemKind, Region};
 use crate::wire::StageReq;
 
 /// Staging memory alignment (pages; NIXL and memcpy both like it).
@@ -100,40 +100,15 @@ impl StagingBuffer {
         }
         let bpl = u64::from(layout.blocks_per_logical.max(1));
         let kernel_blocks = (u64::from(slots) + 1) * bpl;
-        // Group regions whose blocks interleave (same stride and count, bases within one
-        // stride, the union not wider than a stride).
-        let mut order: Vec<usize> = (0..layout.regions.len()).collect();
-        order.sort_by_key(|&i| {
-            let r = &layout.regions[i];
-            (r.block_stride, r.num_blocks, r.base)
-        });
-        let mut group_of = vec![0usize; layout.regions.len()];
-        let mut spans: Vec<(u64, u64, u64, u64)> = Vec::new(); // (base, stride, footprint, blocks)
-        for i in order {
-            let r = &layout.regions[i];
-            if r.block_len == 0 || r.block_stride == 0 || r.block_len > r.block_stride {
-                return Err(Error::Other(format!(
-                    "region {}: block length {} / stride {} cannot be staged",
-                    r.name, r.block_len, r.block_stride
-                )));
-            }
-            let joined = match spans.last_mut() {
-                Some(g) if g.1 == r.block_stride && g.3 == r.num_blocks && r.base < g.0 + g.1 && r.base - g.0 + r.block_len <= g.1 => {
-                    g.2 = g.2.max(r.base - g.0 + r.block_len);
-                    true
-                }
-                _ => false,
-            };
-            if !joined {
-                spans.push((r.base, r.block_stride, r.block_len, r.num_blocks));
-            }
-            group_of[i] = spans.len() - 1;
-        }
+        // Views of one buffer interleaved within each block share a staging buffer.
+        let (spans, group_of) = block_groups(&layout.regions)
+            .ok_or_else(|| Error::Other("kv_staging_blocks: a region's block length is 0 or exceeds its stride".into()))?;
         let mut groups = Vec::with_capacity(spans.len());
-        for (base, stride, footprint, blocks) in spans {
-            let len = (kernel_blocks - 1).checked_mul(stride).and_then(|x| x.checked_add(footprint)).and_then(|x| usize::try_from(x).ok());
+        for g in spans {
+            let len =
+                (kernel_blocks - 1).checked_mul(g.stride).and_then(|x| x.checked_add(g.footprint)).and_then(|x| usize::try_from(x).ok());
             let len = len.ok_or_else(|| Error::Other("kv_staging_blocks: staging buffer size overflows".into()))?;
-            groups.push(Group { base, stride, footprint, blocks, buf: Buf::new(len)? });
+            groups.push(Group { base: g.base, stride: g.stride, footprint: g.footprint, blocks: g.num_blocks, buf: Buf::new(len)? });
         }
         let regions = layout
             .regions

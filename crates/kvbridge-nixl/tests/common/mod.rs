@@ -19,3 +19,15 @@ pub fn runtime_or_skip() -> bool {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
+
+/// A single-rank pull config on 127.0.0.1 (`model` names the compat facts, 16-token blocks),
+/// with `extra` appended to `kv_connector_extra_config` (`,"key":value...`).
+#[allow(dead_code)] // not every test binary uses it
+pub fn local_config(role: &str, engine: &str, port: u16, model: &str, extra: &str) -> kvbridge_core::ConnectorConfig {
+    let compat = kvbridge_core::config::CompatInfo { model: model.into(), block_size: 16, ..Default::default() };
+    let json = format!(
+        r#"{{"kv_role":"{role}","engine_id":"{engine}","kv_connector_extra_config":{{"side_channel_host":"127.0.0.1","side_channel_port":{port},"handshake_timeout":2{extra}}}}}"#
+    );
+    let info = kvbridge_core::config::EngineInfo { tp_size: 1, compat, ..Default::default() };
+    kvbridge_core::ConnectorConfig::from_json(&json, info, |_| None).expect("config")
+}
