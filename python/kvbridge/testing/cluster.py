@@ -327,8 +327,8 @@ def same_generation(got: CompletionResult, ref: CompletionResult) -> bool:
     decoding may pick either. That is accepted only with the evidence that it is numerics,
     not wrong KV: both requests made with ``logprobs >= 2``, every earlier position's top
     log-probability equal within ``SAME_LOGPROB_NATS``, and at the first differing position a
-    tie in both runs (top two within ``NEAR_TIE_NATS``) at the same value, among candidates
-    the runs share.
+    tie in both runs (top two within ``NEAR_TIE_NATS``), at values within ``NEAR_TIE_NATS``
+    of each other, among candidates the runs share.
     """
     if got.tokens == ref.tokens:
         return True
@@ -346,10 +346,12 @@ def same_generation(got: CompletionResult, ref: CompletionResult) -> bool:
         spread = (best[0][1] - best[-1][1]) if len(best) == 2 else float("inf")
         return {k for k, _ in best}, best[0][1] if best else float("nan"), spread
 
-    # Each run has a near-tie at its top, at the same value, among overlapping candidates
-    # (bf16 logits tie exactly and often, sometimes three ways, so the two shown may differ).
+    # Each run has a near-tie at its top, among overlapping candidates, at values within a
+    # near-tie of each other (bf16 logits tie exactly and often, sometimes three ways, so
+    # the two shown may differ; in a batch the tied pair can sit one bf16 step, 1/128 nat,
+    # apart: CI saw -7.29123 / -7.29904 under concurrency against -7.29903 tied alone).
     (gk, gv, gs), (rk, rv, rs) = top(got.top_logprobs[i]), top(ref.top_logprobs[i])
-    return bool(gk & rk) and abs(gv - rv) <= SAME_LOGPROB_NATS and gs < NEAR_TIE_NATS and rs < NEAR_TIE_NATS
+    return bool(gk & rk) and abs(gv - rv) < NEAR_TIE_NATS and gs < NEAR_TIE_NATS and rs < NEAR_TIE_NATS
 
 
 def describe_divergence(got: CompletionResult, ref: CompletionResult) -> str:
