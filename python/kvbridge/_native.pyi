@@ -24,7 +24,7 @@ class Scheduler:
     @property
     def transfer_mode(self) -> str: ...
     def prefill_completing(self, reqs: list[tuple[str, list[int], int]]) -> None:
-        """Push, P: (req_id, block_ids, num_tokens) of requests whose prefill completes in this step."""
+        """P: (req_id, block_ids, num_tokens) of requests whose prefill completes in this step (push, staging, host buffer)."""
     def get_num_new_matched_tokens(self, req_id: str, num_prompt_tokens: int, num_computed_tokens: int, kv_transfer_params: Optional[Union[dict[str, Any], str]] = None) -> tuple[int, bool]:
         """kv_transfer_params: the request's dict (converted natively) or JSON text."""
     def update_state_after_alloc(self, req_id: str, unhashed_block_ids: list[int], num_external_tokens: int) -> None: ...
@@ -40,6 +40,10 @@ class Scheduler:
     @property
     def staging_slots(self) -> int:
         """Staging slots (``kv_staging_blocks`` on a pull-mode producer; 0: off)."""
+        ...
+    @property
+    def host_buffer(self) -> bool:
+        """Host-buffer transfers (``kv_buffer_device="cpu"`` on a GPU engine, or ``kv_host_buffer``)."""
         ...
     def has_pending_block_frees(self) -> bool: ...
 

@@ -66,6 +66,7 @@ def _config_json(vllm_config: "VllmConfig", mode: str | None = None) -> str:
         "engine_id": ktc.engine_id,
         "kv_connector_extra_config": extra,
         "kv_load_failure_policy": getattr(ktc, "kv_load_failure_policy", "fail"),
+        "kv_buffer_device": getattr(ktc, "kv_buffer_device", None) or "cuda",
     })
 
 
@@ -259,10 +260,17 @@ class KVBridgeConnector(KVConnectorBase_V1):
         self._idle_step = False
         self._push = False
         self._staging = False
+        self._host_buffer = False
+        #: Host buffer, P: prefills scheduled in chunks so far, as (prompt length, block ids).
+        self._chunked: dict[str, tuple[int, list[int]]] = {}
         if role == KVConnectorRole.SCHEDULER:
-            self._sched = _native.Scheduler(cfg, _engine_info(vllm_config, 0))
+            # The scheduler process may have no CUDA context: the device type decides
+            # whether kv_buffer_device="cpu" means a host buffer (the workers' too).
+            gpu = 0 if str(getattr(vllm_config.device_config, "device_type", "cpu")) == "cuda" else None
+            self._sched = _native.Scheduler(cfg, _engine_info(vllm_config, 0, gpu))
             self._push = self._sched.transfer_mode == "push"
             self._staging = self._sched.staging_slots > 0
+            self._host_buffer = self._sched.host_buffer
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -286,15 +294,32 @@ class KVBridgeConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         assert self._sched is not None
-        if self._push or self._staging:
-            # Requests whose prefill completes in this step (in its first scheduled step):
-            # layer-wise push writes them as they compute; staging copies them out after.
+        if self._push or self._staging or self._host_buffer:
+            # Requests whose prefill completes in this step: layer-wise push writes them as
+            # they compute; staging and the host buffer copy them out after the forward.
             completing = []
             for r in scheduler_output.scheduled_new_reqs:
                 n = scheduler_output.num_scheduled_tokens.get(r.req_id, 0)
                 prompt = len(r.prompt_token_ids or ())
-                if prompt and r.num_computed_tokens + n >= prompt and r.block_ids:
-                    completing.append((r.req_id, list(r.block_ids[0]), prompt))
+                blocks = list(r.block_ids[0]) if r.block_ids else []
+                if prompt and r.num_computed_tokens + n >= prompt and blocks:
+                    completing.append((r.req_id, blocks, prompt))
+                elif prompt and self._host_buffer:
+                    self._chunked[r.req_id] = (prompt, blocks)
+            if self._chunked:
+                # Host buffer: a chunked prefill completes in a later step, as a cached request.
+                cached = scheduler_output.scheduled_cached_reqs
+                for i, rid in enumerate(cached.req_ids):
+                    if rid not in self._chunked:
+                        continue
+                    prompt, blocks = self._chunked[rid]
+                    new = cached.new_block_ids[i]
+                    if new:
+                        blocks = list(new[0]) if rid in cached.resumed_req_ids else blocks + list(new[0])
+                        self._chunked[rid] = (prompt, blocks)
+                    if cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens.get(rid, 0) >= prompt:
+                        completing.append((rid, blocks, prompt))
+                        del self._chunked[rid]
             if completing:
                 self._sched.prefill_completing(completing)
         return KVBridgeMetadata(self._sched.build_connector_meta())
@@ -306,6 +331,7 @@ class KVBridgeConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._sched is not None
+        self._chunked.pop(request.request_id, None)
         params = _params(request)
         if params is None:
             return False, None

@@ -154,6 +154,11 @@ pub struct ConnectorConfig {
     pub kv_staging_blocks: u32,
     /// From [`EngineInfo::cuda_device`].
     pub cuda_device: Option<u32>,
+    /// Host-buffer transfers (vLLM's `kv_buffer_device="cpu"` on a GPU engine): NIXL moves
+    /// a host-DRAM mirror of the KV cache, P copies a finished prefill's blocks into it and D
+    /// copies what it read back to its cache. On by `kv_buffer_device="cpu"` with a CUDA
+    /// device, or by `kv_host_buffer` (which also forces it on a CPU engine, for tests).
+    pub host_buffer: bool,
     pub compat: CompatInfo,
 }
 
@@ -176,6 +181,7 @@ pub const EXTRA_KEYS: &[&str] = &[
     "push_layerwise",
     "push_registration_timeout",
     "kv_staging_blocks",
+    "kv_host_buffer",
 ];
 
 /// Most staging blocks accepted (slot ids are u32, and each costs a block of DRAM).
@@ -313,6 +319,30 @@ impl ConnectorConfig {
                 reason: format!("expected an integer in 0..={MAX_STAGING_BLOCKS}, got {v}"),
             })?,
         };
+        // vLLM's kv_buffer_device: where the KV that NIXL moves lives ("cuda" by default).
+        let kv_buffer_device = match obj.get("kv_buffer_device") {
+            None | Some(Value::Null) => "cuda",
+            Some(Value::String(d)) if d == "cuda" || d == "cpu" => d.as_str(),
+            Some(other) => {
+                return Err(ConfigError::InvalidValue {
+                    key: "kv_buffer_device".into(),
+                    reason: format!("expected \"cuda\" or \"cpu\", got {other}"),
+                })
+            }
+        };
+        let host_buffer = flag("kv_host_buffer", kv_buffer_device == "cpu" && engine.cuda_device.is_some())?;
+        if host_buffer && mode == TransferMode::Push {
+            return Err(ConfigError::InvalidValue {
+                key: "kv_host_buffer".into(),
+                reason: "host-buffer transfers (kv_buffer_device=\"cpu\" on a GPU engine) need transfer_mode \"pull\"".into(),
+            });
+        }
+        if host_buffer && kv_staging_blocks > 0 && role.can_produce() {
+            return Err(ConfigError::InvalidValue {
+                key: "kv_staging_blocks".into(),
+                reason: "staging and host-buffer transfers (kv_buffer_device=\"cpu\") both copy the KV to host memory: use one".into(),
+            });
+        }
         let null_block_id = match extra.get("null_block_id") {
             None => Some(0),
             Some(Value::Null) => None,
@@ -362,6 +392,7 @@ impl ConnectorConfig {
             push_layerwise,
             push_registration_timeout,
             cuda_device: engine.cuda_device,
+            host_buffer,
             compat: engine.compat,
         })
     }
@@ -413,6 +444,33 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
+    }
+
+    #[test]
+    fn host_buffer_follows_kv_buffer_device_on_gpu_engines() {
+        let gpu = EngineInfo { cuda_device: Some(0), ..Default::default() };
+        let cfg = |j: &str, e: &EngineInfo| ConnectorConfig::from_json(j, e.clone(), no_env);
+        let on = cfg(r#"{"kv_role":"kv_producer","engine_id":"e","kv_buffer_device":"cpu"}"#, &gpu).expect("cpu buffer");
+        assert!(on.host_buffer);
+        let off = cfg(r#"{"kv_role":"kv_producer","engine_id":"e","kv_buffer_device":"cuda"}"#, &gpu).expect("cuda buffer");
+        assert!(!off.host_buffer);
+        // A CPU engine's cache is host memory already (vLLM ignores kv_buffer_device there)...
+        let cpu = cfg(r#"{"kv_role":"kv_producer","engine_id":"e","kv_buffer_device":"cpu"}"#, &EngineInfo::default()).expect("cpu");
+        assert!(!cpu.host_buffer);
+        // ...unless forced.
+        let forced =
+            cfg(r#"{"kv_role":"kv_consumer","engine_id":"e","kv_connector_extra_config":{"kv_host_buffer":true}}"#, &EngineInfo::default())
+                .expect("forced");
+        assert!(forced.host_buffer);
+        for bad in [
+            r#"{"kv_role":"kv_producer","engine_id":"e","kv_buffer_device":"tpu"}"#,
+            r#"{"kv_role":"kv_producer","engine_id":"e","kv_buffer_device":7}"#,
+            r#"{"kv_role":"kv_producer","engine_id":"e","kv_connector_extra_config":{"kv_host_buffer":"yes"}}"#,
+            r#"{"kv_role":"kv_producer","engine_id":"e","kv_buffer_device":"cpu","kv_connector_extra_config":{"transfer_mode":"push"}}"#,
+            r#"{"kv_role":"kv_producer","engine_id":"e","kv_buffer_device":"cpu","kv_connector_extra_config":{"kv_staging_blocks":8}}"#,
+        ] {
+            assert!(matches!(cfg(bad, &gpu), Err(ConfigError::InvalidValue { .. })), "{bad}");
+        }
     }
 
     #[test]

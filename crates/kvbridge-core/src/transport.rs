@@ -54,4 +54,11 @@ pub trait Transport: Send {
         let _ = (device_id, copies);
         Err(TransportError::new("unsupported", "this transport cannot copy device memory to the host".to_string()))
     }
+    /// Copy host memory to device memory, synchronously (D's host buffer, after a read):
+    /// `copies` are `(device address, host address, bytes)` on device `device_id`. The
+    /// default refuses.
+    fn copy_host_to_device(&mut self, device_id: u64, copies: &[(u64, u64, u64)]) -> Result<(), TransportError> {
+        let _ = (device_id, copies);
+        Err(TransportError::new("unsupported", "this transport cannot copy host memory to a device".to_string()))
+    }
 }

@@ -396,16 +396,7 @@ impl Transport for NixlTransport {
         Ok(self.take_notifs_impl()?)
     }
     fn copy_device_to_host(&mut self, device_id: u64, copies: &[(u64, u64, u64)]) -> Result<(), TransportError> {
-        let ctx = self.cuda.as_ref().ok_or(NixlError::CudaUnavailable)?;
-        if ctx.ordinal() as u64 != device_id {
-            return Err(NixlError::CudaDevice {
-                ordinal: u32::try_from(device_id).unwrap_or(u32::MAX),
-                reason: format!("the cache is on device {device_id}, this agent's context on device {}", ctx.ordinal()),
-            }
-            .into());
-        }
-        let ordinal = ctx.ordinal() as u32;
-        ctx.bind_to_thread().map_err(|e| NixlError::CudaDevice { ordinal, reason: e.to_string() })?;
+        let ordinal = self.bind_cuda(device_id)?;
         for &(src, dst, len) in copies {
             // SAFETY: the caller (the staging buffer) checked both ranges: `src..src+len` is
             // in the registered device cache, `dst..dst+len` in its own host allocation.
@@ -415,5 +406,34 @@ impl Transport for NixlTransport {
                 .map_err(|e| NixlError::CudaDevice { ordinal, reason: format!("device→host copy: {e}") })?;
         }
         Ok(())
+    }
+    fn copy_host_to_device(&mut self, device_id: u64, copies: &[(u64, u64, u64)]) -> Result<(), TransportError> {
+        let ordinal = self.bind_cuda(device_id)?;
+        for &(dst, src, len) in copies {
+            // SAFETY: the caller (the host buffer) checked both ranges: `dst..dst+len` is in
+            // the registered device cache, `src..src+len` in its own host allocation.
+            let host = unsafe { std::slice::from_raw_parts(src as usize as *const u8, len as usize) };
+            // SAFETY: as above; the context of the cache's device is current.
+            unsafe { cudarc::driver::result::memcpy_htod_sync(dst, host) }
+                .map_err(|e| NixlError::CudaDevice { ordinal, reason: format!("host→device copy: {e}") })?;
+        }
+        Ok(())
+    }
+}
+
+impl NixlTransport {
+    /// Make this agent's CUDA context (bound at start-up) current on the calling thread,
+    /// checking that it is `device_id`'s. Returns the device ordinal.
+    fn bind_cuda(&self, device_id: u64) -> Result<u32, NixlError> {
+        let ctx = self.cuda.as_ref().ok_or(NixlError::CudaUnavailable)?;
+        let ordinal = ctx.ordinal() as u32;
+        if u64::from(ordinal) != device_id {
+            return Err(NixlError::CudaDevice {
+                ordinal: u32::try_from(device_id).unwrap_or(u32::MAX),
+                reason: format!("the cache is on device {device_id}, this agent's context on device {ordinal}"),
+            });
+        }
+        ctx.bind_to_thread().map_err(|e| NixlError::CudaDevice { ordinal, reason: e.to_string() })?;
+        Ok(ordinal)
     }
 }

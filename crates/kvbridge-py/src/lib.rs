@@ -100,8 +100,9 @@ impl Scheduler {
         self.inner.config().mode.as_str()
     }
 
-    /// Push, P: requests whose prefill completes in the step being built, as
-    /// `(req_id, block_ids, num_tokens)` (layer-wise push writes them as they compute).
+    /// P: requests whose prefill completes in the step being built, as
+    /// `(req_id, block_ids, num_tokens)`: layer-wise push writes them as they compute;
+    /// staging and the host buffer copy them out after the forward.
     fn prefill_completing(&mut self, reqs: Vec<(String, Vec<u32>, u64)>) {
         for (r, blocks, n) in reqs {
             self.inner.prefill_completing(&r, &blocks, n);
@@ -196,6 +197,13 @@ impl Scheduler {
     #[getter]
     fn staging_slots(&self) -> u32 {
         self.inner.staging_slots()
+    }
+
+    /// Host-buffer transfers (`kv_buffer_device="cpu"` on a GPU engine, or
+    /// `kv_host_buffer`): P must report every prefill's completing step.
+    #[getter]
+    fn host_buffer(&self) -> bool {
+        self.inner.config().host_buffer
     }
 
     fn has_pending_block_frees(&self) -> bool {

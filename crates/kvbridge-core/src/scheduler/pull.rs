@@ -31,6 +31,10 @@ pub struct PullScheduler {
     producing: HashSet<String>,
     /// P: the staging slots (`kv_staging_blocks`; disabled when 0).
     pub staging: Staging,
+    /// P with a host buffer: requests whose blocks were ordered copied to it. A request
+    /// missing here when it finishes is not offered for a remote decode (D would read
+    /// stale host memory).
+    host_copied: HashSet<String>,
 }
 
 /// Requests whose parsed params are kept between `on_new_request` and their first match.
@@ -47,6 +51,7 @@ impl PullScheduler {
             consumed: HashSet::new(),
             pre_parsed: HashMap::new(),
             producing: HashSet::new(),
+            host_copied: HashSet::new(),
         }
     }
 
@@ -165,7 +170,9 @@ impl SchedulerSide for PullScheduler {
         match params {
             KvParams::None => Matched::NONE,
             KvParams::RemoteDecode if self.cfg.role.can_produce() => {
-                if self.staging.enabled() && self.producing.len() < MAX_PRE_PARSED {
+                // A host buffer needs every producing request's copy: no bound there (the
+                // set holds running requests only; `request_finished` removes them).
+                if self.cfg.host_buffer || (self.staging.enabled() && self.producing.len() < MAX_PRE_PARSED) {
                     self.producing.insert(req_id.to_string());
                 }
                 Matched::NONE
@@ -226,6 +233,7 @@ impl SchedulerSide for PullScheduler {
         self.base.rejected.remove(req_id);
         self.pre_parsed.remove(req_id);
         self.producing.remove(req_id);
+        let host_copied = self.host_copied.remove(req_id);
         // Staged, P: the KV was copied out when the prefill ended, so vLLM frees its blocks
         // now; the slots are held for the reader instead (or freed, if nothing will read).
         if self.staging.slots(req_id).is_some() && !self.staging.is_leased(req_id) {
@@ -255,6 +263,10 @@ impl SchedulerSide for PullScheduler {
         }
         let Ok(KvParams::RemoteDecode) = params else { return none };
         if !self.cfg.role.can_produce() || !reason.completed() || block_ids.is_empty() {
+            return none;
+        }
+        if self.cfg.host_buffer && !host_copied {
+            tracing::error!(request_id = %req_id, "kvbridge: the prefill's KV was never copied to the host buffer (its completing step was not reported); not offering it for a remote decode");
             return none;
         }
         let Some(port) = self.cfg.advertised_port() else { return none };
@@ -295,6 +307,16 @@ impl SchedulerSide for PullScheduler {
     }
 
     fn prefill_completing(&mut self, req_id: &str, block_ids: &[u32], _num_tokens: u64) {
+        // Host buffer: copy the blocks to their own ids in the host mirror, at the end of
+        // this step (the worker's `wait_for_save`), before `request_finished` offers them.
+        if self.cfg.host_buffer {
+            if self.producing.contains(req_id) {
+                let ids = block_ids.to_vec();
+                self.base.push_stage(StageReq { req_id: req_id.to_string(), block_ids: ids.clone(), slots: ids });
+                self.host_copied.insert(req_id.to_string());
+            }
+            return;
+        }
         // Staging: copy the KV out once this step's forward has computed it. Too few free
         // slots: the request keeps its blocks in place (vLLM holds them, as without staging).
         if !self.staging.enabled() || !self.producing.contains(req_id) {

@@ -65,8 +65,11 @@ pub struct WorkerDriver<T: Transport + 'static> {
     last_evict: AtomicU64,
     /// Held blocks at the last stats sample.
     last_held: AtomicU64,
-    /// P, pull with staging: the staging memory (after registration).
+    /// P, pull with staging: the staging memory (after registration). With a host buffer
+    /// (`kv_buffer_device="cpu"`), on either side: the host mirror of the cache.
     staging: RwLock<Option<Arc<StagingBuffer>>>,
+    /// D with a host buffer: the blocks each load fills, copied to the cache once read.
+    host_loads: Mutex<HashMap<String, Vec<u32>>>,
     /// P, pull with staging: copies ordered by this step's metadata, done in `wait_for_save`.
     to_stage: Mutex<Vec<StageReq>>,
 }
@@ -138,6 +141,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             last_held: AtomicU64::new(0),
             staging: RwLock::new(None),
             to_stage: Mutex::new(Vec::new()),
+            host_loads: Mutex::new(HashMap::new()),
         })
     }
 
@@ -154,11 +158,20 @@ impl<T: Transport + 'static> WorkerDriver<T> {
     /// Register the KV cache tensors and start serving handshakes. `num_blocks` counts
     /// logical (scheduler) blocks.
     pub fn register(&self, tensors: &[TensorInfo], num_blocks: u64) -> Result<KvLayout, Error> {
-        let layout = KvLayout::from_tensors(tensors, num_blocks, self.cfg.tp_rank, self.cfg.tp_size)?;
+        let cache = KvLayout::from_tensors(tensors, num_blocks, self.cfg.tp_rank, self.cfg.tp_size)?;
+        // Host buffer (`kv_buffer_device="cpu"`): NIXL sees a host mirror of the cache, not
+        // the cache; everything below plans and moves the mirror.
+        let (layout, mirror) = if self.cfg.host_buffer {
+            let m = StagingBuffer::mirror(&cache)?;
+            tracing::info!(mib = m.bytes() as f64 / (1u64 << 20) as f64, cache = ?m.source, "kvbridge: host buffer allocated (kv_buffer_device=cpu)");
+            (KvLayout { regions: m.regions.clone(), ..cache.clone() }, Some(Arc::new(m)))
+        } else {
+            (cache.clone(), None)
+        };
         // Staging memory is registered with the cache (one registration call), and
         // advertised next to it.
         let staging = match self.cfg.staging_blocks() {
-            0 => None,
+            0 => mirror,
             n => {
                 let st = StagingBuffer::new(&layout, n)?;
                 tracing::info!(slots = n, mib = st.bytes() as f64 / (1u64 << 20) as f64, "kvbridge: staging buffer allocated");
@@ -168,11 +181,11 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         let payload = {
             let mut g = lock(&self.inner);
             match &staging {
-                Some(st) => {
+                Some(st) if !self.cfg.host_buffer => {
                     let both = KvLayout { regions: [layout.regions.clone(), st.regions.clone()].concat(), ..layout.clone() };
                     g.transport.register(&both)?;
                 }
-                None => g.transport.register(&layout)?,
+                _ => g.transport.register(&layout)?,
             }
             let nixl_md = g.transport.local_metadata()?;
             let md = AgentMetadata {
@@ -184,7 +197,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 blocks_per_logical: layout.blocks_per_logical,
                 regions: layout.regions.clone(),
                 nixl_md,
-                staging_regions: staging.as_ref().map(|st| st.regions.clone()).unwrap_or_default(),
+                staging_regions: staging.as_ref().filter(|_| !self.cfg.host_buffer).map(|st| st.regions.clone()).unwrap_or_default(),
             };
             g.core.on_registered(layout.clone(), self.block_size);
             if self.work.is_some() {
@@ -241,8 +254,14 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         });
         let handlers = Handlers { register: on_register, heartbeat: Some(self.heartbeat_handler()), inspect: Some(self.inspect_handler()) };
         self.side.serve_with(&self.cfg.side_channel_host, port, self.payload.clone(), handlers)?;
-        tracing::info!(regions = layout.regions.len(), num_blocks, port, "kvbridge: KV caches registered");
-        Ok(layout)
+        tracing::info!(
+            regions = layout.regions.len(),
+            num_blocks,
+            port,
+            host_buffer = self.cfg.host_buffer,
+            "kvbridge: KV caches registered"
+        );
+        Ok(cache)
     }
 
     /// P: renew leases on a decode engine's heartbeat (by 2/3 of the lease, as vLLM).
@@ -335,6 +354,14 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             }
         }
         self.start_push(&mut md);
+        if self.cfg.host_buffer {
+            if let Ok(mut h) = self.host_loads.lock() {
+                for r in md.reqs_to_recv.iter().filter(|r| !r.notify_only) {
+                    let ids = r.local_block_ids.iter().flatten().copied().filter(|&b| Some(b) != self.cfg.null_block_id);
+                    h.insert(r.req_id.clone(), ids.collect());
+                }
+            }
+        }
         if md.reqs_to_recv.is_empty() && md.reqs_to_send.is_empty() && md.reqs_failed.is_empty() {
             return Ok(());
         }
@@ -505,6 +532,44 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         }
     }
 
+    /// D with a host buffer: copy what finished loads read into the host mirror back to
+    /// the cache, before vLLM hears the loads finished. A failed copy fails the load.
+    fn restore_loads(&self, out: &mut FinishedSets) {
+        let mut loads = match self.host_loads.lock() {
+            Ok(h) if !h.is_empty() => h,
+            _ => return,
+        };
+        let done: Vec<(String, Vec<u32>)> = out.recving.iter().filter_map(|r| loads.remove(r).map(|b| (r.clone(), b))).collect();
+        drop(loads);
+        let st = self.staging.read().ok().and_then(|g| g.clone());
+        for (req, blocks) in done {
+            if out.failed_recving.contains(&req) || blocks.is_empty() {
+                continue;
+            }
+            let _span = tracing::debug_span!("host_to_cache", request_id = %req, blocks = blocks.len()).entered();
+            let t0 = std::time::Instant::now();
+            let s = StageReq { req_id: req.clone(), block_ids: blocks.clone(), slots: blocks.clone() };
+            let res = match &st {
+                Some(st) if st.source == crate::layout::MemKind::Dram => st.restore(&s),
+                Some(st) => st.restores(&s).and_then(|c| {
+                    let bytes = c.iter().map(|x| x.2).sum();
+                    lock(&self.inner).transport.copy_host_to_device(st.device, &c).map(|_| bytes).map_err(Error::from)
+                }),
+                None => Err(Error::Other("host buffer on but none is registered".into())),
+            };
+            match res {
+                Ok(bytes) => {
+                    tracing::debug!(request_id = %req, bytes, us = t0.elapsed().as_secs_f64() * 1e6, "kvbridge: host buffer copied to the cache")
+                }
+                Err(e) => {
+                    tracing::error!(request_id = %req, error = %e, "kvbridge: copying the host buffer to the cache failed; the load fails");
+                    out.invalid_block_ids.extend(blocks);
+                    out.failed_recving.push(req);
+                }
+            }
+        }
+    }
+
     pub fn push_stats(&self) -> PushStats {
         lock_ctl(&self.push).stats.clone()
     }
@@ -604,6 +669,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             run(&self.inner, &self.side, &self.cfg, follow);
         }
         let mut out = lock(&self.inner).core.base.take_finished();
+        self.restore_loads(&mut out);
         if push_mode {
             c.receiver.tick(now);
             let (ok, failed) = c.receiver.take();

@@ -9,6 +9,12 @@
 //! Views of one buffer interleaved block by block (vLLM's CPU K and V parts) share one
 //! staging buffer and are copied together, one range per block.
 //!
+//! The same buffer, made with [`StagingBuffer::mirror`], is the host buffer of
+//! `kv_buffer_device="cpu"` (`ConnectorConfig::host_buffer`): one slot per cache block, slot
+//! = block id, registered with NIXL *instead of* the cache. P copies a finished prefill's
+//! blocks into it ([`copies`](StagingBuffer::copies)); D reads into its own and copies the
+//! blocks it read back into its cache ([`restores`](StagingBuffer::restores)).
+//!
 //! The staging memory is always host DRAM. DRAM caches are copied with `memcpy`; GPU caches
 //! (VRAM, one device) are copied device→host by the transport
 //! ([`crate::transport::Transport::copy_device_to_host`]), and D then reads host memory (UCX
@@ -73,6 +79,8 @@ pub struct StagingBuffer {
     /// One per cache region, in the cache layout's order (advertised as `staging_regions`).
     pub regions: Vec<Region>,
     slots: u32,
+    /// The lowest slot handed out: 1 for staging (slot 0 unused), 0 for a mirror.
+    first_slot: u32,
     blocks_per_logical: u64,
 }
 
@@ -85,6 +93,19 @@ impl std::fmt::Debug for StagingBuffer {
 impl StagingBuffer {
     /// Staging for `slots` logical blocks of `layout` (DRAM caches, one KV cache group).
     pub fn new(layout: &KvLayout, slots: u32) -> Result<Self, Error> {
+        Self::with_slots(layout, slots, 1)
+    }
+
+    /// A host mirror of the whole cache (the host buffer of `kv_buffer_device="cpu"`): block
+    /// `b` of the cache is slot `b` of the mirror, block 0 included.
+    pub fn mirror(layout: &KvLayout) -> Result<Self, Error> {
+        let logical = layout.regions.iter().map(|r| r.num_blocks).min().unwrap_or(0) / u64::from(layout.blocks_per_logical.max(1));
+        let slots = u32::try_from(logical.saturating_sub(1))
+            .map_err(|_| Error::Other(format!("host buffer: {logical} blocks exceed the block id range")))?;
+        Self::with_slots(layout, slots, 0)
+    }
+
+    fn with_slots(layout: &KvLayout, slots: u32, first_slot: u32) -> Result<Self, Error> {
         let (mem, device) = layout.regions.first().map(|r| (r.mem, r.device_id)).unwrap_or((MemKind::Dram, 0));
         if let Some(r) = layout.regions.iter().find(|r| r.mem != mem || r.device_id != device) {
             return Err(Error::Other(format!(
@@ -126,7 +147,7 @@ impl StagingBuffer {
                 }
             })
             .collect();
-        Ok(Self { source: mem, device, groups, regions, slots, blocks_per_logical: bpl })
+        Ok(Self { source: mem, device, groups, regions, slots, first_slot, blocks_per_logical: bpl })
     }
 
     /// Total staging bytes.
@@ -150,8 +171,8 @@ impl StagingBuffer {
         }
         let bpl = self.blocks_per_logical;
         for (&b, &slot) in s.block_ids.iter().zip(&s.slots) {
-            if slot == 0 || slot > self.slots {
-                return Err(Error::Other(format!("request {}: staging slot {slot} out of 1..={}", s.req_id, self.slots)));
+            if slot < self.first_slot || slot > self.slots {
+                return Err(Error::Other(format!("request {}: staging slot {slot} out of {}..={}", s.req_id, self.first_slot, self.slots)));
             }
             if let Some(g) = self.groups.iter().find(|g| (u64::from(b) + 1) * bpl > g.blocks) {
                 return Err(Error::Other(format!("request {}: block {b} out of range ({} kernel blocks)", s.req_id, g.blocks)));
@@ -169,17 +190,34 @@ impl StagingBuffer {
         Ok(out)
     }
 
+    /// The copies back: slot `s.slots[i]` into cache block `s.block_ids[i]`, as
+    /// `(cache address, staging address, bytes)` (the direction is the caller's).
+    pub fn restores(&self, s: &StageReq) -> Result<Vec<(u64, u64, u64)>, Error> {
+        self.copies(s)
+    }
+
     /// Stage a DRAM cache's blocks with `memcpy`. Returns the bytes copied. (A VRAM cache's
     /// [`copies`](Self::copies) go to the transport instead.)
     pub fn copy(&self, s: &StageReq) -> Result<u64, Error> {
+        self.memcpy(s, false)
+    }
+
+    /// Copy slots back into a DRAM cache's blocks with `memcpy` (D's host buffer, after a
+    /// read). Returns the bytes copied.
+    pub fn restore(&self, s: &StageReq) -> Result<u64, Error> {
+        self.memcpy(s, true)
+    }
+
+    fn memcpy(&self, s: &StageReq, back: bool) -> Result<u64, Error> {
         if self.source != MemKind::Dram {
-            return Err(Error::Other("staging a GPU cache needs the transport's device copies".into()));
+            return Err(Error::Other("a GPU cache is copied to and from host memory by the transport (CUDA)".into()));
         }
         let mut bytes = 0;
-        for (src, dst, len) in self.copies(s)? {
-            // SAFETY: `copies` checked both ranges: the source lies in the registered
-            // cache (block < blocks, footprint within the regions' block ends), the
-            // destination in this staging buffer (slot <= slots); they never overlap.
+        for (cache, staging, len) in self.copies(s)? {
+            let (src, dst) = if back { (staging, cache) } else { (cache, staging) };
+            // SAFETY: `copies` checked both ranges: the cache range lies in the registered
+            // cache (block < blocks, footprint within the regions' block ends), the staging
+            // range in this buffer (slot <= slots); the two never overlap.
             unsafe { std::ptr::copy_nonoverlapping(src as usize as *const u8, dst as usize as *mut u8, len as usize) };
             bytes += len;
         }
@@ -219,6 +257,28 @@ mod tests {
                     assert_eq!(a, z, "{layout:?} region {} block {b} → slot {slot}", r.name);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_mirror_round_trips_blocks_at_their_own_ids() {
+        for layout in [CacheLayout::Hnd, CacheLayout::KvSplitNhd, CacheLayout::CpuVec] {
+            let mut cache = Cache::new(spec(layout));
+            let blocks = vec![vec![0, 3, 7]];
+            cache.fill(&blocks, 10);
+            let kv = cache.layout();
+            let m = StagingBuffer::mirror(&kv).expect("mirror");
+            for (r, s) in kv.regions.iter().zip(&m.regions) {
+                assert_eq!((s.num_blocks, s.block_len, s.block_stride), (r.num_blocks, r.block_len, r.block_stride), "{layout:?}");
+            }
+            let req = StageReq { req_id: "r".into(), block_ids: vec![0, 3, 7], slots: vec![0, 3, 7] };
+            m.copy(&req).expect("to the mirror");
+            cache.reset(); // the cache forgets; the mirror keeps the copy
+            assert!(cache.check(&blocks, 10).is_err());
+            m.restore(&req).expect("back to the cache");
+            cache.check(&blocks, 10).unwrap_or_else(|e| panic!("{layout:?}: {e}"));
+            let past = StageReq { req_id: "r".into(), block_ids: vec![8], slots: vec![8] };
+            assert!(m.restore(&past).is_err(), "a block past the cache is an error");
         }
     }
 
