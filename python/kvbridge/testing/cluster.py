@@ -422,7 +422,8 @@ class Cluster:
     NixlPushConnector). ``extra_config`` is merged into ``kv_connector_extra_config``.
     ``prefix_caching`` applies to both servers unless ``p_prefix_caching`` sets P's on its own.
     ``block_sizes`` sets P's and D's ``--block-size`` (None: vLLM's default). ``dtype`` is both
-    servers' ``--dtype``. ``extra_env`` is added to every process's env.
+    servers' ``--dtype``. ``extra_env`` is added to every process's env. ``server_args`` are
+    appended to both servers' command lines.
     """
 
     def __init__(
@@ -445,6 +446,7 @@ class Cluster:
         kv_load_failure_policy: str | None = None,
         engine_ids: tuple[str | None, str | None] = (None, None),
         dtype: str = "bfloat16",
+        server_args: tuple[str, ...] = (),
     ) -> None:
         if connector not in CONNECTORS:
             raise ValueError(f"connector must be one of {sorted(CONNECTORS)}, not {connector!r}")
@@ -453,6 +455,7 @@ class Cluster:
         self.kv_load_failure_policy = kv_load_failure_policy
         self.engine_ids = engine_ids
         self.dtype = dtype
+        self.server_args = tuple(server_args)
         self.model_dir = str(Path(model_dir).resolve())
         self.connector = connector
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="kvbridge-cluster-"))
@@ -546,6 +549,7 @@ class Cluster:
             else "--no-enable-prefix-caching",
             "--kv-transfer-config", json.dumps(self.kv_transfer_config(role)),
             *(["--block-size", str(bs)] if bs else []),
+            *self.server_args,
         ]  # fmt: skip
 
     # -- lifecycle

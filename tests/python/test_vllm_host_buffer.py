@@ -1,0 +1,76 @@
+"""Host-buffer transfers (vLLM's ``kv_buffer_device="cpu"``) through real vLLM.
+
+On a GPU engine ``kv_buffer_device="cpu"`` turns them on; this CPU machine forces them with
+``kv_host_buffer: true`` on both servers, so NIXL moves a host mirror of each cache and never
+the cache: P copies each finished prefill's blocks into its mirror in ``wait_for_save``, D
+reads into its own mirror and copies what it read into its cache before vLLM hears the load
+finished. Only the copy primitive differs on a GPU (CUDA memcpy; ``crates/kvbridge-nixl/
+tests/gpu.rs``).
+
+Both servers run with ``--max-num-batched-tokens 256``, so prompts over 256 tokens are
+prefilled in chunks and the copy must wait for the last one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import expected_kv_bytes, fresh_prompt, log_dir_for
+
+from kvbridge.testing.cluster import SAME_LOGPROB_NATS, Cluster, complete, describe_divergence, same_generation
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir: Path, connector: str) -> Iterator[Cluster]:
+    if connector != "kvbridge":
+        pytest.skip("kv_host_buffer forces kvbridge's host buffer on a CPU engine (NixlConnector has no such switch)")
+    c = Cluster(
+        model_dir, connector="kvbridge", log_dir=log_dir_for(__name__), extra_config={"kv_host_buffer": True},
+        p_port=8170, d_port=8270, proxy_port=8070, side_ports=(5670, 5770), prefix_caching=False,
+        server_args=("--max-num-batched-tokens", "256"),
+    )  # fmt: skip
+    with c:
+        yield c
+
+
+def test_both_servers_move_a_host_buffer(cluster: Cluster) -> None:
+    for name in ("prefill", "decode"):
+        log = cluster.log_path(name).read_text(errors="replace")
+        assert "host buffer allocated" in log and "host_buffer=true" in log, f"{name}: no host buffer in {cluster.log_path(name)}"
+
+
+@pytest.mark.parametrize("n_tokens", [129, 700, 2048])
+def test_host_buffer_tokens_equal_single_instance(cluster: Cluster, n_tokens: int) -> None:
+    """700 and 2048 tokens are prefilled in 3 and 8 chunks: P offers the KV only if the
+    copy ran after the last chunk (params would be missing otherwise)."""
+    prompt = fresh_prompt(n_tokens)
+    offset = cluster.log_offset("decode")
+    pd = cluster.pd_request(prompt, MAX_TOKENS, logprobs=2)
+    assert pd.prefill.ok and pd.prefill.kv_transfer_params, pd.prefill
+    assert pd.decode.ok, pd.decode
+    records = cluster.xfer_since(offset, count=1, timeout=5.0)
+    assert len(records) == 1 and records[0].bytes == expected_kv_bytes(n_tokens), records
+    ref = cluster.reference(prompt, MAX_TOKENS)
+    assert same_generation(pd.decode, ref) and len(pd.decode.tokens) == MAX_TOKENS, describe_divergence(pd.decode, ref)
+    # D's first token is computed on the KV it loaded: its distribution must match.
+    got, want = pd.decode.top_logprobs[0], ref.top_logprobs[0]
+    shared = got.keys() & want.keys()
+    assert shared and all(abs(got[k] - want[k]) <= SAME_LOGPROB_NATS for k in shared), (got, want)
+
+
+def test_nothing_left_held(cluster: Cluster) -> None:
+    """After D has read, P's blocks are released (P needs a step to read D's word)."""
+    pd = cluster.pd_request(fresh_prompt(300), 4)
+    assert pd.decode.ok
+    deadline = time.monotonic() + 10.0
+    while cluster.held("prefill")["held_blocks"] != 0:
+        assert time.monotonic() < deadline, cluster.held("prefill")
+        assert complete(cluster.p_url, fresh_prompt(8), 1).ok
+        time.sleep(0.5)
