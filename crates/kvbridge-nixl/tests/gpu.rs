@@ -184,12 +184,47 @@ fn cuda_paths_without_a_driver_are_typed_errors() {
     assert!(err.to_string().contains("CUDA"), "{err}");
 }
 
+/// A single-rank pull config on 127.0.0.1: `top` is added to the top-level JSON (`,"key":v`),
+/// `extra` to `kv_connector_extra_config`.
+fn gpu_cfg(role: &str, engine: &str, port: u16, cuda: Option<u32>, top: &str, extra: &str) -> kvbridge_core::ConnectorConfig {
+    use kvbridge_core::config::{CompatInfo, EngineInfo};
+    let json = format!(
+        r#"{{"kv_role":"{role}","engine_id":"{engine}"{top},"kv_connector_extra_config":{{"side_channel_host":"127.0.0.1","side_channel_port":{port},"handshake_timeout":5{extra}}}}}"#
+    );
+    let compat = CompatInfo { model: "gpu-lane".into(), block_size: 16, ..Default::default() };
+    kvbridge_core::ConnectorConfig::from_json(&json, EngineInfo { tp_size: 1, compat, cuda_device: cuda, ..Default::default() }, |_| None)
+        .expect("config")
+}
+
+/// Step D and P until D's load of `req` is reported; returns how long that took.
+fn load_until_done(
+    p: &kvbridge_nixl::NixlWorker,
+    ps: &mut kvbridge_core::scheduler::PullScheduler,
+    d: &kvbridge_nixl::NixlWorker,
+    ds: &mut kvbridge_core::scheduler::PullScheduler,
+    req: &str,
+) -> Duration {
+    use kvbridge_core::scheduler::SchedulerSide;
+    let t0 = Instant::now();
+    loop {
+        d.start_load(&ds.build_connector_meta().to_bytes().unwrap()).unwrap();
+        p.start_load(&ps.build_connector_meta().to_bytes().unwrap()).unwrap();
+        let (pf, df) = (p.get_finished(), d.get_finished());
+        assert!(df.failed_recving.is_empty(), "{df:?}");
+        ps.update_connector_output(&pf.sending, &[]);
+        if df.recving.iter().any(|r| r == req) {
+            return t0.elapsed();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "D's load did not finish");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 /// P on the GPU with `kv_staging_blocks`: the staged KV is copied device→host in
 /// `wait_for_save`, P's VRAM blocks are then overwritten, and D (a DRAM cache here) still
 /// reads every byte from P's host staging buffer.
 #[test]
 fn gpu_p_stages_to_host_and_d_reads_it() {
-    use kvbridge_core::config::{CompatInfo, ConnectorConfig, EngineInfo};
     use kvbridge_core::scheduler::{FinishReason, PullScheduler, SchedulerSide};
     use kvbridge_core::worker::driver::now_unix;
 
@@ -199,14 +234,8 @@ fn gpu_p_stages_to_host_and_d_reads_it() {
     const BLOCKS: u64 = 32;
     const BB: u64 = 64 << 10;
     let (pp, dp) = (free_port(), free_port());
-    let cfg = |role: &str, engine: &str, port: u16, cuda: Option<u32>| {
-        let json = format!(
-            r#"{{"kv_role":"{role}","engine_id":"{engine}","kv_connector_extra_config":{{"side_channel_host":"127.0.0.1","side_channel_port":{port},"handshake_timeout":5,"kv_staging_blocks":8}}}}"#
-        );
-        let compat = CompatInfo { model: "gpu-staging".into(), block_size: 16, ..Default::default() };
-        ConnectorConfig::from_json(&json, EngineInfo { tp_size: 1, compat, cuda_device: cuda, ..Default::default() }, |_| None)
-            .expect("config")
-    };
+    let staging = r#","kv_staging_blocks":8"#;
+    let cfg = |role: &str, engine: &str, port: u16, cuda: Option<u32>| gpu_cfg(role, engine, port, cuda, "", staging);
     let p = kvbridge_nixl::new_worker(cfg("kv_producer", "P", pp, Some(0)), None).expect("P worker on the GPU");
     let bytes = (BLOCKS * BB) as usize;
     let pb = DevBuf::new(bytes);
@@ -234,21 +263,79 @@ fn gpu_p_stages_to_host_and_d_reads_it() {
     assert_eq!(ds.get_num_new_matched_tokens("d1", 48, 0, Some(&params)).num_tokens, 48);
     let d_blocks = [20u32, 7, 30];
     ds.update_state_after_alloc("d1", &d_blocks, 48);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        d.start_load(&ds.build_connector_meta().to_bytes().unwrap()).unwrap();
-        p.start_load(&ps.build_connector_meta().to_bytes().unwrap()).unwrap();
-        let (pf, df) = (p.get_finished(), d.get_finished());
-        assert!(df.failed_recving.is_empty(), "{df:?}");
-        ps.update_connector_output(&pf.sending, &[]);
-        if df.recving.iter().any(|r| r == "d1") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "D's load did not finish");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    load_until_done(&p, &mut ps, &d, &mut ds, "d1");
     for (&src, &dst) in p_blocks.iter().zip(&d_blocks) {
         let (s, e) = ((u64::from(src) * BB) as usize, (u64::from(dst) * BB) as usize);
         assert!(d_cache[e..e + BB as usize] == pattern[s..s + BB as usize], "block {src} → {dst} differs");
+    }
+}
+
+/// Host buffers (`kv_buffer_device="cpu"`) on two GPU engines: P copies device→host in
+/// `wait_for_save` and its VRAM is then overwritten; D reads into its host buffer and copies
+/// host→device before reporting the load. D's VRAM must hold P's bytes at D's block ids,
+/// and every other D block must be untouched. Block counts and sizes vary.
+#[test]
+fn gpu_host_buffer_round_trip_is_byte_exact() {
+    use kvbridge_core::scheduler::{FinishReason, PullScheduler, SchedulerSide};
+    use kvbridge_core::worker::driver::now_unix;
+
+    if !runtime_or_skip() || !gpu_or_skip() {
+        return;
+    }
+    const BLOCKS: u64 = 64;
+    let cpu_buffer = r#","kv_buffer_device":"cpu""#;
+    for (round, (bb, n)) in [(16u64 << 10, 3usize), (256 << 10, 17), (1 << 20, 40)].into_iter().enumerate() {
+        let (pp, dp) = (free_port(), free_port());
+        let cfg = |role: &str, engine: &str, port: u16| gpu_cfg(role, engine, port, Some(0), cpu_buffer, "");
+        let (pe, de) = (format!("P{round}"), format!("D{round}"));
+        assert!(cfg("kv_producer", &pe, pp).host_buffer, "kv_buffer_device=cpu on a GPU engine is a host buffer");
+        let bytes = (BLOCKS * bb) as usize;
+        let p = kvbridge_nixl::new_worker(cfg("kv_producer", &pe, pp), None).expect("P worker on the GPU");
+        let pb = DevBuf::new(bytes);
+        let pattern: Vec<u8> = (0..bytes).map(|i| ((i as u64 * 40_503 + round as u64) >> 7) as u8).collect();
+        let t = |ptr| TensorInfo::opaque("model.layers.0.self_attn.attn", ptr, &[BLOCKS, bb], &[bb, 1], 1, MemKind::Vram, 0);
+        p.register(&[t(pb.ptr)], BLOCKS).expect("P registers its host buffer");
+        let d = kvbridge_nixl::new_worker(cfg("kv_consumer", &de, dp), None).expect("D worker on the GPU");
+        let db = DevBuf::new(bytes);
+        db.upload(&vec![0x5A; bytes]);
+        d.register(&[t(db.ptr)], BLOCKS).expect("D registers its host buffer");
+        let (mut ps, mut ds) = (PullScheduler::new(cfg("kv_producer", &pe, pp)), PullScheduler::new(cfg("kv_consumer", &de, dp)));
+        let dec = r#"{"do_remote_decode":true}"#;
+        // Scattered, distinct, never block 0 (the null block, which is never moved).
+        let p_blocks: Vec<u32> = (0..n as u32).map(|i| 1 + (i * 5) % 63).collect();
+        let d_blocks: Vec<u32> = (0..n as u32).map(|i| 63 - (i * 4) % 63).collect();
+        let tokens = 16 * n as u64;
+        ps.get_num_new_matched_tokens("p1", tokens, 0, Some(dec));
+        ps.prefill_completing("p1", &p_blocks, tokens);
+        p.start_load(&ps.build_connector_meta().to_bytes().unwrap()).unwrap();
+        pb.upload(&pattern); // the forward
+        let t0 = Instant::now();
+        p.wait_for_save(); // device → host
+        let d2h = t0.elapsed();
+        let f = ps.request_finished("p1", &p_blocks, FinishReason::LengthCapped, tokens, Some(dec), now_unix());
+        assert!(f.delay_free, "host buffer: P's blocks stay held until D reads");
+        p.start_load(&ps.build_connector_meta().to_bytes().unwrap()).unwrap();
+        pb.upload(&vec![0xEE; bytes]); // D must read P's host buffer, not its VRAM
+        let params = f.kv_transfer_params.unwrap().to_string();
+        assert_eq!(ds.get_num_new_matched_tokens("d1", tokens, 0, Some(&params)).num_tokens, tokens);
+        ds.update_state_after_alloc("d1", &d_blocks, tokens);
+        let load = load_until_done(&p, &mut ps, &d, &mut ds, "d1");
+        let got = db.download(bytes);
+        for b in 0..BLOCKS as usize {
+            let at = b * bb as usize..(b + 1) * bb as usize;
+            match d_blocks.iter().position(|&x| x as usize == b) {
+                Some(i) => {
+                    let src = p_blocks[i] as usize * bb as usize;
+                    assert!(got[at] == pattern[src..src + bb as usize], "{bb}-byte blocks: P block {} → D block {b} differs", p_blocks[i]);
+                }
+                None => assert!(got[at].iter().all(|&x| x == 0x5A), "{bb}-byte blocks: D block {b} was written"),
+            }
+        }
+        let mib = (n as u64 * bb) as f64 / f64::from(1 << 20);
+        println!(
+            "FIGURE host_buffer block_bytes={bb} blocks={n} mib={mib:.2} p_d2h_ms={:.3} d_load_ms={:.3} (read + h2d)",
+            d2h.as_secs_f64() * 1e3,
+            load.as_secs_f64() * 1e3
+        );
     }
 }
