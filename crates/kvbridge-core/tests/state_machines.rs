@@ -97,6 +97,33 @@ fn producer_stages_frees_vllm_blocks_and_recycles_slots() {
 }
 
 #[test]
+fn producer_with_a_host_buffer_copies_before_offering() {
+    let json = r#"{"kv_role":"kv_producer","engine_id":"P","kv_buffer_device":"cpu","kv_connector_extra_config":{"side_channel_host":"127.0.0.1","side_channel_port":7000}}"#;
+    let info = EngineInfo { tp_size: 1, cuda_device: Some(0), ..Default::default() };
+    let mut p = PullScheduler::new(ConnectorConfig::from_json(json, info, |_| None).unwrap());
+    // The completing step orders a copy of each block to its own id in the host mirror.
+    p.get_num_new_matched_tokens("a", 64, 0, Some(DECODE));
+    p.prefill_completing("a", &[7, 2, 9], 64);
+    p.prefill_completing("not-producing", &[1], 16);
+    let md = p.build_connector_meta();
+    assert_eq!(md.stage.len(), 1);
+    assert_eq!((md.stage[0].block_ids.clone(), md.stage[0].slots.clone()), (vec![7, 2, 9], vec![7, 2, 9]));
+    // Offered as usual: vLLM holds the blocks until D has read (the mirror is not a copy
+    // P may keep past them).
+    let f = p.request_finished("a", &[7, 2, 9], FinishReason::LengthCapped, 64, Some(DECODE), 1000.0);
+    assert!(f.delay_free);
+    let v = f.kv_transfer_params.unwrap();
+    assert_eq!(v["remote_block_ids"], serde_json::json!([[7, 2, 9]]));
+    assert!(v.get("remote_staged").is_none());
+    // A request whose completing step was never reported has no copy: not offered, freed.
+    p.get_num_new_matched_tokens("b", 64, 0, Some(DECODE));
+    let f = p.request_finished("b", &[3, 4], FinishReason::LengthCapped, 64, Some(DECODE), 1000.0);
+    assert!(!f.delay_free && f.kv_transfer_params.is_none());
+    p.update_connector_output(&["a".into()], &[]);
+    assert!(!p.has_pending_block_frees());
+}
+
+#[test]
 fn producer_frees_at_once_on_abort() {
     let mut p = PullScheduler::new(cfg("kv_producer", "P"));
     p.get_num_new_matched_tokens("r", 64, 0, Some(DECODE));

@@ -182,6 +182,12 @@ fn cuda_paths_without_a_driver_are_typed_errors() {
     let mut t = NixlTransport::new("no-gpu-dram", &NixlOptions::default()).expect("DRAM agent");
     let err = t.register(&layout(0x10_0000, 4, 4096)).expect_err("VRAM without CUDA");
     assert!(err.to_string().contains("CUDA"), "{err}");
+    // The host-buffer and staging copies of a GPU cache refuse too (nothing is touched).
+    let copy = [(0x10_0000u64, 0x20_0000u64, 16u64)];
+    let err = t.copy_device_to_host(0, &copy).expect_err("device→host without CUDA");
+    assert!(err.to_string().contains("CUDA"), "{err}");
+    let err = t.copy_host_to_device(0, &copy).expect_err("host→device without CUDA");
+    assert!(err.to_string().contains("CUDA"), "{err}");
 }
 
 /// A single-rank pull config on 127.0.0.1: `top` is added to the top-level JSON (`,"key":v`),
