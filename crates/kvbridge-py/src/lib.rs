@@ -87,10 +87,7 @@ impl Scheduler {
     #[new]
     fn new(kv_transfer_config: &str, engine_info: &str) -> PyResult<Self> {
         let cfg = parse_config(kv_transfer_config, engine_info)?;
-        let inner: Box<dyn SchedulerSide + Send + Sync> = match cfg.mode {
-            TransferMode::Pull => Box::new(PullScheduler::new(cfg)),
-            TransferMode::Push => Box::new(PushScheduler::new(cfg)),
-        };
+        let inner = kvbridge_core::scheduler::new_scheduler(cfg);
         Ok(Self { inner, params: std::collections::HashMap::new() })
     }
 

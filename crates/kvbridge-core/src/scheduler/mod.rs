@@ -3,7 +3,8 @@
 //! [`SchedulerBase`] keeps the ledgers every transfer mode shares: leases on P, loads in
 //! flight on D, requests already known to have failed, and the per-step lists that
 //! become the [`ConnectorMetadata`] shipped to workers. [`pull::PullScheduler`] adds the
-//! pull decisions (D reads from P). A push variant will sit beside it.
+//! pull decisions (D reads from P), [`push::PushScheduler`] the push ones (P writes into
+//! blocks D registered). [`new_scheduler`] picks one from the config.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::config::ConnectorConfig;
@@ -15,6 +16,15 @@ pub mod push;
 
 pub use pull::PullScheduler;
 pub use push::PushScheduler;
+
+/// The scheduler-side connector for `cfg`'s transfer mode (pull or push), behind the one
+/// trait an engine drives.
+pub fn new_scheduler(cfg: ConnectorConfig) -> Box<dyn SchedulerSide + Send + Sync> {
+    match cfg.mode {
+        crate::config::TransferMode::Pull => Box::new(PullScheduler::new(cfg)),
+        crate::config::TransferMode::Push => Box::new(PushScheduler::new(cfg)),
+    }
+}
 
 /// How a request finished, as vLLM reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

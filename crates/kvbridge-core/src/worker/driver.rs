@@ -159,6 +159,20 @@ impl<T: Transport + 'static> WorkerDriver<T> {
     /// logical (scheduler) blocks.
     pub fn register(&self, tensors: &[TensorInfo], num_blocks: u64) -> Result<KvLayout, Error> {
         let cache = KvLayout::from_tensors(tensors, num_blocks, self.cfg.tp_rank, self.cfg.tp_size)?;
+        // The logical block size in tokens: the engine's word (`compat.block_size`), else
+        // what labelled tensors say (kernel block tokens x kernel blocks per logical block).
+        let block_size = match self.block_size {
+            0 => cache
+                .regions
+                .iter()
+                .find(|r| r.block_tokens > 0)
+                .map(|r| r.block_tokens.saturating_mul(cache.blocks_per_logical.max(1)))
+                .ok_or_else(|| crate::error::ConfigError::InvalidValue {
+                    key: "block_size".into(),
+                    reason: "unknown: set EngineInfo.compat.block_size (tokens per block) or label the tensors' axes".into(),
+                })?,
+            b => b,
+        };
         // Host buffer (`kv_buffer_device="cpu"`): NIXL sees a host mirror of the cache, not
         // the cache; everything below plans and moves the mirror.
         let (layout, mirror) = if self.cfg.host_buffer {
@@ -193,13 +207,13 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 agent_name: g.transport.agent_name().to_string(),
                 tp_rank: self.cfg.tp_rank,
                 tp_size: self.cfg.tp_size,
-                block_size: self.block_size,
+                block_size,
                 blocks_per_logical: layout.blocks_per_logical,
                 regions: layout.regions.clone(),
                 nixl_md,
                 staging_regions: staging.as_ref().filter(|_| !self.cfg.host_buffer).map(|st| st.regions.clone()).unwrap_or_default(),
             };
-            g.core.on_registered(layout.clone(), self.block_size);
+            g.core.on_registered(layout.clone(), block_size);
             if self.work.is_some() {
                 let (geo, names) = Geometry::new(&layout, tensors, num_blocks, md.clone());
                 if let Ok(mut li) = self.layer_index.write() {
