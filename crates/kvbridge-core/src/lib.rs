@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! # kvbridge-core
 //!
 //! The connector logic of kvbridge, free of NIXL and Python:

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! # kvbridge-nixl
 //!
 //! kvbridge's transport over [NIXL](https://github.com/ai-dynamo/nixl) through `nixl-sys`
