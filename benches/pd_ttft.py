@@ -2,7 +2,7 @@
 """Decode-side TTFT, throughput and idle CPU of P/D disaggregation: kvbridge (plain and with
 P-side staging) vs vLLM's NixlConnector, in one run.
 
-Usage: python benches/pd_ttft.py [--only kvbridge kvbridge-staged nixl] [--reps 8]
+Usage: python benches/pd_ttft.py [--only kvbridge kvbridge-staged kvbridge-hostbuf nixl] [--reps 8]
                                  [--lengths 512 2048] [--conc 4 8] [--rounds 3]
                                  [--out benches/results/pd_ttft.json] [--plot docs/img/pd_ttft.png]
        python benches/pd_ttft.py --from-json RESULTS.json [--plot PNG]
@@ -56,6 +56,9 @@ from make_model import make_model  # noqa: E402
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "kvbridge": ("kvbridge", {}),
     "kvbridge-staged": ("kvbridge", {"kv_staging_blocks": 512}),
+    # Host buffers on both sides (kv_buffer_device="cpu" on a GPU; forced here on DRAM): the
+    # cost of P's and D's extra copies.
+    "kvbridge-hostbuf": ("kvbridge", {"kv_host_buffer": True}),
     "nixl": ("nixl", {}),
 }
 CONNECTORS = tuple(CONFIGS)

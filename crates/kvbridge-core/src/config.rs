@@ -26,6 +26,8 @@ pub enum KvRole {
 }
 
 impl KvRole {
+    /// Parse a `kv_role` value (`"kv_producer"`, `"kv_consumer"`, `"kv_both"`, or the
+    /// same without the `kv_` prefix).
     pub fn parse(s: &str) -> Result<Self, ConfigError> {
         match s {
             "kv_producer" | "producer" => Ok(Self::Producer),
@@ -34,12 +36,15 @@ impl KvRole {
             other => Err(ConfigError::InvalidRole(other.to_string())),
         }
     }
+    /// True for roles that prefill and hold KV for a remote decode (producer, both).
     pub fn can_produce(self) -> bool {
         matches!(self, Self::Producer | Self::Both)
     }
+    /// True for roles that load KV from a remote prefill (consumer, both).
     pub fn can_consume(self) -> bool {
         matches!(self, Self::Consumer | Self::Both)
     }
+    /// The canonical `kv_role` spelling.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Producer => "kv_producer",
@@ -53,11 +58,14 @@ impl KvRole {
 /// with it (push).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TransferMode {
+    /// D READs the KV from P's blocks (the default).
     Pull,
+    /// P WRITEs the KV into blocks D registered with it.
     Push,
 }
 
 impl TransferMode {
+    /// Parse a `transfer_mode` value (`"pull"` or `"push"`).
     pub fn parse(s: &str) -> Result<Self, ConfigError> {
         match s {
             "pull" => Ok(Self::Pull),
@@ -65,6 +73,7 @@ impl TransferMode {
             other => Err(ConfigError::InvalidMode(other.to_string())),
         }
     }
+    /// The config spelling (`"pull"` or `"push"`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pull => "pull",
@@ -86,14 +95,23 @@ pub enum LoadFailurePolicy {
 /// compatibility hash that is compared before anything else in a handshake.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct CompatInfo {
+    /// vLLM's version string.
     pub vllm_version: String,
+    /// The model name or path vLLM loaded.
     pub model: String,
+    /// The model's dtype (e.g. `torch.bfloat16`).
     pub dtype: String,
+    /// The KV cache's dtype (vLLM's `cache_dtype`, e.g. `auto`, `fp8`).
     pub cache_dtype: String,
+    /// Layers the engine holds KV for.
     pub num_layers: u32,
+    /// The model's KV heads in all (before the TP split).
     pub num_kv_heads: u32,
+    /// Size of one attention head (elements).
     pub head_size: u32,
+    /// Logical block size in tokens; left out of the hash (the plan maps block sizes).
     pub block_size: u32,
+    /// The attention backend's name (empty: not reported).
     pub attn_backend: String,
 }
 
@@ -101,12 +119,16 @@ pub struct CompatInfo {
 /// `kv_transfer_config` dict.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct EngineInfo {
+    /// Tensor-parallel size (0 is taken as 1).
     #[serde(default)]
     pub tp_size: u32,
+    /// This worker's TP rank (0 on the scheduler).
     #[serde(default)]
     pub tp_rank: u32,
+    /// This engine's data-parallel rank.
     #[serde(default)]
     pub dp_rank: u32,
+    /// Model and cache facts the peer must match.
     #[serde(default)]
     pub compat: CompatInfo,
     /// The CUDA device this worker's KV caches live on (None: a CPU engine). Its context is
@@ -118,16 +140,28 @@ pub struct EngineInfo {
 /// Parsed, validated connector configuration.
 #[derive(Debug, Clone)]
 pub struct ConnectorConfig {
+    /// This engine's id (`engine_id`); P returns it to D as `remote_engine_id`.
     pub engine_id: String,
+    /// The engine's role (`kv_role`).
     pub role: KvRole,
+    /// Who posts the transfer (`transfer_mode`).
     pub mode: TransferMode,
+    /// NIXL backends to create (`backends`, default `["UCX"]`).
     pub backends: Vec<String>,
+    /// Host the handshake listener binds and P advertises as `remote_host`.
     pub side_channel_host: String,
+    /// Base port of the handshake listeners (see [`Self::listener_port_for`]).
     pub side_channel_port: u16,
+    /// Tensor-parallel size (at least 1).
     pub tp_size: u32,
+    /// This worker's TP rank.
     pub tp_rank: u32,
+    /// This engine's data-parallel rank.
     pub dp_rank: u32,
+    /// How long P holds a finished request's blocks for D (`kv_lease_duration`), unless D
+    /// renews the lease with heartbeats.
     pub kv_lease_duration: Duration,
+    /// Deadline for one side-channel request, connect plus reply (`handshake_timeout`).
     pub handshake_timeout: Duration,
     /// Extra handshake attempts after a timeout or connection error (backoff doubles from
     /// 100 ms).
@@ -135,10 +169,14 @@ pub struct ConnectorConfig {
     /// Forget a remote engine (its NIXL agent and plan) after this long with no
     /// handshake, READ or heartbeat; it is re-handshaken on its next request.
     pub engine_ttl: Duration,
+    /// NIXL progress-thread sleep between polls, in µs (0: no progress thread).
     pub progress_delay_us: u64,
     /// Longest a no-forward step waits for a notification or READ completion (µs).
     pub idle_wait_us: u64,
+    /// What D does when a load fails (`kv_load_failure_policy`).
     pub load_failure_policy: LoadFailurePolicy,
+    /// Refuse peers whose compatibility hash differs (`enforce_handshake_compat`, default
+    /// true).
     pub enforce_handshake_compat: bool,
     /// Merge reads of contiguous blocks into one descriptor (default true).
     pub coalesce_descriptors: bool,
@@ -159,6 +197,7 @@ pub struct ConnectorConfig {
     /// copies what it read back to its cache. On by `kv_buffer_device="cpu"` with a CUDA
     /// device, or by `kv_host_buffer` (which also forces it on a CPU engine, for tests).
     pub host_buffer: bool,
+    /// Model and cache facts for the compatibility hash (from [`EngineInfo::compat`]).
     pub compat: CompatInfo,
 }
 
@@ -187,14 +226,24 @@ pub const EXTRA_KEYS: &[&str] = &[
 /// Most staging blocks accepted (slot ids are u32, and each costs a block of DRAM).
 pub const MAX_STAGING_BLOCKS: u64 = 1 << 20;
 
+/// Default `side_channel_host` when neither the key nor `VLLM_NIXL_SIDE_CHANNEL_HOST` is set.
 pub const DEFAULT_SIDE_CHANNEL_HOST: &str = "localhost";
+/// Default base `side_channel_port` when neither the key nor `VLLM_NIXL_SIDE_CHANNEL_PORT`
+/// is set.
 pub const DEFAULT_SIDE_CHANNEL_PORT: u16 = 5600;
+/// Default `kv_lease_duration`, in seconds.
 pub const DEFAULT_LEASE_SECS: f64 = 30.0;
+/// Default `push_registration_timeout`, in seconds.
 pub const DEFAULT_PUSH_REGISTRATION_SECS: f64 = 120.0;
+/// Default `engine_ttl`, in seconds.
 pub const DEFAULT_ENGINE_TTL_SECS: f64 = 3600.0;
+/// Default `handshake_retries`.
 pub const DEFAULT_HANDSHAKE_RETRIES: u32 = 2;
+/// Default `handshake_timeout`, in seconds.
 pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: f64 = 5.0;
+/// Default `progress_delay_us`, in µs.
 pub const DEFAULT_PROGRESS_DELAY_US: u64 = 100;
+/// Default `idle_wait_us`, in µs.
 pub const DEFAULT_IDLE_WAIT_US: u64 = 2000;
 
 fn num(v: &Value, key: &str) -> Result<f64, ConfigError> {

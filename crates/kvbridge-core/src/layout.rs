@@ -11,7 +11,9 @@ use crate::error::PlanError;
 /// Where a region's memory lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum MemKind {
+    /// Host memory.
     Dram,
+    /// GPU (CUDA device) memory.
     Vram,
 }
 
@@ -55,18 +57,27 @@ pub enum RegionKind {
 /// One KV cache tensor as the engine sees it. Strides are in elements, as in torch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TensorInfo {
+    /// The tensor's (layer's) name.
     pub name: String,
+    /// Address of the tensor's first element.
     pub ptr: u64,
+    /// Size of each axis, in elements.
     pub shape: Vec<u64>,
+    /// Stride of each axis, in elements.
     pub stride: Vec<u64>,
+    /// Bytes per element.
     pub itemsize: u64,
+    /// Where the memory lives.
     pub mem: MemKind,
+    /// The device holding the memory (CUDA ordinal for VRAM, 0 for DRAM).
     pub device_id: u64,
     /// What each axis means (same length as `shape`). Empty: inferred, and the block is
     /// treated as [`RegionKind::Opaque`].
     #[serde(default)]
     pub axes: Vec<Axis>,
     #[serde(default)]
+    /// What the blocks hold. With unlabelled axes only [`RegionKind::State`] is kept;
+    /// anything else becomes [`RegionKind::Opaque`].
     pub kind: RegionKind,
     /// The KV-cache group (hybrid models): which list of block ids a request uses for it.
     #[serde(default)]
@@ -133,28 +144,46 @@ pub struct Region {
     pub name: String,
     /// The tensor (layer) name: regions of the same layer pair up across engines.
     pub layer: String,
+    /// Address of block 0.
     pub base: u64,
+    /// Bytes in one block.
     pub block_len: u64,
+    /// Bytes from one block's start to the next's (at least `block_len`).
     pub block_stride: u64,
+    /// Blocks in the region (kernel blocks; state regions may differ).
     pub num_blocks: u64,
+    /// Where the memory lives.
     pub mem: MemKind,
+    /// The device holding the memory (CUDA ordinal for VRAM, 0 for DRAM).
     pub device_id: u64,
+    /// What the blocks hold.
     pub kind: RegionKind,
+    /// The KV-cache group: which of a request's block-id lists addresses this region.
     pub group: u32,
+    /// Sliding window in tokens (0: full attention).
     pub window: u32,
     /// Tokens per (kernel) block; 0 when the block has no token axis.
     pub block_tokens: u32,
     /// Which of K (0) and V (1) this region holds, in order of `kv_stride`. Empty when the
     /// tensor has no K/V axis (vLLM packs K|V into the content; MLA; state).
     pub kv_parts: Vec<u8>,
+    /// Bytes between the K and V parts within a block (unused with fewer than two parts).
     pub kv_stride: u64,
+    /// The first KV head this region holds, counted over the whole model.
     pub first_head: u32,
+    /// KV heads this region holds (1 for MLA, state and opaque regions).
     pub num_heads: u32,
+    /// KV heads of the whole model, over all TP ranks.
     pub total_heads: u32,
+    /// Bytes between consecutive heads within a block.
     pub head_stride: u64,
+    /// Bytes between consecutive token slots within a block.
     pub token_stride: u64,
+    /// Bytes in one row of a unit, contiguous.
     pub unit_len: u64,
+    /// Rows per unit: 1 when the content is contiguous, else its elements (dim-major).
     pub rows: u32,
+    /// Bytes between a unit's rows (0 with one row).
     pub row_stride: u64,
 }
 
@@ -196,6 +225,7 @@ impl Region {
             (self.num_blocks - 1) * self.block_stride + self.block_len
         }
     }
+    /// Address of block `b` (not checked against `num_blocks`).
     pub fn block_addr(&self, b: u64) -> u64 {
         self.base + b * self.block_stride
     }
@@ -212,10 +242,13 @@ impl Region {
 pub struct BlockGroup {
     /// The lowest member base: where the group's block 0 starts.
     pub base: u64,
+    /// Bytes from one block's start to the next's, shared by all members.
     pub stride: u64,
     /// Bytes from a block's start to the furthest member's block end (at most `stride`).
     pub footprint: u64,
+    /// Blocks in each member region.
     pub num_blocks: u64,
+    /// The device holding the members' memory.
     pub device_id: u64,
 }
 
@@ -263,6 +296,7 @@ pub fn block_groups(regions: &[Region]) -> Option<(Vec<BlockGroup>, Vec<usize>)>
 /// The regions of one engine's KV cache, in tensor order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvLayout {
+    /// The regions, in tensor order (a tensor split into K and V gives two).
     pub regions: Vec<Region>,
     /// Kernel blocks per tensor (what the block axis counts).
     pub num_blocks: u64,

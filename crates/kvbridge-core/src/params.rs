@@ -9,11 +9,17 @@ use crate::error::ParamsError;
 /// Where a decode engine finds a request's prefilled KV.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RemotePrefill {
+    /// The prefill engine's id.
     pub remote_engine_id: String,
+    /// P's id for the request (its blocks are held under it).
     pub remote_request_id: String,
+    /// P's block ids (or staging slots, with `remote_staged`), covering the whole prompt.
     pub remote_block_ids: Vec<u32>,
+    /// The prefill engine's side-channel host.
     pub remote_host: String,
+    /// P's base side-channel port; rank q listens at `remote_port + q`.
     pub remote_port: u16,
+    /// The prefill engine's TP size (default 1).
     pub tp_size: u32,
     /// Tokens the prefill engine computed; informational.
     pub remote_num_tokens: Option<u64>,
@@ -30,10 +36,13 @@ pub struct RemotePrefill {
 /// front (from the proxy), so registration and prefill overlap.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PushPrefill {
+    /// The prefill engine's id.
     pub remote_engine_id: String,
+    /// The prefill engine's side-channel host.
     pub remote_host: String,
     /// P's base side-channel port (its TP rank 0).
     pub remote_port: u16,
+    /// The prefill engine's TP size (default 1).
     pub tp_size: u32,
     /// Shared by the proxy's P and D legs; empty: match on the base request id.
     pub transfer_id: String,
@@ -182,6 +191,7 @@ impl KvParams {
         }
     }
 
+    /// Parse an already-decoded `kv_transfer_params` value (`null` = no P/D).
     pub fn parse(v: &Value) -> Result<Self, ParamsError> {
         let m = match v {
             Value::Null => return Ok(Self::None),

@@ -33,8 +33,11 @@ pub const MAX_TP_SIZE: u32 = 4096;
 /// How a local worker rank maps onto the remote engine's ranks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TpMapping {
+    /// The local side's TP size (D's, also in a push plan).
     pub local_tp_size: u32,
+    /// The local side's TP rank.
     pub local_tp_rank: u32,
+    /// The remote side's TP size.
     pub remote_tp_size: u32,
     /// Remote ranks this rank reads from or notifies, in preference order.
     pub sources: Vec<u32>,
@@ -81,10 +84,15 @@ const MAX_ROWS: u32 = 1 << 16;
 /// One copy: `len` bytes from remote address `remote` to local address `local`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Piece {
+    /// Local address of the first byte.
     pub local: u64,
+    /// Remote address of the first byte.
     pub remote: u64,
+    /// Bytes to copy.
     pub len: u64,
+    /// Device id of the local memory (its region's `device_id`).
     pub local_dev: u32,
+    /// Device id of the remote memory (its region's `device_id`).
     pub remote_dev: u32,
 }
 
@@ -101,7 +109,9 @@ impl Piece {
 pub struct SourceRead {
     /// Index into [`TpMapping::sources`].
     pub source: usize,
+    /// The remote TP rank (`tp.sources[source]`).
     pub remote_rank: u32,
+    /// The copies from that rank, in plan order.
     pub pieces: Vec<Piece>,
 }
 
@@ -109,7 +119,9 @@ pub struct SourceRead {
 /// notified), plus counts for metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestTransfer {
+    /// One entry per remote rank that has something to read.
     pub reads: Vec<SourceRead>,
+    /// Total bytes to copy.
     pub bytes: u64,
     /// Descriptors after coalescing.
     pub descriptors: u64,
@@ -121,7 +133,9 @@ pub struct RequestTransfer {
 /// A request's block ids for one KV-cache group, local and remote (logical ids).
 #[derive(Debug, Clone, Copy)]
 pub struct GroupBlocks<'a> {
+    /// Local logical block ids (the end of the request's blocks).
     pub local: &'a [u32],
+    /// Remote logical block ids (all of the request's blocks).
     pub remote: &'a [u32],
 }
 
@@ -183,12 +197,17 @@ struct Job {
 /// Everything needed to read requests' blocks from one remote engine.
 #[derive(Debug, Clone)]
 pub struct TransferPlan {
+    /// The remote side's engine id.
     pub remote_engine_id: String,
     /// Agent name per source rank (same order as `tp.sources`).
     pub remote_agents: Vec<String>,
+    /// How the local rank maps onto the remote side's ranks.
     pub tp: TpMapping,
+    /// Local regions the plan was built for.
     pub num_regions: usize,
+    /// Kernel blocks per local region (the local layout's `num_blocks`).
     pub local_num_blocks: u64,
+    /// Kernel blocks per remote region (the first remote region's count).
     pub remote_num_blocks: u64,
     /// Block ids equal to this are the engine's null block (vLLM: 0): never read or written.
     pub null_block: Option<u32>,
@@ -331,10 +350,6 @@ fn merge_sorted(mut v: Vec<Rel>) -> Vec<Rel> {
 }
 
 impl TransferPlan {
-    /// Build the plan from the local layout and the metadata of every remote rank in
-    /// `TpMapping::new(local_tp_size, local_tp_rank, remote_tp).sources` (same order).
-    /// `local_block_size` is the scheduler's (logical) block size. Everything a peer sent
-    /// is checked; nothing here panics.
     /// Push mode: the plan P uses to write into D rank `d`'s blocks. It is D's READ plan
     /// from P's ranks `p_ranks` (P swaps the pieces into WRITEs and keeps its own), built
     /// after checking D's advertised regions like any peer-controlled value.
@@ -354,6 +369,10 @@ impl TransferPlan {
         Self::build(&d.layout(), d.tp_size, d.tp_rank, d.block_size, p_ranks, null_block)
     }
 
+    /// Build the plan from the local layout and the metadata of every remote rank in
+    /// `TpMapping::new(local_tp_size, local_tp_rank, remote_tp).sources` (same order).
+    /// `local_block_size` is the scheduler's (logical) block size. Everything a peer sent
+    /// is checked; nothing here panics.
     pub fn build(
         local: &KvLayout,
         local_tp_size: u32,

@@ -55,8 +55,11 @@ pub type InspectHandler = Arc<dyn Fn() -> String + Send + Sync>;
 /// What a listener does with each kind of request beyond handshakes.
 #[derive(Clone, Default)]
 pub struct Handlers {
+    /// Push registrations (P); `None`: they are refused.
     pub register: Option<RegisterHandler>,
+    /// Lease heartbeats (P); `None`: answered with an error.
     pub heartbeat: Option<HeartbeatHandler>,
+    /// `Inspect` requests; `None`: answered with an error.
     pub inspect: Option<InspectHandler>,
 }
 
@@ -64,10 +67,13 @@ pub struct Handlers {
 /// every request it serves.
 #[derive(Debug, Clone, Default)]
 pub struct Identity {
+    /// This engine's id.
     pub engine_id: String,
     /// Empty: accept any hash (tools and tests).
     pub compat_hash: String,
+    /// The facts behind `compat_hash`, sent so a refusal can name what differs.
     pub compat: Option<CompatInfo>,
+    /// This engine's transfer mode (`"pull"` or `"push"`).
     pub mode: String,
     /// Refuse requests whose hash differs (`enforce_handshake_compat`).
     pub enforce: bool,
@@ -98,10 +104,12 @@ pub struct SideChannel {
 }
 
 impl SideChannel {
+    /// A side channel with an empty [`Identity`] (accepts any hash; for tools and tests).
     pub fn new() -> std::io::Result<Self> {
         Self::with_identity(Identity::default())
     }
 
+    /// A side channel that speaks for `identity`; starts its runtime thread.
     pub fn with_identity(identity: Identity) -> std::io::Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -117,6 +125,7 @@ impl SideChannel {
         self.rt.as_ref().expect("side-channel runtime")
     }
 
+    /// Who this side channel speaks for.
     pub fn identity(&self) -> &Identity {
         &self.identity
     }

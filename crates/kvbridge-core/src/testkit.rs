@@ -25,11 +25,15 @@ pub enum CacheLayout {
 /// One engine rank's cache.
 #[derive(Debug, Clone)]
 pub struct Spec {
+    /// Full-attention layers (KV-cache group 0).
     pub layers: u32,
+    /// KV heads of the whole model, over all TP ranks.
     pub total_heads: u32,
     /// Content bytes per (head, token): K and V together (MLA: the latent).
     pub content: u32,
+    /// The engine's TP size.
     pub tp_size: u32,
+    /// This rank's TP rank.
     pub tp_rank: u32,
     /// Tokens per kernel block.
     pub block_tokens: u32,
@@ -37,13 +41,18 @@ pub struct Spec {
     pub blocks_per_logical: u32,
     /// Logical blocks.
     pub num_blocks: u32,
+    /// How each attention layer is laid out.
     pub layout: CacheLayout,
+    /// Layers hold an MLA latent (one per token, replicated on every rank) instead of
+    /// per-head K/V.
     pub mla: bool,
     /// Extra sliding-window layers (KV-cache group 1) and their window in tokens.
     pub swa_layers: u32,
+    /// Sliding window of the `swa_layers`, in tokens.
     pub window: u32,
     /// Extra state (Mamba-style) layers (group 2), `state_bytes` per block.
     pub state_layers: u32,
+    /// Bytes of state per block in each state layer.
     pub state_bytes: u32,
 }
 
@@ -69,6 +78,7 @@ impl Spec {
         }
     }
 
+    /// Tokens per logical (scheduler) block: `block_tokens * blocks_per_logical`.
     pub fn logical_block_size(&self) -> u32 {
         self.block_tokens * self.blocks_per_logical
     }
@@ -125,11 +135,13 @@ struct Tensor {
 
 /// A rank's cache in real (heap) memory.
 pub struct Cache {
+    /// What the cache was built from.
     pub spec: Spec,
     tensors: Vec<Tensor>,
 }
 
 impl Cache {
+    /// Allocates the cache, every byte [`SENTINEL`].
     pub fn new(spec: Spec) -> Self {
         let mut tensors = Vec::new();
         let nb = u64::from(spec.num_blocks) * u64::from(spec.blocks_per_logical);
@@ -227,6 +239,7 @@ impl Cache {
         out
     }
 
+    /// The layout of [`tensors`](Self::tensors), as the connector would register it.
     pub fn layout(&self) -> KvLayout {
         KvLayout::from_tensors(&self.tensors(), u64::from(self.spec.num_blocks), self.spec.tp_rank, self.spec.tp_size)
             .expect("testkit layouts are valid")
@@ -329,6 +342,8 @@ impl Cache {
         }
     }
 
+    /// Cache tensors (one per layer, before [`CacheLayout::CpuVec`]'s split into K and V
+    /// views).
     pub fn num_tensors(&self) -> usize {
         self.tensors.len()
     }
@@ -409,12 +424,15 @@ fn metadata(c: &Cache, engine: &str, agent_name: String, rank: usize, nixl_md: V
 
 /// A P engine and a D engine (all ranks of each), with one request's blocks.
 pub struct Scenario {
+    /// P's caches, one per TP rank.
     pub p: Vec<Cache>,
+    /// D's caches, one per TP rank.
     pub d: Vec<Cache>,
     /// P's block ids per group, covering the whole prompt.
     pub p_blocks: Vec<Vec<u32>>,
     /// D's block ids per group, covering the end of the prompt (after a prefix hit).
     pub d_blocks: Vec<Vec<u32>>,
+    /// The prompt length in tokens.
     pub num_tokens: u64,
 }
 
@@ -447,6 +465,8 @@ impl Scenario {
         crate::plan::TransferPlan::build(&c.layout(), c.spec.tp_size, rank as u32, c.spec.logical_block_size(), &mds, Some(NULL_BLOCK))
     }
 
+    /// The request's block ids per group for [`TransferPlan::transfer`](crate::plan::TransferPlan::transfer):
+    /// D's as local, P's as remote.
     pub fn groups(&self) -> Vec<crate::plan::GroupBlocks<'_>> {
         self.d_blocks
             .iter()

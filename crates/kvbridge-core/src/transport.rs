@@ -9,19 +9,26 @@ use crate::wire::AgentMetadata;
 /// Identifies a posted transfer within one transport.
 pub type XferId = u64;
 
+/// The state of a posted transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XferPoll {
+    /// Still in flight.
     Pending,
+    /// Completed successfully (a failure is an `Err` from [`Transport::poll`]).
     Done,
 }
 
 /// Statistics a transport can report about a finished transfer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct XferInfo {
+    /// Bytes moved.
     pub bytes: u64,
+    /// Transfer descriptors (contiguous pieces) the transfer was posted as.
     pub descriptors: u64,
 }
 
+/// A data mover between registered memory regions of this and remote agents, with
+/// notifications; implemented over NIXL by `kvbridge-nixl`.
 pub trait Transport: Send {
     /// This agent's name as peers must address it.
     fn agent_name(&self) -> &str;
@@ -40,6 +47,7 @@ pub trait Transport: Send {
     /// WRITE local memory into remote `peer`'s (push mode): each piece's `local` range is
     /// the source, `remote` the destination; `notif` reaches the peer once the data landed.
     fn write(&mut self, peer: &str, pieces: &[Piece], notif: &[u8]) -> Result<XferId, TransportError>;
+    /// Whether transfer `xfer` is still running; an error when it failed.
     fn poll(&mut self, xfer: XferId) -> Result<XferPoll, TransportError>;
     /// Release a transfer's handle (done, failed or abandoned).
     fn release(&mut self, xfer: XferId);

@@ -13,15 +13,21 @@ pub const WIRE_VERSION: u32 = 5;
 /// The kvbridge version, also hashed: P and D must run the same release.
 pub const KVBRIDGE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Limits on what we accept from a peer.
+/// Largest side-channel reply (handshake payload, heartbeat reply, envelope) accepted
+/// from a peer, in bytes.
 pub const MAX_HANDSHAKE_BYTES: usize = 64 << 20;
+/// Largest transfer notification ([`Notif`]) accepted, in bytes.
 pub const MAX_NOTIF_BYTES: usize = 64 << 10;
+/// Largest scheduler→worker [`ConnectorMetadata`] accepted, in bytes.
 pub const MAX_METADATA_BYTES: usize = 256 << 20;
 
+/// Encodes `v` as msgpack with named fields; `what` names the type in errors.
 pub fn encode<T: Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>, WireError> {
     rmp_serde::to_vec_named(v).map_err(|e| WireError::Encode { what, reason: e.to_string() })
 }
 
+/// Decodes a msgpack `T` from `bytes`, refusing more than `limit` bytes first; `what`
+/// names the type in errors.
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8], limit: usize) -> Result<T, WireError> {
     if bytes.len() > limit {
         return Err(WireError::TooLarge { size: bytes.len(), limit });
@@ -47,12 +53,17 @@ pub fn compat_hash(info: &CompatInfo, mode: TransferMode) -> String {
 /// Where a request's KV lives on the prefill side.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RemoteRef {
+    /// The prefill engine's id (`remote_engine_id`).
     pub engine_id: String,
+    /// The prefill engine's side-channel host.
     pub host: String,
+    /// P's base side-channel port; rank q listens at `port + q`.
     pub port: u16,
+    /// P's id for the request (`remote_request_id`).
     pub request_id: String,
     /// P's block ids, one list per KV-cache group, covering the whole prompt.
     pub block_ids: Vec<Vec<u32>>,
+    /// The prefill engine's TP size.
     pub tp_size: u32,
     /// The prefill engine's incarnation that produced the blocks (0: unknown). A peer
     /// answering the handshake with another epoch has restarted: the blocks are gone.
@@ -70,6 +81,7 @@ pub struct RemoteRef {
 /// Zero local blocks is legal: the worker still notifies P so it frees its blocks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RecvReq {
+    /// D's (vLLM's) request id.
     pub req_id: String,
     /// D's blocks to fill, one list per KV-cache group: the end of the request's blocks
     /// (a local prefix hit covers the rest).
@@ -79,12 +91,14 @@ pub struct RecvReq {
     /// True when nothing is loaded (full local prefix hit, or an abort before
     /// allocation): the worker only notifies P and reports nothing to vLLM.
     pub notify_only: bool,
+    /// Where the KV is read from.
     pub remote: RemoteRef,
 }
 
 /// One request whose blocks P holds for remote readers until notified or expired.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SendLease {
+    /// P's request id.
     pub req_id: String,
     /// Unix time (seconds) after which the worker releases the blocks anyway.
     pub expiry_unix: f64,
@@ -99,6 +113,7 @@ pub struct SendLease {
 /// forward is done (`wait_for_save`), so vLLM can free the blocks when the request ends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StageReq {
+    /// P's request id.
     pub req_id: String,
     /// vLLM's (logical) block ids, in prompt order.
     pub block_ids: Vec<u32>,
@@ -110,16 +125,20 @@ pub struct StageReq {
 /// reports it as a failed load so vLLM ends it with an error and frees its blocks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailedReq {
+    /// The request id.
     pub req_id: String,
+    /// Why it failed; the worker fails the load with this message.
     pub reason: String,
 }
 
 /// Push, P side: a request whose blocks P writes into the blocks D registered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PushSend {
+    /// P's request id.
     pub req_id: String,
     /// The proxy's transfer id (empty: match on the base request id).
     pub transfer_id: String,
+    /// P's block ids holding the KV, one list per KV-cache group.
     pub block_ids: Vec<Vec<u32>>,
     /// Prompt tokens whose KV is written.
     pub num_tokens: u64,
@@ -135,26 +154,37 @@ pub struct PushSend {
 /// Push, D side: register these blocks with the prefill engine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PushRecv {
+    /// D's request id.
     pub req_id: String,
+    /// The proxy's transfer id (empty: match on the base request id).
     pub transfer_id: String,
+    /// D's blocks to be written, one list per KV-cache group.
     pub local_block_ids: Vec<Vec<u32>>,
+    /// The prompt length in tokens.
     pub num_tokens: u64,
     /// Nothing to receive (full local prefix hit, or D gave up before allocating): P is
     /// only told, so it frees its blocks now.
     pub notify_only: bool,
+    /// The prefill engine's id.
     pub engine_id: String,
+    /// The prefill engine's side-channel host.
     pub host: String,
     /// P's base side-channel port; rank q listens at `port + q`.
     pub port: u16,
+    /// The prefill engine's TP size.
     pub tp_size: u32,
 }
 
 /// Per-step metadata from the scheduler to every worker; opaque bytes to Python.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ConnectorMetadata {
+    /// The wire version ([`WIRE_VERSION`]); checked on decode.
     pub version: u32,
+    /// D, pull: requests to load from a prefill engine.
     pub reqs_to_recv: Vec<RecvReq>,
+    /// P, pull: requests whose blocks to hold for remote readers.
     pub reqs_to_send: Vec<SendLease>,
+    /// Requests the scheduler already failed; the worker reports them as failed loads.
     pub reqs_failed: Vec<FailedReq>,
     /// Push, P: requests that finished (their blocks wait for D's registrations).
     #[serde(default)]
@@ -184,16 +214,20 @@ pub struct ConnectorMetadata {
 /// D → one remote engine: "I still want these requests' blocks".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeartbeatTarget {
+    /// The prefill engine's id.
     pub engine_id: String,
+    /// The prefill engine's side-channel host.
     pub host: String,
     /// P's base side-channel port; rank q listens at `port + q`.
     pub port: u16,
+    /// The prefill engine's TP size.
     pub tp_size: u32,
     /// P's request ids.
     pub request_ids: Vec<String>,
 }
 
 impl ConnectorMetadata {
+    /// True when there is nothing for the workers to do this step.
     pub fn is_empty(&self) -> bool {
         self.reqs_to_recv.is_empty()
             && self.reqs_to_send.is_empty()
@@ -205,9 +239,12 @@ impl ConnectorMetadata {
             && self.heartbeats.is_empty()
             && self.stage.is_empty()
     }
+    /// Encodes as msgpack.
     pub fn to_bytes(&self) -> Result<Vec<u8>, WireError> {
         encode("ConnectorMetadata", self)
     }
+    /// Decodes, checking the size limit and the wire version; empty bytes give an empty
+    /// value.
     pub fn from_bytes(b: &[u8]) -> Result<Self, WireError> {
         if b.is_empty() {
             return Ok(Self::default());
@@ -227,15 +264,21 @@ impl ConnectorMetadata {
 /// the full geometry of every registered region.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentMetadata {
+    /// The engine's id.
     pub engine_id: String,
+    /// The worker's transport (NIXL) agent name.
     pub agent_name: String,
+    /// This worker's TP rank.
     pub tp_rank: u32,
+    /// The engine's TP size.
     pub tp_size: u32,
     /// Logical (scheduler) block size in tokens.
     pub block_size: u32,
     /// Kernel blocks per logical block.
     pub blocks_per_logical: u32,
+    /// The registered KV-cache regions, with their full geometry.
     pub regions: Vec<Region>,
+    /// The transport's (NIXL) agent metadata, opaque bytes for the peer to load.
     #[serde(with = "serde_bytes")]
     pub nixl_md: Vec<u8>,
     /// P, pull with staging: the staging buffer, as regions with the cache's geometry
@@ -255,11 +298,14 @@ impl AgentMetadata {
     }
 }
 
+/// A request for a worker's [`HandshakePayload`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HandshakeRequest {
+    /// The wire version ([`WIRE_VERSION`]).
     pub version: u32,
     /// The requester's engine id, for logs.
     pub from_engine: String,
+    /// The requester's TP rank, for logs.
     pub from_tp_rank: u32,
 }
 
@@ -279,8 +325,9 @@ pub enum SideRequest {
 
 /// Upper bound on a side-channel request (a push registration is the largest).
 pub const MAX_SIDE_REQUEST_BYTES: usize = MAX_REGISTRATION_BYTES + (64 << 10);
-/// Upper bound on request ids in one heartbeat, and on each id's length.
+/// Upper bound on request ids in one heartbeat.
 pub const MAX_HEARTBEAT_IDS: usize = 65_536;
+/// Upper bound on the length of each request id in a heartbeat, in bytes.
 pub const MAX_REQUEST_ID_BYTES: usize = 1024;
 
 /// The outer layer of every side-channel request. The listener decodes only this (the
@@ -288,14 +335,18 @@ pub const MAX_REQUEST_ID_BYTES: usize = 1024;
 /// the differing fields named, and only then decodes the body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SideEnvelope {
+    /// The wire version ([`WIRE_VERSION`]); an unknown one is refused.
     pub version: u32,
     /// The sender's compatibility hash (empty: a diagnostic client; only `Inspect` is
     /// then answered).
     pub compat_hash: String,
+    /// The sender's engine id.
     pub from_engine: String,
     /// The facts behind the hash, so a refusal can name what differs.
     pub compat: Option<CompatInfo>,
+    /// The sender's kvbridge version ([`KVBRIDGE_VERSION`]).
     pub kvbridge_version: String,
+    /// The sender's transfer mode (`"pull"` or `"push"`).
     pub mode: String,
     /// A msgpack [`SideRequest`].
     #[serde(with = "serde_bytes")]
@@ -306,9 +357,11 @@ pub struct SideEnvelope {
 /// facts when the hashes differ), or the kind-specific answer as bytes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SideReply {
+    /// Why the request was refused, other than a compatibility mismatch.
     pub error: Option<String>,
     /// Set when the refusal is a compatibility mismatch.
     pub incompatible: Option<String>,
+    /// The kind-specific answer (see [`SideRequest`]); empty when refused.
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
 }
@@ -316,10 +369,12 @@ pub struct SideReply {
 /// D → P rank: renew the leases of these requests (P's ids).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeartbeatRequest {
+    /// P's request ids to renew.
     pub request_ids: Vec<String>,
 }
 
 impl HeartbeatRequest {
+    /// Refuses too many ids, or ids that are too long.
     pub fn check(&self) -> Result<(), WireError> {
         if self.request_ids.len() > MAX_HEARTBEAT_IDS || self.request_ids.iter().any(|r| r.len() > MAX_REQUEST_ID_BYTES) {
             return Err(WireError::Decode { what: "HeartbeatRequest", reason: "too many or too long request ids".into() });
@@ -381,7 +436,9 @@ pub fn describe_mismatch(
 /// A P rank's answer to a push registration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterAck {
+    /// True when the registration was accepted.
     pub ok: bool,
+    /// Why it was refused (`None` when accepted).
     pub error: Option<String>,
 }
 
@@ -389,7 +446,9 @@ pub struct RegisterAck {
 /// incompatible peer's metadata is never decoded.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HandshakePayload {
+    /// The serving engine's compatibility hash ([`compat_hash`]).
     pub compat_hash: String,
+    /// The msgpack [`AgentMetadata`], decoded only once the hash matches.
     #[serde(with = "serde_bytes")]
     pub agent_metadata: Vec<u8>,
     /// Set when the listener cannot answer (e.g. caches not registered yet).
@@ -397,8 +456,10 @@ pub struct HandshakePayload {
     /// The facts the hash covers, so a mismatch can name the fields that differ.
     #[serde(default)]
     pub compat: Option<CompatInfo>,
+    /// The serving engine's kvbridge version ([`KVBRIDGE_VERSION`]).
     #[serde(default)]
     pub kvbridge_version: String,
+    /// The serving engine's transfer mode (`"pull"` or `"push"`).
     #[serde(default)]
     pub mode: String,
     /// The serving engine's incarnation (see [`ConnectorMetadata::epoch`]; 0: unknown).
@@ -417,10 +478,15 @@ pub struct HandshakePayload {
 /// the READ (or alone, when zero blocks had to be read).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Notif {
+    /// The wire version ([`WIRE_VERSION`]).
     pub version: u32,
+    /// The request id as the receiving engine knows it (P's in pull, D's in push).
     pub request_id: String,
+    /// The sending engine's id.
     pub from_engine: String,
+    /// The sending worker's TP rank.
     pub from_tp_rank: u32,
+    /// Whether the transfer succeeded.
     pub ok: bool,
     /// How many notifications the receiving rank gets for this request in all (one per
     /// reading rank of D): it frees the blocks after the last.
@@ -428,9 +494,11 @@ pub struct Notif {
 }
 
 impl Notif {
+    /// Encodes as msgpack.
     pub fn to_bytes(&self) -> Result<Vec<u8>, WireError> {
         encode("Notif", self)
     }
+    /// Decodes, refusing more than [`MAX_NOTIF_BYTES`].
     pub fn from_bytes(b: &[u8]) -> Result<Self, WireError> {
         decode("Notif", b, MAX_NOTIF_BYTES)
     }
@@ -448,6 +516,7 @@ pub const MAX_REGISTRATION_BLOCKS: usize = 1 << 20;
 /// P rank it maps to, as soon as D has allocated the blocks (P may not have finished yet).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PushRegistration {
+    /// The wire version ([`WIRE_VERSION`]).
     pub version: u32,
     /// Chosen by the proxy and given to both P and D; empty: match on the base request id.
     pub transfer_id: String,
@@ -455,18 +524,25 @@ pub struct PushRegistration {
     pub request_id: String,
     /// The P engine this registration is for (checked by P).
     pub target_engine_id: String,
+    /// The registering decode engine's id.
     pub engine_id: String,
+    /// The registering D rank's side-channel host (P handshakes with it for D's metadata).
     pub host: String,
+    /// The registering D rank's own side-channel port.
     pub port: u16,
+    /// D's TP size.
     pub tp_size: u32,
+    /// The registering D worker's TP rank.
     pub tp_rank: u32,
     /// D's blocks, one list per KV-cache group, covering the end of the prompt (a local
     /// prefix hit covers the start).
     pub block_ids: Vec<Vec<u32>>,
+    /// The prompt length in tokens.
     pub num_tokens: u64,
 }
 
 impl PushRegistration {
+    /// Encodes as msgpack.
     pub fn to_bytes(&self) -> Result<Vec<u8>, WireError> {
         encode("PushRegistration", self)
     }

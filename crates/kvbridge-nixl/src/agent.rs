@@ -110,6 +110,8 @@ fn mem_type(m: MemKind) -> MemType {
     }
 }
 
+/// The core's `Transport` over one NIXL agent: this rank's KV regions, the peers loaded
+/// from their metadata, and the transfers in flight.
 pub struct NixlTransport {
     // Drop order matters: requests, then prepared lists, then registrations, then agent.
     xfers: HashMap<XferId, XferRequest>,
@@ -119,8 +121,9 @@ pub struct NixlTransport {
     /// Memory type of the registered regions (None until registered).
     local: Option<MemType>,
     regs: Vec<RegistrationHandle>,
-    /// Requests made from prepared lists, and from per-request lists (counters).
+    /// Transfer requests made from prepared lists (descriptor indices), counted.
     pub made_prepped: u64,
+    /// Transfer requests made from descriptor lists built for the request, counted.
     pub made_listed: u64,
     next_xfer: XferId,
     name: String,

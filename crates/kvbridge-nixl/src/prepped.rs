@@ -66,6 +66,7 @@ impl Units {
         self.total
     }
 
+    /// True if the list holds no descriptors.
     pub fn is_empty(&self) -> bool {
         self.total == 0
     }
@@ -130,7 +131,9 @@ pub fn indices(local: &Units, remote: &Units, pieces: &[Piece]) -> Option<(Vec<i
 
 /// A prepared list. NIXL's handle is a plain pointer pair, so it is not `Send` by itself.
 pub struct Prepped {
+    /// The numbering the list was prepared with (block → descriptor index).
     pub units: Units,
+    /// NIXL's handle to the prepared list.
     pub handle: XferDlistHandle,
 }
 

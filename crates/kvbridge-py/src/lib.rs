@@ -7,11 +7,11 @@ mod pylog;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use kvbridge_core::config::{ConnectorConfig, EngineInfo, TransferMode};
+use kvbridge_core::config::{ConnectorConfig, EngineInfo};
 use kvbridge_core::error::Error;
 use kvbridge_core::layout::{MemKind, RegionKind, TensorInfo};
 use kvbridge_core::params::KvParams;
-use kvbridge_core::scheduler::{FinishReason, PullScheduler, PushScheduler, SchedulerSide};
+use kvbridge_core::scheduler::{FinishReason, SchedulerSide};
 use kvbridge_core::worker::driver::now_unix;
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;

@@ -40,6 +40,8 @@ pub enum FinishReason {
 }
 
 impl FinishReason {
+    /// vLLM's finish reason, by its short name (`length`, `stop`, `abort`) or its
+    /// request status (`FINISHED_LENGTH_CAPPED`, ...); anything else is [`Error`](Self::Error).
     pub fn parse(s: &str) -> Self {
         match s {
             "length" | "FINISHED_LENGTH_CAPPED" => Self::LengthCapped,
@@ -48,6 +50,7 @@ impl FinishReason {
             _ => Self::Error,
         }
     }
+    /// True if the request ran to its end (length cap or stop), not aborted or failed.
     pub fn completed(self) -> bool {
         matches!(self, Self::LengthCapped | Self::Stopped)
     }
@@ -63,6 +66,7 @@ pub struct Matched {
 }
 
 impl Matched {
+    /// Nothing to load: no external tokens.
     pub const NONE: Matched = Matched { num_tokens: 0, load_async: false };
 }
 
@@ -92,10 +96,14 @@ pub struct Heartbeats {
 }
 
 impl Heartbeats {
+    /// Renewals for leases of `lease_secs` seconds: a batch every sixth of that (at least
+    /// 0.2 s).
     pub fn new(lease_secs: f64) -> Self {
         Self { interval: (lease_secs / 6.0).max(0.2), ..Default::default() }
     }
 
+    /// Start renewing the lease P holds on `req_id`'s KV (`rp` names P and its request id);
+    /// nothing if it is already tracked.
     pub fn track(&mut self, req_id: &str, rp: &RemotePrefill) {
         if self.by_req.contains_key(req_id) {
             return;
@@ -119,6 +127,7 @@ impl Heartbeats {
         true
     }
 
+    /// Requests whose leases are being renewed.
     pub fn tracked(&self) -> usize {
         self.by_req.len()
     }
@@ -190,9 +199,11 @@ pub struct Staging {
 }
 
 impl Staging {
+    /// A pool of `capacity` slots, numbered `1..=capacity` (0: staging off).
     pub fn new(capacity: u32) -> Self {
         Self { capacity, free: (1..=capacity).rev().collect(), ..Default::default() }
     }
+    /// True if there are any slots (staging is on).
     pub fn enabled(&self) -> bool {
         self.capacity > 0
     }
@@ -205,14 +216,17 @@ impl Staging {
         self.held.insert(req_id.to_string(), slots.clone());
         Some(slots)
     }
+    /// The slots `req_id` holds, if any.
     pub fn slots(&self, req_id: &str) -> Option<&[u32]> {
         self.held.get(req_id).map(Vec::as_slice)
     }
+    /// `req_id`'s slots were offered to a reader: their lease now runs on the workers.
     pub fn mark_leased(&mut self, req_id: &str) {
         if self.held.contains_key(req_id) {
             self.leased.insert(req_id.to_string());
         }
     }
+    /// True once `req_id`'s slots were offered to a reader.
     pub fn is_leased(&self, req_id: &str) -> bool {
         self.leased.contains(req_id)
     }
@@ -227,18 +241,22 @@ impl Staging {
             None => false,
         }
     }
+    /// Slots free now.
     pub fn free_slots(&self) -> usize {
         self.free.len()
     }
+    /// Requests holding slots.
     pub fn held_requests(&self) -> usize {
         self.held.len()
     }
+    /// Slots in all (0: staging off).
     pub fn capacity(&self) -> u32 {
         self.capacity
     }
 }
 
 impl SchedulerBase {
+    /// Empty ledgers, a fresh epoch, and heartbeats paced by `cfg`'s lease duration.
     pub fn new(cfg: &ConnectorConfig) -> Self {
         Self { epoch: fresh_epoch(), heartbeats: Heartbeats::new(cfg.kv_lease_duration.as_secs_f64()), ..Default::default() }
     }
@@ -251,12 +269,15 @@ impl SchedulerBase {
         }
     }
 
+    /// D: queue a load, or a notify-only release of P's blocks (`reqs_to_recv`).
     pub fn push_recv(&mut self, r: RecvReq) {
         self.step_recv.push(r);
     }
+    /// P: queue a lease on blocks held for a remote reader (`reqs_to_send`).
     pub fn push_send(&mut self, s: SendLease) {
         self.step_send.push(s);
     }
+    /// D: queue `req_id`'s load as failed with `reason`; its worker reports it (`reqs_failed`).
     pub fn push_failed(&mut self, req_id: &str, reason: String) {
         self.step_failed.push(FailedReq { req_id: req_id.to_string(), reason });
     }
@@ -275,18 +296,24 @@ impl SchedulerBase {
         Matched { num_tokens: count, load_async: true }
     }
 
+    /// Push, P: queue a producing request that finished or was aborted (`push_finished`).
     pub fn push_push_finished(&mut self, s: PushSend) {
         self.step_push_finished.push(s);
     }
+    /// Push, P, layer-wise: queue a request whose prefill completes this step (`push_saves`).
     pub fn push_push_save(&mut self, s: PushSend) {
         self.step_push_saves.push(s);
     }
+    /// Push, D: queue a registration of blocks with P, or a notify-only release (`push_register`).
     pub fn push_push_register(&mut self, r: PushRecv) {
         self.step_push_register.push(r);
     }
+    /// Push, D: queue a request aborted while P may still write into it (`push_aborted`).
     pub fn push_push_aborted(&mut self, req_id: &str) {
         self.step_push_aborted.push(req_id.to_string());
     }
+    /// P: queue a copy of a completed prefill's blocks into staging slots or the host buffer
+    /// (`stage`).
     pub fn push_stage(&mut self, s: StageReq) {
         self.step_stage.push(s);
     }
@@ -324,6 +351,7 @@ impl SchedulerBase {
         }
     }
 
+    /// P: true while some request's blocks are held for a remote peer.
     pub fn has_pending_block_frees(&self) -> bool {
         !self.leased.is_empty()
     }
@@ -343,13 +371,20 @@ impl SchedulerBase {
 
 /// Everything a scheduler-side connector must answer, whatever the transfer mode.
 pub trait SchedulerSide {
+    /// The connector's configuration.
     fn config(&self) -> &ConnectorConfig;
+    /// The ledgers every mode shares.
     fn base(&self) -> &SchedulerBase;
     /// A request entered the engine (vLLM's `on_new_request`): D starts renewing the
     /// lease P holds for it, even while it waits in D's queue.
     fn on_new_request(&mut self, _req_id: &str, _kv_transfer_params: Option<&str>) {}
     /// Time passes (call before `build_connector_meta`): heartbeats fall due.
     fn tick(&mut self, _now_unix: f64) {}
+    /// vLLM's `get_num_new_matched_tokens`: how many of `req_id`'s `num_prompt_tokens` tokens,
+    /// beyond the `num_computed_tokens` computed locally, the connector will load, and
+    /// whether asynchronously. D matches a remote prefill from `kv_transfer_params` (JSON);
+    /// P notes a request to produce for a remote decode and matches nothing. Malformed
+    /// params, or params this engine cannot serve, reject the request (see [`SchedulerBase::reject`]).
     fn get_num_new_matched_tokens(
         &mut self,
         req_id: &str,
@@ -357,7 +392,17 @@ pub trait SchedulerSide {
         num_computed_tokens: u64,
         kv_transfer_params: Option<&str>,
     ) -> Matched;
+    /// vLLM's `update_state_after_alloc`: `req_id`'s blocks are allocated, and the
+    /// connector is to fill `num_external_tokens` tokens into `unhashed_block_ids` (the
+    /// blocks past the local prefix-cache hit). D queues the load (push: the registration
+    /// with P) for the next metadata; with nothing to load it still tells P to free its
+    /// blocks. A request rejected at matching is failed here.
     fn update_state_after_alloc(&mut self, req_id: &str, unhashed_block_ids: &[u32], num_external_tokens: u64);
+    /// vLLM's `request_finished`: `req_id` ended for `reason`, holding `block_ids`, with
+    /// `num_computed_tokens` computed. P, for a remote decode: its blocks are held under a
+    /// lease (`delay_free`) and the returned `kv_transfer_params` tell D where to get the
+    /// KV. D: P is told to free what it holds for a request that will not load, and push
+    /// mode holds blocks P may still write into.
     fn request_finished(
         &mut self,
         req_id: &str,
@@ -367,14 +412,18 @@ pub trait SchedulerSide {
         kv_transfer_params: Option<&str>,
         now_unix: f64,
     ) -> Finished;
-    /// Push, P: a producing request's prefill completes in the step being built, with
-    /// these blocks (layer-wise push writes each layer as it is computed). Other modes
-    /// ignore it.
+    /// P: a producing request's prefill completes in the step being built, with these
+    /// blocks. Layer-wise push writes each layer as it is computed; pull with staging or a
+    /// host buffer copies the blocks out after the forward. Otherwise it is ignored.
     fn prefill_completing(&mut self, _req_id: &str, _block_ids: &[u32], _num_tokens: u64) {}
+    /// vLLM's `build_connector_meta`: this step's metadata for the workers (it resets the
+    /// per-step lists).
     fn build_connector_meta(&mut self) -> ConnectorMetadata;
     /// Workers reported these requests done. Returns the ids of `finished_sending` that
     /// vLLM must not see: staged requests, whose blocks vLLM already freed.
     fn update_connector_output(&mut self, finished_sending: &[String], finished_recving: &[String]) -> Vec<String>;
+    /// True while blocks are held for a remote peer and not yet reported free by the
+    /// workers.
     fn has_pending_block_frees(&self) -> bool;
     /// The scheduler's accounting (see [`SchedulerBase::accounting`]).
     fn accounting(&self) -> serde_json::Value {

@@ -14,6 +14,7 @@ use crate::wire::{ConnectorMetadata, RecvReq, RemoteRef, SendLease, StageReq};
 #[derive(Debug)]
 pub struct PullScheduler {
     cfg: ConnectorConfig,
+    /// The ledgers every mode shares.
     pub base: SchedulerBase,
     /// D: remote prefills matched but not yet allocated.
     awaiting_alloc: HashMap<String, (RemotePrefill, u64)>,
@@ -41,6 +42,7 @@ pub struct PullScheduler {
 const MAX_PRE_PARSED: usize = 65_536;
 
 impl PullScheduler {
+    /// A scheduler for `cfg` (logs the startup settings).
     pub fn new(cfg: ConnectorConfig) -> Self {
         cfg.log_startup("scheduler");
         Self {

@@ -19,9 +19,12 @@ use crate::error::{ParamsError, RoleError};
 use crate::params::{KvParams, PushPrefill};
 use crate::wire::{ConnectorMetadata, PushRecv, PushSend};
 
+/// The push-mode scheduler. Pure: inputs are vLLM's calls, outputs are return values
+/// plus the metadata built each step.
 #[derive(Debug)]
 pub struct PushScheduler {
     cfg: ConnectorConfig,
+    /// The ledgers every mode shares.
     pub base: SchedulerBase,
     /// P: producing requests seen at matching, with their transfer ids.
     producing: HashMap<String, String>,
@@ -36,6 +39,7 @@ pub struct PushScheduler {
 }
 
 impl PushScheduler {
+    /// A scheduler for `cfg` (logs the startup settings).
     pub fn new(cfg: ConnectorConfig) -> Self {
         cfg.log_startup("scheduler");
         Self {

@@ -7,8 +7,8 @@
 //! calls made under it are short (post, poll, notify).
 //!
 //! Push mode (P) adds a writer thread (`kvbridge-push`): the engine thread and the side
-//! channel only send it [`Work`] over a channel and touch the push state under a short
-//! lock of its own ([`PushCtl`]), so the engine step never waits on a WRITE being posted.
+//! channel only send it `Work` over a channel and touch the push state under a short
+//! lock of its own (`PushCtl`), so the engine step never waits on a WRITE being posted.
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -31,6 +31,7 @@ use crate::wire::{
     WIRE_VERSION,
 };
 
+/// The current time as Unix seconds (0 if the clock reads before 1970).
 pub fn now_unix() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
@@ -84,6 +85,9 @@ fn lock_ctl(m: &Mutex<PushCtl>) -> MutexGuard<'_, PushCtl> {
 }
 
 impl<T: Transport + 'static> WorkerDriver<T> {
+    /// A driver for `cfg` over `transport`. Starts the side channel's runtime and, for a
+    /// push-mode producer, P's writer thread; handshakes are served once
+    /// [`register`](Self::register) is called.
     pub fn new(cfg: ConnectorConfig, transport: T) -> Result<Self, Error> {
         cfg.log_startup("worker");
         let hash = wire::compat_hash(&cfg.compat, cfg.mode);
@@ -151,6 +155,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         }
     }
 
+    /// The configuration this driver was built with.
     pub fn config(&self) -> &ConnectorConfig {
         &self.cfg
     }
@@ -584,6 +589,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         }
     }
 
+    /// Push mode's counters so far.
     pub fn push_stats(&self) -> PushStats {
         lock_ctl(&self.push).stats.clone()
     }
@@ -731,6 +737,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         Some(out)
     }
 
+    /// Pull mode's counters so far.
     pub fn stats(&self) -> PullStats {
         lock(&self.inner).core.stats.clone()
     }
@@ -740,6 +747,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         lock(&self.inner).core.base.held_requests()
     }
 
+    /// READs posted on this rank and not yet completed.
     pub fn in_flight(&self) -> usize {
         lock(&self.inner).xfers.len()
     }

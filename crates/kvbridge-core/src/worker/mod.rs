@@ -23,9 +23,16 @@ pub use stats::XferStats;
 /// What the worker reports to vLLM after a step.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FinishedSets {
+    /// Requests whose blocks this rank no longer holds for a remote peer, so vLLM may free
+    /// them (vLLM's `finished_sending`).
     pub sending: Vec<String>,
+    /// Requests whose load ended, successfully or not (vLLM's `finished_recving`); a failed
+    /// one is also listed in `failed_recving`.
     pub recving: Vec<String>,
+    /// Requests whose load failed.
     pub failed_recving: Vec<String>,
+    /// Local blocks of the failed loads, whose contents are not valid (vLLM's
+    /// `get_block_ids_with_load_errors`); never the null block.
     pub invalid_block_ids: Vec<u32>,
 }
 
@@ -57,6 +64,8 @@ const EARLY_NOTIF_CAP: usize = 65_536;
 /// A notification's `expected` count is peer-controlled: clamp it.
 const MAX_READERS: u32 = 4096;
 
+/// Lease and notification bookkeeping every worker mode shares, with the sets reported
+/// to vLLM after each step.
 #[derive(Debug, Default)]
 pub struct WorkerBase {
     leases: HashMap<String, Lease>,
@@ -65,12 +74,15 @@ pub struct WorkerBase {
     /// Leases that ended recently: how, and when.
     ended: HashMap<String, (Ended, f64)>,
     pub(crate) out: FinishedSets,
-    /// Counters for stats.
+    /// Leases that ran out before their readers were done (counter, for stats).
     pub expired_leases: u64,
     /// Leases released on the readers' word (the normal end).
     pub released_leases: u64,
+    /// Heartbeats answered (P: decode engines renewing leases).
     pub heartbeats_received: u64,
+    /// Well-formed notifications received from readers.
     pub notifs_received: u64,
+    /// Notifications dropped: malformed, or over the bound on early ones.
     pub notifs_rejected: u64,
     /// Observations for vLLM's stats since the last collection.
     pub xfer: stats::XferStats,
@@ -203,6 +215,7 @@ impl WorkerBase {
         reply
     }
 
+    /// Requests whose blocks this rank holds for remote readers.
     pub fn held_requests(&self) -> usize {
         self.leases.len()
     }
@@ -212,6 +225,7 @@ impl WorkerBase {
         self.leases.values().map(|l| u64::from(l.num_blocks)).sum()
     }
 
+    /// What finished since the last call, leaving the sets empty.
     pub fn take_finished(&mut self) -> FinishedSets {
         std::mem::take(&mut self.out)
     }

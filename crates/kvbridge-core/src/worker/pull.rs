@@ -19,16 +19,53 @@ use crate::wire::{
 pub enum Action {
     /// Fetch the handshake payload of remote rank `rank` of `peer` from `host:port`, then
     /// call [`PullWorker::on_handshake_payload`].
-    Handshake { peer: String, rank: u32, host: String, port: u16 },
+    Handshake {
+        /// The remote engine, as [`peer_key`] names it.
+        peer: String,
+        /// The remote TP rank.
+        rank: u32,
+        /// The side channel's host.
+        host: String,
+        /// The side channel port of that rank (the engine's base port + `rank`).
+        port: u16,
+    },
     /// Load the remote rank's transport metadata, then call [`PullWorker::on_remote_added`].
-    AddRemote { peer: String, rank: u32, key: String, md: AgentMetadata },
+    AddRemote {
+        /// The remote engine, as [`peer_key`] names it.
+        peer: String,
+        /// The remote TP rank.
+        rank: u32,
+        /// The name to load it under: [`remote_key`]`(peer, rank)`.
+        key: String,
+        /// The rank's metadata from its handshake payload.
+        md: AgentMetadata,
+    },
     /// Forget a remote rank's connection.
-    RemoveRemote { key: String },
+    RemoveRemote {
+        /// The connection to forget.
+        key: String,
+    },
     /// Post a READ of `pieces` from `key`, with `notif` delivered on completion; then
     /// report its end with [`PullWorker::on_read_done`].
-    Read { req_id: String, key: String, pieces: Vec<Piece>, notif: Vec<u8>, bytes: u64 },
+    Read {
+        /// The local (D) request the READ loads.
+        req_id: String,
+        /// The remote rank's connection.
+        key: String,
+        /// The byte ranges to read.
+        pieces: Vec<Piece>,
+        /// The encoded [`Notif`] P receives when the READ completes.
+        notif: Vec<u8>,
+        /// Bytes the pieces cover.
+        bytes: u64,
+    },
     /// Send a notification with no transfer (nothing to read from that rank, or a failure).
-    Notify { key: String, msg: Vec<u8> },
+    Notify {
+        /// The remote rank's connection.
+        key: String,
+        /// The encoded [`Notif`].
+        msg: Vec<u8>,
+    },
 }
 
 #[derive(Debug)]
@@ -89,8 +126,9 @@ pub fn remote_key(peer: &str, rank: u32) -> String {
     format!("{peer}#{rank}")
 }
 
+/// A load in flight on this rank.
 #[derive(Debug, Clone)]
-pub struct Loading {
+pub(crate) struct Loading {
     pub req_id: String,
     pub peer: String,
     pub remote_request_id: String,
@@ -108,27 +146,40 @@ pub struct Loading {
 /// Counters kept by the worker, exported as stats.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PullStats {
+    /// Loads whose READs all completed (one per request).
     pub reads_ok: u64,
+    /// Loads that failed, whatever the cause (handshake, plan, lease, transport).
     pub reads_failed: u64,
+    /// Bytes read by the successful loads.
     pub bytes_read: u64,
+    /// Seconds spent by the successful loads, from post to completion, summed.
     pub read_secs_total: f64,
+    /// Seconds the last successful load took.
     pub last_read_secs: f64,
+    /// Bytes the last successful load read.
     pub last_read_bytes: u64,
+    /// Handshakes completed: a remote engine's ranks all answered and were loaded.
     pub handshakes_ok: u64,
+    /// Handshakes that failed (payload rejected, no plan, or the transport refused a rank).
     pub handshakes_failed: u64,
+    /// Heartbeat requests sent (one per P rank per batch).
     pub heartbeats_sent: u64,
+    /// Heartbeat requests that failed (no usable reply).
     pub heartbeats_failed: u64,
     /// Requests failed because P's lease on their blocks ended before the READ.
     pub leases_lost: u64,
     /// Remote engines forgotten after `engine_ttl` of silence.
     pub engines_evicted: u64,
-    /// Descriptors posted (after coalescing), in all and for the last request.
+    /// Descriptors posted (after coalescing), in all.
     pub descriptors: u64,
+    /// Descriptors posted (after coalescing) for the last request.
     pub last_descriptors: u64,
     /// Descriptors a per-block scheme would have posted for the same requests.
     pub descriptors_uncoalesced: u64,
 }
 
+/// The pull-mode worker state machine (one per TP rank): D's handshakes, plans and
+/// READs, and through [`WorkerBase`] P's leases on the blocks it serves.
 #[derive(Debug)]
 pub struct PullWorker {
     engine_id: String,
@@ -139,6 +190,7 @@ pub struct PullWorker {
     enforce_compat: bool,
     /// The facts behind the hash and the transfer mode (to name differing fields).
     pub compat: crate::config::CompatInfo,
+    /// This engine's transfer mode name (`"pull"` or `"push"`), compared with a peer's.
     pub mode: String,
     /// Merge contiguous pieces into one descriptor (off only for comparisons).
     pub coalesce: bool,
@@ -155,7 +207,9 @@ pub struct PullWorker {
     lost: HashMap<String, String>,
     /// When each peer was last heard from (handshake, READ, heartbeat).
     last_active: HashMap<String, f64>,
+    /// Leases, notifications and the finished sets shared with the other modes.
     pub base: WorkerBase,
+    /// Counters, exported as stats.
     pub stats: PullStats,
 }
 
@@ -165,6 +219,9 @@ pub fn lease_key(peer: &str, remote_request_id: &str) -> String {
 }
 
 impl PullWorker {
+    /// A worker for rank `tp_rank` of `tp_size` of engine `engine_id`. Handshakes compare
+    /// peers' compatibility hash with `compat_hash`; a mismatch fails them only when
+    /// `enforce_compat` is set.
     pub fn new(engine_id: String, tp_rank: u32, tp_size: u32, compat_hash: String, enforce_compat: bool) -> Self {
         Self {
             engine_id,
@@ -189,6 +246,7 @@ impl PullWorker {
         }
     }
 
+    /// This engine's compatibility hash, as advertised in handshakes.
     pub fn compat_hash(&self) -> &str {
         &self.compat_hash
     }
@@ -199,6 +257,7 @@ impl PullWorker {
         self.block_size = block_size;
     }
 
+    /// The local KV layout, once registered.
     pub fn layout(&self) -> Option<&KvLayout> {
         self.layout.as_ref()
     }
@@ -208,6 +267,7 @@ impl PullWorker {
         self.loading.get(req_id).map(|l| l.started_unix)
     }
 
+    /// True once `peer` (a [`peer_key`]) is handshaken and has a transfer plan.
     pub fn is_peer_ready(&self, peer: &str) -> bool {
         matches!(self.engines.get(peer), Some(Engine::Ready { .. }))
     }

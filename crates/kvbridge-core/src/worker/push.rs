@@ -24,9 +24,23 @@ pub const MAX_ORPHANS: usize = 65_536;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PushAction {
     /// Write P request `p_req`'s blocks into the blocks of `reg` (one D rank).
-    Write { p_req: String, p_blocks: Vec<Vec<u32>>, num_tokens: u64, reg: PushRegistration },
+    Write {
+        /// The P request whose KV is written.
+        p_req: String,
+        /// P's blocks holding it, per KV cache group.
+        p_blocks: Vec<Vec<u32>>,
+        /// Tokens whose KV the blocks hold.
+        num_tokens: u64,
+        /// The D rank's registration: where to write.
+        reg: PushRegistration,
+    },
     /// Tell the D rank of `reg` that its request will not be written.
-    Reject { reg: PushRegistration, reason: String },
+    Reject {
+        /// The D rank's registration.
+        reg: PushRegistration,
+        /// Why nothing will be written, for D's error.
+        reason: String,
+    },
 }
 
 #[derive(Debug)]
@@ -62,7 +76,7 @@ pub fn push_key(transfer_id: &str, request_id: &str) -> String {
     }
 }
 
-/// P side.
+/// P side: matches D's registrations with P's finished requests and decides the writes.
 #[derive(Debug)]
 pub struct PushSender {
     engine_id: String,
@@ -81,10 +95,14 @@ pub struct PushSender {
     /// How long an unmatched registration or abort tombstone is kept.
     pub registration_ttl: f64,
     sending: Vec<String>,
+    /// Requests whose lease ran out before every D rank was written (counter).
     pub expired: u64,
 }
 
 impl PushSender {
+    /// A sender for P engine `engine_id` (registrations naming another engine are refused),
+    /// keeping unmatched registrations `registration_ttl` seconds. TP size 1 until
+    /// [`set_tp_size`](Self::set_tp_size).
     pub fn new(engine_id: String, registration_ttl: f64) -> Self {
         Self {
             engine_id,
@@ -101,6 +119,7 @@ impl PushSender {
         }
     }
 
+    /// This (P) engine's TP size, which sets how many D ranks register with each P rank.
     pub fn set_tp_size(&mut self, p_tp: u32) {
         self.p_tp = p_tp.max(1);
     }
@@ -344,6 +363,7 @@ impl PushSender {
         std::mem::take(&mut self.sending)
     }
 
+    /// Requests P holds for D's registrations and writes.
     pub fn held(&self) -> usize {
         self.ready.len()
     }
@@ -351,6 +371,7 @@ impl PushSender {
     pub fn held_blocks(&self) -> u64 {
         self.ready.values().map(|r| r.blocks.iter().map(|g| g.len() as u64).sum::<u64>()).sum()
     }
+    /// D registrations not yet matched with a P request.
     pub fn waiting_registrations(&self) -> usize {
         self.orphan_count
     }
@@ -417,16 +438,18 @@ impl PushReceiver {
         true
     }
 
-    /// D aborted the request: forget it (late writes land in blocks vLLM frees only after
-    /// the connector reports the request finished).
+    /// True while `d_req` waits for P's writes.
     pub fn is_waiting(&self, d_req: &str) -> bool {
         self.waiting.contains_key(d_req)
     }
 
+    /// D aborted the request: forget it (late writes land in blocks vLLM frees only after
+    /// the connector reports the request finished). True if it was waiting.
     pub fn on_abort(&mut self, d_req: &str) -> bool {
         self.waiting.remove(d_req).is_some()
     }
 
+    /// Fail the requests whose deadline has passed.
     pub fn tick(&mut self, now: f64) {
         let late: Vec<String> = self.waiting.iter().filter(|(_, w)| w.deadline <= now).map(|(k, _)| k.clone()).collect();
         for r in late {
@@ -441,6 +464,7 @@ impl PushReceiver {
         (std::mem::take(&mut self.recving), std::mem::take(&mut self.failed))
     }
 
+    /// Requests waiting for P's writes.
     pub fn waiting(&self) -> usize {
         self.waiting.len()
     }

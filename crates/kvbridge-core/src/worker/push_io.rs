@@ -4,7 +4,7 @@
 //! notifications.
 //!
 //! P: a registration (side-channel thread) or a finished/computing request (engine
-//! thread) queues [`Work`] and wakes the writer thread, which owns every NIXL call of
+//! thread) queues `Work` and wakes the writer thread, which owns every NIXL call of
 //! push mode: it loads D ranks (one handshake per D rank, started as soon as a D rank
 //! registers, so it overlaps P's prefill), plans each write from D's advertised layout,
 //! posts WRITEs (per layer while the forward runs, when layer-wise), polls them, and
@@ -24,7 +24,7 @@ use crate::wire::{AgentMetadata, Notif, PushRegistration, WIRE_VERSION};
 /// Work for P's writer thread, sent over a channel (never behind a lock the engine
 /// thread might wait on).
 #[derive(Debug)]
-pub enum Work {
+pub(crate) enum Work {
     /// The caches are registered: what the writer needs to plan.
     Registered(Box<Geometry>),
     /// A D rank registered: load it now, so the handshake overlaps P's prefill.
@@ -43,7 +43,7 @@ pub enum Work {
 
 /// P's own registration, as the writer needs it.
 #[derive(Debug, Clone, Default)]
-pub struct Geometry {
+pub(crate) struct Geometry {
     pub own_md: Option<AgentMetadata>,
     pub tensors: Vec<TensorInfo>,
     pub num_blocks: u64,
@@ -110,14 +110,14 @@ impl Geometry {
 
 /// A D rank as P sees it.
 #[derive(Debug)]
-pub enum DPeer {
+pub(crate) enum DPeer {
     Handshaking { pending: Vec<(PushAction, bool)> },
     Ready { plan: Box<TransferPlan> },
 }
 
 /// One WRITE job: P request → one D rank.
 #[derive(Debug)]
-pub struct Job {
+pub(crate) struct Job {
     pub p_req: String,
     pub key: String,
     /// Pieces per layer (one entry when not layer-wise).
@@ -134,24 +134,35 @@ pub struct Job {
     pub post_secs: f64,
 }
 
-/// Counters for stats.
+/// Push-mode counters of one worker, exported as stats.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PushStats {
+    /// P: WRITE jobs (one P request into one D rank) that completed.
     pub writes_ok: u64,
+    /// P: WRITE jobs that failed (planning, loading the D rank, posting or completing).
     pub writes_failed: u64,
+    /// P: WRITEs posted (one per job, or one per layer when layer-wise).
     pub write_posts: u64,
+    /// P: bytes written by the completed jobs.
     pub bytes_written: u64,
+    /// P: seconds the last completed job took, from its start to its completion.
     pub last_write_secs: f64,
+    /// D: registrations sent to P ranks (one per P rank a request maps to).
     pub registrations_sent: u64,
+    /// P: registrations refused (the D rank is answered with the reason).
     pub registrations_refused: u64,
+    /// P: registrations accepted.
     pub registrations_accepted: u64,
+    /// D: push loads completed (every P rank wrote).
     pub recv_ok: u64,
+    /// D: push loads failed (a P rank failed or refused, a registration could not be
+    /// delivered, or the deadline passed).
     pub recv_failed: u64,
 }
 
 /// Push state shared by the engine, side-channel and writer threads (one short lock).
 #[derive(Debug)]
-pub struct PushCtl {
+pub(crate) struct PushCtl {
     pub sender: PushSender,
     pub receiver: PushReceiver,
     /// D: local blocks of requests waiting for P's writes.
@@ -191,7 +202,7 @@ impl PushCtl {
 
 /// The writer thread's own state.
 #[derive(Debug, Default)]
-pub struct WriterState {
+pub(crate) struct WriterState {
     pub geo: Geometry,
     pub d_peers: HashMap<String, DPeer>,
     pub jobs: HashMap<u64, Job>,

@@ -74,6 +74,7 @@ struct Group {
 pub struct StagingBuffer {
     /// Where the cache lives (the copies' source): DRAM, or VRAM of `device`.
     pub source: MemKind,
+    /// The cache's device id: the CUDA device when `source` is VRAM.
     pub device: u64,
     groups: Vec<Group>,
     /// One per cache region, in the cache layout's order (advertised as `staging_regions`).
@@ -155,6 +156,7 @@ impl StagingBuffer {
         self.groups.iter().map(|g| g.buf.layout.size() as u64).sum()
     }
 
+    /// The highest slot id: slots `1..=slots` for staging, `0..=slots` for a mirror.
     pub fn slots(&self) -> u32 {
         self.slots
     }

@@ -20,14 +20,20 @@ pub struct XferStats {
     pub transfer_duration: Vec<f64>,
     /// Time spent in the post call itself.
     pub post_duration: Vec<f64>,
+    /// Bytes moved, per successful transfer.
     pub bytes_transferred: Vec<u64>,
+    /// NIXL descriptors posted (after coalescing), per successful transfer.
     pub num_descriptors: Vec<u64>,
     /// One `1` per failed transfer, notification, handshake, expired lease, and
     /// notification for a request whose lease had already expired (vLLM's encoding).
     pub num_failed_transfers: Vec<u32>,
+    /// One `1` per notification that could not be sent.
     pub num_failed_notifications: Vec<u32>,
+    /// One `1` per failed handshake with a remote engine.
     pub num_failed_handshakes: Vec<u32>,
+    /// One `1` per lease that ran out before its readers were done (P).
     pub num_kv_expired_reqs: Vec<u32>,
+    /// One `1` per notification that arrived after its request's lease had expired (P).
     pub num_notifications_after_expiry: Vec<u32>,
     /// kvbridge: first contact with a remote engine, from the first handshake request to
     /// the transfer plan being ready (all ranks fetched and loaded).
@@ -43,27 +49,35 @@ fn push<T>(v: &mut Vec<T>, x: T) {
 }
 
 impl XferStats {
+    /// A transfer succeeded: `secs` from post to completion, `post_secs` in the post
+    /// call, `bytes` moved in `descriptors` descriptors.
     pub fn record_transfer(&mut self, secs: f64, post_secs: f64, bytes: u64, descriptors: u64) {
         push(&mut self.transfer_duration, secs.max(0.0));
         push(&mut self.post_duration, post_secs.max(0.0));
         push(&mut self.bytes_transferred, bytes);
         push(&mut self.num_descriptors, descriptors);
     }
+    /// A transfer failed.
     pub fn record_failed_transfer(&mut self) {
         push(&mut self.num_failed_transfers, 1);
     }
+    /// A notification could not be sent.
     pub fn record_failed_notification(&mut self) {
         push(&mut self.num_failed_notifications, 1);
     }
+    /// A handshake with a remote engine failed.
     pub fn record_failed_handshake(&mut self) {
         push(&mut self.num_failed_handshakes, 1);
     }
+    /// A lease ran out before its readers were done.
     pub fn record_kv_expired_req(&mut self) {
         push(&mut self.num_kv_expired_reqs, 1);
     }
+    /// A notification arrived for a request whose lease had already expired.
     pub fn record_notification_after_expiry(&mut self) {
         push(&mut self.num_notifications_after_expiry, 1);
     }
+    /// A remote engine's handshake completed in `secs` (first request to plan ready).
     pub fn record_handshake(&mut self, secs: f64) {
         push(&mut self.handshake_duration, secs.max(0.0));
     }
