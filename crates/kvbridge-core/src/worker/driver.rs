@@ -527,15 +527,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         for s in todo {
             let _span = tracing::debug_span!("stage", request_id = %s.req_id, blocks = s.block_ids.len()).entered();
             let t0 = std::time::Instant::now();
-            let res = match &st {
-                Some(st) if st.source == crate::layout::MemKind::Dram => st.copy(&s),
-                // A GPU cache: device→host copies through the transport (CUDA).
-                Some(st) => st.copies(&s).and_then(|c| {
-                    let bytes = c.iter().map(|x| x.2).sum();
-                    lock(&self.inner).transport.copy_device_to_host(st.device, &c).map(|_| bytes).map_err(Error::from)
-                }),
-                None => Err(Error::Other("staging ordered but no staging buffer is registered".into())),
-            };
+            let res = self.host_copy(st.as_deref(), &s, false);
             match res {
                 Ok(bytes) => tracing::debug!(request_id = %s.req_id, bytes, us = t0.elapsed().as_secs_f64() * 1e6, "kvbridge: staged"),
                 // Block ids come from vLLM and slots from our scheduler: an error here is
@@ -549,6 +541,21 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 }
             }
         }
+    }
+
+    /// Copy `s`'s blocks between the cache and `st` (staging or the host mirror): to the
+    /// host, or back to the cache when `to_cache`. DRAM caches with `memcpy`, GPU caches
+    /// through the transport (CUDA). Returns the bytes copied.
+    fn host_copy(&self, st: Option<&StagingBuffer>, s: &StageReq, to_cache: bool) -> Result<u64, Error> {
+        let st = st.ok_or_else(|| Error::Other("a host copy was ordered but no staging or host buffer is registered".into()))?;
+        if st.source == crate::layout::MemKind::Dram {
+            return if to_cache { st.restore(s) } else { st.copy(s) };
+        }
+        let c = if to_cache { st.restores(s)? } else { st.copies(s)? };
+        let bytes = c.iter().map(|x| x.2).sum();
+        let mut g = lock(&self.inner);
+        let res = if to_cache { g.transport.copy_host_to_device(st.device, &c) } else { g.transport.copy_device_to_host(st.device, &c) };
+        res.map(|_| bytes).map_err(Error::from)
     }
 
     /// D with a host buffer: copy what finished loads read into the host mirror back to
@@ -568,14 +575,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             let _span = tracing::debug_span!("host_to_cache", request_id = %req, blocks = blocks.len()).entered();
             let t0 = std::time::Instant::now();
             let s = StageReq { req_id: req.clone(), block_ids: blocks.clone(), slots: blocks.clone() };
-            let res = match &st {
-                Some(st) if st.source == crate::layout::MemKind::Dram => st.restore(&s),
-                Some(st) => st.restores(&s).and_then(|c| {
-                    let bytes = c.iter().map(|x| x.2).sum();
-                    lock(&self.inner).transport.copy_host_to_device(st.device, &c).map(|_| bytes).map_err(Error::from)
-                }),
-                None => Err(Error::Other("host buffer on but none is registered".into())),
-            };
+            let res = self.host_copy(st.as_deref(), &s, true);
             match res {
                 Ok(bytes) => {
                     tracing::debug!(request_id = %req, bytes, us = t0.elapsed().as_secs_f64() * 1e6, "kvbridge: host buffer copied to the cache")
