@@ -400,6 +400,9 @@ impl Transport for NixlTransport {
     }
     fn copy_device_to_host(&mut self, device_id: u64, copies: &[(u64, u64, u64)]) -> Result<(), TransportError> {
         let ordinal = self.bind_cuda(device_id)?;
+        // The forward may have run on any stream (the legacy stream a synchronous copy uses
+        // does not wait for non-blocking ones): wait for the whole context first.
+        self.sync_cuda(ordinal)?;
         for &(src, dst, len) in copies {
             // SAFETY: the caller (the staging buffer) checked both ranges: `src..src+len` is
             // in the registered device cache, `dst..dst+len` in its own host allocation.
@@ -420,11 +423,19 @@ impl Transport for NixlTransport {
             unsafe { cudarc::driver::result::memcpy_htod_sync(dst, host) }
                 .map_err(|e| NixlError::CudaDevice { ordinal, reason: format!("host→device copy: {e}") })?;
         }
-        Ok(())
+        // A synchronous copy from pageable memory may return before the DMA lands: the
+        // bytes must be on the device before the engine's next forward reads them.
+        Ok(self.sync_cuda(ordinal)?)
     }
 }
 
 impl NixlTransport {
+    /// Wait for everything queued on this agent's CUDA context, on every stream.
+    fn sync_cuda(&self, ordinal: u32) -> Result<(), NixlError> {
+        let ctx = self.cuda.as_ref().ok_or(NixlError::CudaUnavailable)?;
+        ctx.synchronize().map_err(|e| NixlError::CudaDevice { ordinal, reason: format!("synchronize: {e}") })
+    }
+
     /// Make this agent's CUDA context (bound at start-up) current on the calling thread,
     /// checking that it is `device_id`'s. Returns the device ordinal.
     fn bind_cuda(&self, device_id: u64) -> Result<u32, NixlError> {
