@@ -359,7 +359,6 @@ impl ConnectorConfig {
         };
         let enforce_handshake_compat = flag("enforce_handshake_compat", true)?;
         let coalesce_descriptors = flag("coalesce_descriptors", true)?;
-        let push_layerwise = flag("push_layerwise", true)?;
         let push_registration_timeout = secs("push_registration_timeout", DEFAULT_PUSH_REGISTRATION_SECS)?;
         let kv_staging_blocks = match extra.get("kv_staging_blocks") {
             None => 0,
@@ -380,12 +379,8 @@ impl ConnectorConfig {
             }
         };
         let host_buffer = flag("kv_host_buffer", kv_buffer_device == "cpu" && engine.cuda_device.is_some())?;
-        if host_buffer && mode == TransferMode::Push {
-            return Err(ConfigError::InvalidValue {
-                key: "kv_host_buffer".into(),
-                reason: "host-buffer transfers (kv_buffer_device=\"cpu\" on a GPU engine) need transfer_mode \"pull\"".into(),
-            });
-        }
+        // A host buffer holds a layer only after the forward's copy: no layer-wise writes.
+        let push_layerwise = flag("push_layerwise", true)? && !host_buffer;
         if host_buffer && kv_staging_blocks > 0 && role.can_produce() {
             return Err(ConfigError::InvalidValue {
                 key: "kv_staging_blocks".into(),
@@ -511,11 +506,17 @@ mod tests {
             cfg(r#"{"kv_role":"kv_consumer","engine_id":"e","kv_connector_extra_config":{"kv_host_buffer":true}}"#, &EngineInfo::default())
                 .expect("forced");
         assert!(forced.host_buffer);
+        // Push: whole-request writes from the host buffer, never layer by layer.
+        let push = cfg(
+            r#"{"kv_role":"kv_producer","engine_id":"e","kv_buffer_device":"cpu","kv_connector_extra_config":{"transfer_mode":"push"}}"#,
+            &gpu,
+        )
+        .expect("push with a host buffer");
+        assert!(push.host_buffer && !push.push_layerwise);
         for bad in [
             r#"{"kv_role":"kv_producer","engine_id":"e","kv_buffer_device":"tpu"}"#,
             r#"{"kv_role":"kv_producer","engine_id":"e","kv_buffer_device":7}"#,
             r#"{"kv_role":"kv_producer","engine_id":"e","kv_connector_extra_config":{"kv_host_buffer":"yes"}}"#,
-            r#"{"kv_role":"kv_producer","engine_id":"e","kv_buffer_device":"cpu","kv_connector_extra_config":{"transfer_mode":"push"}}"#,
             r#"{"kv_role":"kv_producer","engine_id":"e","kv_buffer_device":"cpu","kv_connector_extra_config":{"kv_staging_blocks":8}}"#,
         ] {
             assert!(matches!(cfg(bad, &gpu), Err(ConfigError::InvalidValue { .. })), "{bad}");

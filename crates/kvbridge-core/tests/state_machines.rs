@@ -124,6 +124,31 @@ fn producer_with_a_host_buffer_copies_before_offering() {
 }
 
 #[test]
+fn push_producer_with_a_host_buffer_writes_only_what_it_copied() {
+    use kvbridge_core::scheduler::PushScheduler;
+    let json = r#"{"kv_role":"kv_producer","engine_id":"P","kv_buffer_device":"cpu","kv_connector_extra_config":{"side_channel_host":"127.0.0.1","side_channel_port":7000,"transfer_mode":"push"}}"#;
+    let info = EngineInfo { tp_size: 1, cuda_device: Some(0), ..Default::default() };
+    let mut p = PushScheduler::new(ConnectorConfig::from_json(json, info, |_| None).unwrap());
+    let dec = r#"{"do_remote_decode":true,"transfer_id":"t1"}"#;
+    p.get_num_new_matched_tokens("a", 64, 0, Some(dec));
+    p.prefill_completing("a", &[7, 2], 64);
+    let md = p.build_connector_meta();
+    assert!(md.push_saves.is_empty(), "no layer-wise writes from a host buffer");
+    assert_eq!((md.stage[0].block_ids.clone(), md.stage[0].slots.clone()), (vec![7, 2], vec![7, 2]));
+    let f = p.request_finished("a", &[7, 2], FinishReason::LengthCapped, 64, Some(dec), 1000.0);
+    assert!(f.delay_free && f.kv_transfer_params.is_some());
+    let md = p.build_connector_meta();
+    assert!(md.push_finished.len() == 1 && !md.push_finished[0].aborted);
+    // Never copied: registrations for it are refused and its blocks freed.
+    let dec = r#"{"do_remote_decode":true,"transfer_id":"t2"}"#;
+    p.get_num_new_matched_tokens("b", 64, 0, Some(dec));
+    let f = p.request_finished("b", &[3], FinishReason::LengthCapped, 64, Some(dec), 1000.0);
+    assert!(!f.delay_free && f.kv_transfer_params.is_none());
+    let md = p.build_connector_meta();
+    assert!(md.push_finished.len() == 1 && md.push_finished[0].aborted);
+}
+
+#[test]
 fn producer_frees_at_once_on_abort() {
     let mut p = PullScheduler::new(cfg("kv_producer", "P"));
     p.get_num_new_matched_tokens("r", 64, 0, Some(DECODE));

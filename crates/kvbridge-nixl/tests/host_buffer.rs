@@ -123,3 +123,63 @@ fn a_prefill_never_copied_to_the_host_buffer_is_not_offered() {
     assert!(!delay && params.is_null(), "{delay} {params}");
     assert_eq!(p.sched.accounting()["held_blocks"], 0);
 }
+
+/// Push mode with host buffers on both sides: P copies to its mirror in `wait_for_save` and
+/// writes the whole request from there (never layer by layer), P's cache is wiped before
+/// D even registers, and D's cache must hold the bytes once D reports the load.
+#[test]
+fn push_writes_from_and_into_host_buffers() {
+    if !runtime_or_skip() {
+        return;
+    }
+    use kvbridge_core::scheduler::PushScheduler;
+    let push_cfg = |role: &str, engine: &str, port: u16| {
+        local_config(role, engine, port, "host-buffer-test", r#","kv_host_buffer":true,"transfer_mode":"push""#)
+    };
+    let (pp, dp) = (free_port(), free_port());
+    let mut p_cache = Cache::new(spec(CacheLayout::Nhd));
+    let p = kvbridge_nixl::new_worker(push_cfg("kv_producer", "P-push", pp), None).expect("P worker");
+    p.register(&p_cache.tensors(), 32).expect("P register");
+    let d_cache = Cache::new(spec(CacheLayout::Nhd));
+    let d = kvbridge_nixl::new_worker(push_cfg("kv_consumer", "D-push", dp), None).expect("D worker");
+    d.register(&d_cache.tensors(), 32).expect("D register");
+    let (mut ps, mut ds) =
+        (PushScheduler::new(push_cfg("kv_producer", "P-push", pp)), PushScheduler::new(push_cfg("kv_consumer", "D-push", dp)));
+    assert!(!ps.config().push_layerwise, "a host buffer turns layer-wise writes off");
+    // P prefills and finishes first.
+    let p_params = r#"{"do_remote_decode":true,"transfer_id":"t-hb"}"#;
+    let blocks = [3u32, 4, 5];
+    ps.get_num_new_matched_tokens("p1", TOKENS, 0, Some(p_params));
+    ps.prefill_completing("p1", &blocks, TOKENS);
+    p.start_load(&ps.build_connector_meta().to_bytes().unwrap()).unwrap();
+    p_cache.fill(&[blocks.to_vec()], TOKENS);
+    p.wait_for_save(); // → P's host buffer
+    let f = ps.request_finished("p1", &blocks, FinishReason::LengthCapped, TOKENS, Some(p_params), now_unix());
+    assert!(f.delay_free);
+    p.start_load(&ps.build_connector_meta().to_bytes().unwrap()).unwrap();
+    p_cache.reset();
+    // D registers; P writes into D's host buffer; D copies it into its cache.
+    let d_params = format!(
+        r#"{{"do_remote_prefill":true,"transfer_mode":"push","transfer_id":"t-hb","remote_engine_id":"P-push","remote_host":"127.0.0.1","remote_port":{pp},"tp_size":1}}"#
+    );
+    let local = [10u32, 11, 12];
+    assert_eq!(ds.get_num_new_matched_tokens("d1", TOKENS, 0, Some(&d_params)).num_tokens, TOKENS);
+    ds.update_state_after_alloc("d1", &local, TOKENS);
+    d.start_load(&ds.build_connector_meta().to_bytes().unwrap()).unwrap();
+    let (mut loaded, mut released) = (false, false);
+    let t0 = Instant::now();
+    while !(loaded && released) {
+        assert!(t0.elapsed() < Duration::from_secs(20), "push: loaded {loaded}, P released {released}");
+        let (pf, df) = (p.get_finished(), d.get_finished());
+        assert!(df.failed_recving.is_empty(), "{df:?}");
+        loaded |= df.recving.iter().any(|r| r == "d1");
+        released |= pf.sending.iter().any(|r| r == "p1");
+        ds.update_connector_output(&[], &df.recving);
+        ps.update_connector_output(&pf.sending, &[]);
+        d.start_load(&ds.build_connector_meta().to_bytes().unwrap()).unwrap();
+        p.start_load(&ps.build_connector_meta().to_bytes().unwrap()).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    d_cache.check(&[local.to_vec()], TOKENS).unwrap_or_else(|e| panic!("push into a host buffer: {e}"));
+    assert_eq!(p.push_stats().write_posts, 1, "one whole-request WRITE");
+}

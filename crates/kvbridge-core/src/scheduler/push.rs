@@ -17,7 +17,7 @@ use super::{FinishReason, Finished, Matched, SchedulerBase, SchedulerSide};
 use crate::config::ConnectorConfig;
 use crate::error::{ParamsError, RoleError};
 use crate::params::{KvParams, PushPrefill};
-use crate::wire::{ConnectorMetadata, PushRecv, PushSend};
+use crate::wire::{ConnectorMetadata, PushRecv, PushSend, StageReq};
 
 /// The push-mode scheduler. Pure: inputs are vLLM's calls, outputs are return values
 /// plus the metadata built each step.
@@ -36,6 +36,9 @@ pub struct PushScheduler {
     consumed: HashSet<String>,
     /// D: aborted while P may still write; blocks held until the workers report them.
     held_aborted: HashSet<String>,
+    /// P with a host buffer: requests whose blocks were ordered copied to it (only those
+    /// are written to D).
+    host_copied: HashSet<String>,
 }
 
 impl PushScheduler {
@@ -50,6 +53,7 @@ impl PushScheduler {
             awaiting_alloc: HashMap::new(),
             consumed: HashSet::new(),
             held_aborted: HashSet::new(),
+            host_copied: HashSet::new(),
         }
     }
 
@@ -154,6 +158,16 @@ impl SchedulerSide for PushScheduler {
     }
 
     fn prefill_completing(&mut self, req_id: &str, block_ids: &[u32], num_tokens: u64) {
+        // Host buffer: copy the blocks to their own ids in the host mirror after this
+        // step's forward; the whole-request writes read them from there.
+        if self.cfg.host_buffer {
+            if self.producing.contains_key(req_id) {
+                let ids = block_ids.to_vec();
+                self.base.push_stage(StageReq { req_id: req_id.to_string(), block_ids: ids.clone(), slots: ids });
+                self.host_copied.insert(req_id.to_string());
+            }
+            return;
+        }
         if !self.cfg.push_layerwise || self.saving.contains(req_id) {
             return;
         }
@@ -201,8 +215,13 @@ impl SchedulerSide for PushScheduler {
             self.base.push_push_aborted(req_id);
             return Finished { delay_free: true, kv_transfer_params: None };
         }
+        let host_copied = self.host_copied.remove(req_id);
         let Some(transfer_id) = self.producing.remove(req_id) else { return none };
         let was_saving = self.saving.remove(req_id);
+        let uncopied = self.cfg.host_buffer && !host_copied;
+        if uncopied {
+            tracing::error!(request_id = %req_id, "kvbridge: the prefill's KV was never copied to the host buffer (its completing step was not reported); not writing it to D");
+        }
         let expiry = now_unix + self.cfg.kv_lease_duration.as_secs_f64();
         let send = |hold: bool, aborted: bool| PushSend {
             req_id: req_id.to_string(),
@@ -214,7 +233,7 @@ impl SchedulerSide for PushScheduler {
             aborted,
         };
         let port = self.cfg.advertised_port();
-        if !reason.completed() || block_ids.is_empty() || port.is_none() {
+        if !reason.completed() || block_ids.is_empty() || port.is_none() || uncopied {
             // Registrations for it are refused. Layer-wise writes may be in flight: then
             // the blocks are held until they end.
             self.base.push_push_finished(send(was_saving, true));

@@ -372,15 +372,19 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 v.extend(stage);
             }
         }
-        self.start_push(&mut md);
         if self.cfg.host_buffer {
+            // D: the blocks each load fills (pull: READ; push: P's writes), for the copy to
+            // the cache once it is done.
+            let pull = md.reqs_to_recv.iter().filter(|r| !r.notify_only).map(|r| (&r.req_id, &r.local_block_ids));
+            let push = md.push_register.iter().filter(|r| !r.notify_only).map(|r| (&r.req_id, &r.local_block_ids));
             if let Ok(mut h) = self.host_loads.lock() {
-                for r in md.reqs_to_recv.iter().filter(|r| !r.notify_only) {
-                    let ids = r.local_block_ids.iter().flatten().copied().filter(|&b| Some(b) != self.cfg.null_block_id);
-                    h.insert(r.req_id.clone(), ids.collect());
+                for (req, blocks) in pull.chain(push) {
+                    let ids = blocks.iter().flatten().copied().filter(|&b| Some(b) != self.cfg.null_block_id);
+                    h.insert(req.clone(), ids.collect());
                 }
             }
         }
+        self.start_push(&mut md);
         if md.reqs_to_recv.is_empty() && md.reqs_to_send.is_empty() && md.reqs_failed.is_empty() {
             return Ok(());
         }
@@ -566,6 +570,11 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             _ => return,
         };
         let done: Vec<(String, Vec<u32>)> = out.recving.iter().filter_map(|r| loads.remove(r).map(|b| (r.clone(), b))).collect();
+        // Push, D: a request aborted while P could still write ends in `sending`; nothing
+        // is copied for it.
+        for r in &out.sending {
+            loads.remove(r);
+        }
         drop(loads);
         let st = self.staging.read().ok().and_then(|g| g.clone());
         for (req, blocks) in done {
@@ -689,7 +698,6 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             run(&self.inner, &self.side, &self.cfg, follow);
         }
         let mut out = lock(&self.inner).core.base.take_finished();
-        self.restore_loads(&mut out);
         if push_mode {
             c.receiver.tick(now);
             let (ok, failed) = c.receiver.take();
@@ -717,6 +725,8 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             }
             out.sending.extend(c.sender.take_sending());
         }
+        drop(c);
+        self.restore_loads(&mut out);
         out
     }
 
