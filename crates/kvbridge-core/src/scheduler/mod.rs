@@ -185,6 +185,8 @@ pub struct SchedulerBase {
     step_push_register: Vec<PushRecv>,
     step_push_aborted: Vec<String>,
     step_stage: Vec<StageReq>,
+    /// P with a host buffer: requests whose blocks were ordered copied to it.
+    host_copied: HashSet<String>,
 }
 
 /// P, pull with staging (`kv_staging_blocks`): which staging slots are free and which
@@ -316,6 +318,19 @@ impl SchedulerBase {
     /// (`stage`).
     pub fn push_stage(&mut self, s: StageReq) {
         self.step_stage.push(s);
+    }
+    /// P with a host buffer: copy `req_id`'s blocks to their own ids in the host mirror
+    /// after this step's forward (the worker's `wait_for_save`), and remember that it was.
+    pub fn order_host_copy(&mut self, req_id: &str, block_ids: &[u32]) {
+        let ids = block_ids.to_vec();
+        self.push_stage(StageReq { req_id: req_id.to_string(), block_ids: ids.clone(), slots: ids });
+        self.host_copied.insert(req_id.to_string());
+    }
+    /// P with a host buffer: whether a copy of `req_id` was ordered (forgotten here; call
+    /// once, when the request finishes). A request without one must not be offered: its
+    /// host-buffer blocks hold stale bytes.
+    pub fn take_host_copied(&mut self, req_id: &str) -> bool {
+        self.host_copied.remove(req_id)
     }
 
     /// Build this step's metadata and reset the per-step lists.

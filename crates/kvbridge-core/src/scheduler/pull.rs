@@ -32,10 +32,6 @@ pub struct PullScheduler {
     producing: HashSet<String>,
     /// P: the staging slots (`kv_staging_blocks`; disabled when 0).
     pub staging: Staging,
-    /// P with a host buffer: requests whose blocks were ordered copied to it. A request
-    /// missing here when it finishes is not offered for a remote decode (D would read
-    /// stale host memory).
-    host_copied: HashSet<String>,
 }
 
 /// Requests whose parsed params are kept between `on_new_request` and their first match.
@@ -53,7 +49,6 @@ impl PullScheduler {
             consumed: HashSet::new(),
             pre_parsed: HashMap::new(),
             producing: HashSet::new(),
-            host_copied: HashSet::new(),
         }
     }
 
@@ -235,7 +230,7 @@ impl SchedulerSide for PullScheduler {
         self.base.rejected.remove(req_id);
         self.pre_parsed.remove(req_id);
         self.producing.remove(req_id);
-        let host_copied = self.host_copied.remove(req_id);
+        let host_copied = self.base.take_host_copied(req_id);
         // Staged, P: the KV was copied out when the prefill ended, so vLLM frees its blocks
         // now; the slots are held for the reader instead (or freed, if nothing will read).
         if self.staging.slots(req_id).is_some() && !self.staging.is_leased(req_id) {
@@ -313,9 +308,7 @@ impl SchedulerSide for PullScheduler {
         // this step (the worker's `wait_for_save`), before `request_finished` offers them.
         if self.cfg.host_buffer {
             if self.producing.contains(req_id) {
-                let ids = block_ids.to_vec();
-                self.base.push_stage(StageReq { req_id: req_id.to_string(), block_ids: ids.clone(), slots: ids });
-                self.host_copied.insert(req_id.to_string());
+                self.base.order_host_copy(req_id, block_ids);
             }
             return;
         }

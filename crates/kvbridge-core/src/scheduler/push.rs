@@ -17,7 +17,7 @@ use super::{FinishReason, Finished, Matched, SchedulerBase, SchedulerSide};
 use crate::config::ConnectorConfig;
 use crate::error::{ParamsError, RoleError};
 use crate::params::{KvParams, PushPrefill};
-use crate::wire::{ConnectorMetadata, PushRecv, PushSend, StageReq};
+use crate::wire::{ConnectorMetadata, PushRecv, PushSend};
 
 /// The push-mode scheduler. Pure: inputs are vLLM's calls, outputs are return values
 /// plus the metadata built each step.
@@ -36,9 +36,6 @@ pub struct PushScheduler {
     consumed: HashSet<String>,
     /// D: aborted while P may still write; blocks held until the workers report them.
     held_aborted: HashSet<String>,
-    /// P with a host buffer: requests whose blocks were ordered copied to it (only those
-    /// are written to D).
-    host_copied: HashSet<String>,
 }
 
 impl PushScheduler {
@@ -53,7 +50,6 @@ impl PushScheduler {
             awaiting_alloc: HashMap::new(),
             consumed: HashSet::new(),
             held_aborted: HashSet::new(),
-            host_copied: HashSet::new(),
         }
     }
 
@@ -162,9 +158,7 @@ impl SchedulerSide for PushScheduler {
         // step's forward; the whole-request writes read them from there.
         if self.cfg.host_buffer {
             if self.producing.contains_key(req_id) {
-                let ids = block_ids.to_vec();
-                self.base.push_stage(StageReq { req_id: req_id.to_string(), block_ids: ids.clone(), slots: ids });
-                self.host_copied.insert(req_id.to_string());
+                self.base.order_host_copy(req_id, block_ids);
             }
             return;
         }
@@ -215,7 +209,7 @@ impl SchedulerSide for PushScheduler {
             self.base.push_push_aborted(req_id);
             return Finished { delay_free: true, kv_transfer_params: None };
         }
-        let host_copied = self.host_copied.remove(req_id);
+        let host_copied = self.base.take_host_copied(req_id);
         let Some(transfer_id) = self.producing.remove(req_id) else { return none };
         let was_saving = self.saving.remove(req_id);
         let uncopied = self.cfg.host_buffer && !host_copied;
