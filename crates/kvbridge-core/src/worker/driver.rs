@@ -853,18 +853,35 @@ impl<T: Transport + 'static> Writer<T> {
                 let loaded = res.and_then(|(plan, md)| {
                     let t0 = std::time::Instant::now();
                     lock(&self.inner).transport.add_remote(&key, &md).map_err(Error::from)?;
-                    tracing::info!(%key, ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: push peer loaded, write plan ready");
+                    tracing::info!(%key, ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: push peer loaded");
                     Ok(plan)
                 });
                 match loaded {
-                    Ok(plan) => {
+                    Ok(Ok(plan)) => {
                         self.st.d_peers.insert(key, DPeer::Ready { plan });
                         for (a, lw) in pending {
                             self.dispatch(a, lw, now);
                         }
                     }
+                    Ok(Err(e)) => {
+                        // D is loaded but P cannot write its layout: tell each waiting request
+                        // now (a failure notification), so D fails it at once. The peer is not
+                        // kept: a later registration handshakes again.
+                        tracing::error!(%key, error = %e, "kvbridge: cannot plan writes to the decode rank; failing its requests");
+                        let me = (self.cfg.engine_id.clone(), self.cfg.tp_rank);
+                        for (a, _) in pending {
+                            let (PushAction::Write { reg, .. } | PushAction::Reject { reg, .. }) = &a;
+                            self.notify(&key, &push_io::notif(reg, &me.0, me.1, false, 1));
+                            if let PushAction::Write { p_req, .. } = a {
+                                let mut c = lock_ctl(&self.push);
+                                c.write_failed();
+                                c.sender.on_write_done(&p_req);
+                            }
+                        }
+                    }
                     Err(e) => {
-                        // D cannot be reached through NIXL: its requests time out there.
+                        // D cannot be reached through NIXL: its requests fail at their
+                        // registration timeout there.
                         tracing::error!(%key, error = %e, "kvbridge: cannot load the decode rank; its writes are dropped");
                         let mut c = lock_ctl(&self.push);
                         for (a, _) in pending {
@@ -891,7 +908,7 @@ impl<T: Transport + 'static> Writer<T> {
         let addr = format!("{}:{}", reg.host, reg.port);
         tracing::debug!(%key, %addr, "kvbridge: push handshake with a decode rank");
         self.side.fetch(reg.host.clone(), reg.port, req, self.cfg.handshake_timeout, self.cfg.handshake_retries, move |res| {
-            let out = (|| -> Result<(Box<TransferPlan>, AgentMetadata), Error> {
+            let out = (|| -> Result<(Result<Box<TransferPlan>, Error>, AgentMetadata), Error> {
                 let bytes = res?;
                 let inner = inner.upgrade().ok_or_else(|| Error::Other("the worker is shutting down".into()))?;
                 let (md, _, _) = lock(&inner).core.check_payload(&reg.engine_id, &addr, &bytes)?;
@@ -905,10 +922,14 @@ impl<T: Transport + 'static> Writer<T> {
                     }
                     .into());
                 }
-                let ranks = push_io::p_ranks_for(md.tp_size, md.tp_rank, p_tp)?;
-                let p_mds = ranks.iter().map(|&q| geo.sibling_md(q)).collect::<Result<Vec<_>, _>>()?;
-                let plan = TransferPlan::build_push(&md, &p_mds, null)?;
-                Ok((Box::new(plan), md))
+                // D is known and checked from here: a plan that cannot be made is D's to
+                // hear about (a failure notification), not to wait out.
+                let plan = (|| -> Result<Box<TransferPlan>, Error> {
+                    let ranks = push_io::p_ranks_for(md.tp_size, md.tp_rank, p_tp)?;
+                    let p_mds = ranks.iter().map(|&q| geo.sibling_md(q)).collect::<Result<Vec<_>, _>>()?;
+                    Ok(Box::new(TransferPlan::build_push(&md, &p_mds, null)?))
+                })();
+                Ok((plan, md))
             })();
             let _ = tx.send(Work::PeerDone { key, res: out });
         });

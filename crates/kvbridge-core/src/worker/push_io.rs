@@ -37,8 +37,9 @@ pub(crate) enum Work {
     Layer(usize),
     /// The forward ended: every layer is computed; `computing` lists its requests.
     ForwardDone { computing: Vec<String> },
-    /// D rank `key` answered its handshake (checked and planned), or failed.
-    PeerDone { key: String, res: Result<(Box<TransferPlan>, AgentMetadata), Error> },
+    /// D rank `key` answered its handshake (checked), with the write plan or why there is
+    /// none; or it could not be reached or checked.
+    PeerDone { key: String, res: Result<(Result<Box<TransferPlan>, Error>, AgentMetadata), Error> },
 }
 
 /// P's own registration, as the writer needs it.
