@@ -68,9 +68,10 @@ def drained(c: Cluster, name: str, timeout: float) -> float:
     return t
 
 
-def test_abort_on_d_before_scheduling_frees_p_at_once(cluster: Cluster) -> None:
-    c = cluster
-    assert_serving(c)
+def _abort_queued(c: Cluster) -> tuple[float | None, float]:
+    """One attempt: a P/D request queued on D (its 8 slots busy) whose client goes away.
+    Returns (seconds until D's queue dropped it, or None if vLLM never noticed the client
+    leave before P's lease ran out; seconds until P's blocks were free)."""
     drained(c, "prefill", LEASE + 2)
     # Fill D's 8 sequence slots with long decodes, so the next request waits in its queue.
     hogs = [
@@ -83,20 +84,47 @@ def test_abort_on_d_before_scheduling_frees_p_at_once(cluster: Cluster) -> None:
     p = c.prefill(fresh_prompt(300))
     assert p.ok and p.kv_transfer_params, p
     assert c.held("prefill")["held_blocks"] == 3
-    # The P/D request waits in D's queue, then its client goes away.
     t0 = time.monotonic()
     abort_after(c.d_url, completion_body(fresh_prompt(300), MAX_TOKENS, p.kv_transfer_params), 0.5)
-    deadline = time.monotonic() + LEASE
-    while c.held("prefill")["held_blocks"] and time.monotonic() < deadline:
+    dropped, freed = None, None
+    deadline = t0 + LEASE
+    while (freed is None or dropped is None) and time.monotonic() < deadline:
+        if dropped is None and c.metrics("decode").get("num_requests_waiting", 1.0) == 0.0:
+            dropped = time.monotonic() - t0
+        if freed is None and c.held("prefill")["held_blocks"] == 0:
+            freed = time.monotonic() - t0
         time.sleep(0.05)
-    freed = time.monotonic() - t0
-    figure("abort_before_scheduling_free_s", freed)
-    assert c.held("prefill")["held_blocks"] == 0
-    assert freed < 3.0, f"P's blocks were freed only after {freed:.1f}s (lease {LEASE}s): not on D's word"
+    if freed is None:
+        while c.held("prefill")["held_blocks"]:  # the lease frees them
+            assert time.monotonic() < t0 + 2 * LEASE, c.held("prefill")
+            time.sleep(0.1)
+        freed = time.monotonic() - t0
     for t in hogs:
         t.join(30)
     drained(c, "decode", 20)
     drained(c, "prefill", 5)
+    return dropped, freed
+
+
+def test_abort_on_d_before_scheduling_frees_p_at_once(cluster: Cluster) -> None:
+    """D's word frees P's blocks within moments of vLLM dropping the aborted request. On
+    this 2-core box vLLM's API server now and then misses a queued request's client going
+    away (CI saw the request stay queued until the decodes ahead of it ended, 12 s later);
+    then the attempt is repeated, at most twice: what is under test is kvbridge's answer to
+    the abort, and that needs the abort to happen."""
+    c = cluster
+    assert_serving(c)
+    attempts = []
+    for _ in range(3):
+        dropped, freed = _abort_queued(c)
+        attempts.append((dropped, freed))
+        if dropped is not None:
+            break
+    assert dropped is not None, f"vLLM never dropped the aborted queued request in 3 attempts: {attempts}"
+    figure("abort_before_scheduling_free_s", freed)
+    figure("abort_before_scheduling_dropped_s", dropped)
+    figure("abort_before_scheduling_attempts", len(attempts))
+    assert freed < dropped + 3.0, f"P's blocks were freed {freed:.1f}s after the abort, {dropped:.1f}s after D dropped it (lease {LEASE}s): not on D's word ({attempts})"
     assert_serving(c)
 
 
