@@ -197,15 +197,15 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 Some(Arc::new(st))
             }
         };
+        // Staging slots are registered and advertised next to the cache; a host mirror
+        // already is `layout`.
+        let staging_regions = match &staging {
+            Some(st) if !self.cfg.host_buffer => st.regions.clone(),
+            _ => Vec::new(),
+        };
         let payload = {
             let mut g = lock(&self.inner);
-            match &staging {
-                Some(st) if !self.cfg.host_buffer => {
-                    let both = KvLayout { regions: [layout.regions.clone(), st.regions.clone()].concat(), ..layout.clone() };
-                    g.transport.register(&both)?;
-                }
-                _ => g.transport.register(&layout)?,
-            }
+            g.transport.register(&KvLayout { regions: [layout.regions.clone(), staging_regions.clone()].concat(), ..layout.clone() })?;
             let nixl_md = g.transport.local_metadata()?;
             let md = AgentMetadata {
                 engine_id: self.cfg.engine_id.clone(),
@@ -216,7 +216,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 blocks_per_logical: layout.blocks_per_logical,
                 regions: layout.regions.clone(),
                 nixl_md,
-                staging_regions: staging.as_ref().filter(|_| !self.cfg.host_buffer).map(|st| st.regions.clone()).unwrap_or_default(),
+                staging_regions,
             };
             g.core.on_registered(layout.clone(), block_size);
             if self.work.is_some() {
@@ -555,7 +555,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         if st.source == crate::layout::MemKind::Dram {
             return if to_cache { st.restore(s) } else { st.copy(s) };
         }
-        let c = if to_cache { st.restores(s)? } else { st.copies(s)? };
+        let c = st.copies(s)?;
         let bytes = c.iter().map(|x| x.2).sum();
         let mut g = lock(&self.inner);
         let res = if to_cache { g.transport.copy_host_to_device(st.device, &c) } else { g.transport.copy_device_to_host(st.device, &c) };
@@ -583,15 +583,14 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             }
             let _span = tracing::debug_span!("host_to_cache", request_id = %req, blocks = blocks.len()).entered();
             let t0 = std::time::Instant::now();
-            let s = StageReq { req_id: req.clone(), block_ids: blocks.clone(), slots: blocks.clone() };
-            let res = self.host_copy(st.as_deref(), &s, true);
-            match res {
+            let s = StageReq { req_id: req.clone(), slots: blocks.clone(), block_ids: blocks };
+            match self.host_copy(st.as_deref(), &s, true) {
                 Ok(bytes) => {
                     tracing::debug!(request_id = %req, bytes, us = t0.elapsed().as_secs_f64() * 1e6, "kvbridge: host buffer copied to the cache")
                 }
                 Err(e) => {
                     tracing::error!(request_id = %req, error = %e, "kvbridge: copying the host buffer to the cache failed; the load fails");
-                    out.invalid_block_ids.extend(blocks);
+                    out.invalid_block_ids.extend(s.block_ids);
                     out.failed_recving.push(req);
                 }
             }
@@ -726,7 +725,9 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             out.sending.extend(c.sender.take_sending());
         }
         drop(c);
-        self.restore_loads(&mut out);
+        if self.cfg.host_buffer {
+            self.restore_loads(&mut out);
+        }
         out
     }
 
@@ -856,40 +857,36 @@ impl<T: Transport + 'static> Writer<T> {
                     tracing::info!(%key, ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: push peer loaded");
                     Ok(plan)
                 });
-                match loaded {
+                let (told, e) = match loaded {
                     Ok(Ok(plan)) => {
                         self.st.d_peers.insert(key, DPeer::Ready { plan });
                         for (a, lw) in pending {
                             self.dispatch(a, lw, now);
                         }
+                        return;
                     }
-                    Ok(Err(e)) => {
-                        // D is loaded but P cannot write its layout: tell each waiting request
-                        // now (a failure notification), so D fails it at once. The peer is not
-                        // kept: a later registration handshakes again.
-                        tracing::error!(%key, error = %e, "kvbridge: cannot plan writes to the decode rank; failing its requests");
-                        let me = (self.cfg.engine_id.clone(), self.cfg.tp_rank);
-                        for (a, _) in pending {
-                            let (PushAction::Write { reg, .. } | PushAction::Reject { reg, .. }) = &a;
-                            self.notify(&key, &push_io::notif(reg, &me.0, me.1, false, 1));
-                            if let PushAction::Write { p_req, .. } = a {
-                                let mut c = lock_ctl(&self.push);
-                                c.write_failed();
-                                c.sender.on_write_done(&p_req);
-                            }
-                        }
+                    // D is loaded but P cannot write its layout: tell each waiting request now
+                    // (a failure notification), so D fails it at once. The peer is not kept:
+                    // a later registration handshakes again.
+                    Ok(Err(e)) => (true, e),
+                    // D cannot be reached through NIXL: its requests fail at their
+                    // registration timeout there.
+                    Err(e) => (false, e),
+                };
+                if told {
+                    tracing::error!(%key, error = %e, "kvbridge: cannot plan writes to the decode rank; failing its requests");
+                } else {
+                    tracing::error!(%key, error = %e, "kvbridge: cannot load the decode rank; its writes are dropped");
+                }
+                for (a, _) in pending {
+                    let (PushAction::Write { reg, .. } | PushAction::Reject { reg, .. }) = &a;
+                    if told {
+                        self.notify(&key, &push_io::notif(reg, &self.cfg.engine_id, self.cfg.tp_rank, false, 1));
                     }
-                    Err(e) => {
-                        // D cannot be reached through NIXL: its requests fail at their
-                        // registration timeout there.
-                        tracing::error!(%key, error = %e, "kvbridge: cannot load the decode rank; its writes are dropped");
+                    if let PushAction::Write { p_req, .. } = a {
                         let mut c = lock_ctl(&self.push);
-                        for (a, _) in pending {
-                            if let PushAction::Write { p_req, .. } = a {
-                                c.write_failed();
-                                c.sender.on_write_done(&p_req);
-                            }
-                        }
+                        c.write_failed();
+                        c.sender.on_write_done(&p_req);
                     }
                 }
             }

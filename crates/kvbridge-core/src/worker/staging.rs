@@ -13,7 +13,7 @@
 //! `kv_buffer_device="cpu"` (`ConnectorConfig::host_buffer`): one slot per cache block, slot
 //! = block id, registered with NIXL *instead of* the cache. P copies a finished prefill's
 //! blocks into it ([`copies`](StagingBuffer::copies)); D reads into its own and copies the
-//! blocks it read back into its cache ([`restores`](StagingBuffer::restores)).
+//! blocks it read back into its cache (the same [`copies`](StagingBuffer::copies), the other way).
 //!
 //! The staging memory is always host DRAM. DRAM caches are copied with `memcpy`; GPU caches
 //! (VRAM, one device) are copied device→host by the transport
@@ -94,7 +94,7 @@ impl std::fmt::Debug for StagingBuffer {
 impl StagingBuffer {
     /// Staging for `slots` logical blocks of `layout` (DRAM caches, one KV cache group).
     pub fn new(layout: &KvLayout, slots: u32) -> Result<Self, Error> {
-        Self::with_slots(layout, slots, 1)
+        Self::with_slots(layout, slots, 1, "kv_staging_blocks")
     }
 
     /// A host mirror of the whole cache (the host buffer of `kv_buffer_device="cpu"`): block
@@ -103,20 +103,21 @@ impl StagingBuffer {
         let logical = layout.regions.iter().map(|r| r.num_blocks).min().unwrap_or(0) / u64::from(layout.blocks_per_logical.max(1));
         let slots = u32::try_from(logical.saturating_sub(1))
             .map_err(|_| Error::Other(format!("host buffer: {logical} blocks exceed the block id range")))?;
-        Self::with_slots(layout, slots, 0)
+        Self::with_slots(layout, slots, 0, "the host buffer (kv_buffer_device=cpu)")
     }
 
-    fn with_slots(layout: &KvLayout, slots: u32, first_slot: u32) -> Result<Self, Error> {
+    /// `what` names the feature in errors.
+    fn with_slots(layout: &KvLayout, slots: u32, first_slot: u32, what: &str) -> Result<Self, Error> {
         let (mem, device) = layout.regions.first().map(|r| (r.mem, r.device_id)).unwrap_or((MemKind::Dram, 0));
         if let Some(r) = layout.regions.iter().find(|r| r.mem != mem || r.device_id != device) {
             return Err(Error::Other(format!(
-                "kv_staging_blocks needs every KV cache region in one memory (DRAM, or VRAM of one device); region {} is {:?} on device {}",
+                "{what} needs every KV cache region in one memory (DRAM, or VRAM of one device); region {} is {:?} on device {}",
                 r.name, r.mem, r.device_id
             )));
         }
         if let Some(r) = layout.regions.iter().find(|r| r.group != 0) {
             return Err(Error::Other(format!(
-                "kv_staging_blocks supports one KV cache group; region {} is in group {} (set kv_staging_blocks=0)",
+                "{what} supports one KV cache group; region {} is in group {} (turn it off)",
                 r.name, r.group
             )));
         }
@@ -124,12 +125,12 @@ impl StagingBuffer {
         let kernel_blocks = (u64::from(slots) + 1) * bpl;
         // Views of one buffer interleaved within each block share a staging buffer.
         let (spans, group_of) = block_groups(&layout.regions)
-            .ok_or_else(|| Error::Other("kv_staging_blocks: a region's block length is 0 or exceeds its stride".into()))?;
+            .ok_or_else(|| Error::Other(format!("{what}: a region's block length is 0 or exceeds its stride")))?;
         let mut groups = Vec::with_capacity(spans.len());
         for g in spans {
             let len =
                 (kernel_blocks - 1).checked_mul(g.stride).and_then(|x| x.checked_add(g.footprint)).and_then(|x| usize::try_from(x).ok());
-            let len = len.ok_or_else(|| Error::Other("kv_staging_blocks: staging buffer size overflows".into()))?;
+            let len = len.ok_or_else(|| Error::Other(format!("{what}: buffer size overflows")))?;
             groups.push(Group { base: g.base, stride: g.stride, footprint: g.footprint, blocks: g.num_blocks, buf: Buf::new(len)? });
         }
         let regions = layout
@@ -190,12 +191,6 @@ impl StagingBuffer {
             }
         }
         Ok(out)
-    }
-
-    /// The copies back: slot `s.slots[i]` into cache block `s.block_ids[i]`, as
-    /// `(cache address, staging address, bytes)` (the direction is the caller's).
-    pub fn restores(&self, s: &StageReq) -> Result<Vec<(u64, u64, u64)>, Error> {
-        self.copies(s)
     }
 
     /// Stage a DRAM cache's blocks with `memcpy`. Returns the bytes copied. (A VRAM cache's
