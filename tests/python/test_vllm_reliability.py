@@ -83,7 +83,12 @@ def _abort_queued(c: Cluster) -> tuple[float | None, float]:
     time.sleep(1.5)
     p = c.prefill(fresh_prompt(300))
     assert p.ok and p.kv_transfer_params, p
-    assert c.held("prefill")["held_blocks"] == 3
+    # P's worker takes the lease from P's next step's metadata: wait for it (a CI run under
+    # load asked before that step and saw 0).
+    deadline = time.monotonic() + 5.0
+    while c.held("prefill")["held_blocks"] != 3:
+        assert time.monotonic() < deadline, c.held("prefill")
+        time.sleep(0.05)
     t0 = time.monotonic()
     abort_after(c.d_url, completion_body(fresh_prompt(300), MAX_TOKENS, p.kv_transfer_params), 0.5)
     dropped, freed = None, None
