@@ -1,4 +1,5 @@
 #![warn(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 //! # kvbridge-core
 //!
 //! The connector logic of kvbridge, free of NIXL and Python:
@@ -8,7 +9,11 @@
 //! - [`layout`] and [`plan`]: KV regions and the per-peer transfer plan;
 //! - [`scheduler`] and [`worker`]: sans-IO state machines (base + pull);
 //! - [`transport`]: the trait `kvbridge-nixl` implements;
-//! - [`side_channel`]: the ZMQ handshake channel (the only module here doing network I/O);
+//!
+//! No I/O, threads or clock reads here: time is passed in (`now`), and each machine says
+//! when it next needs to be woken (`poll_timeout`). `kvbridge-driver` runs them.
+//! - [`side`]: the side channel's messages and what a listener answers (the sockets are
+//!   `kvbridge-driver`'s);
 //! - [`testkit`]: synthetic KV caches with known contents, for tests and benchmarks.
 pub mod config;
 pub mod error;
@@ -16,7 +21,7 @@ pub mod layout;
 pub mod params;
 pub mod plan;
 pub mod scheduler;
-pub mod side_channel;
+pub mod side;
 pub mod testkit;
 pub mod transport;
 pub mod wire;

@@ -4,7 +4,7 @@
 //! byte, *mutated valid encodings* (byte flips and overwrites, truncation, insertion,
 //! splices of two encodings). Each target feeds the decoded value on into the state
 //! machine that consumes it, as the engine would:
-//! - the side-channel listener ([`side_channel::answer`]): envelopes carrying handshakes,
+//! - the side-channel listener ([`side::answer`]): envelopes carrying handshakes,
 //!   push registrations, heartbeats and inspections, with handlers that call into a real
 //!   `WorkerBase` and `PushSender`;
 //! - transfer notifications into `WorkerBase::on_notif` (P) and `PushReceiver::on_notif` (D);
@@ -33,7 +33,7 @@ use kvbridge_core::layout::{KvLayout, MemKind, RegionKind};
 use kvbridge_core::params::KvParams;
 use kvbridge_core::plan::{GroupBlocks, TpMapping, TransferPlan};
 use kvbridge_core::scheduler::{FinishReason, PullScheduler, PushScheduler, SchedulerSide};
-use kvbridge_core::side_channel::{self, Handlers, Identity};
+use kvbridge_core::side::{self, Handlers, Identity};
 use kvbridge_core::testkit::{CacheLayout, Scenario, Spec};
 use kvbridge_core::wire::{
     self, AgentMetadata, ConnectorMetadata, HandshakePayload, HandshakeRequest, HeartbeatReply, HeartbeatRequest, Notif, PushRegistration,
@@ -181,7 +181,7 @@ fn envelope(hash: &str, req: &SideRequest) -> Vec<u8> {
 fn side_channel_listener_never_panics() {
     let scenario = Scenario::new(&spec(1, 0), &spec(1, 0), vec![vec![1, 2]], vec![vec![3, 4]], 20);
     let md = scenario.p_metadata(0, vec![7; 16]);
-    let payload: side_channel::PayloadCell = Arc::new(Mutex::new(Some(HandshakePayload {
+    let payload: side::PayloadCell = Arc::new(Mutex::new(Some(HandshakePayload {
         compat_hash: "H".into(),
         agent_metadata: wire::encode("m", &md).unwrap(),
         ..Default::default()
@@ -210,8 +210,8 @@ fn side_channel_listener_never_panics() {
         envelope("", &SideRequest::Inspect),
         envelope("X", &hs),
     ];
-    fuzz("side_channel::answer", cases(30_000), bytes_or_mutated(seeds), |b| {
-        let reply = side_channel::answer(&id, &payload, &handlers, &b);
+    fuzz("side::answer", cases(30_000), bytes_or_mutated(seeds), |b| {
+        let reply = side::answer(&id, &payload, &handlers, &b, 1.7e9);
         // Every request gets an answer the client can decode.
         assert!(wire::decode::<wire::SideReply>("r", &reply, 1 << 26).is_ok());
     });

@@ -24,7 +24,7 @@ pub use agent::{NixlOptions, NixlTransport};
 pub use error::NixlError;
 
 /// A worker driver over NIXL: what a Rust engine instantiates per TP rank.
-pub type NixlWorker = kvbridge_core::worker::WorkerDriver<NixlTransport>;
+pub type NixlWorker = kvbridge_driver::WorkerDriver<NixlTransport>;
 
 /// Build a NIXL-backed worker from a parsed config. The agent is named
 /// `<engine_id>-dp<dp>-tp<rank>-<pid>`, unique per process.
@@ -40,5 +40,5 @@ pub fn new_worker(
     };
     let name = format!("{}-dp{}-tp{}-{}", cfg.engine_id, cfg.dp_rank, cfg.tp_rank, std::process::id());
     let t = NixlTransport::new(&name, &opts)?;
-    kvbridge_core::worker::WorkerDriver::new(cfg, t)
+    kvbridge_driver::WorkerDriver::new(cfg, t)
 }

@@ -232,7 +232,7 @@ fn load_until_done(
 #[test]
 fn gpu_p_stages_to_host_and_d_reads_it() {
     use kvbridge_core::scheduler::{FinishReason, PullScheduler, SchedulerSide};
-    use kvbridge_core::worker::driver::now_unix;
+    use kvbridge_driver::clock::now_unix;
 
     if !runtime_or_skip() || !gpu_or_skip() {
         return;
@@ -283,7 +283,7 @@ fn gpu_p_stages_to_host_and_d_reads_it() {
 #[test]
 fn gpu_host_buffer_round_trip_is_byte_exact() {
     use kvbridge_core::scheduler::{FinishReason, PullScheduler, SchedulerSide};
-    use kvbridge_core::worker::driver::now_unix;
+    use kvbridge_driver::clock::now_unix;
 
     if !runtime_or_skip() || !gpu_or_skip() {
         return;

@@ -12,10 +12,10 @@ mod common;
 use common::{free_port, local_config, runtime_or_skip};
 use kvbridge_core::config::ConnectorConfig;
 use kvbridge_core::scheduler::{FinishReason, PullScheduler, SchedulerSide};
-use kvbridge_core::side_channel::SideChannel;
 use kvbridge_core::testkit::{Cache, CacheLayout, Spec};
-use kvbridge_core::worker::driver::now_unix;
 use kvbridge_core::worker::FinishedSets;
+use kvbridge_driver::clock::now_unix;
+use kvbridge_driver::side_channel::SideChannel;
 use kvbridge_nixl::NixlWorker;
 
 const TOKENS: u64 = 40;

@@ -15,8 +15,8 @@ use common::runtime_or_skip;
 use kvbridge_core::config::{CompatInfo, ConnectorConfig, EngineInfo};
 use kvbridge_core::scheduler::{FinishReason, PushScheduler, SchedulerSide};
 use kvbridge_core::testkit::{Cache, CacheLayout, Spec};
-use kvbridge_core::worker::driver::now_unix;
 use kvbridge_core::worker::FinishedSets;
+use kvbridge_driver::clock::now_unix;
 use kvbridge_nixl::NixlWorker;
 
 const TOKENS: u64 = 150;

@@ -8,7 +8,7 @@ mod common;
 use common::{free_port, local_config, runtime_or_skip};
 use kvbridge_core::scheduler::{FinishReason, PushScheduler, SchedulerSide};
 use kvbridge_core::testkit::{Cache, CacheLayout, Spec};
-use kvbridge_core::worker::driver::now_unix;
+use kvbridge_driver::clock::now_unix;
 
 const TOKENS: u64 = 40;
 

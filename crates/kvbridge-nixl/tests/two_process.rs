@@ -121,7 +121,7 @@ fn run_prefill(dir: &Path, port: u16) {
         FinishReason::LengthCapped,
         96,
         Some(r#"{"do_remote_decode":true}"#),
-        kvbridge_core::worker::driver::now_unix(),
+        kvbridge_driver::clock::now_unix(),
     );
     assert!(fin.delay_free);
     let params = fin.kv_transfer_params.expect("params").to_string();

@@ -12,7 +12,7 @@ use kvbridge_core::error::Error;
 use kvbridge_core::layout::{MemKind, RegionKind, TensorInfo};
 use kvbridge_core::params::KvParams;
 use kvbridge_core::scheduler::{FinishReason, SchedulerSide};
-use kvbridge_core::worker::driver::now_unix;
+use kvbridge_driver::clock::now_unix;
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
@@ -395,7 +395,7 @@ fn inspect(py: Python<'_>, host: String, port: u16, timeout: f64) -> PyResult<St
         .filter(|t| !t.is_zero() && t.as_secs() <= 86_400)
         .ok_or_else(|| ConfigError::new_err(format!("timeout must be > 0 and <= 86400 s, got {timeout}")))?;
     py.allow_threads(|| {
-        let side = kvbridge_core::side_channel::SideChannel::new().map_err(|e| Error::Other(e.to_string()))?;
+        let side = kvbridge_driver::side_channel::SideChannel::new().map_err(|e| Error::Other(e.to_string()))?;
         side.inspect_blocking(&host, port, timeout).map_err(Error::from)
     })
     .map_err(to_py)

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use kvbridge_core::config::{CompatInfo, ConnectorConfig, EngineInfo};
 use kvbridge_core::layout::{Axis, RegionKind, TensorInfo};
 use kvbridge_core::scheduler::{new_scheduler, FinishReason, SchedulerSide};
-use kvbridge_core::worker::driver::now_unix;
+use kvbridge_driver::clock::now_unix;
 use kvbridge_nixl::NixlWorker;
 
 const LAYERS: usize = 4;

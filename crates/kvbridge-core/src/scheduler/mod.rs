@@ -151,10 +151,14 @@ impl Heartbeats {
     }
 }
 
-/// A fresh engine incarnation: nonzero, different on every start (time and pid mixed).
+/// A fresh engine incarnation: nonzero, different on every start. Drawn from the
+/// standard library's per-process random hash keys (OS randomness; no clock read), mixed
+/// with the pid.
 pub fn fresh_epoch() -> u64 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-    let mut x = t ^ (u64::from(std::process::id()) << 32) ^ 0x9E37_79B9_7F4A_7C15;
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    let mut x = h.finish() ^ 0x9E37_79B9_7F4A_7C15;
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;

@@ -3,20 +3,18 @@
 //! [`WorkerBase`] holds what every mode shares: the blocks this rank holds for remote
 //! readers (leases), notifications, and the finished/failed sets reported to vLLM.
 //! [`pull::PullWorker`] decides handshakes and READs; [`push::PushSender`] (P) and
-//! [`push::PushReceiver`] (D) match and track push-mode WRITEs. [`driver::WorkerDriver`] executes
-//! the actions against a [`crate::transport::Transport`] and the side channel.
+//! [`push::PushReceiver`] (D) match and track push-mode WRITEs. `kvbridge-driver`'s
+//! `WorkerDriver` executes the actions against a [`crate::transport::Transport`] and the
+//! side channel.
 use std::collections::HashMap;
 
 use crate::wire::{HeartbeatReply, HeartbeatRequest, Notif, SendLease};
 
-pub mod driver;
 pub mod pull;
 pub mod push;
-pub mod push_io;
-pub mod staging;
+pub mod push_plan;
 pub mod stats;
 
-pub use driver::WorkerDriver;
 pub use pull::PullWorker;
 pub use stats::XferStats;
 
@@ -180,6 +178,11 @@ impl WorkerBase {
         if self.refused.len() < EARLY_NOTIF_CAP {
             self.refused.insert(req_id.to_string());
         }
+    }
+
+    /// When the next lease runs out (Unix seconds), if any is held.
+    pub fn next_expiry(&self) -> Option<f64> {
+        self.leases.values().map(|l| l.expiry_unix).reduce(f64::min)
     }
 
     /// Release leases past expiry (the reader never came) and drop stale early notifs.

@@ -1,7 +1,8 @@
-//! Push mode's side of the worker driver: what P's writer thread and D's registrations
-//! do with the transport and the side channel. The decisions are [`PushSender`]'s and
-//! [`PushReceiver`]'s (sans-IO); this module turns them into handshakes, WRITEs and
-//! notifications.
+//! Push mode's pure helpers for the driver (`kvbridge-driver`): P's geometry for planning
+//! writes, the write pieces of one registration, the TP ranks a D rank registers with, the
+//! notifications, and [`PushCtl`], the push state the engine, side-channel and writer
+//! threads share. The decisions are [`PushSender`]'s and [`PushReceiver`]'s (sans-IO); the
+//! driver turns them into handshakes, WRITEs and notifications.
 //!
 //! P: a registration (side-channel thread) or a finished/computing request (engine
 //! thread) queues `Work` and wakes the writer thread, which owns every NIXL call of
@@ -14,42 +15,24 @@
 //! per WRITE) are counted by [`PushReceiver`].
 use std::collections::{HashMap, HashSet};
 
-use super::push::{PushAction, PushReceiver, PushSender};
-use crate::error::{Error, PlanError};
+use super::push::{PushReceiver, PushSender};
+use crate::error::PlanError;
 use crate::layout::{KvLayout, TensorInfo};
 use crate::plan::{GroupBlocks, Piece, TpMapping, TransferPlan};
-use crate::transport::XferId;
 use crate::wire::{AgentMetadata, Notif, PushRegistration, WIRE_VERSION};
-
-/// Work for P's writer thread, sent over a channel (never behind a lock the engine
-/// thread might wait on).
-#[derive(Debug)]
-pub(crate) enum Work {
-    /// The caches are registered: what the writer needs to plan.
-    Registered(Box<Geometry>),
-    /// A D rank registered: load it now, so the handshake overlaps P's prefill.
-    Connect(PushRegistration),
-    /// A sender decision. `layerwise`: write layer by layer as the forward computes them.
-    Action { action: PushAction, layerwise: bool },
-    /// A forward with layer-wise requests starts.
-    ForwardStart,
-    /// Layer `i` of the running forward is computed.
-    Layer(usize),
-    /// The forward ended: every layer is computed; `computing` lists its requests.
-    ForwardDone { computing: Vec<String> },
-    /// D rank `key` answered its handshake (checked), with the write plan or why there is
-    /// none; or it could not be reached or checked.
-    PeerDone { key: String, res: Result<(Result<Box<TransferPlan>, Error>, AgentMetadata), Error> },
-}
 
 /// P's own registration, as the writer needs it.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Geometry {
+pub struct Geometry {
+    /// This rank's advertised metadata.
     pub own_md: Option<AgentMetadata>,
+    /// The cache tensors as registered.
     pub tensors: Vec<TensorInfo>,
+    /// Logical blocks in the cache.
     pub num_blocks: u64,
     /// Region spans: (start, end, layer index), sorted by start.
     pub spans: Vec<(u64, u64, usize)>,
+    /// Layers in the cache.
     pub num_layers: usize,
 }
 
@@ -109,32 +92,6 @@ impl Geometry {
     }
 }
 
-/// A D rank as P sees it.
-#[derive(Debug)]
-pub(crate) enum DPeer {
-    Handshaking { pending: Vec<(PushAction, bool)> },
-    Ready { plan: Box<TransferPlan> },
-}
-
-/// One WRITE job: P request → one D rank.
-#[derive(Debug)]
-pub(crate) struct Job {
-    pub p_req: String,
-    pub key: String,
-    /// Pieces per layer (one entry when not layer-wise).
-    pub layers: Vec<Vec<Piece>>,
-    pub posted: Vec<bool>,
-    pub layerwise: bool,
-    pub notif_ok: Vec<u8>,
-    pub notif_fail: Vec<u8>,
-    pub in_flight: usize,
-    pub failed: bool,
-    pub bytes: u64,
-    pub started: f64,
-    /// Time spent in the WRITE post calls so far (for the post-time stat).
-    pub post_secs: f64,
-}
-
 /// Push-mode counters of one worker, exported as stats.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PushStats {
@@ -163,8 +120,10 @@ pub struct PushStats {
 
 /// Push state shared by the engine, side-channel and writer threads (one short lock).
 #[derive(Debug)]
-pub(crate) struct PushCtl {
+pub struct PushCtl {
+    /// P: registrations matched with requests, and what to write.
     pub sender: PushSender,
+    /// D: requests waiting for P's writes.
     pub receiver: PushReceiver,
     /// D: local blocks of requests waiting for P's writes.
     pub d_blocks: HashMap<String, Vec<u32>>,
@@ -173,12 +132,46 @@ pub(crate) struct PushCtl {
     /// P: requests of the running layer-wise forward.
     pub computing: Vec<String>,
 
+    /// Push-mode counters.
     pub stats: PushStats,
     /// Observations for vLLM's stats (WRITEs on P, failed loads on D).
     pub xfer: super::stats::XferStats,
 }
 
 impl PushCtl {
+    /// D: what push loads ended by `now` (P's writes all notified, failed, refused or past
+    /// their registration deadline), added to the step's `out`. A load aborted while P
+    /// could still write is reported in `sending` (vLLM holds its blocks until then); a
+    /// failed one lists its blocks (never `null_block`) as invalid. P: requests whose
+    /// blocks every D rank is done with, in `sending`.
+    pub fn take_finished(&mut self, now: f64, null_block: Option<u32>, out: &mut super::FinishedSets) {
+        self.receiver.tick(now);
+        let (ok, failed) = self.receiver.take();
+        for r in ok {
+            self.d_blocks.remove(&r);
+            self.stats.recv_ok += 1;
+            if self.d_aborted.remove(&r) {
+                out.sending.push(r);
+            } else {
+                out.recving.push(r);
+            }
+        }
+        for (r, reason) in failed {
+            let blocks = self.d_blocks.remove(&r).unwrap_or_default();
+            self.stats.recv_failed += 1;
+            self.xfer.record_failed_transfer();
+            if self.d_aborted.remove(&r) {
+                out.sending.push(r);
+                continue;
+            }
+            tracing::error!(request_id = %r, %reason, "kvbridge: push load failed");
+            out.invalid_block_ids.extend(blocks.into_iter().filter(|&b| Some(b) != null_block));
+            out.recving.push(r.clone());
+            out.failed_recving.push(r);
+        }
+        out.sending.extend(self.sender.take_sending());
+    }
+
     /// A push WRITE job failed (posting, planning or loading the peer): counted in the
     /// worker's counters and in vLLM's stats.
     pub fn write_failed(&mut self) {
@@ -186,6 +179,8 @@ impl PushCtl {
         self.xfer.record_failed_transfer();
     }
 
+    /// Push state for engine `engine_id` of `tp_size` ranks; registrations not matched
+    /// within `registration_ttl` seconds are dropped.
     pub fn new(engine_id: String, tp_size: u32, registration_ttl: f64) -> Self {
         let mut sender = PushSender::new(engine_id, registration_ttl);
         sender.set_tp_size(tp_size);
@@ -199,19 +194,6 @@ impl PushCtl {
             xfer: Default::default(),
         }
     }
-}
-
-/// The writer thread's own state.
-#[derive(Debug, Default)]
-pub(crate) struct WriterState {
-    pub geo: Geometry,
-    pub d_peers: HashMap<String, DPeer>,
-    pub jobs: HashMap<u64, Job>,
-    pub next_job: u64,
-    pub wxfers: HashMap<XferId, u64>,
-    /// Layers computed so far in the running layer-wise forward (`None`: no such
-    /// forward is running, every layer is available).
-    pub layers_done: Option<Vec<bool>>,
 }
 
 /// The notification P sends D with a WRITE (or alone).

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
-use kvbridge_core::side_channel::{Identity, SideChannel};
 use kvbridge_core::wire::{self, HandshakePayload, HandshakeRequest, SideEnvelope, SideRequest, WIRE_VERSION};
+use kvbridge_driver::side_channel::{Identity, SideChannel};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 

@@ -17,13 +17,13 @@
 //!
 //! The staging memory is always host DRAM. DRAM caches are copied with `memcpy`; GPU caches
 //! (VRAM, one device) are copied device→host by the transport
-//! ([`crate::transport::Transport::copy_device_to_host`]), and D then reads host memory (UCX
+//! (`Transport::copy_device_to_host`), and D then reads host memory (UCX
 //! moves it into D's VRAM itself).
 use std::alloc::Layout;
 
-use crate::error::Error;
-use crate::layout::{block_groups, KvLayout, MemKind, Region};
-use crate::wire::StageReq;
+use kvbridge_core::error::Error;
+use kvbridge_core::layout::{block_groups, KvLayout, MemKind, Region};
+use kvbridge_core::wire::StageReq;
 
 /// Staging memory alignment (pages; NIXL and memcpy both like it).
 const ALIGN: usize = 4096;
@@ -225,7 +225,7 @@ impl StagingBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testkit::{Cache, CacheLayout, Spec};
+    use kvbridge_core::testkit::{Cache, CacheLayout, Spec};
 
     fn spec(layout: CacheLayout) -> Spec {
         Spec::dense(2, 2, 16, 4, 8, layout)

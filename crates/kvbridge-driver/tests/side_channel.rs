@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use kvbridge_core::config::CompatInfo;
 use kvbridge_core::error::HandshakeError;
-use kvbridge_core::side_channel::{Handlers, Identity, SideChannel};
 use kvbridge_core::wire::{self, HandshakePayload, HandshakeRequest, HeartbeatReply, HeartbeatRequest, WIRE_VERSION};
+use kvbridge_driver::side_channel::{Handlers, Identity, SideChannel};
 
 /// A client speaking for an engine with compatibility hash `hash`.
 fn client(hash: &str) -> SideChannel {
@@ -217,7 +217,7 @@ fn push_registrations_are_acked_refused_or_rejected_as_malformed() {
     let port = free_port();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seen2 = seen.clone();
-    let handler: kvbridge_core::side_channel::RegisterHandler = Arc::new(move |r| {
+    let handler: kvbridge_driver::side_channel::RegisterHandler = Arc::new(move |r| {
         seen2.lock().unwrap().push(r.request_id.clone());
         if r.transfer_id == "refuse-me" {
             Err("refused by the handler".into())

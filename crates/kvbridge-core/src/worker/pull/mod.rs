@@ -13,6 +13,9 @@ use crate::wire::{
     self, AgentMetadata, ConnectorMetadata, HandshakePayload, HeartbeatReply, Notif, RecvReq, MAX_HANDSHAKE_BYTES, WIRE_VERSION,
 };
 
+mod handshake;
+mod leases;
+
 /// What the driver must do next. `key` names one remote rank's transport connection:
 /// [`remote_key`]`(peer, rank)`.
 #[derive(Debug, Clone, PartialEq)]
@@ -207,6 +210,13 @@ pub struct PullWorker {
     lost: HashMap<String, String>,
     /// When each peer was last heard from (handshake, READ, heartbeat).
     last_active: HashMap<String, f64>,
+    /// How long a posted READ may take before it fails (the driver sets it: vLLM's
+    /// `kv_lease_duration`).
+    pub read_timeout_secs: f64,
+    /// Remote engines not heard from this long are forgotten (`engine_ttl`).
+    pub engine_ttl_secs: f64,
+    /// When idle engines are next looked for.
+    next_evict: f64,
     /// Leases, notifications and the finished sets shared with the other modes.
     pub base: WorkerBase,
     /// Counters, exported as stats.
@@ -241,6 +251,9 @@ impl PullWorker {
             deadlines: HashMap::new(),
             lost: HashMap::new(),
             last_active: HashMap::new(),
+            read_timeout_secs: 480.0,
+            engine_ttl_secs: 600.0,
+            next_evict: 0.0,
             base: WorkerBase::default(),
             stats: PullStats::default(),
         }
@@ -492,174 +505,6 @@ impl PullWorker {
         );
     }
 
-    /// Check a handshake reply: the hash first, then the metadata.
-    pub(crate) fn check_payload(&self, engine_id: &str, addr: &str, bytes: &[u8]) -> Result<(AgentMetadata, u64, f64), Error> {
-        let p: HandshakePayload = wire::decode("HandshakePayload", bytes, MAX_HANDSHAKE_BYTES)?;
-        if let Some(reason) = p.error {
-            return Err(HandshakeError::Rejected { addr: addr.into(), reason }.into());
-        }
-        if p.compat_hash != self.compat_hash {
-            let detail = wire::describe_mismatch(&self.compat, &self.mode, p.compat.as_ref(), &p.kvbridge_version, &p.mode);
-            if self.enforce_compat {
-                return Err(HandshakeError::Incompatible { addr: addr.into(), detail }.into());
-            }
-            tracing::warn!(addr, %detail, "kvbridge: compatibility hash differs but enforce_handshake_compat=false; continuing");
-        }
-        let md: AgentMetadata = wire::decode("AgentMetadata", &p.agent_metadata, MAX_HANDSHAKE_BYTES)?;
-        if md.engine_id != engine_id {
-            return Err(HandshakeError::EngineMismatch { addr: addr.into(), expected: engine_id.into(), actual: md.engine_id }.into());
-        }
-        Ok((md, p.epoch, p.now_unix))
-    }
-
-    /// Remote rank `rank`'s side channel answered (or failed). Once every rank has, the
-    /// plan is built — or the handshake fails with the reason — before any transport work.
-    ///
-    /// `sent_unix`/`recv_unix` bracket the request: with the peer's clock in the payload
-    /// they give the clock offset used to compare P's lease expiry times with ours.
-    pub fn on_handshake_payload(
-        &mut self,
-        peer: &str,
-        rank: u32,
-        addr: &str,
-        res: Result<Vec<u8>, HandshakeError>,
-        sent_unix: f64,
-        recv_unix: f64,
-    ) -> Vec<Action> {
-        let Some(Engine::Handshaking { engine_id, tp, mds, .. }) = self.engines.get(peer) else { return Vec::new() };
-        let Some(slot) = tp.sources.iter().position(|&q| q == rank) else { return Vec::new() };
-        if mds[slot].is_some() {
-            return Vec::new();
-        }
-        let engine_id = engine_id.clone();
-        let (md, peer_epoch, peer_now) = match res.map_err(Error::from).and_then(|b| self.check_payload(&engine_id, addr, &b)) {
-            Ok(x) => x,
-            Err(e) => {
-                self.stats.handshakes_failed += 1;
-                self.base.xfer.record_failed_handshake();
-                return self.fail_engine(peer, &e);
-            }
-        };
-        let Some(Engine::Handshaking { mds, epoch, clock_offset, .. }) = self.engines.get_mut(peer) else { return Vec::new() };
-        mds[slot] = Some(md);
-        if *epoch == 0 {
-            *epoch = peer_epoch;
-        }
-        if clock_offset.is_none() && peer_now > 0.0 && recv_unix >= sent_unix {
-            *clock_offset = Some(peer_now - (sent_unix + recv_unix) / 2.0);
-        }
-        if mds.iter().any(Option::is_none) {
-            return Vec::new();
-        }
-        let all: Vec<AgentMetadata> = mds.iter().flatten().cloned().collect();
-        let _span = tracing::debug_span!("plan", peer, ranks = all.len()).entered();
-        let built = self
-            .layout
-            .as_ref()
-            .ok_or(PlanError::NotRegistered)
-            .and_then(|l| TransferPlan::build(l, self.tp_size, self.tp_rank, self.block_size, &all, self.null_block));
-        // P's staging buffer mirrors its cache region by region: the same plan, built on
-        // the staging regions.
-        let staged = (!all.is_empty() && all.iter().all(|m| m.staging_regions.len() == m.regions.len())).then(|| {
-            let mds: Vec<AgentMetadata> = all.iter().map(|m| AgentMetadata { regions: m.staging_regions.clone(), ..m.clone() }).collect();
-            let l = self.layout.as_ref()?;
-            TransferPlan::build(l, self.tp_size, self.tp_rank, self.block_size, &mds, self.null_block)
-                .map_err(|e| tracing::warn!(peer, error = %e, "kvbridge: no plan for the peer's staging buffer"))
-                .ok()
-        });
-        match built {
-            Ok(plan) => {
-                let sources = plan.tp.sources.clone();
-                if let Some(Engine::Handshaking { plan: p, staged: s, .. }) = self.engines.get_mut(peer) {
-                    *p = Some(plan);
-                    *s = staged.flatten();
-                }
-                sources
-                    .into_iter()
-                    .zip(all)
-                    .map(|(rank, md)| Action::AddRemote { peer: peer.to_string(), rank, key: remote_key(peer, rank), md })
-                    .collect()
-            }
-            Err(e) => {
-                self.stats.handshakes_failed += 1;
-                self.base.xfer.record_failed_handshake();
-                self.fail_engine(peer, &e.into())
-            }
-        }
-    }
-
-    /// The transport loaded remote rank `rank` (or could not).
-    pub fn on_remote_added(&mut self, peer: &str, rank: u32, res: Result<(), TransportError>, now_unix: f64) -> Vec<Action> {
-        if let Err(e) = res {
-            self.stats.handshakes_failed += 1;
-            self.base.xfer.record_failed_handshake();
-            return self.fail_engine(peer, &e.into());
-        }
-        let Some(Engine::Handshaking { tp, added, .. }) = self.engines.get_mut(peer) else { return Vec::new() };
-        if let Some(slot) = tp.sources.iter().position(|&q| q == rank) {
-            added[slot] = true;
-        }
-        if !added.iter().all(|&a| a) {
-            return Vec::new();
-        }
-        let mut actions = Vec::new();
-        if let Some(Engine::Handshaking { queued, plan: Some(plan), staged, epoch, clock_offset, started_unix, .. }) =
-            self.engines.remove(peer)
-        {
-            self.base.xfer.record_handshake(now_unix - started_unix);
-            self.stats.handshakes_ok += 1;
-            self.last_active.insert(peer.to_string(), now_unix);
-            if epoch != 0 {
-                // Every other incarnation met at this address is gone for good.
-                let seen = self.retired.entry(peer.to_string()).or_default();
-                if !seen.contains(&epoch) {
-                    seen.push(epoch);
-                }
-                if seen.len() > 64 {
-                    seen.remove(0);
-                }
-                let current = epoch;
-                seen.sort_by_key(|&e| e == current); // the live one last
-            }
-            tracing::info!(
-                peer,
-                handshake_ms = (now_unix - started_unix) * 1e3,
-                remote_ranks = ?plan.tp.sources,
-                regions = plan.num_regions,
-                remote_blocks = plan.remote_num_blocks,
-                ranges_per_block = plan.ranges_per_block,
-                "kvbridge: handshake done, transfer plan ready"
-            );
-            self.engines.insert(
-                peer.to_string(),
-                Engine::Ready { plan: plan.clone(), staged: staged.clone(), epoch, clock_offset: clock_offset.unwrap_or(0.0) },
-            );
-            for r in queued {
-                match plan_for(&r, peer, &plan, staged.as_ref()) {
-                    Ok(p) => self.start(r, peer, p, now_unix, &mut actions),
-                    Err(e) => self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e),
-                }
-            }
-        }
-        actions
-    }
-
-    /// Fail every request queued on `peer` and forget it (and any ranks already loaded).
-    fn fail_engine(&mut self, peer: &str, e: &Error) -> Vec<Action> {
-        let mut actions = Vec::new();
-        if let Some(Engine::Handshaking { queued, tp, added, .. }) = self.engines.remove(peer) {
-            for r in queued {
-                self.fail(&r.req_id, &r.local_block_ids, r.notify_only, e);
-            }
-            for (q, a) in tp.sources.iter().zip(added) {
-                if a {
-                    actions.push(Action::RemoveRemote { key: remote_key(peer, *q) });
-                }
-            }
-        }
-        actions
-    }
-
     /// A READ from `key` finished (or failed). The request is done when all its READs
     /// are. On failure, that rank is told (its notification rode on the READ) and the
     /// peer is forgotten so the next request re-handshakes.
@@ -730,84 +575,5 @@ impl PullWorker {
             }
             None => Vec::new(),
         }
-    }
-
-    /// The P ranks this rank heartbeats for a remote engine of `remote_tp_size` ranks:
-    /// the ones it reads from (together, D's ranks cover all of P's).
-    pub fn heartbeat_ranks(&self, remote_tp_size: u32) -> Vec<u32> {
-        TpMapping::new(self.tp_size, self.tp_rank, remote_tp_size).map(|t| t.sources).unwrap_or_default()
-    }
-
-    /// A heartbeat to `peer` for P's requests `ids` was answered (or not). Held leases
-    /// get a local deadline (measured from when the heartbeat was sent, so it errs
-    /// early); expired ones fail their request before (or, if in flight, after) the READ,
-    /// since the blocks may already hold another request's KV.
-    pub fn on_heartbeat_reply(&mut self, peer: &str, res: Result<HeartbeatReply, HandshakeError>, sent_unix: f64, now_unix: f64) {
-        let reply = match res {
-            Ok(r) => r,
-            Err(e) => {
-                self.stats.heartbeats_failed += 1;
-                tracing::debug!(peer, error = %e, "kvbridge: heartbeat failed");
-                return;
-            }
-        };
-        self.last_active.insert(peer.to_string(), now_unix);
-        if self.deadlines.len() + reply.held.len() > LEASE_FACTS_CAP {
-            self.deadlines.clear();
-        }
-        for (id, left) in reply.held {
-            if left.is_finite() && left > 0.0 {
-                let d = sent_unix + left;
-                let e = self.deadlines.entry(lease_key(peer, &id)).or_insert(d);
-                *e = e.max(d);
-            }
-        }
-        if self.lost.len() + reply.expired.len() > LEASE_FACTS_CAP {
-            self.lost.clear();
-        }
-        for id in reply.expired {
-            let why = format!("P released this request's blocks when its lease ran out (request {id} at {peer})");
-            let mut in_flight = false;
-            for l in self.loading.values_mut().filter(|l| l.peer == peer && l.remote_request_id == id) {
-                in_flight = true;
-                l.error.get_or_insert(TransportError::new("lease", why.clone()));
-            }
-            if !in_flight {
-                self.lost.insert(lease_key(peer, &id), why);
-            }
-        }
-    }
-
-    /// Forget ready peers not heard from for `ttl` seconds and with no READ in flight.
-    pub fn evict_idle(&mut self, now_unix: f64, ttl: f64) -> Vec<Action> {
-        let busy: std::collections::HashSet<&str> = self.loading.values().map(|l| l.peer.as_str()).collect();
-        let idle: Vec<String> = self
-            .engines
-            .iter()
-            .filter(|(p, e)| {
-                matches!(e, Engine::Ready { .. })
-                    && !busy.contains(p.as_str())
-                    && self.last_active.get(*p).map_or(true, |&t| now_unix - t > ttl)
-            })
-            .map(|(p, _)| p.clone())
-            .collect();
-        let mut actions = Vec::new();
-        for p in idle {
-            tracing::info!(peer = %p, ttl, "kvbridge: forgetting a remote engine idle longer than engine_ttl");
-            self.stats.engines_evicted += 1;
-            self.last_active.remove(&p);
-            actions.extend(self.forget(&p));
-        }
-        actions
-    }
-
-    /// Loads in flight on this rank: (requests, local blocks).
-    pub fn loading_blocks(&self) -> (usize, u64) {
-        (self.loading.len(), self.loading.values().map(|l| l.local_block_ids.len() as u64).sum())
-    }
-
-    /// Remote engines this rank has a plan for.
-    pub fn ready_peers(&self) -> usize {
-        self.engines.values().filter(|e| matches!(e, Engine::Ready { .. })).count()
     }
 }

@@ -1,0 +1,215 @@
+//! Pull mode's I/O: a step's metadata in (`start_load`), the state machine's actions out
+//! (handshakes over the side channel, peers loaded, READs posted, notifications),
+//! completions and notifications polled (`get_finished`), and D's lease heartbeats.
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use kvbridge_core::config::{ConnectorConfig, TransferMode};
+use kvbridge_core::error::{Error, HandshakeError, TransportError};
+use kvbridge_core::transport::{Transport, XferId, XferPoll};
+use kvbridge_core::wire::{self, ConnectorMetadata, HandshakeRequest, HeartbeatRequest, Notif, WIRE_VERSION};
+use kvbridge_core::worker::pull::Action;
+use kvbridge_core::worker::FinishedSets;
+
+use super::{lock_ctl, now_unix, Shared, WorkerDriver};
+use crate::side_channel::SideChannel;
+
+impl<T: Transport + 'static> WorkerDriver<T> {
+    /// D: send the heartbeats in a step's metadata, to every P rank this rank reads from.
+    fn send_heartbeats(&self, targets: Vec<wire::HeartbeatTarget>) {
+        for t in targets {
+            let ranks = self.shared.state().core.heartbeat_ranks(t.tp_size);
+            let peer = format!("{}@{}:{}", t.engine_id, t.host, t.port);
+            for q in ranks {
+                let Some(port) = u16::try_from(q).ok().and_then(|q| t.port.checked_add(q)) else { continue };
+                let shared = Arc::downgrade(&self.shared);
+                let peer = peer.clone();
+                let sent = now_unix();
+                self.shared.state().core.stats.heartbeats_sent += 1;
+                let req = HeartbeatRequest { request_ids: t.request_ids.clone() };
+                self.side.heartbeat(t.host.clone(), port, req, self.cfg.handshake_timeout, move |res| {
+                    if let Some(shared) = shared.upgrade() {
+                        shared.state().core.on_heartbeat_reply(&peer, res, sent, now_unix());
+                    }
+                });
+            }
+        }
+    }
+
+    /// Bind a step's metadata (opaque bytes from the scheduler) and start loads.
+    pub fn start_load(&self, metadata: &[u8]) -> Result<(), Error> {
+        let mut md = ConnectorMetadata::from_bytes(metadata)?;
+        self.set_epoch(md.epoch);
+        if md.is_empty() {
+            return Ok(());
+        }
+        let hb = std::mem::take(&mut md.heartbeats);
+        if !hb.is_empty() {
+            self.send_heartbeats(hb);
+        }
+        let stage = std::mem::take(&mut md.stage);
+        if !stage.is_empty() {
+            if let Ok(mut v) = self.to_stage.lock() {
+                v.extend(stage);
+            }
+        }
+        if self.cfg.host_buffer {
+            // D: the blocks each load fills (pull: READ; push: P's writes), for the copy to
+            // the cache once it is done.
+            let pull = md.reqs_to_recv.iter().filter(|r| !r.notify_only).map(|r| (&r.req_id, &r.local_block_ids));
+            let push = md.push_register.iter().filter(|r| !r.notify_only).map(|r| (&r.req_id, &r.local_block_ids));
+            if let Ok(mut h) = self.host_loads.lock() {
+                for (req, blocks) in pull.chain(push) {
+                    let ids = blocks.iter().flatten().copied().filter(|&b| Some(b) != self.cfg.null_block_id);
+                    h.insert(req.clone(), ids.collect());
+                }
+            }
+        }
+        self.start_push(&mut md);
+        if md.reqs_to_recv.is_empty() && md.reqs_to_send.is_empty() && md.reqs_failed.is_empty() {
+            return Ok(());
+        }
+        let actions = self.shared.state().core.on_metadata(md, now_unix());
+        run(&self.shared, &self.side, &self.cfg, actions);
+        Ok(())
+    }
+
+    pub(crate) fn poll_once(&self) -> FinishedSets {
+        let now = now_unix();
+        if self.work.is_some() && !self.cfg.role.can_consume() {
+            // A push-mode P: nothing to poll here (the writer thread owns the transfers),
+            // and the engine thread must not wait on the transport lock a WRITE post holds.
+            let mut c = lock_ctl(&self.push);
+            return FinishedSets { sending: c.sender.take_sending(), ..Default::default() };
+        }
+        // The READs in flight and their deadlines (state lock), then the transport's word
+        // on each (transport lock), then the state machine's follow-up (state lock).
+        let xfers: Vec<(XferId, String, String, Option<f64>)> = {
+            let g = self.shared.state();
+            g.xfers.iter().map(|(x, (r, k))| (*x, r.clone(), k.clone(), g.core.read_deadline(r))).collect()
+        };
+        let mut ended = Vec::new();
+        let notifs = {
+            let mut t = self.shared.transport();
+            for (x, req, key, deadline) in xfers {
+                let res = match t.poll(x) {
+                    Ok(XferPoll::Pending) if deadline.is_some_and(|d| now > d) => {
+                        Some(Err(TransportError::new("timeout", format!("READ for {req} did not finish in {:?}", self.read_timeout))))
+                    }
+                    Ok(XferPoll::Pending) => None,
+                    Ok(XferPoll::Done) => Some(Ok(())),
+                    Err(e) => Some(Err(e)),
+                };
+                if let Some(res) = res {
+                    t.release(x);
+                    ended.push((x, req, key, res));
+                }
+            }
+            t.take_notifs().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "kvbridge: reading notifications failed");
+                Vec::new()
+            })
+        };
+        // Push (D): P's write notifications. Everything else is a pull reader's.
+        let notifs = if self.cfg.mode == TransferMode::Push {
+            let mut c = lock_ctl(&self.push);
+            notifs.into_iter().filter(|n| !Notif::from_bytes(n).is_ok_and(|p| c.receiver.on_notif(&p))).collect()
+        } else {
+            notifs
+        };
+        let mut follow = Vec::new();
+        let mut out = {
+            let mut g = self.shared.state();
+            for (x, req, key, res) in ended {
+                g.xfers.remove(&x);
+                follow.extend(g.core.on_read_done(&req, &key, res, now));
+            }
+            for n in notifs {
+                g.core.base.on_notif(&n, now);
+            }
+            follow.extend(g.core.handle_timeout(now));
+            if !follow.is_empty() {
+                drop(g);
+                run(&self.shared, &self.side, &self.cfg, follow);
+                g = self.shared.state();
+            }
+            g.core.base.take_finished()
+        };
+        if self.cfg.mode == TransferMode::Push {
+            lock_ctl(&self.push).take_finished(now, self.cfg.null_block_id, &mut out);
+        }
+        if self.cfg.host_buffer {
+            self.restore_loads(&mut out);
+        }
+        out
+    }
+}
+
+/// Execute actions until none are left. Handshakes go to the side channel; their
+/// completion re-enters here on the side-channel thread. No lock is held across the
+/// network or a NIXL call: each action takes the transport, then the state, in turn.
+fn run<T: Transport + 'static>(shared: &Arc<Shared<T>>, side: &Arc<SideChannel>, cfg: &ConnectorConfig, actions: Vec<Action>) {
+    let mut q: VecDeque<Action> = actions.into();
+    while let Some(a) = q.pop_front() {
+        match a {
+            Action::Handshake { peer, rank, host, port } => {
+                tracing::debug!(%peer, rank, %host, port, "kvbridge: handshake");
+                let weak = Arc::downgrade(shared);
+                let side2 = side.clone();
+                let cfg2 = cfg.clone();
+                let addr = format!("{host}:{port}");
+                let req = HandshakeRequest { version: WIRE_VERSION, from_engine: cfg.engine_id.clone(), from_tp_rank: cfg.tp_rank };
+                let t0 = std::time::Instant::now();
+                let sent = now_unix();
+                side.fetch(host, port, req, cfg.handshake_timeout, cfg.handshake_retries, move |res| {
+                    let fetched_ms = t0.elapsed().as_secs_f64() * 1e3;
+                    let recv = now_unix();
+                    let Some(shared2) = weak.upgrade() else { return }; // the worker is gone
+                    let _span = tracing::info_span!("handshake", %peer, rank).entered();
+                    let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let follow = shared2.state().core.on_handshake_payload(&peer, rank, &addr, res, sent, recv);
+                        run(&shared2, &side2, &cfg2, follow);
+                    }));
+                    if handled.is_err() {
+                        // Never leave requests queued behind a handshake that cannot finish.
+                        tracing::error!(%peer, "kvbridge: internal error while completing a handshake; failing its requests");
+                        let err = HandshakeError::Io { addr: addr.clone(), reason: "internal error completing the handshake".into() };
+                        let follow = shared2.state().core.on_handshake_payload(&peer, rank, &addr, Err(err), sent, recv);
+                        run(&shared2, &side2, &cfg2, follow);
+                    }
+                    tracing::info!(fetch_ms = fetched_ms, total_ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: handshake finished");
+                });
+            }
+            Action::AddRemote { peer, rank, key, md } => {
+                let t0 = std::time::Instant::now();
+                let res = shared.transport().add_remote(&key, &md);
+                tracing::debug!(%key, ms = t0.elapsed().as_secs_f64() * 1e3, ok = res.is_ok(), "kvbridge: peer loaded");
+                q.extend(shared.state().core.on_remote_added(&peer, rank, res, now_unix()));
+            }
+            Action::RemoveRemote { key } => shared.transport().remove_remote(&key),
+            Action::Read { req_id, key, pieces, notif, bytes } => {
+                let _span = tracing::debug_span!("read", request_id = %req_id, %key, bytes, descs = pieces.len()).entered();
+                let now = now_unix();
+                let t0 = std::time::Instant::now();
+                let res = shared.transport().read(&key, &pieces, &notif);
+                let post_secs = t0.elapsed().as_secs_f64();
+                let mut g = shared.state();
+                match res {
+                    Ok(x) => {
+                        tracing::debug!(request_id = %req_id, %key, bytes, descs = pieces.len(), post_us = post_secs * 1e6, "kvbridge: READ posted");
+                        g.core.mark_posted(&req_id, now, post_secs);
+                        g.xfers.insert(x, (req_id, key));
+                    }
+                    Err(e) => q.extend(g.core.on_read_done(&req_id, &key, Err(e), now)),
+                }
+            }
+            Action::Notify { key, msg } => {
+                let _span = tracing::debug_span!("notify", %key).entered();
+                if let Err(e) = shared.transport().notify(&key, &msg) {
+                    tracing::warn!(%key, error = %e, "kvbridge: notification failed");
+                    shared.state().core.base.xfer.record_failed_notification();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Push mode on the engine thread: a step's push metadata (P: requests computing or
+//! finished; D: registrations to send, aborts), and the forward's layer and end signals,
+//! all handed to the writer thread as `Work` or to the side channel.
+use std::sync::atomic::Ordering;
+
+use kvbridge_core::transport::Transport;
+use kvbridge_core::wire::{ConnectorMetadata, PushRegistration, WIRE_VERSION};
+use kvbridge_core::worker::push_plan;
+
+use super::push_state::Work;
+use super::{lock_ctl, now_unix, WorkerDriver};
+
+impl<T: Transport + 'static> WorkerDriver<T> {
+    /// The push parts of a step's metadata.
+    pub(crate) fn start_push(&self, md: &mut ConnectorMetadata) {
+        let now = now_unix();
+        let saves = std::mem::take(&mut md.push_saves);
+        let finished = std::mem::take(&mut md.push_finished);
+        let register = std::mem::take(&mut md.push_register);
+        let aborted = std::mem::take(&mut md.push_aborted);
+        if saves.is_empty() && finished.is_empty() && register.is_empty() && aborted.is_empty() {
+            return;
+        }
+        let mut work = Vec::new();
+        let mut sends = Vec::new();
+        {
+            let mut c = lock_ctl(&self.push);
+            if !saves.is_empty() && self.work.is_some() {
+                work.push(Work::ForwardStart);
+                self.layerwise_now.store(true, Ordering::Release);
+                for s in saves {
+                    for action in c.sender.on_computing(&s.req_id, &s.transfer_id, s.block_ids, s.num_tokens) {
+                        work.push(Work::Action { action, layerwise: true });
+                    }
+                    c.computing.push(s.req_id);
+                }
+            }
+            for s in finished {
+                let actions = if s.aborted {
+                    c.sender.on_aborted(&s.req_id, &s.transfer_id, now, s.hold)
+                } else {
+                    c.sender.on_finished(&s.req_id, &s.transfer_id, s.block_ids, s.num_tokens, s.expiry_unix, 0)
+                };
+                work.extend(actions.into_iter().map(|action| Work::Action { action, layerwise: false }));
+            }
+            // D side.
+            for r in register {
+                let ranks = match push_plan::p_ranks_for(self.cfg.tp_size, self.cfg.tp_rank, r.tp_size) {
+                    Ok(q) => q,
+                    Err(e) => {
+                        if !r.notify_only {
+                            tracing::error!(request_id = %r.req_id, error = %e, "kvbridge: cannot register with the prefill engine");
+                            c.receiver.on_registered(&r.req_id, 1, f64::INFINITY);
+                            c.d_blocks.insert(r.req_id.clone(), r.local_block_ids.concat());
+                            c.receiver.on_registration_failed(&r.req_id, e.to_string());
+                        }
+                        continue;
+                    }
+                };
+                let Some(my_port) = self.cfg.local_listener_port() else { continue };
+                if !r.notify_only {
+                    let deadline = now + self.cfg.push_registration_timeout.as_secs_f64();
+                    c.receiver.on_registered(&r.req_id, ranks.len() as u32, deadline);
+                    c.d_blocks.insert(r.req_id.clone(), r.local_block_ids.concat());
+                }
+                for q in ranks {
+                    let Some(port) = u16::try_from(q).ok().and_then(|q| r.port.checked_add(q)) else { continue };
+                    c.stats.registrations_sent += 1;
+                    sends.push((
+                        r.host.clone(),
+                        port,
+                        PushRegistration {
+                            version: WIRE_VERSION,
+                            transfer_id: r.transfer_id.clone(),
+                            request_id: r.req_id.clone(),
+                            target_engine_id: r.engine_id.clone(),
+                            engine_id: self.cfg.engine_id.clone(),
+                            host: self.cfg.side_channel_host.clone(),
+                            port: my_port,
+                            tp_size: self.cfg.tp_size,
+                            tp_rank: self.cfg.tp_rank,
+                            block_ids: if r.notify_only { vec![Vec::new()] } else { r.local_block_ids.clone() },
+                            num_tokens: r.num_tokens,
+                        },
+                    ));
+                }
+            }
+            for r in aborted {
+                // Still waiting: report it in `finished_sending` once settled (vLLM holds
+                // its blocks until then). Otherwise it was already reported in
+                // `finished_recving`, which is what frees a finished request's blocks.
+                if c.receiver.is_waiting(&r) {
+                    c.d_aborted.insert(r);
+                }
+            }
+        }
+        for w in work {
+            self.send_work(w);
+        }
+        for (host, port, reg) in sends {
+            let push = self.push.clone();
+            let req = reg.request_id.clone();
+            tracing::debug!(request_id = %req, %host, port, "kvbridge: registering blocks with the prefill engine");
+            self.side.register(host.clone(), port, reg, self.cfg.handshake_timeout, move |res| {
+                if let Err(reason) = res {
+                    tracing::error!(request_id = %req, %host, port, %reason, "kvbridge: push registration failed");
+                    lock_ctl(&push).receiver.on_registration_failed(&req, format!("registration with {host}:{port} failed: {reason}"));
+                }
+            });
+        }
+    }
+
+    /// Push, P: layer `layer_name` is computed in the running forward. Never blocks on
+    /// the network: the writer thread posts the WRITEs.
+    pub fn save_layer(&self, layer_name: &str) {
+        if !self.layerwise_now.load(Ordering::Acquire) {
+            return;
+        }
+        let idx = self.layer_index.read().ok().and_then(|m| m.get(layer_name).copied());
+        if let Some(i) = idx {
+            self.send_work(Work::Layer(i));
+        }
+    }
+
+    /// Push, P: the forward ended. The WRITEs it started finish on the writer thread;
+    /// P's blocks stay held until they have.
+    pub fn wait_for_save(&self) {
+        self.stage_now();
+        if !self.layerwise_now.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let computing = std::mem::take(&mut lock_ctl(&self.push).computing);
+        self.send_work(Work::ForwardDone { computing });
+    }
+}
