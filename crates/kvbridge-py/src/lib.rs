@@ -317,6 +317,7 @@ impl Worker {
 
     /// Push, P: layer `layer_name` is computed (queues its WRITEs; never blocks).
     fn save_kv_layer(&self, layer_name: &str) {
+        // A channel send and a read lock: never waits, so the GIL stays.
         self.inner.save_layer(layer_name);
     }
 
@@ -337,19 +338,27 @@ impl Worker {
 
     /// Blocks this rank holds for remote peers and loads in flight, with counters, as
     /// JSON text (the same view `kvbridge.inspect` gets over the side channel).
-    fn accounting(&self) -> String {
-        self.inner.accounting().to_string()
+    fn accounting(&self, py: Python<'_>) -> String {
+        // The state lock may be held for a moment by the side-channel thread: wait
+        // without the GIL (as every native call that can wait does).
+        py.allow_threads(|| self.inner.accounting().to_string())
     }
 
     /// vLLM's per-interval transfer stats since the last call (the keys of vLLM's
     /// `NixlKVConnectorStats`, plus `handshake_duration` and `held_blocks`) as JSON, or
     /// None when nothing was observed.
-    fn take_xfer_stats(&self) -> Option<String> {
-        self.inner.take_xfer_stats().and_then(|s| serde_json::to_string(&s).ok())
+    fn take_xfer_stats(&self, py: Python<'_>) -> Option<String> {
+        py.allow_threads(|| self.inner.take_xfer_stats().and_then(|s| serde_json::to_string(&s).ok()))
     }
 
     /// Counters as a JSON object.
-    fn stats(&self) -> String {
+    fn stats(&self, py: Python<'_>) -> String {
+        py.allow_threads(|| self.stats_json())
+    }
+}
+
+impl Worker {
+    fn stats_json(&self) -> String {
         let s = self.inner.stats();
         let p = self.inner.push_stats();
         let (held, waiting) = self.inner.push_pending();

@@ -31,7 +31,10 @@ impl Drop for DealerSocket {
 #[async_trait]
 impl Socket for DealerSocket {
     fn with_options(options: SocketOptions) -> Self {
-        let fair_queue = FairQueue::new(true);
+        // kvbridge patch: `false`: when its peers have all closed, `recv` returns an error
+        // (`NoMessage`) instead of waiting forever, so a side-channel connection to a
+        // peer that restarted is noticed and re-established at once.
+        let fair_queue = FairQueue::new(false);
         Self {
             backend: Arc::new(GenericSocketBackend::with_options(
                 Some(fair_queue.inner()),

@@ -40,6 +40,20 @@ pub struct FairQueue<S, K: Clone> {
     inner: Arc<Mutex<QueueInner<S, K>>>,
 }
 
+// kvbridge patch: a polled stream's registered waker (`StreamWaker`) holds the queue,
+// and the queue holds the stream, so a socket dropped while a stream was pending leaked
+// the stream (its TCP connection stayed open for good, one per dropped socket). Dropping
+// the queue's owner now drops the streams, which deregisters their wakers and breaks the
+// cycle.
+impl<S, K: Clone> Drop for FairQueue<S, K> {
+    fn drop(&mut self) {
+        let mut inner = self.inner.lock();
+        inner.streams.clear();
+        inner.ready_queue.clear();
+        inner.waker = None;
+    }
+}
+
 #[derive(Clone)]
 struct ReadyEvent<K: Clone> {
     priority: usize,
