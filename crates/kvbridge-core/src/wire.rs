@@ -1,6 +1,8 @@
 //! Versioned msgpack (rmp-serde) types that cross a process boundary: scheduler→worker
 //! metadata, the handshake, and transfer notifications. Every decode checks a size limit
 //! first and returns a typed [`WireError`].
+// Peer and user data is decoded here: no indexing that could panic on it.
+#![cfg_attr(not(test), deny(clippy::indexing_slicing))]
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 

@@ -1,4 +1,5 @@
 #![warn(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 //! # kvbridge-nixl
 //!
 //! kvbridge's transport over [NIXL](https://github.com/ai-dynamo/nixl) through `nixl-sys`

@@ -5,6 +5,8 @@
 //! become the [`ConnectorMetadata`] shipped to workers. [`pull::PullScheduler`] adds the
 //! pull decisions (D reads from P), [`push::PushScheduler`] the push ones (P writes into
 //! blocks D registered). [`new_scheduler`] picks one from the config.
+// Peer and user data is decoded here: no indexing that could panic on it.
+#![cfg_attr(not(test), deny(clippy::indexing_slicing))]
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::config::ConnectorConfig;

@@ -68,8 +68,8 @@ impl PullScheduler {
             "remote_epoch": self.base.epoch,
             "transfer_mode": self.cfg.mode.as_str(),
         });
-        if staged {
-            v["remote_staged"] = json!(true);
+        if let (true, Some(o)) = (staged, v.as_object_mut()) {
+            o.insert("remote_staged".into(), json!(true));
         }
         v
     }

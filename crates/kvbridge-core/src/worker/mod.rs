@@ -6,6 +6,8 @@
 //! [`push::PushReceiver`] (D) match and track push-mode WRITEs. `kvbridge-driver`'s
 //! `WorkerDriver` executes the actions against a [`crate::transport::Transport`] and the
 //! side channel.
+// Peer and user data is decoded here: no indexing that could panic on it.
+#![cfg_attr(not(test), deny(clippy::indexing_slicing))]
 use std::collections::HashMap;
 
 use crate::wire::{HeartbeatReply, HeartbeatRequest, Notif, SendLease};

@@ -70,7 +70,7 @@ impl Geometry {
         for mut p in pieces {
             loop {
                 let i = self.spans.partition_point(|s| s.0 <= p.local);
-                let span = self.spans[..i].iter().rev().find(|s| p.local < s.1);
+                let span = self.spans.iter().take(i).rev().find(|s| p.local < s.1);
                 let Some(&(_, end, li)) = span else {
                     // Outside every region (cannot happen for our own plan's pieces): keep
                     // it whole in the last layer, written once the forward is done.
@@ -79,12 +79,14 @@ impl Geometry {
                     }
                     break;
                 };
+                // `li` < `num_layers` by construction (`Geometry::new`).
+                let Some(bucket) = out.get_mut(li) else { break };
                 if p.local + p.len <= end {
-                    out[li].push(p);
+                    bucket.push(p);
                     break;
                 }
                 let head = end - p.local;
-                out[li].push(Piece { len: head, ..p });
+                bucket.push(Piece { len: head, ..p });
                 p = Piece { local: p.local + head, remote: p.remote + head, len: p.len - head, ..p };
             }
         }

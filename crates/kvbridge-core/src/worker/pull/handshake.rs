@@ -38,7 +38,7 @@ impl PullWorker {
     ) -> Vec<Action> {
         let Some(Engine::Handshaking { engine_id, tp, mds, .. }) = self.engines.get(peer) else { return Vec::new() };
         let Some(slot) = tp.sources.iter().position(|&q| q == rank) else { return Vec::new() };
-        if mds[slot].is_some() {
+        if mds.get(slot).map_or(true, Option::is_some) {
             return Vec::new();
         }
         let engine_id = engine_id.clone();
@@ -51,7 +51,9 @@ impl PullWorker {
             }
         };
         let Some(Engine::Handshaking { mds, epoch, clock_offset, .. }) = self.engines.get_mut(peer) else { return Vec::new() };
-        mds[slot] = Some(md);
+        if let Some(m) = mds.get_mut(slot) {
+            *m = Some(md);
+        }
         if *epoch == 0 {
             *epoch = peer_epoch;
         }
@@ -107,7 +109,9 @@ impl PullWorker {
         }
         let Some(Engine::Handshaking { tp, added, .. }) = self.engines.get_mut(peer) else { return Vec::new() };
         if let Some(slot) = tp.sources.iter().position(|&q| q == rank) {
-            added[slot] = true;
+            if let Some(a) = added.get_mut(slot) {
+                *a = true;
+            }
         }
         if !added.iter().all(|&a| a) {
             return Vec::new();

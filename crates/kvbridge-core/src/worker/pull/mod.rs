@@ -480,13 +480,9 @@ impl PullWorker {
         let pending = t.reads.len();
         for read in t.reads {
             let bytes = read.pieces.iter().map(|p| p.len).sum();
-            actions.push(Action::Read {
-                req_id: r.req_id.clone(),
-                key: keys[read.source].clone(),
-                pieces: read.pieces,
-                notif: ok.clone(),
-                bytes,
-            });
+            // `source` indexes the plan's own source list, which `keys` mirrors.
+            let Some(key) = keys.get(read.source).cloned() else { continue };
+            actions.push(Action::Read { req_id: r.req_id.clone(), key, pieces: read.pieces, notif: ok.clone(), bytes });
         }
         self.loading.insert(
             r.req_id.clone(),
