@@ -199,6 +199,9 @@ pub struct ConnectorConfig {
     pub host_buffer: bool,
     /// Model and cache facts for the compatibility hash (from [`EngineInfo::compat`]).
     pub compat: CompatInfo,
+    /// D: prefill engines (`host`, base side-channel `port`) handshaken at start-up
+    /// (`kv_peers` or `KVBRIDGE_PEERS`; see [`crate::peers`]).
+    pub peers: Vec<(String, u16)>,
 }
 
 /// Keys accepted in `kv_connector_extra_config`.
@@ -221,6 +224,7 @@ pub const EXTRA_KEYS: &[&str] = &[
     "push_registration_timeout",
     "kv_staging_blocks",
     "kv_host_buffer",
+    "kv_peers",
 ];
 
 /// Most staging blocks accepted (slot ids are u32, and each costs a block of DRAM).
@@ -331,6 +335,7 @@ impl ConnectorConfig {
         let kv_lease_duration = secs("kv_lease_duration", DEFAULT_LEASE_SECS)?;
         let handshake_timeout = secs("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT_SECS)?;
         let engine_ttl = secs("engine_ttl", DEFAULT_ENGINE_TTL_SECS)?;
+        let peers = crate::peers::parse_peers(extra.get("kv_peers"), &env)?;
         let handshake_retries = match extra.get("handshake_retries") {
             None => DEFAULT_HANDSHAKE_RETRIES,
             Some(v) => v.as_u64().filter(|n| *n <= 10).map(|n| n as u32).ok_or_else(|| ConfigError::InvalidValue {
@@ -426,6 +431,7 @@ impl ConnectorConfig {
             handshake_timeout,
             handshake_retries,
             engine_ttl,
+            peers,
             progress_delay_us,
             idle_wait_us,
             load_failure_policy,

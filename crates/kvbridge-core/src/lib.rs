@@ -19,6 +19,7 @@ pub mod config;
 pub mod error;
 pub mod layout;
 pub mod params;
+pub mod peers;
 pub mod plan;
 pub mod scheduler;
 pub mod side;

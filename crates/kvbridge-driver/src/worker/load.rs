@@ -74,6 +74,32 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         Ok(())
     }
 
+    /// D, `kv_peers`: learn the engine at `host:port` from its rank 0's handshake
+    /// payload, then handshake, load and plan it as a first request would, so the first
+    /// request finds it ready. A peer that cannot be reached is met on demand instead.
+    pub(crate) fn warm_up(&self, host: String, port: u16) {
+        let req = HandshakeRequest { version: WIRE_VERSION, from_engine: self.cfg.engine_id.clone(), from_tp_rank: self.cfg.tp_rank };
+        let (shared, side, cfg) = (Arc::downgrade(&self.shared), self.side.clone(), self.cfg.clone());
+        let h = host.clone();
+        self.side.fetch(host, port, req, self.cfg.handshake_timeout, self.cfg.handshake_retries, move |res| {
+            let Some(shared) = shared.upgrade() else { return };
+            let md = res.map_err(Error::from).and_then(|b| {
+                let p: wire::HandshakePayload = wire::decode("HandshakePayload", &b, wire::MAX_HANDSHAKE_BYTES)?;
+                Ok(wire::decode::<wire::AgentMetadata>("AgentMetadata", &p.agent_metadata, wire::MAX_HANDSHAKE_BYTES)?)
+            });
+            match md {
+                Ok(md) => {
+                    tracing::info!(peer = %md.engine_id, host = %h, port, tp_size = md.tp_size, "kvbridge: warming up a peer (kv_peers)");
+                    let actions = shared.state().core.warm_up(&md.engine_id, &h, port, md.tp_size, now_unix());
+                    run(&shared, &side, &cfg, actions);
+                }
+                Err(e) => {
+                    tracing::warn!(host = %h, port, error = %e, "kvbridge: cannot warm up a peer (kv_peers); it will be met on demand")
+                }
+            }
+        });
+    }
+
     pub(crate) fn poll_once(&self) -> FinishedSets {
         let now = now_unix();
         if self.work.is_some() && !self.cfg.role.can_consume() {
@@ -198,6 +224,12 @@ fn run<T: Transport + 'static>(shared: &Arc<Shared<T>>, side: &Arc<SideChannel>,
                     Ok(x) => {
                         tracing::debug!(request_id = %req_id, %key, bytes, descs = pieces.len(), post_us = post_secs * 1e6, "kvbridge: READ posted");
                         g.core.mark_posted(&req_id, now, post_secs);
+                        if let Some(t) = g.core.take_first_contact(&req_id) {
+                            // From the request reaching this worker to its first READ posted:
+                            // the handshake, peer load and plan, unless `kv_peers` did them.
+                            let ms = (now_unix() - t) * 1e3;
+                            tracing::info!(request_id = %req_id, %key, first_contact_ms = ms, "kvbridge: first contact");
+                        }
                         g.xfers.insert(x, (req_id, key));
                     }
                     Err(e) => q.extend(g.core.on_read_done(&req_id, &key, Err(e), now)),

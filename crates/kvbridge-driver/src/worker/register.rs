@@ -130,6 +130,11 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         });
         let handlers = Handlers { register: on_register, heartbeat: Some(self.heartbeat_handler()), inspect: Some(self.inspect_handler()) };
         self.side.serve_with(&self.cfg.side_channel_host, port, self.payload.clone(), handlers)?;
+        if self.cfg.role.can_consume() && self.cfg.mode == kvbridge_core::config::TransferMode::Pull {
+            for (host, port) in self.cfg.peers.clone() {
+                self.warm_up(host, port);
+            }
+        }
         tracing::info!(
             regions = layout.regions.len(),
             num_blocks,

@@ -15,6 +15,7 @@ use crate::wire::{
 
 mod handshake;
 mod leases;
+mod warm;
 
 /// What the driver must do next. `key` names one remote rank's transport connection:
 /// [`remote_key`]`(peer, rank)`.
@@ -101,6 +102,8 @@ enum Engine {
 
 /// Renewal margin: a READ is not started on a lease ending sooner than this.
 const LEASE_MARGIN_SECS: f64 = 0.5;
+/// Bound on remembered peers for first-contact timing.
+const CONTACTED_CAP: usize = 4096;
 /// Bound on remembered lease facts (heartbeat answers not yet used by a READ).
 const LEASE_FACTS_CAP: usize = 65_536;
 
@@ -217,6 +220,10 @@ pub struct PullWorker {
     pub engine_ttl_secs: f64,
     /// When idle engines are next looked for.
     next_evict: f64,
+    /// Peers some request has been routed to (the first one times first contact).
+    contacted: std::collections::HashSet<String>,
+    /// First requests to a peer, and when they were routed (until their READ is posted).
+    first_contact: HashMap<String, f64>,
     /// Leases, notifications and the finished sets shared with the other modes.
     pub base: WorkerBase,
     /// Counters, exported as stats.
@@ -254,6 +261,8 @@ impl PullWorker {
             read_timeout_secs: 480.0,
             engine_ttl_secs: 600.0,
             next_evict: 0.0,
+            contacted: Default::default(),
+            first_contact: HashMap::new(),
             base: WorkerBase::default(),
             stats: PullStats::default(),
         }
@@ -300,6 +309,7 @@ impl PullWorker {
 
     fn fail(&mut self, req_id: &str, local_block_ids: &[Vec<u32>], notify_only: bool, err: &Error) {
         tracing::error!(request_id = %req_id, error = %err, "kvbridge: KV load failed");
+        self.first_contact.remove(req_id);
         if notify_only {
             return;
         }
@@ -326,6 +336,9 @@ impl PullWorker {
 
     fn route(&mut self, r: RecvReq, now_unix: f64, actions: &mut Vec<Action>) {
         let peer = peer_key(&r.remote);
+        if !r.notify_only && self.contacted.len() < CONTACTED_CAP && self.contacted.insert(peer.clone()) {
+            self.first_contact.insert(r.req_id.clone(), now_unix);
+        }
         if let Some(Engine::Ready { epoch, .. }) = self.engines.get(&peer) {
             let (have, want) = (*epoch, r.remote.epoch);
             if have != 0 && want != 0 && have != want {
