@@ -1,6 +1,7 @@
 //! `kvbridge._native`: thin pyo3 classes over the core state machines and the NIXL
 //! worker. Every call that can wait releases the GIL. Errors map to one exception
 //! hierarchy rooted at `KvbridgeError`.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod pyjson;
 mod pylog;
 
