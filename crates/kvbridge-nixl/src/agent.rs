@@ -92,8 +92,9 @@ struct Remote {
     /// The peer's staging buffer (pull with `kv_staging_blocks`), `[start, end)` ranges:
     /// host memory even when its cache is on a GPU.
     staging: Vec<(u64, u64)>,
-    /// The peer's per-block list, prepared after the first transfer to it (so the first
-    /// request does not wait for it). Dropped before the metadata is invalidated.
+    /// The peer's per-block list, prepared when the peer is loaded (or, if our own list
+    /// was not ready then, after the first transfer to it). Dropped before the metadata is
+    /// invalidated.
     prepped: Option<Prepped>,
     /// The numbering to prepare (None: too many blocks, or already tried).
     to_prep: Option<Units>,
@@ -276,7 +277,15 @@ impl NixlTransport {
             Units::new(&[md.regions.clone(), md.staging_regions.clone()].concat())
         };
         let staging = md.staging_regions.iter().map(|r| (r.base, r.base.saturating_add(r.span()))).collect();
-        self.remotes.insert(peer.to_string(), Remote { staging, prepped: None, to_prep, agent_name: name, owns_md: !loaded, mem });
+        // Prepare the peer's per-block list now, on the handshake's thread: every READ,
+        // the first included, is then made from indices (a post of ~0.1 ms instead of
+        // building thousands of descriptors inside the request's step). With `kv_peers`
+        // this happens at start-up, off every request's path.
+        let (prepped, to_prep) = match (self.local_prepped.is_some(), to_prep) {
+            (true, Some(units)) => (Self::prepare_units(&self.agent, &name, units, mem), None),
+            (_, units) => (None, units),
+        };
+        self.remotes.insert(peer.to_string(), Remote { staging, prepped, to_prep, agent_name: name, owns_md: !loaded, mem });
         Ok(())
     }
 

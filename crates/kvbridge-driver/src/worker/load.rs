@@ -14,6 +14,9 @@ use kvbridge_core::worker::FinishedSets;
 use super::{lock_ctl, now_unix, Shared, WorkerDriver};
 use crate::side_channel::SideChannel;
 
+/// Attempts to reach a `kv_peers` engine at start-up (about six minutes of backoff).
+const WARM_UP_RETRIES: u32 = 60;
+
 impl<T: Transport + 'static> WorkerDriver<T> {
     /// D: send the heartbeats in a step's metadata, to every P rank this rank reads from.
     fn send_heartbeats(&self, targets: Vec<wire::HeartbeatTarget>) {
@@ -81,7 +84,8 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         let req = HandshakeRequest { version: WIRE_VERSION, from_engine: self.cfg.engine_id.clone(), from_tp_rank: self.cfg.tp_rank };
         let (shared, side, cfg) = (Arc::downgrade(&self.shared), self.side.clone(), self.cfg.clone());
         let h = host.clone();
-        self.side.fetch(host, port, req, self.cfg.handshake_timeout, self.cfg.handshake_retries, move |res| {
+        // P may still be starting: keep trying (backoff doubling to 6.4 s) for minutes.
+        self.side.fetch(host, port, req, self.cfg.handshake_timeout, WARM_UP_RETRIES, move |res| {
             let Some(shared) = shared.upgrade() else { return };
             let md = res.map_err(Error::from).and_then(|b| {
                 let p: wire::HandshakePayload = wire::decode("HandshakePayload", &b, wire::MAX_HANDSHAKE_BYTES)?;
@@ -192,8 +196,11 @@ fn run<T: Transport + 'static>(shared: &Arc<Shared<T>>, side: &Arc<SideChannel>,
                     let recv = now_unix();
                     let Some(shared2) = weak.upgrade() else { return }; // the worker is gone
                     let _span = tracing::info_span!("handshake", %peer, rank).entered();
+                    let mut plan_ms = 0.0;
                     let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let t1 = std::time::Instant::now();
                         let follow = shared2.state().core.on_handshake_payload(&peer, rank, &addr, res, sent, recv);
+                        plan_ms = t1.elapsed().as_secs_f64() * 1e3;
                         run(&shared2, &side2, &cfg2, follow);
                     }));
                     if handled.is_err() {
@@ -203,13 +210,17 @@ fn run<T: Transport + 'static>(shared: &Arc<Shared<T>>, side: &Arc<SideChannel>,
                         let follow = shared2.state().core.on_handshake_payload(&peer, rank, &addr, Err(err), sent, recv);
                         run(&shared2, &side2, &cfg2, follow);
                     }
-                    tracing::info!(fetch_ms = fetched_ms, total_ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: handshake finished");
+                    // fetch: the side-channel round trip; plan: the payload checked and (once
+                    // every rank answered) the plan built; total adds loading the peer into
+                    // NIXL ("peer loaded") and posting what was queued behind it.
+                    let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+                    tracing::info!(fetch_ms = fetched_ms, plan_ms, total_ms, "kvbridge: handshake finished");
                 });
             }
             Action::AddRemote { peer, rank, key, md } => {
                 let t0 = std::time::Instant::now();
                 let res = shared.transport().add_remote(&key, &md);
-                tracing::debug!(%key, ms = t0.elapsed().as_secs_f64() * 1e3, ok = res.is_ok(), "kvbridge: peer loaded");
+                tracing::info!(%key, load_ms = t0.elapsed().as_secs_f64() * 1e3, ok = res.is_ok(), "kvbridge: peer loaded");
                 q.extend(shared.state().core.on_remote_added(&peer, rank, res, now_unix()));
             }
             Action::RemoveRemote { key } => shared.transport().remove_remote(&key),

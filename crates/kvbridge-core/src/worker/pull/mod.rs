@@ -544,7 +544,8 @@ impl PullWorker {
                 self.stats.last_read_secs = secs;
                 self.stats.last_read_bytes = l.bytes;
                 self.base.xfer.record_transfer(secs, l.post_secs, l.bytes, l.descriptors);
-                tracing::info!(request_id = %l.req_id, bytes = l.bytes, descs = l.descriptors, secs, "kvbridge-xfer");
+                let post_ms = l.post_secs * 1e3;
+                tracing::info!(request_id = %l.req_id, bytes = l.bytes, descs = l.descriptors, secs, post_ms, "kvbridge-xfer");
                 self.base.out.recving.push(l.req_id);
             }
             Some(e) => {
