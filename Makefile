@@ -16,7 +16,7 @@ export KVBRIDGE_PYTHON := $(PY)
 help:
 	@echo "make demo   - real P/D disaggregated generation with vLLM + kvbridge (tiny model)"
 	@echo "make test   - every test: Rust unit + NIXL integration + the Rust engine example, pytest with real vLLM, the wheel in a fresh venv"
-	@echo "make bench  - benches/pd_ttft.py: kvbridge vs vLLM NixlConnector"
+	@echo "make bench  - benches/pd_ttft.py + benches/critical_path.py: kvbridge vs vLLM NixlConnector (TTFT, first contact, in-vLLM READ time, post time)"
 	@echo "make bench-e2e  - pd_ttft matrix (512/2048/8192 tokens x concurrency 1/4/8) + push vs pull (~50 min)"
 	@echo "make bench-plan - benches/plan_vs_numpy.py: plan vs vLLM numpy, coalescing vs raw NIXL"
 	@echo "make bench-transfer - benches/transfer.py: kvbridge vs raw NIXL vs memcpy, 1 MiB..1 GiB"
@@ -60,7 +60,8 @@ demo: install
 	$(PY) scripts/demo.py
 
 bench: install
-	$(PY) benches/pd_ttft.py
+	$(PY) benches/pd_ttft.py --reps 12
+	$(PY) benches/critical_path.py
 
 bench-e2e: install
 	$(PY) benches/pd_ttft.py --lengths 512 2048 8192 --reps 6 --conc 4 8 --rounds 1 --out benches/results/pd_ttft_e2e.json

@@ -110,3 +110,26 @@ impl PullWorker {
 
 /// Idle engines are looked for at most this often.
 const EVICT_EVERY_SECS: f64 = 1.0;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::SendLease;
+
+    #[test]
+    fn poll_timeout_names_the_next_lease_expiry_and_handle_timeout_acts_on_it() {
+        let mut w = PullWorker::new("P".into(), 0, 1, "h".into(), true);
+        assert_eq!(w.poll_timeout(), None, "nothing timed");
+        let lease = |id: &str, expiry_unix| SendLease { req_id: id.into(), expiry_unix, expected_readers: 1, num_blocks: 2 };
+        w.base.on_leases(&[lease("a", 130.0), lease("b", 110.0)]);
+        assert_eq!(w.poll_timeout(), Some(110.0));
+        assert!(w.handle_timeout(109.0).is_empty());
+        assert!(w.base.take_finished().sending.is_empty(), "not yet");
+        w.handle_timeout(110.5);
+        assert_eq!(w.base.take_finished().sending, vec!["b".to_string()], "b's lease ran out");
+        assert_eq!(w.poll_timeout(), Some(130.0));
+        w.handle_timeout(131.0);
+        assert_eq!(w.base.take_finished().sending, vec!["a".to_string()]);
+        assert_eq!(w.poll_timeout(), None);
+    }
+}
