@@ -264,6 +264,14 @@ impl NixlTransport {
                 let _ = self.agent.invalidate_remote_md(&name);
                 return Err(NixlError::AgentMismatch { want: md.agent_name.clone(), got: name });
             }
+            // Wire the UCX endpoint up now (on the handshake's thread), not inside the first
+            // READ's post, where it cost that request ~25 ms here. A failure is not fatal:
+            // the first transfer then connects as before.
+            let t1 = std::time::Instant::now();
+            match self.agent.make_connection(&name, None) {
+                Ok(()) => tracing::debug!(peer, ms = t1.elapsed().as_secs_f64() * 1e3, "kvbridge: UCX connection made"),
+                Err(e) => tracing::debug!(peer, error = %e, "kvbridge: cannot make the connection ahead; the first transfer will"),
+            }
             name
         };
         let mem = md.regions.first().map(|r| mem_type(r.mem)).unwrap_or(MemType::Dram);
