@@ -1,5 +1,5 @@
 """Type stubs for kvbridge._native (the Rust extension module)."""
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 __version__: str
 
@@ -34,8 +34,8 @@ class Scheduler:
         """JSON: held/loading requests and blocks as this scheduler sees them."""
     def request_finished(self, req_id: str, block_ids: list[int], finish_reason: str, num_computed_tokens: int, kv_transfer_params: Optional[Union[dict[str, Any], str]] = None) -> tuple[bool, Optional[dict[str, Any]]]:
         """(delay_free_blocks, the kv_transfer_params to return to the client, or None)."""
-    def update_connector_output(self, finished_sending: list[str], finished_recving: list[str]) -> list[str]:
-        """Returns the ids of ``finished_sending`` vLLM must not see (staged requests)."""
+    def update_connector_output(self, finished_sending: Iterable[str], finished_recving: Iterable[str]) -> list[str]:
+        """Returns the ids of ``finished_sending`` vLLM must not see (staged requests). Any iterables of str (sets, lists)."""
         ...
     @property
     def staging_slots(self) -> int:
@@ -70,8 +70,9 @@ class Worker:
         """JSON of the transfer stats since the last call (vLLM's NixlKVConnectorStats keys
         plus "handshake_duration" and "held_blocks"), or None when nothing happened."""
 
-def validate_kv_transfer_params(params: str) -> str:
-    """"none", "remote_decode", "remote_prefill" or "push_prefill"; raises ParamsError."""
+def validate_kv_transfer_params(params: Union[str, dict[str, Any]]) -> str:
+    """"none", "remote_decode", "remote_prefill" or "push_prefill" for JSON text or a dict
+    (decoded as the Scheduler decodes a request's dict); raises ParamsError."""
 def nixl_runtime_available(lib_dir: Optional[str] = None) -> bool: ...
 def init_logging(level: Optional[str] = None, to_python: bool = True) -> None:
     """Route Rust logs to logging.getLogger("kvbridge") (to_python) or stderr; first call wins."""

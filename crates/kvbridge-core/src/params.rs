@@ -4,7 +4,7 @@
 // Peer and user data is decoded here: no indexing that could panic on it.
 #![cfg_attr(not(test), deny(clippy::indexing_slicing))]
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::error::ParamsError;
 
@@ -66,6 +66,79 @@ pub enum KvParams {
     PushPrefill(PushPrefill),
 }
 
+/// The `kv_transfer_params` keys the parser reads (each at most once per parse).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Field {
+    /// `do_remote_prefill`.
+    DoRemotePrefill,
+    /// `do_remote_decode`.
+    DoRemoteDecode,
+    /// `transfer_mode`.
+    TransferMode,
+    /// `remote_engine_id`.
+    RemoteEngineId,
+    /// `remote_request_id`.
+    RemoteRequestId,
+    /// `remote_block_ids`.
+    RemoteBlockIds,
+    /// `remote_host`.
+    RemoteHost,
+    /// `remote_port`.
+    RemotePort,
+    /// `tp_size`.
+    TpSize,
+    /// `remote_num_tokens`.
+    RemoteNumTokens,
+    /// `remote_epoch`.
+    RemoteEpoch,
+    /// `remote_blocks_expiry_time`.
+    RemoteBlocksExpiryTime,
+    /// `remote_staged`.
+    RemoteStaged,
+    /// `transfer_id`.
+    TransferId,
+}
+
+impl Field {
+    /// Every field, in declaration order (`ALL[f as usize] == f`).
+    pub const ALL: [Field; 14] = [
+        Self::DoRemotePrefill,
+        Self::DoRemoteDecode,
+        Self::TransferMode,
+        Self::RemoteEngineId,
+        Self::RemoteRequestId,
+        Self::RemoteBlockIds,
+        Self::RemoteHost,
+        Self::RemotePort,
+        Self::TpSize,
+        Self::RemoteNumTokens,
+        Self::RemoteEpoch,
+        Self::RemoteBlocksExpiryTime,
+        Self::RemoteStaged,
+        Self::TransferId,
+    ];
+
+    /// The key's name in the params object.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::DoRemotePrefill => "do_remote_prefill",
+            Self::DoRemoteDecode => "do_remote_decode",
+            Self::TransferMode => "transfer_mode",
+            Self::RemoteEngineId => "remote_engine_id",
+            Self::RemoteRequestId => "remote_request_id",
+            Self::RemoteBlockIds => "remote_block_ids",
+            Self::RemoteHost => "remote_host",
+            Self::RemotePort => "remote_port",
+            Self::TpSize => "tp_size",
+            Self::RemoteNumTokens => "remote_num_tokens",
+            Self::RemoteEpoch => "remote_epoch",
+            Self::RemoteBlocksExpiryTime => "remote_blocks_expiry_time",
+            Self::RemoteStaged => "remote_staged",
+            Self::TransferId => "transfer_id",
+        }
+    }
+}
+
 fn type_name(v: &Value) -> String {
     match v {
         Value::Null => "null".into(),
@@ -77,26 +150,26 @@ fn type_name(v: &Value) -> String {
     }
 }
 
-fn flag(m: &Map<String, Value>, field: &'static str) -> Result<bool, ParamsError> {
-    match m.get(field) {
+fn flag(v: Option<Value>, field: &'static str) -> Result<bool, ParamsError> {
+    match v {
         None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(v) => Err(ParamsError::WrongType { field, expected: "a boolean", got: type_name(v) }),
+        Some(Value::Bool(b)) => Ok(b),
+        Some(v) => Err(ParamsError::WrongType { field, expected: "a boolean", got: type_name(&v) }),
     }
 }
 
-fn req<'a>(m: &'a Map<String, Value>, field: &'static str) -> Result<&'a Value, ParamsError> {
-    match m.get(field) {
+fn req(v: Option<Value>, field: &'static str) -> Result<Value, ParamsError> {
+    match v {
         None | Some(Value::Null) => Err(ParamsError::MissingField(field)),
         Some(v) => Ok(v),
     }
 }
 
-fn string(m: &Map<String, Value>, field: &'static str) -> Result<String, ParamsError> {
-    match req(m, field)? {
-        Value::String(s) if !s.is_empty() => Ok(s.clone()),
+fn string(v: Option<Value>, field: &'static str) -> Result<String, ParamsError> {
+    match req(v, field)? {
+        Value::String(s) if !s.is_empty() => Ok(s),
         Value::String(_) => Err(ParamsError::WrongType { field, expected: "a non-empty string", got: "\"\"".into() }),
-        v => Err(ParamsError::WrongType { field, expected: "a string", got: type_name(v) }),
+        v => Err(ParamsError::WrongType { field, expected: "a string", got: type_name(&v) }),
     }
 }
 
@@ -127,18 +200,18 @@ fn block_ids(v: &Value) -> Result<Vec<u32>, ParamsError> {
 }
 
 /// P's side-channel address and TP size: `remote_host`, `remote_port`, `tp_size` (default 1).
-fn peer(m: &Map<String, Value>) -> Result<(String, u16, u32), ParamsError> {
-    let remote_host = string(m, "remote_host")?;
+fn peer(get: &mut impl FnMut(Field) -> Option<Value>) -> Result<(String, u16, u32), ParamsError> {
+    let remote_host = string(get(Field::RemoteHost), "remote_host")?;
     if !valid_host(&remote_host) {
         return Err(ParamsError::BadHost(remote_host));
     }
-    let remote_port = uint(req(m, "remote_port")?, "remote_port", 65535)? as u16;
+    let remote_port = uint(&req(get(Field::RemotePort), "remote_port")?, "remote_port", 65535)? as u16;
     if remote_port == 0 {
         return Err(ParamsError::Invalid("remote_port must be 1..=65535".into()));
     }
-    let tp_size = match m.get("tp_size") {
+    let tp_size = match get(Field::TpSize) {
         None | Some(Value::Null) => 1,
-        Some(v) => uint(v, "tp_size", 4096)? as u32,
+        Some(v) => uint(&v, "tp_size", 4096)? as u32,
     };
     if tp_size == 0 {
         return Err(ParamsError::Invalid("tp_size must be >= 1".into()));
@@ -146,14 +219,14 @@ fn peer(m: &Map<String, Value>) -> Result<(String, u16, u32), ParamsError> {
     Ok((remote_host, remote_port, tp_size))
 }
 
-fn transfer_id_field(m: &Map<String, Value>) -> Result<Option<String>, ParamsError> {
-    match m.get("transfer_id") {
+fn transfer_id_field(v: Option<Value>) -> Result<Option<String>, ParamsError> {
+    match v {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.len() <= MAX_TRANSFER_ID => Ok(Some(s.clone())),
+        Some(Value::String(s)) if s.len() <= MAX_TRANSFER_ID => Ok(Some(s)),
         Some(Value::String(s)) => {
             Err(ParamsError::Invalid(format!("transfer_id is {} bytes long; at most {MAX_TRANSFER_ID} allowed", s.len())))
         }
-        Some(other) => Err(ParamsError::WrongType { field: "transfer_id", expected: "a string", got: type_name(other) }),
+        Some(other) => Err(ParamsError::WrongType { field: "transfer_id", expected: "a string", got: type_name(&other) }),
     }
 }
 
@@ -166,15 +239,19 @@ pub fn valid_host(h: &str) -> bool {
         && h.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_' | '[' | ']'))
 }
 
+fn invalid_json(e: &serde_json::Error) -> ParamsError {
+    ParamsError::NotAnObject(format!("invalid JSON: {e}"))
+}
+
 impl KvParams {
     /// Parse the JSON text of a request's `kv_transfer_params` (`None`/`null` = no P/D).
     pub fn parse_json(text: Option<&str>) -> Result<Self, ParamsError> {
         match text {
             None => Ok(Self::None),
-            Some(t) => {
-                let v: Value = serde_json::from_str(t).map_err(|e| ParamsError::NotAnObject(format!("invalid JSON: {e}")))?;
-                Self::parse(&v)
-            }
+            Some(t) => match serde_json::from_str(t).map_err(|e| invalid_json(&e))? {
+                Value::Object(mut m) => Self::parse_fields(|f| m.remove(f.name())),
+                v => Self::parse(&v),
+            },
         }
     }
 
@@ -182,28 +259,35 @@ impl KvParams {
     /// legs on it). Absent or null: `None`.
     pub fn transfer_id(text: Option<&str>) -> Result<Option<String>, ParamsError> {
         let Some(t) = text else { return Ok(None) };
-        let v: Value = serde_json::from_str(t).map_err(|e| ParamsError::NotAnObject(format!("invalid JSON: {e}")))?;
-        match &v {
-            Value::Object(m) => transfer_id_field(m),
+        match serde_json::from_str(t).map_err(|e| invalid_json(&e))? {
+            Value::Object(mut m) => transfer_id_field(m.remove("transfer_id")),
             _ => Ok(None),
         }
     }
 
     /// Parse an already-decoded `kv_transfer_params` value (`null` = no P/D).
     pub fn parse(v: &Value) -> Result<Self, ParamsError> {
-        let m = match v {
-            Value::Null => return Ok(Self::None),
-            Value::Object(m) => m,
-            other => return Err(ParamsError::NotAnObject(type_name(other))),
-        };
-        let prefill = flag(m, "do_remote_prefill")?;
-        let decode = flag(m, "do_remote_decode")?;
-        let push = match m.get("transfer_mode") {
+        match v {
+            Value::Null => Ok(Self::None),
+            Value::Object(m) => Self::parse_fields(|f| m.get(f.name()).cloned()),
+            other => Err(ParamsError::NotAnObject(type_name(other))),
+        }
+    }
+
+    /// Parse a `kv_transfer_params` object given field by field: `get(field)` is that key's
+    /// value (`None` if absent; absent and `null` mean the same). Each key is asked for at
+    /// most once, so `get` may move the value out of its source. [`parse`](Self::parse)
+    /// reads a JSON object this way; the Python binding reads a dict's few known keys
+    /// straight from the dict, with the same checks and errors.
+    pub fn parse_fields(mut get: impl FnMut(Field) -> Option<Value>) -> Result<Self, ParamsError> {
+        let prefill = flag(get(Field::DoRemotePrefill), "do_remote_prefill")?;
+        let decode = flag(get(Field::DoRemoteDecode), "do_remote_decode")?;
+        let push = match get(Field::TransferMode) {
             None | Some(Value::Null) => false,
             Some(Value::String(s)) if s == "pull" => false,
             Some(Value::String(s)) if s == "push" => true,
             Some(other) => {
-                return Err(ParamsError::WrongType { field: "transfer_mode", expected: "\"pull\" or \"push\"", got: type_name(other) })
+                return Err(ParamsError::WrongType { field: "transfer_mode", expected: "\"pull\" or \"push\"", got: type_name(&other) })
             }
         };
         match (prefill, decode) {
@@ -211,36 +295,36 @@ impl KvParams {
             (true, true) => Err(ParamsError::Invalid("do_remote_prefill and do_remote_decode are both true".into())),
             (false, true) => Ok(Self::RemoteDecode),
             (true, false) if push => {
-                let remote_engine_id = string(m, "remote_engine_id")?;
-                let (remote_host, remote_port, tp_size) = peer(m)?;
-                let transfer_id = transfer_id_field(m)?.unwrap_or_default();
+                let remote_engine_id = string(get(Field::RemoteEngineId), "remote_engine_id")?;
+                let (remote_host, remote_port, tp_size) = peer(&mut get)?;
+                let transfer_id = transfer_id_field(get(Field::TransferId))?.unwrap_or_default();
                 Ok(Self::PushPrefill(PushPrefill { remote_engine_id, remote_host, remote_port, tp_size, transfer_id }))
             }
             (true, false) => {
-                let remote_engine_id = string(m, "remote_engine_id")?;
-                let remote_request_id = string(m, "remote_request_id")?;
-                let remote_block_ids = block_ids(req(m, "remote_block_ids")?)?;
-                let (remote_host, remote_port, tp_size) = peer(m)?;
-                let remote_num_tokens = match m.get("remote_num_tokens") {
+                let remote_engine_id = string(get(Field::RemoteEngineId), "remote_engine_id")?;
+                let remote_request_id = string(get(Field::RemoteRequestId), "remote_request_id")?;
+                let remote_block_ids = block_ids(&req(get(Field::RemoteBlockIds), "remote_block_ids")?)?;
+                let (remote_host, remote_port, tp_size) = peer(&mut get)?;
+                let remote_num_tokens = match get(Field::RemoteNumTokens) {
                     None | Some(Value::Null) => None,
-                    Some(v) => Some(uint(v, "remote_num_tokens", u64::MAX)?),
+                    Some(v) => Some(uint(&v, "remote_num_tokens", u64::MAX)?),
                 };
-                let remote_epoch = match m.get("remote_epoch") {
+                let remote_epoch = match get(Field::RemoteEpoch) {
                     None | Some(Value::Null) => 0,
-                    Some(v) => uint(v, "remote_epoch", u64::MAX)?,
+                    Some(v) => uint(&v, "remote_epoch", u64::MAX)?,
                 };
-                let remote_expiry_unix = match m.get("remote_blocks_expiry_time") {
+                let remote_expiry_unix = match get(Field::RemoteBlocksExpiryTime) {
                     None | Some(Value::Null) => 0.0,
                     Some(v) => v.as_f64().filter(|x| x.is_finite() && *x >= 0.0).ok_or_else(|| ParamsError::WrongType {
                         field: "remote_blocks_expiry_time",
                         expected: "a non-negative number (Unix seconds)",
-                        got: type_name(v),
+                        got: type_name(&v),
                     })?,
                 };
-                let remote_staged = match m.get("remote_staged") {
+                let remote_staged = match get(Field::RemoteStaged) {
                     None | Some(Value::Null) => false,
-                    Some(Value::Bool(b)) => *b,
-                    Some(v) => return Err(ParamsError::WrongType { field: "remote_staged", expected: "a boolean", got: type_name(v) }),
+                    Some(Value::Bool(b)) => b,
+                    Some(v) => return Err(ParamsError::WrongType { field: "remote_staged", expected: "a boolean", got: type_name(&v) }),
                 };
                 Ok(Self::RemotePrefill(RemotePrefill {
                     remote_engine_id,
@@ -256,6 +340,40 @@ impl KvParams {
                 }))
             }
         }
+    }
+}
+
+/// A request's `kv_transfer_params`, decoded once for every scheduler call that reads
+/// them (the scheduler's `*_parsed` methods take it; the text methods decode it first).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReqParams {
+    /// What the params ask for, or why they are malformed ([`KvParams::parse_json`]).
+    pub kind: Result<KvParams, ParamsError>,
+    /// With [`KvParams::RemoteDecode`] params, their `transfer_id`
+    /// ([`KvParams::transfer_id`]; push mode's P matches D's leg on it). `Ok(None)` for
+    /// any other params (push params carry theirs in [`PushPrefill::transfer_id`]).
+    pub transfer_id: Result<Option<String>, ParamsError>,
+}
+
+impl ReqParams {
+    /// Decode the JSON text of a request's `kv_transfer_params`.
+    pub fn from_json(text: &str) -> Self {
+        match serde_json::from_str(text) {
+            Err(e) => Self { kind: Err(invalid_json(&e)), transfer_id: Err(invalid_json(&e)) },
+            Ok(Value::Object(mut m)) => Self::from_fields(|f| m.remove(f.name())),
+            Ok(v) => Self { kind: KvParams::parse(&v), transfer_id: Ok(None) },
+        }
+    }
+
+    /// Decode an object given field by field (see [`KvParams::parse_fields`]; each key is
+    /// asked for at most once).
+    pub fn from_fields(mut get: impl FnMut(Field) -> Option<Value>) -> Self {
+        let kind = KvParams::parse_fields(&mut get);
+        let transfer_id = match &kind {
+            Ok(KvParams::RemoteDecode) => transfer_id_field(get(Field::TransferId)),
+            _ => Ok(None),
+        };
+        Self { kind, transfer_id }
     }
 }
 

@@ -765,3 +765,72 @@ fn consumer_reuses_params_parsed_on_arrival_only_when_unchanged() {
     d.update_state_after_alloc("d2", &[3, 4], m.num_tokens);
     assert!(d.build_connector_meta().reqs_to_recv.is_empty(), "no READ for malformed params");
 }
+
+/// The `*_parsed` calls (params decoded once, the same `Arc` handed to every call, as the
+/// Python binding does) decide exactly as the text calls: the same answers and the same
+/// metadata, for D's whole lifecycle, a retry, an abort before allocation, a request aborted
+/// while queued, malformed params, and P's producing requests.
+#[test]
+fn decoded_params_drive_the_scheduler_like_text() {
+    use kvbridge_core::params::ReqParams;
+    use std::sync::Arc;
+    let p_params = prefill(&mut PullScheduler::new(cfg("kv_producer", "P")), "r1", &[3, 4, 5, 6]);
+    let bad = r#"{"do_remote_prefill":true,"remote_engine_id":"P"}"#;
+    for role in ["kv_consumer", "kv_producer", "kv_both"] {
+        let (mut by_text, mut by_arc) = (PullScheduler::new(cfg(role, "D")), PullScheduler::new(cfg(role, "D")));
+        let cases: [(&str, &str, bool, bool); 6] = [
+            ("load", &p_params, true, false),
+            ("retry", &p_params, false, true),
+            ("queued-abort", &p_params, false, false),
+            ("bad", bad, true, false),
+            ("decode", DECODE, true, false),
+            ("none", "{}", true, false),
+        ];
+        for (rid, text, alloc, rematch) in cases {
+            let arc = Arc::new(ReqParams::from_json(text));
+            let mut steps = Vec::new();
+            by_text.on_new_request(rid, Some(text));
+            by_arc.on_new_request_parsed(rid, Some(&arc));
+            if rid != "queued-abort" {
+                let a = by_text.get_num_new_matched_tokens(rid, 64, 16, Some(text));
+                let b = by_arc.get_num_new_matched_tokens_parsed(rid, 64, 16, Some(&arc));
+                assert_eq!(a, b, "{role} {rid}");
+                if rematch {
+                    let b2 = by_arc.get_num_new_matched_tokens_parsed(rid, 64, 16, Some(&arc));
+                    assert_eq!(by_text.get_num_new_matched_tokens(rid, 64, 16, Some(text)), b2, "{role} {rid}");
+                }
+                if alloc {
+                    by_text.update_state_after_alloc(rid, &[9, 10, 11], a.num_tokens);
+                    by_arc.update_state_after_alloc(rid, &[9, 10, 11], b.num_tokens);
+                    assert_eq!(
+                        by_text.get_num_new_matched_tokens(rid, 64, 16, Some(text)),
+                        by_arc.get_num_new_matched_tokens_parsed(rid, 64, 16, Some(&arc)),
+                        "{role} {rid}: acted on once"
+                    );
+                }
+            }
+            steps.push((by_text.build_connector_meta(), by_arc.build_connector_meta()));
+            by_text.update_connector_output(&[], &[rid.to_string()]);
+            by_arc.update_connector_output(&[], &[rid.to_string()]);
+            let a = by_text.request_finished(rid, &[9, 10, 11], FinishReason::LengthCapped, 64, Some(text), 5.0);
+            let b = by_arc.request_finished_parsed(rid, &[9, 10, 11], FinishReason::LengthCapped, 64, Some(&arc), 5.0);
+            let strip = |v: Option<serde_json::Value>| {
+                v.map(|mut v| {
+                    v.as_object_mut().map(|o| o.remove("remote_epoch"));
+                    v
+                })
+            };
+            assert_eq!((a.delay_free, strip(a.kv_transfer_params)), (b.delay_free, strip(b.kv_transfer_params)), "{role} {rid}");
+            steps.push((by_text.build_connector_meta(), by_arc.build_connector_meta()));
+            for (mut x, mut y) in steps {
+                (x.epoch, y.epoch) = (0, 0);
+                for s in x.reqs_to_send.iter_mut().chain(y.reqs_to_send.iter_mut()) {
+                    s.expiry_unix = 0.0;
+                }
+                assert_eq!(format!("{x:?}"), format!("{y:?}"), "{role} {rid}");
+            }
+            assert_eq!(by_text.accounting()["loading_requests"], by_arc.accounting()["loading_requests"]);
+            assert_eq!(by_text.accounting()["heartbeat_requests"], by_arc.accounting()["heartbeat_requests"]);
+        }
+    }
+}

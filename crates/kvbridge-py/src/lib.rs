@@ -6,12 +6,12 @@ mod pyjson;
 mod pylog;
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use kvbridge_core::config::{ConnectorConfig, EngineInfo};
 use kvbridge_core::error::Error;
 use kvbridge_core::layout::{MemKind, RegionKind, TensorInfo};
-use kvbridge_core::params::KvParams;
+use kvbridge_core::params::{KvParams, ReqParams};
 use kvbridge_core::scheduler::{FinishReason, SchedulerSide};
 use kvbridge_driver::clock::now_unix;
 use pyo3::create_exception;
@@ -56,30 +56,40 @@ fn parse_config(kv_transfer_config: &str, engine_info: &str) -> PyResult<Connect
 #[pyclass(module = "kvbridge._native")]
 struct Scheduler {
     inner: Box<dyn SchedulerSide + Send + Sync>,
-    /// Per request: the params object last converted and its JSON text. vLLM hands the
-    /// same dict to every call for a request, so it is converted once (a miss on another
-    /// object converts again). Dropped at `request_finished`; bounded.
-    params: std::collections::HashMap<String, (Py<PyAny>, String)>,
+    /// Per request: the params object last decoded and the result. vLLM hands the same
+    /// dict to every call for a request, so it is decoded once (a miss on another object
+    /// decodes again). Dropped at `request_finished`; bounded.
+    params: std::collections::HashMap<String, (Py<PyAny>, Arc<ReqParams>)>,
 }
 
 /// Requests whose converted params are kept at once (past this the cache starts over).
 const MAX_CACHED_PARAMS: usize = 65_536;
 
 impl Scheduler {
-    /// The JSON text of `obj` for request `req_id` (see `params`).
-    fn params_text(&mut self, req_id: &str, obj: Option<&Bound<'_, PyAny>>) -> Option<String> {
+    /// `obj` decoded, for request `req_id` (see `params`; None or Python None: no params).
+    fn params(&mut self, req_id: &str, obj: Option<&Bound<'_, PyAny>>) -> Option<Arc<ReqParams>> {
         let obj = obj.filter(|o| !o.is_none())?;
-        if let Some((cached, text)) = self.params.get(req_id) {
+        if let Some((cached, p)) = self.params.get(req_id) {
             if cached.is(obj) {
-                return Some(text.clone());
+                return Some(Arc::clone(p));
             }
         }
-        let text = pyjson::params_text(Some(obj))?;
+        let p = Arc::new(pyjson::req_params(obj));
         if self.params.len() >= MAX_CACHED_PARAMS {
             self.params.clear();
         }
-        self.params.insert(req_id.to_string(), (obj.clone().unbind(), text.clone()));
-        Some(text)
+        self.params.insert(req_id.to_string(), (obj.clone().unbind(), Arc::clone(&p)));
+        Some(p)
+    }
+
+    /// `obj` decoded for request `req_id`, which ends: its cache entry is dropped.
+    fn take_params(&mut self, req_id: &str, obj: Option<&Bound<'_, PyAny>>) -> Option<Arc<ReqParams>> {
+        let cached = self.params.remove(req_id);
+        let obj = obj.filter(|o| !o.is_none())?;
+        match cached {
+            Some((c, p)) if c.is(obj) => Some(p),
+            _ => Some(Arc::new(pyjson::req_params(obj))),
+        }
     }
 }
 
@@ -127,8 +137,8 @@ impl Scheduler {
         num_computed_tokens: u64,
         kv_transfer_params: Option<&Bound<'_, PyAny>>,
     ) -> (u64, bool) {
-        let params = self.params_text(req_id, kv_transfer_params);
-        let m = self.inner.get_num_new_matched_tokens(req_id, num_prompt_tokens, num_computed_tokens, params.as_deref());
+        let params = self.params(req_id, kv_transfer_params);
+        let m = self.inner.get_num_new_matched_tokens_parsed(req_id, num_prompt_tokens, num_computed_tokens, params.as_ref());
         (m.num_tokens, m.load_async)
     }
 
@@ -148,8 +158,8 @@ impl Scheduler {
     /// lease on its blocks while it waits.
     #[pyo3(signature = (req_id, kv_transfer_params=None))]
     fn on_new_request(&mut self, req_id: &str, kv_transfer_params: Option<&Bound<'_, PyAny>>) {
-        let params = self.params_text(req_id, kv_transfer_params);
-        self.inner.on_new_request(req_id, params.as_deref());
+        let params = self.params(req_id, kv_transfer_params);
+        self.inner.on_new_request_parsed(req_id, params.as_ref());
     }
 
     /// The scheduler's accounting (held/loading requests and blocks) as JSON text.
@@ -168,14 +178,13 @@ impl Scheduler {
         num_computed_tokens: u64,
         kv_transfer_params: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<(bool, PyObject)> {
-        let params = self.params_text(req_id, kv_transfer_params);
-        self.params.remove(req_id);
-        let f = self.inner.request_finished(
+        let params = self.take_params(req_id, kv_transfer_params);
+        let f = self.inner.request_finished_parsed(
             req_id,
             &block_ids,
             FinishReason::parse(finish_reason),
             num_computed_tokens,
-            params.as_deref(),
+            params.as_ref(),
             now_unix(),
         );
         let out = match &f.kv_transfer_params {
@@ -186,9 +195,14 @@ impl Scheduler {
     }
 
     /// Returns the ids of `finished_sending` vLLM must not see (staged requests, whose
-    /// blocks it already freed).
-    fn update_connector_output(&mut self, finished_sending: Vec<String>, finished_recving: Vec<String>) -> Vec<String> {
-        self.inner.update_connector_output(&finished_sending, &finished_recving)
+    /// blocks it already freed). Both: any iterable of str (vLLM's sets, lists).
+    fn update_connector_output(
+        &mut self,
+        finished_sending: &Bound<'_, PyAny>,
+        finished_recving: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<String>> {
+        let (sending, recving) = (pyjson::strings(finished_sending)?, pyjson::strings(finished_recving)?);
+        Ok(self.inner.update_connector_output(&sending, &recving))
     }
 
     /// Staging slots (`kv_staging_blocks` on a pull-mode producer; 0: off).
@@ -382,11 +396,19 @@ impl Worker {
     }
 }
 
-/// Validate a request's `kv_transfer_params` (JSON text). Returns "none",
-/// "remote_decode" or "remote_prefill"; raises `ParamsError` if malformed.
+/// Validate a request's `kv_transfer_params` (JSON text, or the dict as the scheduler
+/// gets it). Returns "none", "remote_decode", "remote_prefill" or "push_prefill"; raises
+/// `ParamsError` if malformed.
 #[pyfunction]
-fn validate_kv_transfer_params(params: &str) -> PyResult<&'static str> {
-    match KvParams::parse_json(Some(params)).map_err(|e| to_py(e.into()))? {
+fn validate_kv_transfer_params(params: &Bound<'_, PyAny>) -> PyResult<&'static str> {
+    let parsed = if let Ok(text) = params.downcast::<pyo3::types::PyString>() {
+        KvParams::parse_json(Some(&text.to_cow()?))
+    } else if params.downcast::<pyo3::types::PyDict>().is_ok() {
+        pyjson::req_params(params).kind
+    } else {
+        return Err(pyo3::exceptions::PyTypeError::new_err("kv_transfer_params must be JSON text (str) or a dict"));
+    };
+    match parsed.map_err(|e| to_py(e.into()))? {
         KvParams::None => Ok("none"),
         KvParams::RemoteDecode => Ok("remote_decode"),
         KvParams::RemotePrefill(_) => Ok("remote_prefill"),

@@ -8,9 +8,11 @@
 // Peer and user data is decoded here: no indexing that could panic on it.
 #![cfg_attr(not(test), deny(clippy::indexing_slicing))]
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::config::ConnectorConfig;
-use crate::params::RemotePrefill;
+use crate::error::ParamsError;
+use crate::params::{KvParams, RemotePrefill, ReqParams};
 use crate::wire::{ConnectorMetadata, FailedReq, HeartbeatTarget, PushRecv, PushSend, RecvReq, SendLease, StageReq, WIRE_VERSION};
 
 pub mod pull;
@@ -81,6 +83,14 @@ pub struct Finished {
     pub kv_transfer_params: Option<serde_json::Value>,
 }
 
+/// What optional decoded params ask for: absent params are [`KvParams::None`].
+pub fn params_kind(params: Option<&Arc<ReqParams>>) -> Result<&KvParams, &ParamsError> {
+    match params {
+        None => Ok(&KvParams::None),
+        Some(p) => p.kind.as_ref(),
+    }
+}
+
 /// A remote engine at an address: (engine id, host, port).
 type EngineAddr = (String, String, u16);
 
@@ -90,8 +100,12 @@ type EngineAddr = (String, String, u16);
 /// thread of its own).
 #[derive(Debug, Default)]
 pub struct Heartbeats {
-    by_req: HashMap<String, (EngineAddr, String)>,
-    by_engine: BTreeMap<EngineAddr, (u32, BTreeSet<String>)>,
+    /// Per local request: its remote engine and P's request id (shared with `by_engine`).
+    by_req: HashMap<String, (Arc<EngineAddr>, Arc<str>)>,
+    by_engine: BTreeMap<Arc<EngineAddr>, (u32, BTreeSet<Arc<str>>)>,
+    /// The engine last tracked: consecutive requests mostly name the same P, whose key is
+    /// then shared instead of built again.
+    last_engine: Option<Arc<EngineAddr>>,
     last_sent: f64,
     /// Seconds between batches (vLLM: lease / 6).
     pub interval: f64,
@@ -110,20 +124,34 @@ impl Heartbeats {
         if self.by_req.contains_key(req_id) {
             return;
         }
-        let key = (rp.remote_engine_id.clone(), rp.remote_host.clone(), rp.remote_port);
-        let e = self.by_engine.entry(key.clone()).or_insert_with(|| (rp.tp_size, BTreeSet::new()));
-        e.0 = rp.tp_size;
-        e.1.insert(rp.remote_request_id.clone());
-        self.by_req.insert(req_id.to_string(), (key, rp.remote_request_id.clone()));
+        let key = match &self.last_engine {
+            Some(k) if k.0 == rp.remote_engine_id && k.1 == rp.remote_host && k.2 == rp.remote_port => Arc::clone(k),
+            _ => {
+                let k = Arc::new((rp.remote_engine_id.clone(), rp.remote_host.clone(), rp.remote_port));
+                self.last_engine = Some(Arc::clone(&k));
+                k
+            }
+        };
+        let remote: Arc<str> = Arc::from(rp.remote_request_id.as_str());
+        match self.by_engine.get_mut(&*key) {
+            Some(e) => {
+                e.0 = rp.tp_size;
+                e.1.insert(Arc::clone(&remote));
+            }
+            None => {
+                self.by_engine.insert(Arc::clone(&key), (rp.tp_size, BTreeSet::from([Arc::clone(&remote)])));
+            }
+        }
+        self.by_req.insert(req_id.to_string(), (key, remote));
     }
 
     /// Stop renewing `req_id`'s lease; true if it was being renewed.
     pub fn stop(&mut self, req_id: &str) -> bool {
         let Some((key, remote)) = self.by_req.remove(req_id) else { return false };
-        if let Some(e) = self.by_engine.get_mut(&key) {
-            e.1.remove(&remote);
+        if let Some(e) = self.by_engine.get_mut(&*key) {
+            e.1.remove(&*remote);
             if e.1.is_empty() {
-                self.by_engine.remove(&key);
+                self.by_engine.remove(&*key);
             }
         }
         true
@@ -142,12 +170,12 @@ impl Heartbeats {
         self.last_sent = now_unix;
         self.by_engine
             .iter()
-            .map(|((engine_id, host, port), (tp_size, ids))| HeartbeatTarget {
-                engine_id: engine_id.clone(),
-                host: host.clone(),
-                port: *port,
+            .map(|(key, (tp_size, ids))| HeartbeatTarget {
+                engine_id: key.0.clone(),
+                host: key.1.clone(),
+                port: key.2,
                 tp_size: *tp_size,
-                request_ids: ids.iter().cloned().collect(),
+                request_ids: ids.iter().map(|r| r.to_string()).collect(),
             })
             .collect()
     }
@@ -226,6 +254,9 @@ impl Staging {
     }
     /// The slots `req_id` holds, if any.
     pub fn slots(&self, req_id: &str) -> Option<&[u32]> {
+        if self.held.is_empty() {
+            return None; // staging off, or nothing staged: no lookup
+        }
         self.held.get(req_id).map(Vec::as_slice)
     }
     /// `req_id`'s slots were offered to a reader: their lease now runs on the workers.
@@ -336,7 +367,7 @@ impl SchedulerBase {
     /// once, when the request finishes). A request without one must not be offered: its
     /// host-buffer blocks hold stale bytes.
     pub fn take_host_copied(&mut self, req_id: &str) -> bool {
-        self.host_copied.remove(req_id)
+        !self.host_copied.is_empty() && self.host_copied.remove(req_id)
     }
 
     /// Build this step's metadata and reset the per-step lists.
@@ -397,8 +428,14 @@ pub trait SchedulerSide {
     /// The ledgers every mode shares.
     fn base(&self) -> &SchedulerBase;
     /// A request entered the engine (vLLM's `on_new_request`): D starts renewing the
-    /// lease P holds for it, even while it waits in D's queue.
-    fn on_new_request(&mut self, _req_id: &str, _kv_transfer_params: Option<&str>) {}
+    /// lease P holds for it, even while it waits in D's queue. `kv_transfer_params` is
+    /// JSON text (see [`on_new_request_parsed`](Self::on_new_request_parsed)).
+    fn on_new_request(&mut self, req_id: &str, kv_transfer_params: Option<&str>) {
+        let params = kv_transfer_params.map(|t| Arc::new(ReqParams::from_json(t)));
+        self.on_new_request_parsed(req_id, params.as_ref());
+    }
+    /// [`on_new_request`](Self::on_new_request) with the params already decoded.
+    fn on_new_request_parsed(&mut self, _req_id: &str, _params: Option<&Arc<ReqParams>>) {}
     /// Time passes (call before `build_connector_meta`): heartbeats fall due.
     fn tick(&mut self, _now_unix: f64) {}
     /// vLLM's `get_num_new_matched_tokens`: how many of `req_id`'s `num_prompt_tokens` tokens,
@@ -412,6 +449,18 @@ pub trait SchedulerSide {
         num_prompt_tokens: u64,
         num_computed_tokens: u64,
         kv_transfer_params: Option<&str>,
+    ) -> Matched {
+        let params = kv_transfer_params.map(|t| Arc::new(ReqParams::from_json(t)));
+        self.get_num_new_matched_tokens_parsed(req_id, num_prompt_tokens, num_computed_tokens, params.as_ref())
+    }
+    /// [`get_num_new_matched_tokens`](Self::get_num_new_matched_tokens) with the params
+    /// already decoded.
+    fn get_num_new_matched_tokens_parsed(
+        &mut self,
+        req_id: &str,
+        num_prompt_tokens: u64,
+        num_computed_tokens: u64,
+        params: Option<&Arc<ReqParams>>,
     ) -> Matched;
     /// vLLM's `update_state_after_alloc`: `req_id`'s blocks are allocated, and the
     /// connector is to fill `num_external_tokens` tokens into `unhashed_block_ids` (the
@@ -431,6 +480,19 @@ pub trait SchedulerSide {
         reason: FinishReason,
         num_computed_tokens: u64,
         kv_transfer_params: Option<&str>,
+        now_unix: f64,
+    ) -> Finished {
+        let params = kv_transfer_params.map(|t| Arc::new(ReqParams::from_json(t)));
+        self.request_finished_parsed(req_id, block_ids, reason, num_computed_tokens, params.as_ref(), now_unix)
+    }
+    /// [`request_finished`](Self::request_finished) with the params already decoded.
+    fn request_finished_parsed(
+        &mut self,
+        req_id: &str,
+        block_ids: &[u32],
+        reason: FinishReason,
+        num_computed_tokens: u64,
+        params: Option<&Arc<ReqParams>>,
         now_unix: f64,
     ) -> Finished;
     /// P: a producing request's prefill completes in the step being built, with these

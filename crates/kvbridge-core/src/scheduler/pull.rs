@@ -1,12 +1,13 @@
 //! Pull mode on the scheduler side: D reads P's blocks.
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use serde_json::json;
 
-use super::{FinishReason, Finished, Matched, SchedulerBase, SchedulerSide, Staging};
+use super::{params_kind, FinishReason, Finished, Matched, SchedulerBase, SchedulerSide, Staging};
 use crate::config::ConnectorConfig;
 use crate::error::{ParamsError, RoleError};
-use crate::params::{KvParams, RemotePrefill};
+use crate::params::{KvParams, RemotePrefill, ReqParams};
 use crate::wire::{ConnectorMetadata, RecvReq, RemoteRef, SendLease, StageReq};
 
 /// The pull-mode scheduler. Pure: inputs are vLLM's calls, outputs are return values
@@ -16,17 +17,8 @@ pub struct PullScheduler {
     cfg: ConnectorConfig,
     /// The ledgers every mode shares.
     pub base: SchedulerBase,
-    /// D: remote prefills matched but not yet allocated.
-    awaiting_alloc: HashMap<String, (RemotePrefill, u64)>,
-    /// Requests whose params were acted on (a load shipped, or a failure): vLLM calls
-    /// `get_num_new_matched_tokens` again when the request returns to WAITING after its
-    /// load, and it must not trigger a second transfer (vLLM's NixlConnector flips
-    /// `do_remote_prefill` for the same reason). Cleared in `request_finished`.
-    consumed: HashSet<String>,
-    /// D: params parsed in `on_new_request` (the text they came from, and the result), so
-    /// `get_num_new_matched_tokens` does not parse the same text again. Taken there or in
-    /// `request_finished`; bounded by [`MAX_PRE_PARSED`].
-    pre_parsed: HashMap<String, (String, KvParams)>,
+    /// Per request, from its match to its end: where it stands (one record, one lookup).
+    reqs: HashMap<String, Stage>,
     /// P: requests asking for a remote decode (their KV may be staged), from their first
     /// match to their end.
     producing: HashSet<String>,
@@ -34,8 +26,29 @@ pub struct PullScheduler {
     pub staging: Staging,
 }
 
-/// Requests whose parsed params are kept between `on_new_request` and their first match.
-const MAX_PRE_PARSED: usize = 65_536;
+/// Producing requests tracked for staging at once (past this they are not staged).
+const MAX_PRODUCING: usize = 65_536;
+
+/// Where a request stands in the pull scheduler (absent: not matched yet, or ended).
+#[derive(Debug)]
+enum Stage {
+    /// D: a remote prefill matched (its params, and the prompt's token count), blocks not
+    /// yet allocated.
+    Matched(Arc<ReqParams>, u64),
+    /// Its params were acted on (a load shipped, or a failure): vLLM calls
+    /// `get_num_new_matched_tokens` again when the request returns to WAITING after its
+    /// load, and it must not trigger a second transfer (vLLM's NixlConnector flips
+    /// `do_remote_prefill` for the same reason). Cleared in `request_finished`.
+    Consumed,
+}
+
+/// The remote prefill `p` names (`Stage::Matched` holds only those).
+fn remote_prefill(p: &ReqParams) -> Option<&RemotePrefill> {
+    match &p.kind {
+        Ok(KvParams::RemotePrefill(rp)) => Some(rp),
+        _ => None,
+    }
+}
 
 impl PullScheduler {
     /// A scheduler for `cfg` (logs the startup settings).
@@ -45,9 +58,7 @@ impl PullScheduler {
             base: SchedulerBase::new(&cfg),
             staging: Staging::new(cfg.staging_blocks()),
             cfg,
-            awaiting_alloc: HashMap::new(),
-            consumed: HashSet::new(),
-            pre_parsed: HashMap::new(),
+            reqs: HashMap::new(),
             producing: HashSet::new(),
         }
     }
@@ -122,20 +133,12 @@ impl SchedulerSide for PullScheduler {
         &self.base
     }
 
-    fn on_new_request(&mut self, req_id: &str, kv_transfer_params: Option<&str>) {
+    fn on_new_request_parsed(&mut self, req_id: &str, params: Option<&Arc<ReqParams>>) {
         if !self.cfg.role.can_consume() {
             return;
         }
-        let Some(text) = kv_transfer_params else { return };
-        let parsed = KvParams::parse_json(Some(text));
-        if let Ok(KvParams::RemotePrefill(rp)) = &parsed {
+        if let Some(rp) = params.and_then(|p| remote_prefill(p)) {
             self.base.heartbeats.track(req_id, rp);
-        }
-        if let Ok(p) = parsed {
-            if self.pre_parsed.len() >= MAX_PRE_PARSED {
-                self.pre_parsed.clear(); // only a cache: a later call parses again
-            }
-            self.pre_parsed.insert(req_id.to_string(), (text.to_string(), p));
         }
     }
 
@@ -143,33 +146,34 @@ impl SchedulerSide for PullScheduler {
         self.base.tick(now_unix);
     }
 
-    fn get_num_new_matched_tokens(
+    fn get_num_new_matched_tokens_parsed(
         &mut self,
         req_id: &str,
         num_prompt_tokens: u64,
         num_computed_tokens: u64,
-        kv_transfer_params: Option<&str>,
+        params: Option<&Arc<ReqParams>>,
     ) -> Matched {
-        if self.consumed.contains(req_id) {
-            return Matched::NONE;
-        }
         // A retry (e.g. no free blocks last step) starts from a clean slate.
-        self.base.rejected.remove(req_id);
-        self.awaiting_alloc.remove(req_id);
-        let cached = match (self.pre_parsed.remove(req_id), kv_transfer_params) {
-            (Some((text, p)), Some(now)) if text == now => Some(p),
-            _ => None,
+        match self.reqs.get(req_id) {
+            Some(Stage::Consumed) => return Matched::NONE,
+            Some(Stage::Matched(..)) => {
+                self.reqs.remove(req_id);
+            }
+            None => {}
+        }
+        if !self.base.rejected.is_empty() {
+            self.base.rejected.remove(req_id);
+        }
+        let kind = match params_kind(params) {
+            Ok(k) => k,
+            Err(e) => return self.base.reject(req_id, num_prompt_tokens, num_computed_tokens, e.clone().into()),
         };
-        let params = match cached.map(Ok).unwrap_or_else(|| KvParams::parse_json(kv_transfer_params)) {
-            Ok(p) => p,
-            Err(e) => return self.base.reject(req_id, num_prompt_tokens, num_computed_tokens, e.into()),
-        };
-        match params {
+        match kind {
             KvParams::None => Matched::NONE,
             KvParams::RemoteDecode if self.cfg.role.can_produce() => {
                 // A host buffer needs every producing request's copy: no bound there (the
                 // set holds running requests only; `request_finished` removes them).
-                if self.cfg.host_buffer || (self.staging.enabled() && self.producing.len() < MAX_PRE_PARSED) {
+                if self.cfg.host_buffer || (self.staging.enabled() && self.producing.len() < MAX_PRODUCING) {
                     self.producing.insert(req_id.to_string());
                 }
                 Matched::NONE
@@ -190,10 +194,12 @@ impl SchedulerSide for PullScheduler {
                 self.base.reject(req_id, num_prompt_tokens, num_computed_tokens, RoleError::RemotePrefillOnProducer.into())
             }
             KvParams::RemotePrefill(rp) => {
-                self.base.heartbeats.track(req_id, &rp);
+                self.base.heartbeats.track(req_id, rp);
                 let count = num_prompt_tokens.saturating_sub(num_computed_tokens);
                 tracing::debug!(request_id = %req_id, count, "kvbridge: remote prefill matched");
-                self.awaiting_alloc.insert(req_id.to_string(), (rp, num_prompt_tokens));
+                if let Some(p) = params {
+                    self.reqs.insert(req_id.to_string(), Stage::Matched(Arc::clone(p), num_prompt_tokens));
+                }
                 // count == 0: a full local prefix hit. No load, but P must still be told
                 // to free its blocks (done in update_state_after_alloc).
                 Matched { num_tokens: count, load_async: count > 0 }
@@ -202,34 +208,38 @@ impl SchedulerSide for PullScheduler {
     }
 
     fn update_state_after_alloc(&mut self, req_id: &str, unhashed_block_ids: &[u32], num_external_tokens: u64) {
-        if let Some(reason) = self.base.rejected.remove(req_id) {
-            self.consumed.insert(req_id.to_string());
+        if let Some(reason) = if self.base.rejected.is_empty() { None } else { self.base.rejected.remove(req_id) } {
+            self.reqs.insert(req_id.to_string(), Stage::Consumed);
             self.base.loading.insert(req_id.to_string());
             self.base.push_failed(req_id, reason);
             return;
         }
-        let Some((rp, n)) = self.awaiting_alloc.remove(req_id) else { return };
-        self.consumed.insert(req_id.to_string());
+        let Some(stage) = self.reqs.get_mut(req_id) else { return };
+        let Stage::Matched(p, n) = std::mem::replace(stage, Stage::Consumed) else { return };
+        let Some(rp) = remote_prefill(&p) else { return };
         let local = if num_external_tokens > 0 { unhashed_block_ids.to_vec() } else { Vec::new() };
         if num_external_tokens > 0 {
             self.base.loading.insert(req_id.to_string());
         }
-        self.base.push_recv(Self::recv_req(req_id, &rp, n, local, num_external_tokens == 0));
+        self.base.push_recv(Self::recv_req(req_id, rp, n, local, num_external_tokens == 0));
     }
 
-    fn request_finished(
+    fn request_finished_parsed(
         &mut self,
         req_id: &str,
         block_ids: &[u32],
         reason: FinishReason,
         num_computed_tokens: u64,
-        kv_transfer_params: Option<&str>,
+        params: Option<&Arc<ReqParams>>,
         now_unix: f64,
     ) -> Finished {
         let none = Finished { delay_free: false, kv_transfer_params: None };
-        self.base.rejected.remove(req_id);
-        self.pre_parsed.remove(req_id);
-        self.producing.remove(req_id);
+        if !self.base.rejected.is_empty() {
+            self.base.rejected.remove(req_id);
+        }
+        if !self.producing.is_empty() {
+            self.producing.remove(req_id);
+        }
         let host_copied = self.base.take_host_copied(req_id);
         // Staged, P: the KV was copied out when the prefill ended, so vLLM frees its blocks
         // now; the slots are held for the reader instead (or freed, if nothing will read).
@@ -237,10 +247,13 @@ impl SchedulerSide for PullScheduler {
             return self.finish_staged(req_id, reason, num_computed_tokens, now_unix);
         }
         let tracked = self.base.heartbeats.stop(req_id);
-        let consumed = self.consumed.remove(req_id);
+        let stage = self.reqs.remove(req_id);
+        let consumed = matches!(stage, Some(Stage::Consumed));
         // D: aborted before its blocks were allocated. Tell P to free its blocks.
-        if let Some((rp, n)) = self.awaiting_alloc.remove(req_id) {
-            self.base.push_recv(Self::recv_req(req_id, &rp, n, Vec::new(), true));
+        if let Some(Stage::Matched(p, n)) = stage {
+            if let Some(rp) = remote_prefill(&p) {
+                self.base.push_recv(Self::recv_req(req_id, rp, n, Vec::new(), true));
+            }
             return none;
         }
         // Only two cases below read the params: a D request that never loaded, and P.
@@ -248,10 +261,10 @@ impl SchedulerSide for PullScheduler {
         if !d_unloaded && !self.cfg.role.can_produce() {
             return none;
         }
-        let params = KvParams::parse_json(kv_transfer_params);
+        let params = params_kind(params);
         // D: ended before it was ever matched (aborted while queued, or an engine error):
         // P still holds its blocks; tell it now rather than at lease expiry.
-        if let Ok(KvParams::RemotePrefill(rp)) = &params {
+        if let Ok(KvParams::RemotePrefill(rp)) = params {
             if tracked && !consumed && self.cfg.role.can_consume() {
                 tracing::debug!(request_id = %req_id, "kvbridge: request ended before its load started; releasing P's blocks");
                 self.base.push_recv(Self::recv_req(req_id, rp, rp.remote_num_tokens.unwrap_or(0), Vec::new(), true));

@@ -10,13 +10,14 @@
 //! that completes its prefill also lists it in `push_saves`, so the workers can write
 //! each layer as soon as it is computed.
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use serde_json::json;
 
-use super::{FinishReason, Finished, Matched, SchedulerBase, SchedulerSide};
+use super::{params_kind, FinishReason, Finished, Matched, SchedulerBase, SchedulerSide};
 use crate::config::ConnectorConfig;
 use crate::error::{ParamsError, RoleError};
-use crate::params::{KvParams, PushPrefill};
+use crate::params::{KvParams, PushPrefill, ReqParams};
 use crate::wire::{ConnectorMetadata, PushRecv, PushSend};
 
 /// The push-mode scheduler. Pure: inputs are vLLM's calls, outputs are return values
@@ -86,25 +87,26 @@ impl SchedulerSide for PushScheduler {
         self.base.tick(now_unix);
     }
 
-    fn get_num_new_matched_tokens(
+    fn get_num_new_matched_tokens_parsed(
         &mut self,
         req_id: &str,
         num_prompt_tokens: u64,
         num_computed_tokens: u64,
-        kv_transfer_params: Option<&str>,
+        params: Option<&Arc<ReqParams>>,
     ) -> Matched {
         if self.consumed.contains(req_id) {
             return Matched::NONE;
         }
         self.base.rejected.remove(req_id);
         self.awaiting_alloc.remove(req_id);
-        let params = match KvParams::parse_json(kv_transfer_params) {
-            Ok(p) => p,
-            Err(e) => return self.base.reject(req_id, num_prompt_tokens, num_computed_tokens, e.into()),
+        let kind = match params_kind(params) {
+            Ok(k) => k,
+            Err(e) => return self.base.reject(req_id, num_prompt_tokens, num_computed_tokens, e.clone().into()),
         };
-        match params {
+        let transfer_id = || params.map_or(Ok(None), |p| p.transfer_id.clone());
+        match kind {
             KvParams::None => Matched::NONE,
-            KvParams::RemoteDecode if self.cfg.role.can_produce() => match KvParams::transfer_id(kv_transfer_params) {
+            KvParams::RemoteDecode if self.cfg.role.can_produce() => match transfer_id() {
                 Ok(t) => {
                     self.producing.insert(req_id.to_string(), t.unwrap_or_default());
                     Matched::NONE
@@ -130,7 +132,7 @@ impl SchedulerSide for PushScheduler {
             KvParams::PushPrefill(pp) => {
                 let count = num_prompt_tokens.saturating_sub(num_computed_tokens);
                 tracing::debug!(request_id = %req_id, count, transfer_id = %pp.transfer_id, "kvbridge: push prefill matched");
-                self.awaiting_alloc.insert(req_id.to_string(), (pp, num_prompt_tokens));
+                self.awaiting_alloc.insert(req_id.to_string(), (pp.clone(), num_prompt_tokens));
                 Matched { num_tokens: count, load_async: count > 0 }
             }
         }
@@ -178,13 +180,13 @@ impl SchedulerSide for PushScheduler {
         });
     }
 
-    fn request_finished(
+    fn request_finished_parsed(
         &mut self,
         req_id: &str,
         block_ids: &[u32],
         reason: FinishReason,
         num_computed_tokens: u64,
-        kv_transfer_params: Option<&str>,
+        params: Option<&Arc<ReqParams>>,
         now_unix: f64,
     ) -> Finished {
         let none = Finished { delay_free: false, kv_transfer_params: None };
@@ -197,8 +199,8 @@ impl SchedulerSide for PushScheduler {
         }
         // D: ended before it was ever matched (aborted while queued): tell P too.
         if !consumed && self.cfg.role.can_consume() && !self.base.loading.contains(req_id) {
-            if let Ok(KvParams::PushPrefill(pp)) = KvParams::parse_json(kv_transfer_params) {
-                self.base.push_push_register(Self::recv(req_id, &pp, 0, Vec::new(), true));
+            if let Ok(KvParams::PushPrefill(pp)) = params_kind(params) {
+                self.base.push_push_register(Self::recv(req_id, pp, 0, Vec::new(), true));
                 return none;
             }
         }
