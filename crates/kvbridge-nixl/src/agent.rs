@@ -122,6 +122,8 @@ pub struct NixlTransport {
     /// Memory type of the registered regions (None until registered).
     local: Option<MemType>,
     regs: Vec<RegistrationHandle>,
+    /// The registration of `scratch` (made on the first warm-up read).
+    scratch_reg: Option<RegistrationHandle>,
     /// Transfer requests made from prepared lists (descriptor indices), counted.
     pub made_prepped: u64,
     /// Transfer requests made from descriptor lists built for the request, counted.
@@ -131,7 +133,13 @@ pub struct NixlTransport {
     agent: Agent,
     /// The CUDA context made current before the agent started; released after it.
     cuda: Option<std::sync::Arc<cudarc::driver::CudaContext>>,
+    /// Host memory the warm-up read lands in (never the KV cache); freed after its
+    /// registration and the agent.
+    scratch: Vec<u8>,
 }
+
+/// Bytes a warm-up read moves at most (one block of the peer's cache, capped).
+const WARM_BYTES: usize = 1 << 20;
 
 impl NixlTransport {
     /// Create an agent named `name` with the configured backends. Fails with
@@ -169,12 +177,14 @@ impl NixlTransport {
             local_prepped: None,
             local: None,
             regs: Vec::new(),
+            scratch_reg: None,
             made_prepped: 0,
             made_listed: 0,
             next_xfer: 1,
             name: name.to_string(),
             agent,
             cuda,
+            scratch: Vec::new(),
         })
     }
 
@@ -275,6 +285,9 @@ impl NixlTransport {
             name
         };
         let mem = md.regions.first().map(|r| mem_type(r.mem)).unwrap_or(MemType::Dram);
+        if !loaded {
+            self.warm_read(&name, md);
+        }
         tracing::debug!(peer, load_ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: remote agent loaded");
         // The peer's cache and, when it stages (pull, `kv_staging_blocks`) in the same kind
         // of memory, its staging buffer: reads from either are whole blocks.
@@ -295,6 +308,51 @@ impl NixlTransport {
         };
         self.remotes.insert(peer.to_string(), Remote { staging, prepped, to_prep, agent_name: name, owns_md: !loaded, mem });
         Ok(())
+    }
+
+    /// Read one block of the peer's first region (host memory on both sides) into a
+    /// scratch buffer of ours and wait for it (at most 1 s): UCX picks its protocols and
+    /// unpacks the peer's keys on the first transfer, which cost the first request's READ
+    /// ~20 ms here. Done when the peer is loaded, so no request pays it. Touches no KV
+    /// block of ours, and P is not notified. Failures only cost the warm-up.
+    fn warm_read(&mut self, agent_name: &str, md: &AgentMetadata) {
+        let Some(r0) = md.regions.first() else { return };
+        if r0.mem != MemKind::Dram || self.local != Some(MemType::Dram) {
+            return;
+        }
+        let len = usize::try_from(r0.block_len).unwrap_or(WARM_BYTES).min(WARM_BYTES);
+        if len == 0 {
+            return;
+        }
+        let t0 = std::time::Instant::now();
+        if self.scratch_reg.is_none() {
+            self.scratch = vec![0u8; WARM_BYTES];
+            let span = Span { ptr: self.scratch.as_ptr() as u64, len: WARM_BYTES, mem: MemType::Dram, dev: 0 };
+            match self.agent.register_memory(&span, None) {
+                Ok(h) => self.scratch_reg = Some(h),
+                Err(e) => return tracing::debug!(error = %e, "kvbridge: cannot register the warm-up buffer"),
+            }
+        }
+        let res = (|| -> Result<bool, NixlError> {
+            let mut local = XferDescList::new(MemType::Dram).map_err(NixlError::nixl("create descriptor list"))?;
+            let mut remote = XferDescList::new(MemType::Dram).map_err(NixlError::nixl("create descriptor list"))?;
+            local.add_desc(self.scratch.as_ptr() as usize, len, 0);
+            remote.add_desc(r0.base as usize, len, r0.device_id);
+            let req =
+                self.agent.create_xfer_req(XferOp::Read, &local, &remote, agent_name, None).map_err(NixlError::nixl("make transfer"))?;
+            self.agent.post_xfer_req(&req, None).map_err(NixlError::nixl("post transfer"))?;
+            while t0.elapsed() < std::time::Duration::from_secs(1) {
+                if let XferStatus::Success = self.agent.get_xfer_status(&req).map_err(NixlError::nixl("transfer status"))? {
+                    return Ok(true);
+                }
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+            Ok(false)
+        })();
+        match res {
+            Ok(done) => tracing::debug!(agent_name, bytes = len, done, ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: warm-up read"),
+            Err(e) => tracing::debug!(agent_name, error = %e, "kvbridge: warm-up read failed"),
+        }
     }
 
     /// Post a transfer of `pieces` (local ↔ remote), with `notif` (unless empty) delivered
