@@ -310,20 +310,18 @@ impl NixlTransport {
         Ok(())
     }
 
-    /// Read one block of the peer's first region (host memory on both sides) into a
-    /// scratch buffer of ours and wait for it (at most 1 s): UCX picks its protocols and
-    /// unpacks the peer's keys on the first transfer, which cost the first request's READ
-    /// ~20 ms here. Done when the peer is loaded, so no request pays it. Touches no KV
-    /// block of ours, and P is not notified. Failures only cost the warm-up.
+    /// Read the start of every one of the peer's regions (host memory on both sides) into
+    /// a scratch buffer of ours and wait for it (at most 1 s): UCX sets up each remote
+    /// memory region (and picks its protocols) on the first transfer that touches it, which
+    /// cost the first request's READ ~20 ms here. Done when the peer is loaded, so no
+    /// request pays it. Touches no KV block of ours, and P is not notified. Failures only
+    /// cost the warm-up.
     fn warm_read(&mut self, agent_name: &str, md: &AgentMetadata) {
-        let Some(r0) = md.regions.first() else { return };
-        if r0.mem != MemKind::Dram || self.local != Some(MemType::Dram) {
+        let regions: Vec<_> = md.regions.iter().filter(|r| r.mem == MemKind::Dram && r.block_len > 0).collect();
+        if regions.is_empty() || regions.len() != md.regions.len() || self.local != Some(MemType::Dram) {
             return;
         }
-        let len = usize::try_from(r0.block_len).unwrap_or(WARM_BYTES).min(WARM_BYTES);
-        if len == 0 {
-            return;
-        }
+        let slice = (WARM_BYTES / regions.len()).max(1);
         let t0 = std::time::Instant::now();
         if self.scratch_reg.is_none() {
             self.scratch = vec![0u8; WARM_BYTES];
@@ -333,11 +331,16 @@ impl NixlTransport {
                 Err(e) => return tracing::debug!(error = %e, "kvbridge: cannot register the warm-up buffer"),
             }
         }
+        let mut bytes = 0;
         let res = (|| -> Result<bool, NixlError> {
             let mut local = XferDescList::new(MemType::Dram).map_err(NixlError::nixl("create descriptor list"))?;
             let mut remote = XferDescList::new(MemType::Dram).map_err(NixlError::nixl("create descriptor list"))?;
-            local.add_desc(self.scratch.as_ptr() as usize, len, 0);
-            remote.add_desc(r0.base as usize, len, r0.device_id);
+            for (i, r) in regions.iter().enumerate() {
+                let len = usize::try_from(r.block_len).unwrap_or(slice).min(slice);
+                local.add_desc(self.scratch.as_ptr() as usize + i * slice, len, 0);
+                remote.add_desc(r.base as usize, len, r.device_id);
+                bytes += len;
+            }
             let req =
                 self.agent.create_xfer_req(XferOp::Read, &local, &remote, agent_name, None).map_err(NixlError::nixl("make transfer"))?;
             self.agent.post_xfer_req(&req, None).map_err(NixlError::nixl("post transfer"))?;
@@ -350,7 +353,14 @@ impl NixlTransport {
             Ok(false)
         })();
         match res {
-            Ok(done) => tracing::debug!(agent_name, bytes = len, done, ms = t0.elapsed().as_secs_f64() * 1e3, "kvbridge: warm-up read"),
+            Ok(done) => tracing::info!(
+                agent_name,
+                bytes,
+                regions = regions.len(),
+                done,
+                ms = t0.elapsed().as_secs_f64() * 1e3,
+                "kvbridge: warm-up read"
+            ),
             Err(e) => tracing::debug!(agent_name, error = %e, "kvbridge: warm-up read failed"),
         }
     }
