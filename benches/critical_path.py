@@ -154,10 +154,13 @@ def summary(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     overhead = None
     oh = REPO / "benches" / "results" / "connector_overhead.json"
     if oh.exists():
+        # The worst (largest) scheduler-side ratio over the in-flight counts measured.
         try:
-            doc = json.loads(oh.read_text())
-            overhead = doc.get("ratios", {}).get("scheduler") or doc.get("scheduler_ratio")
-        except (ValueError, AttributeError):
+            rows = json.loads(oh.read_text())["results"]
+            sched = {(r["connector"], r["in_flight"]): r["median_us"] for r in rows if r.get("side") == "scheduler"}
+            ratios = [v / sched[("nixl", n)] for (c, n), v in sched.items() if c == "kvbridge" and ("nixl", n) in sched]
+            overhead = max(ratios) if ratios else None
+        except (ValueError, KeyError, TypeError, ZeroDivisionError):
             overhead = None
     return {
         "first_contact_ms_p50": med("kvbridge-peers", "first_contact_ms"),
