@@ -115,6 +115,7 @@ def one_pair(conn: str, model: Path, log_dir: Path, reps: int, seed: int) -> dic
         for n in (512, 2048):
             samples = [bench.sample(n) for _ in range(reps)]
             out[f"ttft_{n}"] = summarize([s["ttft_ms"] for s in samples])
+            out[f"ttft_{n}_samples"] = [round(s["ttft_ms"], 2) for s in samples]
             out[f"tokens_equal_{n}"] = all(s["tokens_equal"] is not False for s in samples)
         time.sleep(11.0)  # one more stats interval, so the last transfers are logged
         after = scrape(cluster)
