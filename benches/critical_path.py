@@ -11,7 +11,8 @@ on each pair:
      posted) and, when D had to handshake on the request path, its breakdown (side-channel
      fetch, payload check + plan, NIXL ``load_remote_md``);
   2. sends ``--reps`` fresh prompts at 512 and at 2048 tokens, one at a time (explicit
-     two-phase flow, tokens checked against D alone): decode-side TTFT (median, max);
+     two-phase flow, float16, tokens checked against D alone: exact here): decode-side TTFT
+     (median, max);
   3. reads D's own transfer metrics, which both connectors report under NixlConnector's
      names (``vllm:nixl_xfer_time_seconds``: from post to D observing completion;
      ``vllm:nixl_bytes_transferred``; ``vllm:nixl_post_time_seconds``), and the post times
@@ -91,8 +92,10 @@ def scrape(cluster: Cluster) -> dict[str, float]:
 
 def one_pair(conn: str, model: Path, log_dir: Path, reps: int, seed: int) -> dict[str, Any]:
     kind, extra = CONFIGS[conn]
+    # float16: P/D is bit-identical to D alone here (bf16 on this AMX CPU gives near-ties), so
+    # every token check is exact.
     cluster = Cluster(model, connector=kind, log_dir=log_dir, max_model_len=4096, extra_config=extra,
-                      side_ports=(P_SIDE_PORT, 5700))  # fmt: skip
+                      side_ports=(P_SIDE_PORT, 5700), dtype="float16")  # fmt: skip
     try:
         cluster.start()
         if conn == "kvbridge-peers":
