@@ -218,25 +218,25 @@ impl<T: Transport + 'static> WorkerDriver<T> {
     }
 
     /// Like [`get_finished`](Self::get_finished), but when this rank is only waiting (it
-    /// holds blocks for a remote reader, or a READ is in flight) and nothing has finished,
-    /// keep polling — sleeping 100 µs between polls — for up to `max_wait`. An engine calls
-    /// this on steps with no forward pass, so a P that holds leases (vLLM keeps stepping it)
-    /// does not spin a core while D needs the CPU, and completions are still seen at once.
+    /// holds blocks for a remote reader, or a load is in flight) and nothing has finished,
+    /// keep polling for up to `max_wait`: every 20 µs while this rank loads (a READ in
+    /// flight, or push writes awaited), so D sees a completion within tens of µs, and every
+    /// 100 µs while it only holds blocks for readers. An engine calls this on steps with no
+    /// forward pass, so a P that holds leases (vLLM keeps stepping it) does not spin a core
+    /// while D needs the CPU, and completions are still seen at once.
     pub fn get_finished_wait(&self, max_wait: Duration) -> FinishedSets {
         let t0 = std::time::Instant::now();
         loop {
             let f = self.poll_once();
-            let waiting = {
-                let (held, recv) = self.push_pending();
-                held > 0 || recv > 0 || {
-                    let g = self.shared.state();
-                    g.core.base.held_requests() > 0 || !g.xfers.is_empty()
-                }
+            let (held, recv) = self.push_pending();
+            let (holding, loading) = {
+                let g = self.shared.state();
+                (held > 0 || g.core.base.held_requests() > 0, recv > 0 || !g.xfers.is_empty())
             };
-            if f != FinishedSets::default() || !waiting || t0.elapsed() >= max_wait {
+            if f != FinishedSets::default() || !(holding || loading) || t0.elapsed() >= max_wait {
                 return f;
             }
-            std::thread::sleep(Duration::from_micros(100));
+            std::thread::sleep(Duration::from_micros(if loading { 20 } else { 100 }));
         }
     }
 
