@@ -12,6 +12,7 @@ use std::collections::HashMap;
 
 use crate::wire::{HeartbeatReply, HeartbeatRequest, Notif, SendLease};
 
+pub mod host_loads;
 pub mod pull;
 pub mod push;
 pub mod push_plan;

@@ -61,22 +61,15 @@ impl<T: Transport + 'static> WorkerDriver<T> {
     /// D with a host buffer: copy what finished loads read into the host mirror back to
     /// the cache, before vLLM hears the loads finished. A failed copy fails the load.
     pub(crate) fn restore_loads(&self, out: &mut FinishedSets) {
-        let mut loads = match self.host_loads.lock() {
-            Ok(h) if !h.is_empty() => h,
-            _ => return,
+        let done = match self.host_loads.lock() {
+            Ok(mut h) => h.take_finished(out),
+            Err(_) => return,
         };
-        let done: Vec<(String, Vec<u32>)> = out.recving.iter().filter_map(|r| loads.remove(r).map(|b| (r.clone(), b))).collect();
-        // Push, D: a request aborted while P could still write ends in `sending`; nothing
-        // is copied for it.
-        for r in &out.sending {
-            loads.remove(r);
+        if done.is_empty() {
+            return;
         }
-        drop(loads);
         let st = self.staging.read().ok().and_then(|g| g.clone());
         for (req, blocks) in done {
-            if out.failed_recving.contains(&req) || blocks.is_empty() {
-                continue;
-            }
             let _span = tracing::debug_span!("host_to_cache", request_id = %req, blocks = blocks.len()).entered();
             let t0 = std::time::Instant::now();
             let s = StageReq { req_id: req.clone(), slots: blocks.clone(), block_ids: blocks };

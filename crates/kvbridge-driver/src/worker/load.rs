@@ -57,15 +57,9 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             }
         }
         if self.cfg.host_buffer {
-            // D: the blocks each load fills (pull: READ; push: P's writes), for the copy to
-            // the cache once it is done.
-            let pull = md.reqs_to_recv.iter().filter(|r| !r.notify_only).map(|r| (&r.req_id, &r.local_block_ids));
-            let push = md.push_register.iter().filter(|r| !r.notify_only).map(|r| (&r.req_id, &r.local_block_ids));
+            // D: the blocks each load fills, for the copy to the cache once it is done.
             if let Ok(mut h) = self.host_loads.lock() {
-                for (req, blocks) in pull.chain(push) {
-                    let ids = blocks.iter().flatten().copied().filter(|&b| Some(b) != self.cfg.null_block_id);
-                    h.insert(req.clone(), ids.collect());
-                }
+                h.on_metadata(&md, self.cfg.null_block_id);
             }
         }
         self.start_push(&mut md);

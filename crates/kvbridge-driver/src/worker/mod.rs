@@ -29,6 +29,7 @@ use kvbridge_core::error::Error;
 use kvbridge_core::side::{Identity, PayloadCell};
 use kvbridge_core::transport::{Transport, XferId};
 use kvbridge_core::wire::{self, StageReq};
+use kvbridge_core::worker::host_loads::HostLoads;
 use kvbridge_core::worker::pull::{PullStats, PullWorker};
 use kvbridge_core::worker::push_plan::{PushCtl, PushStats};
 use kvbridge_core::worker::{FinishedSets, XferStats};
@@ -102,7 +103,7 @@ pub struct WorkerDriver<T: Transport + 'static> {
     /// (`kv_buffer_device="cpu"`), on either side: the host mirror of the cache.
     pub(crate) staging: RwLock<Option<Arc<StagingBuffer>>>,
     /// D with a host buffer: the blocks each load fills, copied to the cache once read.
-    pub(crate) host_loads: Mutex<HashMap<String, Vec<u32>>>,
+    pub(crate) host_loads: Mutex<HostLoads>,
     /// P, pull with staging: copies ordered by this step's metadata, done in `wait_for_save`.
     pub(crate) to_stage: Mutex<Vec<StageReq>>,
 }
@@ -169,7 +170,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             last_held: AtomicU64::new(0),
             staging: RwLock::new(None),
             to_stage: Mutex::new(Vec::new()),
-            host_loads: Mutex::new(HashMap::new()),
+            host_loads: Mutex::new(HostLoads::default()),
         })
     }
 
