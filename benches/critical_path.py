@@ -10,7 +10,7 @@ on each pair:
      (``kvbridge: first contact``: from the request reaching D's worker to its READ being
      posted) and, when D had to handshake on the request path, its breakdown (side-channel
      fetch, payload check + plan, NIXL ``load_remote_md``);
-  2. sends ``--reps`` fresh prompts at 512 and at 2048 tokens, one at a time (explicit
+  2. after ``--warmup`` unrecorded requests (0 by default), sends ``--reps`` fresh prompts at 512 and at 2048 tokens, one at a time (explicit
      two-phase flow, float16, tokens checked against D alone: exact here): decode-side TTFT
      (median, max);
   3. reads D's own transfer metrics, which both connectors report under NixlConnector's
@@ -90,7 +90,7 @@ def scrape(cluster: Cluster) -> dict[str, float]:
     return out
 
 
-def one_pair(conn: str, model: Path, log_dir: Path, reps: int, seed: int) -> dict[str, Any]:
+def one_pair(conn: str, model: Path, log_dir: Path, reps: int, seed: int, warmup: int = 0) -> dict[str, Any]:
     kind, extra = CONFIGS[conn]
     # float16: P/D is bit-identical to D alone here (bf16 on this AMX CPU gives near-ties), so
     # every token check is exact.
@@ -113,6 +113,8 @@ def one_pair(conn: str, model: Path, log_dir: Path, reps: int, seed: int) -> dic
                 for line in HANDSHAKE_RE.findall(log_text(cluster))
             ]
             out["peer_load_ms"] = [float(x) for x in LOAD_RE.findall(log_text(cluster))]
+        for _ in range(warmup):  # a fresh vLLM's first requests are slow whatever the connector
+            bench.sample(512, check=True)
         before = scrape(cluster)
         offset = cluster.log_offset("decode")
         for n in (512, 2048):
@@ -209,6 +211,8 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=3, help="fresh server pairs per kvbridge configuration")
     ap.add_argument("--nixl-pairs", type=int, default=2, help="fresh server pairs for NixlConnector")
     ap.add_argument("--reps", type=int, default=12, help="prompts per length per pair")
+    ap.add_argument("--warmup", type=int, default=0,
+                    help="unrecorded 512-token requests after the first one, before measuring (every configuration alike)")
     ap.add_argument("--only", choices=tuple(CONFIGS), nargs="+", default=None)
     ap.add_argument("--out", type=Path, default=REPO / "benches" / "results" / "critical_path.json")
     ap.add_argument("--log-dir", type=Path, default=REPO / "out" / "bench-critical")
@@ -227,7 +231,7 @@ def main() -> int:
             if i >= (args.nixl_pairs if conn == "nixl" else args.pairs):
                 continue
             print(f"== {conn}, pair {i + 1}", flush=True)
-            r = one_pair(conn, args.model_dir, args.log_dir / f"{conn}-{i}", args.reps, seed)
+            r = one_pair(conn, args.model_dir, args.log_dir / f"{conn}-{i}", args.reps, seed, args.warmup)
             seed += 10_000
             results.setdefault(conn, []).append(r)
             print(f"   first request {r['first_request_ttft_ms']:.1f} ms, first contact {r.get('first_contact_ms')}, "
@@ -238,7 +242,8 @@ def main() -> int:
         "bench": "critical_path",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "config": {"pairs": args.pairs, "nixl_pairs": args.nixl_pairs, "reps": args.reps, "lengths": [512, 2048],
+        "config": {"pairs": args.pairs, "nixl_pairs": args.nixl_pairs, "reps": args.reps, "warmup": args.warmup,
+                   "lengths": [512, 2048],
                    "model": "tiny-llama (scripts/make_model.py)", "prefix_caching": False},  # fmt: skip
         **s,
         "pairs": results,
