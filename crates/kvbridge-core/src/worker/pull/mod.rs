@@ -284,11 +284,6 @@ impl PullWorker {
         self.layout.as_ref()
     }
 
-    /// When the READ for `req_id` was posted (Unix seconds), if it is in flight.
-    pub fn read_started(&self, req_id: &str) -> Option<f64> {
-        self.loading.get(req_id).map(|l| l.started_unix)
-    }
-
     /// True once `peer` (a [`peer_key`]) is handshaken and has a transfer plan.
     pub fn is_peer_ready(&self, peer: &str) -> bool {
         matches!(self.engines.get(peer), Some(Engine::Ready { .. }))
