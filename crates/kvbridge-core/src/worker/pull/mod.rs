@@ -110,7 +110,12 @@ const LEASE_FACTS_CAP: usize = 65_536;
 /// A peer is a remote engine *at an address*: `engine_id@host:port`. A request naming a
 /// known engine at another address gets its own handshake, which checks the claim.
 pub fn peer_key(r: &crate::wire::RemoteRef) -> String {
-    format!("{}@{}:{}", r.engine_id, r.host, r.port)
+    peer_key_at(&r.engine_id, &r.host, r.port)
+}
+
+/// [`peer_key`] of engine `engine_id` whose side channel is at `host:port`.
+pub fn peer_key_at(engine_id: &str, host: &str, port: u16) -> String {
+    format!("{engine_id}@{host}:{port}")
 }
 
 /// The plan for `r`: the peer's cache plan, or its staging plan when P staged the KV
@@ -374,35 +379,13 @@ impl PullWorker {
             None => {
                 // Single-flight: the first request for an engine starts the handshakes
                 // (one per remote rank this rank reads from); the rest queue behind them.
-                let tp = match TpMapping::new(self.tp_size, self.tp_rank, r.remote.tp_size) {
-                    Ok(tp) => tp,
-                    Err(e) => return self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e.into()),
+                let (tp, hs) = match self.handshake_actions(&peer, &r.remote.host, r.remote.port, r.remote.tp_size) {
+                    Ok(x) => x,
+                    Err(e) => return self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e),
                 };
-                let mut hs = Vec::new();
-                for &rank in &tp.sources {
-                    let Some(port) = u16::try_from(rank).ok().and_then(|q| r.remote.port.checked_add(q)) else {
-                        let e = Error::Other(format!("remote_port {} + rank {rank} overflows", r.remote.port));
-                        return self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e);
-                    };
-                    hs.push(Action::Handshake { peer: peer.clone(), rank, host: r.remote.host.clone(), port });
-                }
                 actions.extend(hs);
-                let n = tp.sources.len();
-                self.engines.insert(
-                    peer,
-                    Engine::Handshaking {
-                        engine_id: r.remote.engine_id.clone(),
-                        tp,
-                        mds: vec![None; n],
-                        added: vec![false; n],
-                        queued: vec![r],
-                        plan: None,
-                        staged: None,
-                        epoch: 0,
-                        clock_offset: None,
-                        started_unix: now_unix,
-                    },
-                );
+                let engine_id = r.remote.engine_id.clone();
+                self.insert_handshaking(peer, engine_id, tp, vec![r], now_unix);
             }
         }
     }
