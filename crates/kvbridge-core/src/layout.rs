@@ -459,24 +459,26 @@ fn labelled(t: &TensorInfo, tp_rank: u32, tp_size: u32, out: &mut Vec<Region>) -
     }
     let item = t.itemsize;
     let b = |elems: u64| elems.checked_mul(item).ok_or_else(|| bad(t, "size overflow"));
+    // K/V or head axes outside the block axis (FlashAttention's `[2, B, ...]`, vLLM's
+    // `LHBNC`: `[H, B, N, C]` per layer) split the tensor into one region per index.
     let kv_outer = kv.map(|k| t.shape[k] == 2 && t.stride[k] > t.stride[blk]).unwrap_or(false);
-    // The axes inside a block must tile it densely.
-    let inner: Vec<usize> = (0..n).filter(|&i| i != blk && !(kv_outer && Some(i) == kv)).collect();
-    let mut by_stride: Vec<(u64, u64)> = inner.iter().map(|&i| (t.stride[i], t.shape[i])).collect();
+    let head_outer = t.kind == RegionKind::Attention && head.is_some_and(|h| t.shape[h] > 1 && t.stride[h] > t.stride[blk]);
+    // The axes inside a block must not alias: ordered by stride, each steps over
+    // everything the smaller ones span. The block is the range they span; it may have
+    // gaps (a per-layer view of a cross-layer cache such as vLLM's `BHLNC` holds every
+    // `L`-th run of its block), which other views of the buffer fill.
+    let inner: Vec<usize> = (0..n).filter(|&i| i != blk && !(kv_outer && Some(i) == kv) && !(head_outer && Some(i) == head)).collect();
+    if inner.iter().any(|&i| t.shape[i] == 0) {
+        return Err(bad(t, "an axis inside a block has size 0"));
+    }
+    let mut by_stride: Vec<(u64, u64)> = inner.iter().map(|&i| (t.stride[i], t.shape[i])).filter(|&(_, sz)| sz != 1).collect();
     by_stride.sort();
     let mut expect = 1u64;
-    if t.kv_part.is_some() {
-        // A view of one part of a block (K or V): the block is the range the view spans.
-        for (st, sz) in by_stride {
-            expect = sz.saturating_sub(1).checked_mul(st).and_then(|x| x.checked_add(expect)).ok_or_else(|| bad(t, "size overflow"))?;
+    for (st, sz) in by_stride {
+        if st < expect {
+            return Err(bad(t, "axes inside a block overlap (their strides alias)"));
         }
-    } else {
-        for (st, sz) in by_stride {
-            if sz != 1 && st != expect {
-                return Err(bad(t, "a block is not one dense range"));
-            }
-            expect = expect.checked_mul(sz).ok_or_else(|| bad(t, "size overflow"))?;
-        }
+        expect = (sz - 1).checked_mul(st).and_then(|x| x.checked_add(expect)).ok_or_else(|| bad(t, "size overflow"))?;
     }
     if t.stride[blk] < expect && t.shape[blk] > 1 {
         return Err(bad(t, "blocks overlap"));
@@ -509,43 +511,59 @@ fn labelled(t: &TensorInfo, tp_rank: u32, tp_size: u32, out: &mut Vec<Region>) -
     } else {
         vec![vec![]]
     };
+    // One region per (outer K/V part, outer head), or per K/V part.
+    let outer_heads: Vec<Option<u32>> = if head_outer { (0..num_heads).map(Some).collect() } else { vec![None] };
     for (i, kv_parts) in parts.into_iter().enumerate() {
-        let off = if kv_outer { b(t.stride[kv.unwrap_or(0)] * i as u64)? } else { 0 };
-        let name = match t.kv_part {
-            Some(p) => format!("{}.{}", t.name, ["k", "v"][usize::from(p)]),
-            None if kv_outer => format!("{}.{}", t.name, ["k", "v"][i]),
-            None => t.name.clone(),
-        };
-        out.push(Region {
-            name,
-            layer: t.name.clone(),
-            base: t.ptr.checked_add(off).ok_or_else(|| bad(t, "address overflow"))?,
-            block_len,
-            block_stride: b(t.stride[blk])?,
-            num_blocks: t.shape[blk],
-            mem: t.mem,
-            device_id: t.device_id,
-            kind: t.kind,
-            group: t.group,
-            window: t.window,
-            block_tokens: if t.kind == RegionKind::State { 0 } else { u32::try_from(size(tok)).map_err(|_| bad(t, "block too large"))? },
-            kv_parts,
-            kv_stride: if kv_outer { 0 } else { stride_b(kv)? },
-            first_head,
-            num_heads,
-            total_heads,
-            head_stride: stride_b(head)?,
-            token_stride: stride_b(tok)?,
-            unit_len: if t.kind == RegionKind::State {
-                block_len
-            } else if dim_major {
-                item
-            } else {
-                b(t.shape[dim])?
-            },
-            rows: if dim_major { u32::try_from(t.shape[dim]).map_err(|_| bad(t, "content too large"))? } else { 1 },
-            row_stride: if dim_major { b(t.stride[dim])? } else { 0 },
-        });
+        for &oh in &outer_heads {
+            let kv_off = if kv_outer { b(t.stride[kv.unwrap_or(0)] * i as u64)? } else { 0 };
+            let head_off = match (oh, head) {
+                (Some(h), Some(hx)) => b(t.stride[hx].checked_mul(u64::from(h)).ok_or_else(|| bad(t, "size overflow"))?)?,
+                _ => 0,
+            };
+            let off = kv_off.checked_add(head_off).ok_or_else(|| bad(t, "address overflow"))?;
+            let mut name = match t.kv_part {
+                Some(p) => format!("{}.{}", t.name, ["k", "v"][usize::from(p)]),
+                None if kv_outer => format!("{}.{}", t.name, ["k", "v"][i]),
+                None => t.name.clone(),
+            };
+            if let Some(h) = oh {
+                name = format!("{name}.h{}", first_head + h);
+            }
+            out.push(Region {
+                name,
+                layer: t.name.clone(),
+                base: t.ptr.checked_add(off).ok_or_else(|| bad(t, "address overflow"))?,
+                block_len,
+                block_stride: b(t.stride[blk])?,
+                num_blocks: t.shape[blk],
+                mem: t.mem,
+                device_id: t.device_id,
+                kind: t.kind,
+                group: t.group,
+                window: t.window,
+                block_tokens: if t.kind == RegionKind::State {
+                    0
+                } else {
+                    u32::try_from(size(tok)).map_err(|_| bad(t, "block too large"))?
+                },
+                kv_parts: kv_parts.clone(),
+                kv_stride: if kv_outer { 0 } else { stride_b(kv)? },
+                first_head: first_head + oh.unwrap_or(0),
+                num_heads: if oh.is_some() { 1 } else { num_heads },
+                total_heads,
+                head_stride: if oh.is_some() { 0 } else { stride_b(head)? },
+                token_stride: stride_b(tok)?,
+                unit_len: if t.kind == RegionKind::State {
+                    block_len
+                } else if dim_major {
+                    item
+                } else {
+                    b(t.shape[dim])?
+                },
+                rows: if dim_major { u32::try_from(t.shape[dim]).map_err(|_| bad(t, "content too large"))? } else { 1 },
+                row_stride: if dim_major { b(t.stride[dim])? } else { 0 },
+            });
+        }
     }
     Ok(())
 }

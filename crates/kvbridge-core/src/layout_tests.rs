@@ -87,10 +87,13 @@ fn rejects_unknown_layouts() {
     let lab = |shape: &[u64], stride: &[u64], axes: &[Axis], heads| {
         KvLayout::from_tensors(&[TensorInfo::labelled("x", 0, shape, stride, axes, 2, RegionKind::Attention, heads)], 4, 0, 2)
     };
-    // Heads that do not match the TP split, a strided content axis, a gap in a block.
+    // Heads that do not match the TP split, a strided content axis, aliasing axes.
     assert!(lab(&[4, 2, 16, 8], &[256, 128, 8, 1], &[Block, Head, Token, Dim], 8).is_err());
     assert!(lab(&[4, 2, 16, 8], &[256, 128, 8, 2], &[Block, Head, Token, Dim], 4).is_err());
-    assert!(lab(&[4, 2, 16, 8], &[512, 256, 8, 1], &[Block, Head, Token, Dim], 4).is_err());
+    assert!(lab(&[4, 2, 16, 8], &[256, 64, 8, 1], &[Block, Head, Token, Dim], 4).is_err());
+    // A gap inside a block (another view of the buffer fills it) is a block that spans it.
+    let gap = lab(&[4, 2, 16, 8], &[512, 256, 8, 1], &[Block, Head, Token, Dim], 4).unwrap();
+    assert_eq!((gap.regions[0].block_len, gap.regions[0].block_stride), (2 * (256 + 128), 2 * 512));
     assert!(lab(&[4, 2, 16, 8], &[256, 128, 8, 1], &[Block, Head, Head, Dim], 4).is_err());
     assert!(lab(&[4, 2, 16, 8], &[256, 128, 8, 1], &[Block, Head, Token, Dim], 4).is_ok());
 }
@@ -103,4 +106,62 @@ fn head_split_matches_vllm() {
     assert!(heads_of_rank(3, 2, 0).is_err());
     assert!(heads_of_rank(2, 3, 0).is_err());
     assert!(heads_of_rank(2, 2, 2).is_err());
+}
+
+#[test]
+fn heads_outside_the_block_axis_are_one_region_each() {
+    // vLLM's LHBNC per-layer view: logical [B, H, N, C] = [8, 2, 16, 64] with the head
+    // axis outermost (stride B*N*C), rank 1 of TP 2 over 4 KV heads.
+    use Axis::*;
+    let x = TensorInfo::labelled(
+        "l0",
+        0x1000,
+        &[8, 2, 16, 64],
+        &[1024, 8192, 64, 1],
+        &[Block, Head, Token, Dim],
+        2,
+        RegionKind::Attention,
+        4,
+    );
+    let l = KvLayout::from_tensors(&[x], 8, 1, 2).unwrap();
+    assert_eq!(l.regions.len(), 2);
+    for (i, r) in l.regions.iter().enumerate() {
+        assert_eq!(r.name, format!("l0.h{}", 2 + i));
+        assert_eq!(r.layer, "l0");
+        assert_eq!((r.first_head, r.num_heads, r.total_heads), (2 + i as u32, 1, 4));
+        assert_eq!(r.base, 0x1000 + i as u64 * 8192 * 2);
+        assert_eq!((r.block_len, r.block_stride, r.token_stride, r.unit_len), (2048, 2048, 128, 128));
+    }
+}
+
+#[test]
+fn cross_layer_views_span_their_block_with_gaps() {
+    // vLLM's BHLNC: [B, H, L, N, C]; layer 1's view of 2 layers is [B, H, N, C] with the
+    // head stride stepping over the other layer: a block spans both, units do not alias.
+    use Axis::*;
+    let (h, l, n, c) = (2u64, 2u64, 16u64, 64u64);
+    let view = |layer: u64| {
+        TensorInfo::labelled(
+            &format!("l{layer}"),
+            0x1000 + layer * n * c,
+            &[8, h, n, c],
+            &[h * l * n * c, l * n * c, c, 1],
+            &[Block, Head, Token, Dim],
+            1,
+            RegionKind::Attention,
+            2,
+        )
+    };
+    let lay = KvLayout::from_tensors(&[view(0), view(1)], 8, 0, 1).unwrap();
+    assert_eq!(lay.regions.len(), 2);
+    let r = &lay.regions[1];
+    assert_eq!((r.block_len, r.block_stride, r.head_stride), ((h - 1) * l * n * c + n * c, h * l * n * c, l * n * c));
+    let (groups, of) = block_groups(&lay.regions).unwrap();
+    assert_eq!(groups.len(), 1, "both layers' views share each block: one memory range per block");
+    assert_eq!(of, vec![0, 0]);
+    assert_eq!(groups[0].footprint, h * l * n * c);
+    // Strides that alias inside a block are refused.
+    let mut bad = view(0);
+    bad.stride = vec![h * l * n * c, 32, c, 1];
+    assert!(KvLayout::from_tensors(&[bad], 8, 0, 1).is_err());
 }

@@ -305,36 +305,37 @@ impl TransferPlan {
             let mut by_src: Vec<((usize, usize), Vec<Unit>)> = Vec::new();
             for &kv in &kvs {
                 for &h in &heads {
+                    // The first remote rank with a region of this layer and K/V part
+                    // that holds head `h` (a layer may have one region per head).
                     let mut found = None;
-                    for (si, md) in remote.iter().enumerate() {
-                        let Some(ri) = md.regions.iter().position(|r| {
+                    'ranks: for (si, md) in remote.iter().enumerate() {
+                        let same_part = |r: &&Region| {
                             r.layer == l.layer
                                 && match kv {
                                     None => r.kv_parts.is_empty() || (state_like && r.kv_parts == l.kv_parts),
                                     Some(k) => r.kv_parts.contains(&k),
                                 }
-                        }) else {
-                            continue;
                         };
-                        let r = &md.regions[ri];
-                        if r.kind != l.kind {
-                            return Err(layout_err(format!("layer {}: local region is {:?}, remote is {:?}", l.layer, l.kind, r.kind)));
-                        }
-                        let holds = match l.kind {
-                            RegionKind::Attention => {
-                                if r.total_heads != l.total_heads {
-                                    return Err(layout_err(format!(
-                                        "layer {}: {} KV heads locally, {} remotely",
-                                        l.layer, l.total_heads, r.total_heads
-                                    )));
-                                }
-                                h >= r.first_head && h < r.first_head + r.num_heads
+                        for (ri, r) in md.regions.iter().enumerate().filter(|(_, r)| same_part(r)) {
+                            if r.kind != l.kind {
+                                return Err(layout_err(format!("layer {}: local region is {:?}, remote is {:?}", l.layer, l.kind, r.kind)));
                             }
-                            _ => true,
-                        };
-                        if holds {
-                            found = Some((si, ri));
-                            break;
+                            let holds = match l.kind {
+                                RegionKind::Attention => {
+                                    if r.total_heads != l.total_heads {
+                                        return Err(layout_err(format!(
+                                            "layer {}: {} KV heads locally, {} remotely",
+                                            l.layer, l.total_heads, r.total_heads
+                                        )));
+                                    }
+                                    h >= r.first_head && h < r.first_head + r.num_heads
+                                }
+                                _ => true,
+                            };
+                            if holds {
+                                found = Some((si, ri));
+                                break 'ranks;
+                            }
                         }
                     }
                     let Some(k) = found else {

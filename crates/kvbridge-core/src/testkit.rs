@@ -17,6 +17,9 @@ pub enum CacheLayout {
     KvSplitNhd,
     /// `[B, 2, H, T, C/2]`: K and V inside each block (FlashInfer-style, HND).
     KvInnerHnd,
+    /// `[H, B, T, C]` with K|V packed in C: heads outside the block axis (vLLM's `LHBNC`
+    /// per-layer view), so each head is a region of its own.
+    Lhbnc,
     /// vLLM's CPU kernel: `[B, H, 2, T*C/2]` with K dim-major (`[C/2, T]`) and V
     /// token-major (`[T, C/2]`); registered as two views (`kv_part` K and V).
     CpuVec,
@@ -160,6 +163,7 @@ impl Cache {
                     CacheLayout::KvSplitNhd => (vec![2, nb, t, h, c / 2], vec![Kv, Block, Token, Head, Dim]),
                     CacheLayout::KvInnerHnd => (vec![nb, 2, h, t, c / 2], vec![Block, Kv, Head, Token, Dim]),
                     CacheLayout::CpuVec => (vec![nb, h, 2, t, c / 2], vec![Block, Head, Kv, Token, Dim]),
+                    CacheLayout::Lhbnc => (vec![h, nb, t, c], vec![Head, Block, Token, Dim]),
                 }
             };
             let mut stride = vec![1u64; shape.len()];
@@ -390,15 +394,16 @@ impl Cache {
             let nb = t.shape[t.axes.iter().position(|a| *a == Axis::Block).unwrap_or(0)];
             let bstride = t.stride[t.axes.iter().position(|a| *a == Axis::Block).unwrap_or(0)] as usize;
             let inner: usize = t.shape.iter().zip(&t.axes).filter(|(_, a)| **a != Axis::Block).map(|(s, _)| *s as usize).product();
-            let kv_outer = t.axes.first() == Some(&Axis::Kv);
+            // An axis outside the block axis (K/V, or LHBNC's heads) splits each block.
+            let outer = t.axes.first().is_some_and(|a| *a != Axis::Block);
             for kb in 0..nb {
                 if used.contains(&kb) {
                     continue;
                 }
-                let parts = if kv_outer { 2 } else { 1 };
+                let parts = if outer { t.shape[0] as usize } else { 1 };
                 let len = inner / parts;
                 for p in 0..parts {
-                    let start = p * t.stride[0] as usize * usize::from(kv_outer) + kb as usize * bstride;
+                    let start = p * t.stride[0] as usize * usize::from(outer) + kb as usize * bstride;
                     if t.buf[start..start + len].iter().any(|&x| x != SENTINEL) {
                         return Err(format!("tensor {ti} kernel block {kb} (not in the request) was written"));
                     }

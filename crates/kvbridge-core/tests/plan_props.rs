@@ -63,8 +63,9 @@ fn case() -> impl Strategy<Value = Case> {
     let heads = prop::sample::select(vec![1u32, 2, 8]);
     let bts = prop::sample::select(vec![2u32, 4, 8]);
     let bpls = prop::sample::select(vec![1u32, 2]);
-    // Layout families that can pair: K|V packed (HND/NHD), K/V split, vLLM CPU (K dim-major).
-    let family = prop::sample::select(vec![0u8, 1, 2]);
+    // Layout families that can pair: K|V packed (HND/NHD), K/V split, vLLM CPU (K dim-major),
+    // LHBNC (heads outside blocks) with HND.
+    let family = prop::sample::select(vec![0u8, 1, 2, 3]);
     (
         (tps.clone(), tps, heads, bts.clone(), bts, bpls.clone(), bpls),
         (family, any::<[bool; 2]>(), any::<bool>(), any::<bool>(), any::<bool>()),
@@ -75,6 +76,8 @@ fn case() -> impl Strategy<Value = Case> {
                 let l = match family {
                     0 => [CacheLayout::Hnd, CacheLayout::Nhd],
                     1 => [CacheLayout::KvSplitNhd, CacheLayout::KvInnerHnd],
+                    // Heads outside the block axis (one region per head) against HND.
+                    3 => [CacheLayout::Lhbnc, CacheLayout::Hnd],
                     _ => [CacheLayout::CpuVec, CacheLayout::CpuVec],
                 };
                 let (lp, ld) = (l[flip[0] as usize], l[flip[1] as usize]);

@@ -11,8 +11,8 @@
 //!
 //! Cases are a pairwise selection covering every value of each axis: TP 1→1, 1→2, 2→1,
 //! 1→4, 4→1, 2→4, 4→2; 1, 2 and 8 KV heads (replicated KV on either side); block sizes
-//! 16→16, 16→32, 32→16, 16→64; kernel blocks smaller than logical blocks; NHD, HND and
-//! K/V-split layouts; MLA; partial prefix hits; a sliding-window + full-attention hybrid
+//! 16→16, 16→32, 32→16, 16→64; kernel blocks smaller than logical blocks; NHD, HND,
+//! LHBNC (heads outside the block axis) and K/V-split layouts; MLA; partial prefix hits; a sliding-window + full-attention hybrid
 //! with null blocks; a Mamba-style state region.
 use std::time::{Duration, Instant};
 
@@ -231,6 +231,8 @@ fn heterogeneous_pd_matrix_is_byte_exact() {
         Case { name: "tp2->2 h1 (replicated) + state bs32", p: side(2, 32, Hnd), d: side(2, 32, Hnd), heads: 1, state: true, ..base },
         Case { name: "tp1->1 h2 vLLM-CPU (K dim-major) bs64->16", p: side(1, 64, CpuVec), d: side(1, 16, CpuVec), heads: 2, ..base },
         Case { name: "tp1->2 h2 vLLM-CPU bs16->32 prefix", p: side(1, 16, CpuVec), d: side(2, 32, CpuVec), heads: 2, hit: 1, ..base },
+        Case { name: "tp2->1 h8 LHBNC (heads outside blocks) bs16->32 -> HND", p: side(2, 16, Lhbnc), d: side(1, 32, Hnd), ..base },
+        Case { name: "tp1->2 h2 NHD bs32->16 -> LHBNC prefix", p: side(1, 32, Nhd), d: side(2, 16, Lhbnc), heads: 2, hit: 1, ..base },
         Case { name: "tp1->1 h2 vLLM-CPU bs32->32 (equal)", p: side(1, 32, CpuVec), d: side(1, 32, CpuVec), heads: 2, ..base },
     ];
     for (i, c) in cases.iter().enumerate() {
