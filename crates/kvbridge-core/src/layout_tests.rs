@@ -113,16 +113,8 @@ fn heads_outside_the_block_axis_are_one_region_each() {
     // vLLM's LHBNC per-layer view: logical [B, H, N, C] = [8, 2, 16, 64] with the head
     // axis outermost (stride B*N*C), rank 1 of TP 2 over 4 KV heads.
     use Axis::*;
-    let x = TensorInfo::labelled(
-        "l0",
-        0x1000,
-        &[8, 2, 16, 64],
-        &[1024, 8192, 64, 1],
-        &[Block, Head, Token, Dim],
-        2,
-        RegionKind::Attention,
-        4,
-    );
+    let x =
+        TensorInfo::labelled("l0", 0x1000, &[8, 2, 16, 64], &[1024, 8192, 64, 1], &[Block, Head, Token, Dim], 2, RegionKind::Attention, 4);
     let l = KvLayout::from_tensors(&[x], 8, 1, 2).unwrap();
     assert_eq!(l.regions.len(), 2);
     for (i, r) in l.regions.iter().enumerate() {

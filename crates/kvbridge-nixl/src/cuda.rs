@@ -49,6 +49,82 @@ pub fn bind_device(ordinal: u32) -> Result<Arc<CudaContext>, NixlError> {
     Ok(ctx)
 }
 
+/// A CUDA event recorded on the engine's stream (RAII: destroyed on drop): the fence a
+/// push WRITE waits on, so that it never reads a layer a kernel is still writing.
+#[derive(Debug)]
+pub struct CudaFence {
+    ev: cudarc::driver::sys::CUevent,
+    ctx: cudarc::driver::sys::CUcontext,
+}
+
+// SAFETY: a CUDA event and context handle may be used from any thread; the event is
+// destroyed once, by its owner (Drop).
+unsafe impl Send for CudaFence {}
+
+impl CudaFence {
+    /// Record an event on `stream` (a `CUstream` handle, as torch's
+    /// `torch.cuda.current_stream().cuda_stream`; 0 is the legacy default stream) in the
+    /// calling thread's current context: it completes once the work queued on the stream
+    /// before it has. Without a CUDA driver or a current context, a typed error.
+    pub fn record(stream: u64) -> Result<Self, NixlError> {
+        use cudarc::driver::sys::{self, CUresult};
+        if !driver_present() {
+            return Err(NixlError::CudaUnavailable);
+        }
+        let fail = |what: &str, r: CUresult| NixlError::CudaDevice { ordinal: 0, reason: format!("{what}: {r:?}") };
+        let mut ctx: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: the driver library is present; cuCtxGetCurrent writes one handle.
+        let r = unsafe { sys::cuCtxGetCurrent(&mut ctx) };
+        if r != CUresult::CUDA_SUCCESS || ctx.is_null() {
+            return Err(fail("no current CUDA context on the engine thread", r));
+        }
+        let mut ev: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: a context is current; cuEventCreate writes one handle.
+        let r = unsafe { sys::cuEventCreate(&mut ev, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32) };
+        if r != CUresult::CUDA_SUCCESS {
+            return Err(fail("cuEventCreate", r));
+        }
+        let fence = Self { ev, ctx };
+        // SAFETY: `ev` is a live event of the current context; `stream` comes from the
+        // engine (torch) for the same context.
+        let r = unsafe { sys::cuEventRecord(fence.ev, stream as usize as sys::CUstream) };
+        if r != CUresult::CUDA_SUCCESS {
+            return Err(fail("cuEventRecord", r));
+        }
+        Ok(fence)
+    }
+}
+
+impl kvbridge_driver::worker::Fence for CudaFence {
+    fn wait(&self) -> Result<(), String> {
+        use cudarc::driver::sys::{self, CUresult};
+        // SAFETY: `ctx` and `ev` are the live handles `record` made; making the context
+        // current on this (writer) thread is what NIXL's own calls here expect anyway.
+        let r = unsafe {
+            let r = sys::cuCtxSetCurrent(self.ctx);
+            if r != CUresult::CUDA_SUCCESS {
+                r
+            } else {
+                sys::cuEventSynchronize(self.ev)
+            }
+        };
+        if r == CUresult::CUDA_SUCCESS {
+            Ok(())
+        } else {
+            Err(format!("cuEventSynchronize: {r:?}"))
+        }
+    }
+}
+
+impl Drop for CudaFence {
+    fn drop(&mut self) {
+        // SAFETY: `ev` was created by `record` and is destroyed only here.
+        unsafe {
+            let _ = cudarc::driver::sys::cuEventDestroy_v2(self.ev);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +136,6 @@ mod tests {
         }
         assert!(matches!(bind_device(0), Err(NixlError::CudaUnavailable)));
         assert!(matches!(check_device_pointer(0x1000), Err(NixlError::CudaUnavailable)));
+        assert!(matches!(CudaFence::record(0), Err(NixlError::CudaUnavailable)));
     }
 }

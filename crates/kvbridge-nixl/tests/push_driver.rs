@@ -302,3 +302,90 @@ fn refused_and_unanswered_registrations_fail_d_and_hold_nothing() {
     rig.d_sched.update_connector_output(&["d-abort".to_string()], &[]);
     assert!(!rig.d_sched.has_pending_block_frees());
 }
+
+/// A stand-in for a CUDA event on the forward's stream: it passes once the test "kernel"
+/// has written the layer (`open`), or fails (`broken`), as a CUDA error would.
+#[derive(Debug, Clone)]
+struct Gate(std::sync::Arc<(std::sync::Mutex<Option<bool>>, std::sync::Condvar)>);
+
+impl Gate {
+    fn new() -> Self {
+        Self(std::sync::Arc::new((std::sync::Mutex::new(None), std::sync::Condvar::new())))
+    }
+    fn set(&self, ok: bool) {
+        *self.0 .0.lock().unwrap() = Some(ok);
+        self.0 .1.notify_all();
+    }
+    fn fence(&self) -> Option<Box<dyn kvbridge_driver::worker::Fence>> {
+        Some(Box::new(self.clone()))
+    }
+}
+
+impl kvbridge_driver::worker::Fence for Gate {
+    fn wait(&self) -> Result<(), String> {
+        let (m, cv) = &*self.0;
+        let (g, _) = cv.wait_timeout_while(m.lock().unwrap(), Duration::from_secs(10), |s| s.is_none()).unwrap();
+        match *g {
+            Some(true) => Ok(()),
+            _ => Err("the GPU work before the fence failed".into()),
+        }
+    }
+}
+
+fn fenced_forward(rig: &mut Rig, req: &str, p_params: &str, fill: bool, ok: bool) {
+    assert_eq!(rig.p_sched.get_num_new_matched_tokens(req, TOKENS, 0, Some(p_params)).num_tokens, 0);
+    let p_blocks = rig.p_blocks.clone();
+    rig.p_sched.prefill_completing(req, &p_blocks, TOKENS);
+    rig.p_step();
+    let blocks = vec![rig.p_blocks.clone()];
+    for i in 0..rig.p_cache.num_tensors() {
+        // The layer is "saved" while its kernel still runs: the writer would post now and
+        // copy the sentinel if it did not wait for the fence.
+        let gate = Gate::new();
+        rig.p.save_layer_fenced(&format!("model.layers.{i}"), || Ok::<_, std::convert::Infallible>(gate.fence())).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        if fill {
+            rig.p_cache.fill_tensor(&blocks, TOKENS, i);
+        }
+        gate.set(ok);
+    }
+    let end = Gate::new();
+    end.set(ok);
+    rig.p.wait_for_save_fenced(end.fence());
+}
+
+#[test]
+fn fenced_layerwise_push_waits_for_the_gpu_and_a_failed_fence_fails_d() {
+    if !runtime_or_skip() {
+        return;
+    }
+    // Each layer's KV is written only after save_layer: byte-exact only if every WRITE
+    // waited for its fence.
+    let mut rig = rig("");
+    rig.d_register("d-req-f", "t-f", "P");
+    rig.wait_registered(2);
+    let p_params = r#"{"do_remote_decode":true,"transfer_id":"t-f"}"#;
+    fenced_forward(&mut rig, "p-req-f", p_params, true, true);
+    assert!(rig.p_finish("p-req-f", p_params, FinishReason::LengthCapped));
+    finish_and_check(&mut rig, "d-req-f", "p-req-f");
+    let s = rig.p.push_stats();
+    assert_eq!((s.writes_ok, s.writes_failed, s.write_posts), (2, 0, 2 * u64::from(LAYERS)), "{s:?}");
+
+    // A failed fence: nothing it guards is written; both D ranks fail the request (for
+    // recompute) and P releases its blocks.
+    let mut rig = self::rig("");
+    rig.d_register("d-req-x", "t-x", "P");
+    rig.wait_registered(2);
+    let p_params = r#"{"do_remote_decode":true,"transfer_id":"t-x"}"#;
+    fenced_forward(&mut rig, "p-req-x", p_params, false, false);
+    assert!(rig.p_finish("p-req-x", p_params, FinishReason::LengthCapped));
+    for (r, w) in rig.d.iter().enumerate() {
+        let f = poll_until(w, 20, |f| !f.failed_recving.is_empty());
+        assert_eq!(f.failed_recving, vec!["d-req-x".to_string()], "D rank {r}: {f:?}");
+    }
+    let f = poll_until(&rig.p, 20, |f| !f.sending.is_empty());
+    assert_eq!(f.sending, vec!["p-req-x".to_string()], "P releases its blocks");
+    let s = rig.p.push_stats();
+    assert_eq!((s.writes_ok, s.writes_failed, s.write_posts), (0, 2, 0), "no WRITE was posted: {s:?}");
+    assert_eq!(rig.p.push_pending(), (0, 0));
+}

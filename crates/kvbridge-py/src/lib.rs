@@ -330,21 +330,29 @@ impl Worker {
         (f.sending, f.recving, f.failed_recving)
     }
 
-    /// Push, P: layer `layer_name` is computed (queues its WRITEs; never blocks).
-    fn save_kv_layer(&self, layer_name: &str) {
-        // A channel send and a read lock: never waits, so the GIL stays.
-        self.inner.save_layer(layer_name);
+    /// Push, P: layer `layer_name` is computed (queues its WRITEs; never blocks). `stream`:
+    /// the forward's CUDA stream (GPU caches): the WRITEs wait for an event recorded on it
+    /// now, after the layer's KV write.
+    #[pyo3(signature = (layer_name, stream=None))]
+    fn save_kv_layer(&self, layer_name: &str, stream: Option<u64>) -> PyResult<()> {
+        // A channel send, a read lock and (GPU) an event record: never waits, so the GIL stays.
+        self.inner.save_layer_fenced(layer_name, || fence(stream)).map_err(|e| to_py(Error::from(e)))
     }
 
     /// The forward ended. Push, P: its WRITEs complete on the writer thread. Pull, P with
     /// staging: the step's finished prefills are copied into staging slots, with the GIL
     /// released (only then: other steps keep it, the call is a few atomics).
-    fn wait_for_save(&self, py: Python<'_>) {
+    #[pyo3(signature = (stream=None))]
+    fn wait_for_save(&self, py: Python<'_>, stream: Option<u64>) -> PyResult<()> {
+        // GPU caches, a layer-wise push forward: the end-of-forward WRITEs wait for an
+        // event after the forward's last KV write.
+        let f = if self.inner.layerwise_now() { fence(stream).map_err(|e| to_py(Error::from(e)))? } else { None };
         if self.inner.has_staging_work() {
-            py.allow_threads(|| self.inner.wait_for_save());
+            py.allow_threads(|| self.inner.wait_for_save_fenced(f));
         } else {
-            self.inner.wait_for_save();
+            self.inner.wait_for_save_fenced(f);
         }
+        Ok(())
     }
 
     fn get_block_ids_with_load_errors(&self) -> Vec<u32> {
@@ -399,6 +407,14 @@ impl Worker {
 /// Validate a request's `kv_transfer_params` (JSON text, or the dict as the scheduler
 /// gets it). Returns "none", "remote_decode", "remote_prefill" or "push_prefill"; raises
 /// `ParamsError` if malformed.
+/// A CUDA fence on `stream`, or none (DRAM caches).
+fn fence(stream: Option<u64>) -> Result<Option<Box<dyn kvbridge_driver::worker::Fence>>, kvbridge_nixl::NixlError> {
+    match stream {
+        None => Ok(None),
+        Some(s) => Ok(Some(Box::new(kvbridge_nixl::cuda::CudaFence::record(s)?))),
+    }
+}
+
 #[pyfunction]
 fn validate_kv_transfer_params(params: &Bound<'_, PyAny>) -> PyResult<&'static str> {
     let parsed = if let Ok(text) = params.downcast::<pyo3::types::PyString>() {

@@ -47,6 +47,7 @@ pub mod register;
 pub mod writer;
 
 pub use crate::clock::now_unix;
+pub use push_state::Fence;
 
 /// The worker's sans-IO state: the state machine and the READs it has in flight.
 pub(crate) struct State {

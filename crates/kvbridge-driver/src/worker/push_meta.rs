@@ -7,7 +7,7 @@ use kvbridge_core::transport::Transport;
 use kvbridge_core::wire::{ConnectorMetadata, PushRegistration, WIRE_VERSION};
 use kvbridge_core::worker::push_plan;
 
-use super::push_state::Work;
+use super::push_state::{Fence, Work};
 use super::{lock_ctl, now_unix, WorkerDriver};
 
 impl<T: Transport + 'static> WorkerDriver<T> {
@@ -113,23 +113,42 @@ impl<T: Transport + 'static> WorkerDriver<T> {
     /// Push, P: layer `layer_name` is computed in the running forward. Never blocks on
     /// the network: the writer thread posts the WRITEs.
     pub fn save_layer(&self, layer_name: &str) {
+        let _ = self.save_layer_fenced(layer_name, || Ok::<_, std::convert::Infallible>(None));
+    }
+
+    /// True while a layer-wise push forward runs: only then does `save_layer` post.
+    pub fn layerwise_now(&self) -> bool {
+        self.layerwise_now.load(Ordering::Acquire)
+    }
+
+    /// [`save_layer`](Self::save_layer) for a GPU cache: `fence` records the point in the
+    /// forward's stream after this layer's KV write (called only when the layer will be
+    /// written now); the writer posts the layer's WRITEs once it has passed.
+    pub fn save_layer_fenced<E>(&self, layer_name: &str, fence: impl FnOnce() -> Result<Option<Box<dyn Fence>>, E>) -> Result<(), E> {
         if !self.layerwise_now.load(Ordering::Acquire) {
-            return;
+            return Ok(());
         }
         let idx = self.layer_index.read().ok().and_then(|m| m.get(layer_name).copied());
         if let Some(i) = idx {
-            self.send_work(Work::Layer(i));
+            self.send_work(Work::Layer(i, fence()?));
         }
+        Ok(())
     }
 
     /// Push, P: the forward ended. The WRITEs it started finish on the writer thread;
     /// P's blocks stay held until they have.
     pub fn wait_for_save(&self) {
+        self.wait_for_save_fenced(None);
+    }
+
+    /// [`wait_for_save`](Self::wait_for_save) for a GPU cache: the end-of-forward WRITEs
+    /// are posted once `fence` (recorded after the forward's last KV write) has passed.
+    pub fn wait_for_save_fenced(&self, fence: Option<Box<dyn Fence>>) {
         self.stage_now();
         if !self.layerwise_now.swap(false, Ordering::AcqRel) {
             return;
         }
         let computing = std::mem::take(&mut lock_ctl(&self.push).computing);
-        self.send_work(Work::ForwardDone { computing });
+        self.send_work(Work::ForwardDone { computing, fence });
     }
 }

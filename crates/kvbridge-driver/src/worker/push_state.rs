@@ -8,6 +8,15 @@ use kvbridge_core::wire::{AgentMetadata, PushRegistration};
 use kvbridge_core::worker::push::PushAction;
 use kvbridge_core::worker::push_plan::Geometry;
 
+/// A point in the engine's GPU work (a CUDA event recorded on the forward's stream):
+/// a layer's WRITEs are posted only once it has passed, so that NIXL never reads a layer
+/// a kernel is still writing. `kvbridge-nixl` implements it over the CUDA driver; DRAM
+/// caches have none (the forward has finished writing when the engine calls us).
+pub trait Fence: Send + std::fmt::Debug {
+    /// Block until the GPU work before the fence is done, or say why it cannot be known.
+    fn wait(&self) -> Result<(), String>;
+}
+
 /// Work for P's writer thread, sent over a channel (never behind a lock the engine
 /// thread might wait on).
 #[derive(Debug)]
@@ -20,10 +29,11 @@ pub(crate) enum Work {
     Action { action: PushAction, layerwise: bool },
     /// A forward with layer-wise requests starts.
     ForwardStart,
-    /// Layer `i` of the running forward is computed.
-    Layer(usize),
-    /// The forward ended: every layer is computed; `computing` lists its requests.
-    ForwardDone { computing: Vec<String> },
+    /// Layer `i` of the running forward is computed (on the GPU once `fence` has passed).
+    Layer(usize, Option<Box<dyn Fence>>),
+    /// The forward ended: every layer is computed (on the GPU once `fence` has passed);
+    /// `computing` lists its requests.
+    ForwardDone { computing: Vec<String>, fence: Option<Box<dyn Fence>> },
     /// D rank `key` answered its handshake (checked), with the write plan or why there is
     /// none; or it could not be reached or checked.
     PeerDone { key: String, res: Result<(Result<Box<TransferPlan>, Error>, AgentMetadata), Error> },
@@ -66,4 +76,7 @@ pub(crate) struct WriterState {
     /// Layers computed so far in the running layer-wise forward (`None`: no such
     /// forward is running, every layer is available).
     pub layers_done: Option<Vec<bool>>,
+    /// Fences waited on, and fences that failed (their layers were never posted).
+    pub fences_waited: u64,
+    pub fences_failed: u64,
 }

@@ -70,15 +70,22 @@ impl<T: Transport + 'static> Writer<T> {
             }
             Work::Action { action, layerwise } => self.dispatch(action, layerwise, now),
             Work::ForwardStart => self.st.layers_done = Some(vec![false; self.st.geo.num_layers.max(1)]),
-            Work::Layer(i) => {
+            Work::Layer(i, fence) => {
+                if !self.passed(fence, "layer") {
+                    return; // posted (or failed) at the end of the forward instead
+                }
                 if let Some(d) = self.st.layers_done.as_mut().and_then(|d| d.get_mut(i)) {
                     *d = true;
                 }
                 self.post_pending();
             }
-            Work::ForwardDone { computing } => {
+            Work::ForwardDone { computing, fence } => {
                 self.st.layers_done = None;
-                self.post_pending();
+                if self.passed(fence, "end of forward") {
+                    self.post_pending();
+                } else {
+                    self.fail_unposted();
+                }
                 let mut actions = Vec::new();
                 {
                     let mut c = lock_ctl(&self.push);
@@ -245,6 +252,36 @@ impl<T: Transport + 'static> Writer<T> {
                 self.st.jobs.insert(id, job);
                 self.post(id);
             }
+        }
+    }
+
+    /// Wait for a GPU fence (none: DRAM, nothing to wait for). False if it failed: what
+    /// it guards must not be read, since the GPU may still be writing it.
+    fn passed(&mut self, fence: Option<Box<dyn super::push_state::Fence>>, what: &str) -> bool {
+        let Some(f) = fence else { return true };
+        self.st.fences_waited += 1;
+        match f.wait() {
+            Ok(()) => true,
+            Err(e) => {
+                self.st.fences_failed += 1;
+                tracing::error!(what, error = %e, "kvbridge: CUDA fence failed; the WRITEs it guards are not posted");
+                false
+            }
+        }
+    }
+
+    /// The forward's fence failed: every WRITE not yet posted fails (D is told, P's blocks
+    /// are released), none reads a cache the GPU may still be writing.
+    fn fail_unposted(&mut self) {
+        let ids: Vec<u64> = self.st.jobs.iter().filter(|(_, j)| !j.failed && j.posted.iter().any(|p| !p)).map(|(i, _)| *i).collect();
+        for id in ids {
+            let Some(job) = self.st.jobs.get_mut(&id) else { continue };
+            job.failed = true;
+            job.posted.iter_mut().for_each(|p| *p = true);
+            if let Err(e) = self.shared.transport().notify(&job.key, &job.notif_fail) {
+                tracing::warn!(key = %job.key, error = %e, "kvbridge: push notification failed");
+            }
+            self.maybe_finish(id);
         }
     }
 
