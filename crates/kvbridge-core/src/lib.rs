@@ -23,6 +23,7 @@ pub mod peers;
 pub mod plan;
 pub mod scheduler;
 pub mod side;
+pub mod staged;
 pub mod testkit;
 pub mod transport;
 pub mod wire;

@@ -151,10 +151,32 @@ proptest! {
             } else {
                 prop_assert!(t.descriptors <= t.uncoalesced);
             }
-            for (p, _) in &all {
-                // SAFETY: both ranges were just checked to lie inside live buffers of `s`
-                // (a P cache and this D rank's cache), which do not overlap.
-                unsafe { std::ptr::copy_nonoverlapping(p.remote as usize as *const u8, p.local as usize as *mut u8, p.len as usize) };
+            if c.num_tokens % 2 == 0 {
+                // Half the cases go through a staged read (whole remote blocks into a
+                // staging area, then local copies): the same bytes must land.
+                for read in &t.reads {
+                    let (groups, _) = kvbridge_core::layout::block_groups(&p_md[read.remote_rank as usize].regions).unwrap();
+                    let st = kvbridge_core::staged::stage(&read.pieces, &groups).ok_or_else(|| TestCaseError::fail("not stageable"))?;
+                    prop_assert!(st.reads.len() <= read.pieces.len() || st.reads.len() <= groups.len() * 64);
+                    let mut area = vec![0u8; st.size as usize];
+                    for p in &st.reads {
+                        prop_assert!(p.local + p.len <= st.size);
+                        // SAFETY: the remote range is a whole block of a live P buffer (its
+                        // group), the destination inside `area`.
+                        unsafe { std::ptr::copy_nonoverlapping(p.remote as usize as *const u8, area.as_mut_ptr().add(p.local as usize), p.len as usize) };
+                    }
+                    for &(l, off, len) in &st.copies {
+                        prop_assert!(within(l, len, &local_spans) && off + len <= st.size);
+                        // SAFETY: checked just above: inside this D rank's cache and `area`.
+                        unsafe { std::ptr::copy_nonoverlapping(area.as_ptr().add(off as usize), l as usize as *mut u8, len as usize) };
+                    }
+                }
+            } else {
+                for (p, _) in &all {
+                    // SAFETY: both ranges were just checked to lie inside live buffers of `s`
+                    // (a P cache and this D rank's cache), which do not overlap.
+                    unsafe { std::ptr::copy_nonoverlapping(p.remote as usize as *const u8, p.local as usize as *mut u8, p.len as usize) };
+                }
             }
             s.d[rank].check(&s.d_blocks, c.num_tokens).map_err(|e| TestCaseError::fail(format!("D rank {rank}: {e}")))?;
         }

@@ -270,6 +270,13 @@ impl Worker {
         Ok(Self { inner, invalid_blocks: Mutex::new(Vec::new()) })
     }
 
+    /// Push mode with layer-wise writes: `save_kv_layer` posts during the forward.
+    #[getter]
+    fn layerwise_push(&self) -> bool {
+        let c = self.inner.config();
+        c.mode == kvbridge_core::config::TransferMode::Push && c.push_layerwise
+    }
+
     /// `tensors`: `(name, data_ptr, shape, stride, itemsize, device_type, device_index)`.
     fn register_kv_caches(&self, py: Python<'_>, tensors: Vec<TensorTuple>, num_blocks: u64) -> PyResult<()> {
         let infos = tensors

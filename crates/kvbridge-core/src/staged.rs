@@ -1,0 +1,133 @@
+//! Staged reads: when a plan fragments a request into many small pieces (vLLM-CPU's K is
+//! stored dim-major, so a block-size change copies K row by row: tens of thousands of
+//! descriptors per request), D reads P's *whole* blocks into a receive staging area with a
+//! few large descriptors, then lays the bytes out locally with the plan's own pieces, their
+//! remote addresses moved into the staging area.
+//!
+//! Pure: [`stage`] turns a request's pieces into the staged READ (offsets into the staging
+//! area) and the local copies; the driver owns the memory, the READ and the copies.
+use std::collections::BTreeMap;
+
+use crate::layout::BlockGroup;
+use crate::plan::Piece;
+
+/// Fewest direct descriptors for which staging is considered.
+pub const MIN_DIRECT_DESCRIPTORS: usize = 256;
+/// Staging is used when it posts at most 1/`RATIO` of the direct descriptors.
+pub const RATIO: usize = 8;
+/// Alignment of each staged block inside the staging area.
+const ALIGN: u64 = 64;
+
+/// A request's READ through the staging area.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StagedRead {
+    /// Bytes of staging area needed.
+    pub size: u64,
+    /// The READ: each piece's `local` is an offset into the staging area.
+    pub reads: Vec<Piece>,
+    /// After the READ: `(local address, staging offset, bytes)` copies into the cache.
+    pub copies: Vec<(u64, u64, u64)>,
+}
+
+/// Whether posting `staged` descriptors instead of `direct` is worth a local copy.
+pub fn worth_it(direct: usize, staged: usize) -> bool {
+    direct >= MIN_DIRECT_DESCRIPTORS && staged.saturating_mul(RATIO) <= direct
+}
+
+/// Stage `pieces` (one remote rank's READ) through whole blocks of that rank's memory,
+/// described by its [`BlockGroup`]s (`crate::layout::block_groups` of its regions). None
+/// if a piece lies outside every group or across a gap between blocks.
+pub fn stage(pieces: &[Piece], remote: &[BlockGroup]) -> Option<StagedRead> {
+    let mut groups: Vec<&BlockGroup> = remote.iter().collect();
+    groups.sort_by_key(|g| g.base);
+    let find = |addr: u64| -> Option<usize> {
+        let i = groups.partition_point(|g| g.base <= addr).checked_sub(1)?;
+        let g = groups[i];
+        let end = g.base.checked_add(g.num_blocks.checked_mul(g.stride)?)?;
+        (addr < end).then_some(i)
+    };
+    // Split each piece at block boundaries: (group, block, offset in block, local, len).
+    let mut parts: Vec<(usize, u64, u64, u64, u64)> = Vec::with_capacity(pieces.len());
+    for p in pieces {
+        let (mut r, mut l, mut left) = (p.remote, p.local, p.len);
+        while left > 0 {
+            let gi = find(r)?;
+            let g = groups[gi];
+            let (blk, within) = ((r - g.base) / g.stride, (r - g.base) % g.stride);
+            if within >= g.footprint {
+                return None;
+            }
+            let take = left.min(g.footprint - within);
+            parts.push((gi, blk, within, l, take));
+            r += take;
+            l += take;
+            left -= take;
+        }
+    }
+    // One staging slot per (group, block) touched, in address order.
+    let mut slots: BTreeMap<(usize, u64), u64> = BTreeMap::new();
+    for &(gi, blk, ..) in &parts {
+        slots.insert((gi, blk), 0);
+    }
+    let mut size = 0u64;
+    let mut reads: Vec<Piece> = Vec::with_capacity(slots.len());
+    for (&(gi, blk), off) in slots.iter_mut() {
+        let g = groups[gi];
+        *off = size;
+        let remote = g.base + blk * g.stride;
+        let dev = u32::try_from(g.device_id).ok()?;
+        match reads.last_mut() {
+            Some(last) if last.local + last.len == size && last.remote + last.len == remote && last.remote_dev == dev => {
+                last.len += g.footprint
+            }
+            _ => reads.push(Piece { local: size, remote, len: g.footprint, local_dev: 0, remote_dev: dev }),
+        }
+        size = size.checked_add(g.footprint)?;
+        if g.footprint != g.stride {
+            size = size.div_ceil(ALIGN).checked_mul(ALIGN)?;
+        }
+    }
+    let mut copies: Vec<(u64, u64, u64)> = Vec::with_capacity(parts.len());
+    for (gi, blk, within, l, len) in parts {
+        let s = slots.get(&(gi, blk))? + within;
+        match copies.last_mut() {
+            Some(c) if c.0 + c.2 == l && c.1 + c.2 == s => c.2 += len,
+            _ => copies.push((l, s, len)),
+        }
+    }
+    Some(StagedRead { size, reads, copies })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(base: u64, stride: u64, footprint: u64, num_blocks: u64) -> BlockGroup {
+        BlockGroup { base, stride, footprint, num_blocks, device_id: 0 }
+    }
+
+    #[test]
+    fn rows_of_whole_blocks_become_one_read_per_run_and_local_copies() {
+        // Remote blocks of 100 bytes at 1000; pieces: 10-byte rows from blocks 3 and 4.
+        let groups = [g(1000, 100, 100, 10)];
+        let pieces: Vec<Piece> =
+            (0..20u64).map(|i| Piece { local: 5000 + i * 10, remote: 1000 + 300 + i * 10, len: 10, local_dev: 0, remote_dev: 0 }).collect();
+        let s = stage(&pieces, &groups).unwrap();
+        assert_eq!(s.size, 200);
+        assert_eq!(s.reads, vec![Piece { local: 0, remote: 1300, len: 200, local_dev: 0, remote_dev: 0 }]);
+        assert_eq!(s.copies, vec![(5000, 0, 200)], "contiguous on both sides: merged");
+        // Scattered: blocks 7 then 2 (staged in address order).
+        let p = [
+            Piece { local: 0, remote: 1000 + 700 + 5, len: 3, local_dev: 0, remote_dev: 0 },
+            Piece { local: 50, remote: 1000 + 200 + 90, len: 10, local_dev: 0, remote_dev: 0 },
+        ];
+        let s = stage(&p, &groups).unwrap();
+        assert_eq!(s.reads.len(), 2);
+        assert_eq!(s.copies, vec![(0, 105, 3), (50, 90, 10)]);
+        // Outside every group, or across the gap of a block with footprint < stride.
+        assert!(stage(&[Piece { local: 0, remote: 10, len: 1, local_dev: 0, remote_dev: 0 }], &groups).is_none());
+        let gap = [g(1000, 100, 60, 10)];
+        assert!(stage(&[Piece { local: 0, remote: 1050, len: 20, local_dev: 0, remote_dev: 0 }], &gap).is_none());
+        assert!(worth_it(55_000, 60) && !worth_it(96, 4) && !worth_it(1000, 200));
+    }
+}
