@@ -190,6 +190,11 @@ pub struct ConnectorConfig {
     /// Pull, P side: logical blocks of connector-owned DRAM a finished prefill's KV is
     /// copied into, so vLLM frees P's own blocks at once (0: off, the KV is read in place).
     pub kv_staging_blocks: u32,
+    /// Pull, D side: MiB of DRAM a READ that would be fragmented (many small descriptors
+    /// per block, e.g. vLLM-CPU's dim-major K across a block-size change) reads P's whole
+    /// blocks into before laying them out locally (`kv_recv_staging_mib`, default 64; 0:
+    /// off). DRAM caches only.
+    pub kv_recv_staging_mib: u32,
     /// From [`EngineInfo::cuda_device`].
     pub cuda_device: Option<u32>,
     /// Host-buffer transfers (vLLM's `kv_buffer_device="cpu"` on a GPU engine): NIXL moves
@@ -226,11 +231,15 @@ pub const EXTRA_KEYS: &[&str] = &[
     "kv_host_buffer",
     "kv_peers",
     "kv_cache_layout",
+    "kv_recv_staging_mib",
 ];
 
 /// The `kv_cache_layout` values kvbridge may ask vLLM for: vLLM 0.32's `KVCacheLayout`
 /// names and the legacy aliases (`NHD` = `LBNHC`, `HND` = `LBHNC`).
 pub const KV_CACHE_LAYOUTS: &[&str] = &["LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC", "NHD", "HND"];
+
+/// Default `kv_recv_staging_mib`: D's receive staging for fragmented READs.
+pub const DEFAULT_RECV_STAGING_MIB: u32 = 64;
 
 /// Most staging blocks accepted (slot ids are u32, and each costs a block of DRAM).
 pub const MAX_STAGING_BLOCKS: u64 = 1 << 20;
@@ -377,6 +386,13 @@ impl ConnectorConfig {
                 reason: format!("expected an integer in 0..={MAX_STAGING_BLOCKS}, got {v}"),
             })?,
         };
+        let kv_recv_staging_mib = match extra.get("kv_recv_staging_mib") {
+            None => DEFAULT_RECV_STAGING_MIB,
+            Some(v) => v.as_u64().filter(|n| *n <= 1 << 16).map(|n| n as u32).ok_or_else(|| ConfigError::InvalidValue {
+                key: "kv_recv_staging_mib".into(),
+                reason: format!("expected an integer in 0..=65536, got {v}"),
+            })?,
+        };
         // The cache layout the connector asks vLLM for (vLLM reads it on the Python side;
         // checked here so that a typo is a ConfigError, not a silently ignored preference).
         match extra.get("kv_cache_layout") {
@@ -455,6 +471,7 @@ impl ConnectorConfig {
             enforce_handshake_compat,
             coalesce_descriptors,
             kv_staging_blocks,
+            kv_recv_staging_mib,
             null_block_id,
             push_layerwise,
             push_registration_timeout,

@@ -10,8 +10,10 @@
 //!   side channel, with P's push writer thread;
 //! - [`staging`]: connector-owned host memory (P-side staging, the host buffer) and its
 //!   copies;
+//! - `recv`: D's receive staging, for READs a block-size change would fragment;
 //! - [`clock`]: the one place the wall clock is read.
 pub mod clock;
+mod recv;
 pub mod side_channel;
 pub mod staging;
 pub mod worker;

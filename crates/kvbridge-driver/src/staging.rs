@@ -29,7 +29,7 @@ use kvbridge_core::wire::StageReq;
 const ALIGN: usize = 4096;
 
 /// Zeroed, page-aligned heap memory, freed on drop.
-struct Buf {
+pub(crate) struct Buf {
     ptr: *mut u8,
     layout: Layout,
 }
@@ -40,7 +40,7 @@ unsafe impl Send for Buf {}
 unsafe impl Sync for Buf {}
 
 impl Buf {
-    fn new(len: usize) -> Result<Self, Error> {
+    pub(crate) fn new(len: usize) -> Result<Self, Error> {
         let layout = Layout::from_size_align(len.max(1), ALIGN).map_err(|e| Error::Other(format!("staging buffer of {len} bytes: {e}")))?;
         // SAFETY: the layout has a nonzero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
@@ -48,6 +48,17 @@ impl Buf {
             return Err(Error::Other(format!("cannot allocate a {len}-byte staging buffer (kv_staging_blocks too large?)")));
         }
         Ok(Self { ptr, layout })
+    }
+}
+
+impl Buf {
+    /// Address of the first byte.
+    pub(crate) fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+    /// Bytes held.
+    pub(crate) fn len(&self) -> u64 {
+        self.layout.size() as u64
     }
 }
 

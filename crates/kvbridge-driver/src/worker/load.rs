@@ -141,6 +141,14 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         } else {
             notifs
         };
+        // Staged READs: lay the bytes out into the cache before the load is reported.
+        if !ended.is_empty() {
+            if let Some(r) = self.shared.recv().as_mut() {
+                for (x, _, _, res) in &ended {
+                    r.finish(*x, res.is_ok());
+                }
+            }
+        }
         let mut follow = Vec::new();
         let mut out = {
             let mut g = self.shared.state();
@@ -214,20 +222,44 @@ fn run<T: Transport + 'static>(shared: &Arc<Shared<T>>, side: &Arc<SideChannel>,
             Action::AddRemote { peer, rank, key, md } => {
                 let t0 = std::time::Instant::now();
                 let res = shared.transport().add_remote(&key, &md);
+                if let Some(r) = shared.recv().as_mut() {
+                    r.add_remote(&key, &md);
+                }
                 tracing::info!(%key, load_ms = t0.elapsed().as_secs_f64() * 1e3, ok = res.is_ok(), "kvbridge: peer loaded");
                 q.extend(shared.state().core.on_remote_added(&peer, rank, res, now_unix()));
             }
-            Action::RemoveRemote { key } => shared.transport().remove_remote(&key),
+            Action::RemoveRemote { key } => {
+                shared.transport().remove_remote(&key);
+                if let Some(r) = shared.recv().as_mut() {
+                    r.remove_remote(&key);
+                }
+            }
             Action::Read { req_id, key, pieces, notif, bytes } => {
                 let _span = tracing::debug_span!("read", request_id = %req_id, %key, bytes, descs = pieces.len()).entered();
                 let now = now_unix();
+                // A fragmented READ reads whole remote blocks into the receive staging.
+                let staged = shared.recv().as_mut().and_then(|r| r.prepare(&key, &pieces));
+                let post: &[_] = staged.as_ref().map_or(&pieces, |(reads, _)| reads);
                 let t0 = std::time::Instant::now();
-                let res = shared.transport().read(&key, &pieces, &notif);
+                let res = shared.transport().read(&key, post, &notif);
                 let post_secs = t0.elapsed().as_secs_f64();
+                let descs = post.len();
+                if let Some((_, p)) = staged {
+                    let (direct, posted) = (p.direct, p.posted);
+                    match (&res, shared.recv().as_mut()) {
+                        (Ok(x), Some(r)) => r.posted(*x, p),
+                        (_, Some(r)) => r.abandon(p),
+                        _ => {}
+                    }
+                    if res.is_ok() {
+                        tracing::debug!(request_id = %req_id, %key, direct, posted, "kvbridge: READ staged (whole remote blocks)");
+                        shared.state().core.mark_staged(&req_id, direct, posted);
+                    }
+                }
                 let mut g = shared.state();
                 match res {
                     Ok(x) => {
-                        tracing::debug!(request_id = %req_id, %key, bytes, descs = pieces.len(), post_us = post_secs * 1e6, "kvbridge: READ posted");
+                        tracing::debug!(request_id = %req_id, %key, bytes, descs, post_us = post_secs * 1e6, "kvbridge: READ posted");
                         g.core.mark_posted(&req_id, now, post_secs);
                         if let Some(t) = g.core.take_first_contact(&req_id) {
                             // From the request reaching this worker to its first READ posted:

@@ -60,6 +60,8 @@ pub(crate) struct State {
 pub(crate) struct Shared<T: Transport> {
     pub state: Mutex<State>,
     pub transport: Mutex<T>,
+    /// D, pull: the receive staging for fragmented READs (after registration; DRAM caches).
+    pub recv: Mutex<Option<crate::recv::RecvStaging>>,
 }
 
 impl<T: Transport> Shared<T> {
@@ -67,6 +69,11 @@ impl<T: Transport> Shared<T> {
     pub fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock would be a bug in this crate; keep serving anyway.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The receive staging (never held across a NIXL call).
+    pub fn recv(&self) -> MutexGuard<'_, Option<crate::recv::RecvStaging>> {
+        self.recv.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The transport (NIXL calls are serialised here, and nothing else is held).
@@ -132,7 +139,11 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         };
         let side =
             Arc::new(SideChannel::with_identity(identity).map_err(|e| Error::Other(format!("cannot start side-channel runtime: {e}")))?);
-        let shared = Arc::new(Shared { state: Mutex::new(State { core, xfers: HashMap::new() }), transport: Mutex::new(transport) });
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State { core, xfers: HashMap::new() }),
+            transport: Mutex::new(transport),
+            recv: Mutex::new(None),
+        });
         let push = Arc::new(Mutex::new(PushCtl::new(cfg.engine_id.clone(), cfg.tp_size, cfg.kv_lease_duration.as_secs_f64())));
         let stop = Arc::new(AtomicBool::new(false));
         let (work, writer) = if cfg.mode == TransferMode::Push && cfg.role.can_produce() {

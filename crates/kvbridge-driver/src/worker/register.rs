@@ -2,6 +2,7 @@
 //! payload, and the side-channel listener with its push, heartbeat and inspect handlers.
 use std::sync::{Arc, Mutex};
 
+use kvbridge_core::config::TransferMode;
 use kvbridge_core::error::{ConfigError, Error};
 use kvbridge_core::layout::{KvLayout, TensorInfo};
 use kvbridge_core::side::{Handlers, HeartbeatHandler, InspectHandler, RegisterHandler};
@@ -11,6 +12,7 @@ use kvbridge_core::worker::push_plan::Geometry;
 
 use super::push_state::Work;
 use super::{accounting, lock_ctl, now_unix, WorkerDriver};
+use crate::recv::RecvStaging;
 use crate::staging::StagingBuffer;
 
 impl<T: Transport + 'static> WorkerDriver<T> {
@@ -57,10 +59,22 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             Some(st) if !self.cfg.host_buffer => st.regions.clone(),
             _ => Vec::new(),
         };
+        // D, pull: receive staging for READs a layout difference would fragment.
+        let recv = if self.cfg.role.can_consume() && self.cfg.mode == TransferMode::Pull && !self.cfg.host_buffer {
+            RecvStaging::new(u64::from(self.cfg.kv_recv_staging_mib) << 20, &layout)?
+        } else {
+            None
+        };
+        let recv_region: Vec<_> = recv.iter().map(|r| r.region()).collect();
+        if let Some(r) = &recv {
+            tracing::info!(mib = self.cfg.kv_recv_staging_mib, ?r, "kvbridge: receive staging allocated (kv_recv_staging_mib)");
+        }
         let payload = {
             let (agent_name, nixl_md) = {
                 let mut t = self.shared.transport();
-                t.register(&KvLayout { regions: [layout.regions.clone(), staging_regions.clone()].concat(), ..layout.clone() })?;
+                let all = [layout.regions.clone(), staging_regions.clone(), recv_region].concat();
+                t.register(&KvLayout { regions: all, ..layout.clone() })?;
+                *self.shared.recv() = recv;
                 (t.agent_name().to_string(), t.local_metadata()?)
             };
             let mut g = self.shared.state();

@@ -187,6 +187,8 @@ pub struct PullStats {
     pub last_descriptors: u64,
     /// Descriptors a per-block scheme would have posted for the same requests.
     pub descriptors_uncoalesced: u64,
+    /// READs that went through receive staging (whole remote blocks, then local copies).
+    pub staged_reads: u64,
 }
 
 /// The pull-mode worker state machine (one per TP rank): D's handshakes, plans and
@@ -548,6 +550,17 @@ impl PullWorker {
                 l.started_unix = now_unix;
             }
             l.post_secs += post_secs;
+        }
+    }
+
+    /// One of `req_id`'s READs went through receive staging: `direct` descriptors became
+    /// `posted` (whole remote blocks). Its bytes stay the KV bytes the request needed.
+    pub fn mark_staged(&mut self, req_id: &str, direct: u64, posted: u64) {
+        if let Some(l) = self.loading.get_mut(req_id) {
+            l.descriptors = l.descriptors.saturating_sub(direct).saturating_add(posted);
+            self.stats.descriptors = self.stats.descriptors.saturating_sub(direct).saturating_add(posted);
+            self.stats.last_descriptors = l.descriptors;
+            self.stats.staged_reads += 1;
         }
     }
 
