@@ -57,10 +57,15 @@ class Worker:
         geometry JSON: {"axes": [...], "kind": ..., "group": n, "window": n, "total_heads": n} or None)."""
     def start_load_kv(self, metadata: bytes) -> None: ...
     def get_finished(self, idle: bool = False) -> tuple[list[str], list[str], list[str]]: ...
-    def save_kv_layer(self, layer_name: str) -> None:
-        """Push, P: the layer is computed; queue its WRITEs (never blocks)."""
-    def wait_for_save(self) -> None:
-        """Push, P: the forward ended (never blocks; blocks stay held until the writes end)."""
+    @property
+    def layerwise_push(self) -> bool:
+        """Push mode with layer-wise writes (``save_kv_layer`` posts during the forward)."""
+    def save_kv_layer(self, layer_name: str, stream: Optional[int] = None) -> None:
+        """Push, P: the layer is computed; queue its WRITEs (never blocks). ``stream``: the
+        forward's CUDA stream handle (GPU caches): the WRITEs wait for an event recorded on it."""
+    def wait_for_save(self, stream: Optional[int] = None) -> None:
+        """Push, P: the forward ended (never blocks; blocks stay held until the writes end).
+        ``stream``: as for ``save_kv_layer``, fencing the end-of-forward WRITEs."""
     def get_block_ids_with_load_errors(self) -> list[int]: ...
     def accounting(self) -> str:
         """JSON: blocks held for remote peers, loads in flight, lease/heartbeat counters."""

@@ -219,6 +219,8 @@ class KVBridgeConnector(KVConnectorBase_V1):
         self._push = False
         self._staging = False
         self._host_buffer = False
+        #: Worker: the caches are on a GPU (push WRITEs are then fenced with CUDA events).
+        self._cuda_caches = False
         #: Push, staging or host buffer: build_connector_meta reports completing prefills.
         self._completing = False
         #: Host buffer, P: prefills scheduled in chunks so far, as (prompt length, block ids).
@@ -237,6 +239,7 @@ class KVBridgeConnector(KVConnectorBase_V1):
 
             info = _engine_info(vllm_config, get_tensor_model_parallel_rank(), _cuda_device(vllm_config))
             self._worker = _native.Worker(cfg, info, nixl_lib_dir())
+            self._push = self._worker.layerwise_push
 
     # ---------------------------------------------------------------- scheduler side
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -343,6 +346,7 @@ class KVBridgeConnector(KVConnectorBase_V1):
             for ptr, shape, stride, geometry in views:
                 tensors.append((name, ptr, shape, stride, t.element_size(), t.device.type, t.device.index or 0,
                                 json.dumps(geometry)))  # fmt: skip
+        self._cuda_caches = any(t.device.type == "cuda" for t in kv_caches.values())
         num_blocks = self._kv_cache_config.num_blocks if self._kv_cache_config is not None else next(iter(kv_caches.values())).shape[0]
         self._worker.register_kv_caches(tensors, num_blocks)
 
@@ -375,15 +379,25 @@ class KVBridgeConnector(KVConnectorBase_V1):
 
     def save_kv_layer(self, layer_name: str, kv_layer: "torch.Tensor", attn_metadata: Any, **kwargs: Any) -> None:
         # Push, layer-wise: queue this layer's WRITEs (the Rust writer thread posts them).
-        # Pull: P's blocks are read in place; the call is a no-op in Rust.
+        # On a GPU they wait for a CUDA event recorded now on the forward's stream, after
+        # this layer's KV write. Pull: P's blocks are read in place; a no-op in Rust.
         if self._worker is not None:
-            self._worker.save_kv_layer(layer_name)
+            self._worker.save_kv_layer(layer_name, self._stream() if self._push else None)
 
     def wait_for_save(self) -> None:
-        # Never blocks: the writes finish on the writer thread, and P's blocks stay held
-        # (delay_free) until they have.
+        # Never blocks: the writes finish on the writer thread (on a GPU, after an event
+        # recorded now on the forward's stream), and P's blocks stay held (delay_free)
+        # until they have.
         if self._worker is not None:
-            self._worker.wait_for_save()
+            self._worker.wait_for_save(self._stream() if self._push else None)
+
+    def _stream(self) -> int | None:
+        """The current CUDA stream's handle when the caches are on a GPU, else None."""
+        if not self._cuda_caches:
+            return None
+        import torch
+
+        return int(torch.cuda.current_stream().cuda_stream)
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         assert self._worker is not None

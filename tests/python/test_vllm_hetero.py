@@ -3,9 +3,10 @@
 vLLM on CPU needs block sizes that are multiples of 32. Two clusters: P 64 / D 128 (P's blocks
 smaller, the only direction vLLM's NixlConnector supports) and P 128 / D 32 (P's larger). In both,
 D's tokens and top log-probabilities must equal D computing alone, and D must read exactly the
-prompt's KV bytes: the plan splits or joins blocks on the fly, with no post-processing on
+prompt's KV bytes: the plan splits or joins blocks on the fly, with a local copy on
 receive. vLLM's CPU kernel stores K dim-major ([head_size, tokens] per head), so a block split
-is a row-by-row copy of K.
+is a row-by-row copy of K: D's receive staging reads P's whole blocks (one descriptor per layer
+and P block) and lays the rows out locally.
 The servers run float16: on a CPU with AMX, vLLM picks its AMX kernel for bfloat16 caches, which
 tiles K and V in a layout kvbridge does not map yet (it registers such caches opaque, so P and D
 then need equal block sizes and TP, and say so with a typed error); for float16 vLLM uses the
@@ -80,3 +81,8 @@ def test_different_block_sizes_tokens_equal(cluster: Cluster, n_tokens: int) -> 
     seg = min(p_bs or 128, d_bs or 128)
     per_token = expected_kv_bytes(128) // 128
     assert xfer[0].bytes == -(-n_tokens // seg) * seg * per_token, xfer
+    # K is dim-major, so a direct read of a block-size change is one descriptor per K row
+    # (thousands here); D's receive staging reads P's whole blocks instead: at most one
+    # descriptor per (layer, P block).
+    p_blocks = -(-n_tokens // (p_bs or 128))
+    assert 0 < xfer[0].descriptors <= 4 * p_blocks, f"READ not staged: {xfer[0].descriptors} descriptors"

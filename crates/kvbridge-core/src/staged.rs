@@ -17,6 +17,9 @@ pub const MIN_DIRECT_DESCRIPTORS: usize = 256;
 pub const RATIO: usize = 8;
 /// Alignment of each staged block inside the staging area.
 const ALIGN: u64 = 64;
+/// Runs of consecutive remote blocks merge into one READ descriptor up to this many bytes
+/// (measured through vLLM: 64 KiB pieces read 1.4x faster than 1.5 MiB ones over UCX loopback).
+pub const MAX_READ_PIECE: u64 = 64 << 10;
 
 /// A request's READ through the staging area.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -38,6 +41,12 @@ pub fn worth_it(direct: usize, staged: usize) -> bool {
 /// described by its [`BlockGroup`]s (`crate::layout::block_groups` of its regions). None
 /// if a piece lies outside every group or across a gap between blocks.
 pub fn stage(pieces: &[Piece], remote: &[BlockGroup]) -> Option<StagedRead> {
+    stage_with(pieces, remote, MAX_READ_PIECE)
+}
+
+/// [`stage`] with merged READ pieces capped at `max_piece` bytes (whole blocks are never
+/// split: a block larger than the cap is one piece).
+pub fn stage_with(pieces: &[Piece], remote: &[BlockGroup], max_piece: u64) -> Option<StagedRead> {
     let mut groups: Vec<&BlockGroup> = remote.iter().collect();
     groups.sort_by_key(|g| g.base);
     let find = |addr: u64| -> Option<usize> {
@@ -77,7 +86,12 @@ pub fn stage(pieces: &[Piece], remote: &[BlockGroup]) -> Option<StagedRead> {
         let remote = g.base + blk * g.stride;
         let dev = u32::try_from(g.device_id).ok()?;
         match reads.last_mut() {
-            Some(last) if last.local + last.len == size && last.remote + last.len == remote && last.remote_dev == dev => {
+            Some(last)
+                if last.local + last.len == size
+                    && last.remote + last.len == remote
+                    && last.remote_dev == dev
+                    && last.len + g.footprint <= max_piece =>
+            {
                 last.len += g.footprint
             }
             _ => reads.push(Piece { local: size, remote, len: g.footprint, local_dev: 0, remote_dev: dev }),

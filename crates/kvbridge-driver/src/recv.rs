@@ -38,6 +38,8 @@ pub(crate) struct RecvStaging {
     /// The local cache's memory: `(start, end)` per block group (copies must land inside).
     local: Vec<(u64, u64)>,
     pending: HashMap<XferId, Pending>,
+    /// Largest merged READ piece (`KVBRIDGE_RECV_PIECE_KIB` overrides, for measurements).
+    max_piece: u64,
 }
 
 impl std::fmt::Debug for RecvStaging {
@@ -57,7 +59,11 @@ impl RecvStaging {
         let len = usize::try_from(bytes).map_err(|_| kvbridge_core::Error::Other("kv_recv_staging_mib too large".into()))?;
         let buf = Buf::new(len)?;
         let free = vec![(0, buf.len())];
-        Ok(Some(Self { buf, free, remotes: HashMap::new(), local, pending: HashMap::new() }))
+        let max_piece = std::env::var("KVBRIDGE_RECV_PIECE_KIB")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(staged::MAX_READ_PIECE, |k| k.max(1) << 10);
+        Ok(Some(Self { buf, free, remotes: HashMap::new(), local, pending: HashMap::new(), max_piece }))
     }
 
     /// The region to register with the transport.
@@ -89,7 +95,7 @@ impl RecvStaging {
         if pieces.len() < staged::MIN_DIRECT_DESCRIPTORS {
             return None;
         }
-        let st: StagedRead = staged::stage(pieces, self.remotes.get(key)?)?;
+        let st: StagedRead = staged::stage_with(pieces, self.remotes.get(key)?, self.max_piece)?;
         if !staged::worth_it(pieces.len(), st.reads.len()) {
             return None;
         }

@@ -141,11 +141,17 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         } else {
             notifs
         };
-        // Staged READs: lay the bytes out into the cache before the load is reported.
+        // Staged READs: lay the bytes out into the cache before the load is reported; the
+        // load's time then includes the copy (D cannot use the KV before it).
+        let mut now = now;
         if !ended.is_empty() {
             if let Some(r) = self.shared.recv().as_mut() {
+                let mut staged = false;
                 for (x, _, _, res) in &ended {
-                    r.finish(*x, res.is_ok());
+                    staged |= r.finish(*x, res.is_ok());
+                }
+                if staged {
+                    now = now_unix();
                 }
             }
         }
