@@ -128,11 +128,13 @@ impl RecvStaging {
     pub fn finish(&mut self, x: XferId, ok: bool) -> bool {
         let Some(p) = self.pending.remove(&x) else { return false };
         if ok {
+            let t0 = std::time::Instant::now();
             for &(l, o, n) in &p.copies {
                 // SAFETY: `l..l+n` lies inside the registered cache and `o..o+n` inside this
                 // buffer (both checked in `prepare`); the two never overlap.
                 unsafe { std::ptr::copy_nonoverlapping((self.buf.addr() + o) as usize as *const u8, l as usize as *mut u8, n as usize) };
             }
+            tracing::debug!(copies = p.copies.len(), bytes = p.size, us = t0.elapsed().as_secs_f64() * 1e6, "kvbridge: staged READ laid out");
         }
         self.release(p.off, p.size);
         true
