@@ -372,7 +372,9 @@ class KVBridgeConnector(KVConnectorBase_V1):
         # vLLM runs steps with nothing scheduled with attn_metadata=None; on those the
         # worker may wait briefly for completions instead of spinning the engine loop.
         self._idle_step = getattr(forward_context, "attn_metadata", None) is None
-        self._worker.start_load_kv(md.data)
+        # GPU caches: this step's staging and host-buffer copies go on the forward's
+        # stream and wait for it alone (not the whole device).
+        self._worker.start_load_kv(md.data, self._stream())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads complete before the request is scheduled (async pull)

@@ -56,17 +56,21 @@ pub trait Transport: Send {
     /// Notifications received since the last call.
     fn take_notifs(&mut self) -> Result<Vec<Vec<u8>>, TransportError>;
     /// Copy device memory to host memory, synchronously (P-side staging of GPU caches):
-    /// `copies` are `(device address, host address, bytes)` on device `device_id`. The
-    /// default refuses: a transport without device support never stages VRAM.
-    fn copy_device_to_host(&mut self, device_id: u64, copies: &[(u64, u64, u64)]) -> Result<(), TransportError> {
-        let _ = (device_id, copies);
+    /// `copies` are `(device address, host address, bytes)` on device `device_id`.
+    /// `stream`: the CUDA stream the engine's forward ran on (a `CUstream` handle); the
+    /// copies are queued on it, after the forward's KV writes, and only it is waited for.
+    /// None: wait for the whole device context first. The default refuses: a transport
+    /// without device support never stages VRAM.
+    fn copy_device_to_host(&mut self, device_id: u64, copies: &[(u64, u64, u64)], stream: Option<u64>) -> Result<(), TransportError> {
+        let _ = (device_id, copies, stream);
         Err(TransportError::new("unsupported", "this transport cannot copy device memory to the host".to_string()))
     }
     /// Copy host memory to device memory, synchronously (D's host buffer, after a read):
-    /// `copies` are `(device address, host address, bytes)` on device `device_id`. The
-    /// default refuses.
-    fn copy_host_to_device(&mut self, device_id: u64, copies: &[(u64, u64, u64)]) -> Result<(), TransportError> {
-        let _ = (device_id, copies);
+    /// `copies` are `(device address, host address, bytes)` on device `device_id`, queued
+    /// on `stream` (the engine's, so its next forward is ordered after them) and waited
+    /// for there; None: on the legacy stream, then the whole context. The default refuses.
+    fn copy_host_to_device(&mut self, device_id: u64, copies: &[(u64, u64, u64)], stream: Option<u64>) -> Result<(), TransportError> {
+        let _ = (device_id, copies, stream);
         Err(TransportError::new("unsupported", "this transport cannot copy host memory to a device".to_string()))
     }
 }

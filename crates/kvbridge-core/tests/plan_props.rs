@@ -156,8 +156,17 @@ proptest! {
                 // staging area, then local copies): the same bytes must land.
                 for read in &t.reads {
                     let (groups, _) = kvbridge_core::layout::block_groups(&p_md[read.remote_rank as usize].regions).unwrap();
-                    let st = kvbridge_core::staged::stage(&read.pieces, &groups).ok_or_else(|| TestCaseError::fail("not stageable"))?;
+                    // Everything staged, the large pieces direct, or the defaults.
+                    let direct_min = [u64::MAX, 64, kvbridge_core::staged::DIRECT_PIECE][(c.num_tokens as usize / 2) % 3];
+                    let st = kvbridge_core::staged::stage_with(&read.pieces, &groups, kvbridge_core::staged::MAX_READ_PIECE, direct_min)
+                        .ok_or_else(|| TestCaseError::fail("not stageable"))?;
                     prop_assert!(st.reads.len() <= read.pieces.len() || st.reads.len() <= groups.len() * 64);
+                    prop_assert!(st.direct.iter().all(|p| p.len >= direct_min));
+                    prop_assert_eq!(st.direct.iter().map(|p| p.len).sum::<u64>() + st.copies.iter().map(|c| c.2).sum::<u64>(), read.pieces.iter().map(|p| p.len).sum::<u64>());
+                    for p in &st.direct {
+                        // SAFETY: a piece of the plan checked above: inside live buffers of `s`.
+                        unsafe { std::ptr::copy_nonoverlapping(p.remote as usize as *const u8, p.local as usize as *mut u8, p.len as usize) };
+                    }
                     let mut area = vec![0u8; st.size as usize];
                     for p in &st.reads {
                         prop_assert!(p.local + p.len <= st.size);

@@ -1,9 +1,11 @@
 //! D's receive staging (`kv_recv_staging_mib`): connector-owned DRAM, registered with NIXL
 //! next to the cache, into which a fragmented READ (vLLM-CPU's dim-major K across a
-//! block-size change: one descriptor per K row) reads P's whole blocks with a few large
-//! descriptors; the bytes are then laid out into the cache with `memcpy`, using the plan's
-//! own pieces (see `kvbridge_core::staged`). Requests share the buffer (first-fit ranges);
-//! one that does not fit, or does not gain, reads directly.
+//! block-size change: one descriptor per K row) reads the part of each of P's blocks that
+//! its small pieces cover, with a few large descriptors; its large pieces (V, token-major)
+//! still go straight into the cache in the same READ. The staged bytes are then laid out
+//! into the cache with `memcpy`, using the plan's own pieces (see `kvbridge_core::staged`).
+//! Requests share the buffer (first-fit ranges); one that does not fit, or does not gain,
+//! reads directly.
 //!
 //! GPU caches do not use it yet (the relayout would be a kernel or a strided
 //! `cuMemcpy2D`): they read directly.
@@ -22,6 +24,7 @@ use crate::staging::Buf;
 pub(crate) struct Pending {
     off: u64,
     size: u64,
+    /// `(cache address, offset in this READ's range, bytes)`.
     copies: Vec<(u64, u64, u64)>,
     /// Descriptors the direct READ would have posted, and the staged READ's.
     pub direct: u64,
@@ -40,6 +43,8 @@ pub(crate) struct RecvStaging {
     pending: HashMap<XferId, Pending>,
     /// Largest merged READ piece (`KVBRIDGE_RECV_PIECE_KIB` overrides, for measurements).
     max_piece: u64,
+    /// Smallest piece read straight into the cache (`KVBRIDGE_RECV_DIRECT_KIB` overrides).
+    direct_min: u64,
 }
 
 impl std::fmt::Debug for RecvStaging {
@@ -63,7 +68,11 @@ impl RecvStaging {
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
             .map_or(staged::MAX_READ_PIECE, |k| k.max(1) << 10);
-        Ok(Some(Self { buf, free, remotes: HashMap::new(), local, pending: HashMap::new(), max_piece }))
+        let direct_min = std::env::var("KVBRIDGE_RECV_DIRECT_KIB")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(staged::DIRECT_PIECE, |k| k.max(1) << 10);
+        Ok(Some(Self { buf, free, remotes: HashMap::new(), local, pending: HashMap::new(), max_piece, direct_min }))
     }
 
     /// The region to register with the transport.
@@ -95,21 +104,28 @@ impl RecvStaging {
         if pieces.len() < staged::MIN_DIRECT_DESCRIPTORS {
             return None;
         }
-        let st: StagedRead = staged::stage_with(pieces, self.remotes.get(key)?, self.max_piece)?;
-        if !staged::worth_it(pieces.len(), st.reads.len()) {
+        let st: StagedRead = staged::stage_with(pieces, self.remotes.get(key)?, self.max_piece, self.direct_min)?;
+        if !staged::worth_it(pieces.len(), st.descriptors()) {
             return None;
         }
         // The copies come from our own plan; memcpy bypasses NIXL's checks, so check them.
-        let inside = |a: u64, n: u64| self.local.iter().any(|&(s, e)| a >= s && a.checked_add(n).is_some_and(|x| x <= e));
+        let mut hint = 0usize;
+        let mut inside = |a: u64, n: u64| {
+            let fits = |&(s, e): &(u64, u64)| a >= s && a.checked_add(n).is_some_and(|x| x <= e);
+            if self.local.get(hint).is_some_and(fits) {
+                return true;
+            }
+            self.local.iter().position(fits).map(|i| hint = i).is_some()
+        };
         if !st.copies.iter().all(|&(l, o, n)| inside(l, n) && o.checked_add(n).is_some_and(|x| x <= st.size)) {
             tracing::warn!(key, "kvbridge: a staged copy would leave the cache; reading directly");
             return None;
         }
         let off = self.alloc(st.size)?;
         let base = self.buf.addr() + off;
-        let reads = st.reads.iter().map(|p| Piece { local: base + p.local, ..*p }).collect::<Vec<_>>();
-        let copies = st.copies.iter().map(|&(l, o, n)| (l, off + o, n)).collect();
-        let pending = Pending { off, size: st.size, copies, direct: pieces.len() as u64, posted: reads.len() as u64 };
+        let mut reads = st.direct;
+        reads.extend(st.reads.iter().map(|p| Piece { local: base + p.local, ..*p }));
+        let pending = Pending { off, size: st.size, copies: st.copies, direct: pieces.len() as u64, posted: reads.len() as u64 };
         Some((reads, pending))
     }
 
@@ -129,12 +145,18 @@ impl RecvStaging {
         let Some(p) = self.pending.remove(&x) else { return false };
         if ok {
             let t0 = std::time::Instant::now();
+            let base = self.buf.addr() + p.off;
             for &(l, o, n) in &p.copies {
                 // SAFETY: `l..l+n` lies inside the registered cache and `o..o+n` inside this
-                // buffer (both checked in `prepare`); the two never overlap.
-                unsafe { std::ptr::copy_nonoverlapping((self.buf.addr() + o) as usize as *const u8, l as usize as *mut u8, n as usize) };
+                // READ's range of the buffer (both checked in `prepare`); they never overlap.
+                unsafe { std::ptr::copy_nonoverlapping((base + o) as usize as *const u8, l as usize as *mut u8, n as usize) };
             }
-            tracing::debug!(copies = p.copies.len(), bytes = p.size, us = t0.elapsed().as_secs_f64() * 1e6, "kvbridge: staged READ laid out");
+            tracing::debug!(
+                copies = p.copies.len(),
+                bytes = p.size,
+                us = t0.elapsed().as_secs_f64() * 1e6,
+                "kvbridge: staged READ laid out"
+            );
         }
         self.release(p.off, p.size);
         true

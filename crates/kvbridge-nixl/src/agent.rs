@@ -379,10 +379,12 @@ impl NixlTransport {
             opt.set_has_notification(true).map_err(NixlError::nixl("set notification"))?;
             Some(opt)
         };
+        let t_make = std::time::Instant::now();
         let by_index = match (&self.local_prepped, &r.prepped) {
             (Some(l), Some(rp)) => prepped::indices(&l.units, &rp.units, pieces).map(|ix| (l, rp, ix)),
             _ => None,
         };
+        let by_index_used = by_index.is_some();
         let req = if let Some((l, rp, (li, ri))) = by_index {
             self.made_prepped += 1;
             self.agent.make_xfer_req(op, &l.handle, &li, &rp.handle, &ri, opt.as_ref()).map_err(NixlError::nixl("make transfer"))?
@@ -399,7 +401,15 @@ impl NixlTransport {
             }
             self.agent.create_xfer_req(op, &local, &remote, &r.agent_name, opt.as_ref()).map_err(NixlError::nixl("make transfer"))?
         };
+        let make_us = t_make.elapsed().as_secs_f64() * 1e6;
         self.agent.post_xfer_req(&req, None).map_err(NixlError::nixl("post transfer"))?;
+        tracing::debug!(
+            descs = pieces.len(),
+            prepped = by_index_used,
+            make_us,
+            total_us = t_make.elapsed().as_secs_f64() * 1e6,
+            "kvbridge: NIXL request made and posted"
+        );
         let id = self.next_xfer;
         self.next_xfer += 1;
         self.xfers.insert(id, req);
@@ -483,35 +493,63 @@ impl Transport for NixlTransport {
     fn take_notifs(&mut self) -> Result<Vec<Vec<u8>>, TransportError> {
         Ok(self.take_notifs_impl()?)
     }
-    fn copy_device_to_host(&mut self, device_id: u64, copies: &[(u64, u64, u64)]) -> Result<(), TransportError> {
+    fn copy_device_to_host(&mut self, device_id: u64, copies: &[(u64, u64, u64)], stream: Option<u64>) -> Result<(), TransportError> {
         let ordinal = self.bind_cuda(device_id)?;
-        // The forward may have run on any stream (the legacy stream a synchronous copy uses
-        // does not wait for non-blocking ones): wait for the whole context first.
-        self.sync_cuda(ordinal)?;
+        let Some(stream) = stream else {
+            // No stream named: the forward may have run on any stream (the legacy stream a
+            // synchronous copy uses does not wait for non-blocking ones): wait for the
+            // whole context first.
+            self.sync_cuda(ordinal)?;
+            for &(src, dst, len) in copies {
+                // SAFETY: the caller (the staging buffer) checked both ranges: `src..src+len`
+                // is in the registered device cache, `dst..dst+len` in its own host allocation.
+                let host = unsafe { std::slice::from_raw_parts_mut(dst as usize as *mut u8, len as usize) };
+                // SAFETY: as above; the context of the cache's device is current.
+                unsafe { cudarc::driver::result::memcpy_dtoh_sync(host, src) }
+                    .map_err(|e| NixlError::CudaDevice { ordinal, reason: format!("device→host copy: {e}") })?;
+            }
+            return Ok(());
+        };
+        // On the forward's own stream: ordered after its KV writes, and only that stream
+        // is waited for (other streams keep running: no context-wide synchronisation).
+        let s = stream as usize as cudarc::driver::sys::CUstream;
         for &(src, dst, len) in copies {
-            // SAFETY: the caller (the staging buffer) checked both ranges: `src..src+len` is
-            // in the registered device cache, `dst..dst+len` in its own host allocation.
+            // SAFETY: as above; `s` is the engine's stream in this (primary) context, and
+            // the host range stays alive and untouched until the synchronise below.
             let host = unsafe { std::slice::from_raw_parts_mut(dst as usize as *mut u8, len as usize) };
-            // SAFETY: as above; the context of the cache's device is current.
-            unsafe { cudarc::driver::result::memcpy_dtoh_sync(host, src) }
-                .map_err(|e| NixlError::CudaDevice { ordinal, reason: format!("device→host copy: {e}") })?;
+            // SAFETY: as above.
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(host, src, s) }
+                .map_err(|e| NixlError::CudaDevice { ordinal, reason: format!("device→host copy on the engine's stream: {e}") })?;
         }
-        Ok(())
+        Ok(sync_stream(s, ordinal)?)
     }
-    fn copy_host_to_device(&mut self, device_id: u64, copies: &[(u64, u64, u64)]) -> Result<(), TransportError> {
+    fn copy_host_to_device(&mut self, device_id: u64, copies: &[(u64, u64, u64)], stream: Option<u64>) -> Result<(), TransportError> {
         let ordinal = self.bind_cuda(device_id)?;
+        // The legacy stream (0) when none is named.
+        let s = stream.unwrap_or(0) as usize as cudarc::driver::sys::CUstream;
         for &(dst, src, len) in copies {
             // SAFETY: the caller (the host buffer) checked both ranges: `dst..dst+len` is in
-            // the registered device cache, `src..src+len` in its own host allocation.
+            // the registered device cache, `src..src+len` in its own host allocation, which
+            // stays untouched until the synchronise below.
             let host = unsafe { std::slice::from_raw_parts(src as usize as *const u8, len as usize) };
             // SAFETY: as above; the context of the cache's device is current.
-            unsafe { cudarc::driver::result::memcpy_htod_sync(dst, host) }
+            unsafe { cudarc::driver::result::memcpy_htod_async(dst, host, s) }
                 .map_err(|e| NixlError::CudaDevice { ordinal, reason: format!("host→device copy: {e}") })?;
         }
-        // A synchronous copy from pageable memory may return before the DMA lands: the
-        // bytes must be on the device before the engine's next forward reads them.
-        Ok(self.sync_cuda(ordinal)?)
+        // The bytes must be on the device before the engine's next forward reads them: on
+        // its stream, wait for that stream only; otherwise for the whole context.
+        match stream {
+            Some(_) => Ok(sync_stream(s, ordinal)?),
+            None => Ok(self.sync_cuda(ordinal)?),
+        }
     }
+}
+
+/// Wait for the work queued on `stream` (copies included).
+fn sync_stream(stream: cudarc::driver::sys::CUstream, ordinal: u32) -> Result<(), NixlError> {
+    // SAFETY: `stream` is the engine's stream in the current context.
+    unsafe { cudarc::driver::result::stream::synchronize(stream) }
+        .map_err(|e| NixlError::CudaDevice { ordinal, reason: format!("synchronize the engine's stream: {e}") })
 }
 
 impl NixlTransport {

@@ -7,6 +7,9 @@
 //!   before UCX starts: every byte checked, at several block counts and sizes, scattered
 //!   block ids; throughput against a raw NIXL transfer of the same descriptors made once
 //!   and re-posted (printed as `FIGURE` lines).
+//! - P-side staging and host buffers: device↔host copies byte-exact; with the engine's
+//!   stream named (`set_stream`), the copies follow a KV write still queued on a
+//!   non-blocking stream (no context-wide synchronise).
 //! - Without a driver: the CUDA paths are typed errors (also covered by unit tests).
 use std::time::{Duration, Instant};
 
@@ -184,10 +187,12 @@ fn cuda_paths_without_a_driver_are_typed_errors() {
     assert!(err.to_string().contains("CUDA"), "{err}");
     // The host-buffer and staging copies of a GPU cache refuse too (nothing is touched).
     let copy = [(0x10_0000u64, 0x20_0000u64, 16u64)];
-    let err = t.copy_device_to_host(0, &copy).expect_err("device→host without CUDA");
-    assert!(err.to_string().contains("CUDA"), "{err}");
-    let err = t.copy_host_to_device(0, &copy).expect_err("host→device without CUDA");
-    assert!(err.to_string().contains("CUDA"), "{err}");
+    for stream in [None, Some(0), Some(0x7f00_0000_1000)] {
+        let err = t.copy_device_to_host(0, &copy, stream).expect_err("device→host without CUDA");
+        assert!(err.to_string().contains("CUDA"), "{err}");
+        let err = t.copy_host_to_device(0, &copy, stream).expect_err("host→device without CUDA");
+        assert!(err.to_string().contains("CUDA"), "{err}");
+    }
 }
 
 /// A single-rank pull config on 127.0.0.1: `top` is added to the top-level JSON (`,"key":v`),
@@ -231,12 +236,45 @@ fn load_until_done(
 /// reads every byte from P's host staging buffer.
 #[test]
 fn gpu_p_stages_to_host_and_d_reads_it() {
-    use kvbridge_core::scheduler::{FinishReason, PullScheduler, SchedulerSide};
-    use kvbridge_driver::clock::now_unix;
-
     if !runtime_or_skip() || !gpu_or_skip() {
         return;
     }
+    p_stages_to_host_and_d_reads_it(false);
+}
+
+/// As above, with the forward's KV write queued on a non-blocking stream behind a long
+/// memset (the legacy stream does not wait for it) and that stream named to the worker
+/// (`set_stream`, as vLLM's connector does from torch's current stream): the staging
+/// copies must run after the write on that stream, with no context-wide synchronise.
+#[test]
+fn gpu_staging_copies_follow_the_engine_stream() {
+    if !runtime_or_skip() || !gpu_or_skip() {
+        return;
+    }
+    p_stages_to_host_and_d_reads_it(true);
+}
+
+/// A non-blocking CUDA stream, destroyed on drop.
+struct Stream(cudarc::driver::sys::CUstream);
+impl Stream {
+    fn new() -> Self {
+        let mut s: cudarc::driver::sys::CUstream = std::ptr::null_mut();
+        // SAFETY: a context is current; writes one handle.
+        let r = unsafe { cudarc::driver::sys::cuStreamCreate(&mut s, cudarc::driver::sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32) };
+        assert_eq!(r, cudarc::driver::sys::CUresult::CUDA_SUCCESS, "cuStreamCreate");
+        Self(s)
+    }
+}
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // SAFETY: created above, destroyed once.
+        let _ = unsafe { cudarc::driver::sys::cuStreamDestroy_v2(self.0) };
+    }
+}
+
+fn p_stages_to_host_and_d_reads_it(on_stream: bool) {
+    use kvbridge_core::scheduler::{FinishReason, PullScheduler, SchedulerSide};
+    use kvbridge_driver::clock::now_unix;
     const BLOCKS: u64 = 32;
     const BB: u64 = 64 << 10;
     let (pp, dp) = (free_port(), free_port());
@@ -258,8 +296,24 @@ fn gpu_p_stages_to_host_and_d_reads_it() {
     let p_blocks = [3u32, 4, 9];
     ps.get_num_new_matched_tokens("p1", 48, 0, Some(dec));
     ps.prefill_completing("p1", &p_blocks, 48);
+    let stream = on_stream.then(Stream::new);
+    p.set_stream(stream.as_ref().map(|s| s.0 as u64));
     p.start_load(&ps.build_connector_meta().to_bytes().unwrap()).unwrap();
-    pb.upload(&pattern); // the forward
+    match &stream {
+        None => pb.upload(&pattern), // the forward
+        Some(s) => {
+            // The forward on its own stream: a long memset (4 GiB of scratch, several ms)
+            // and then the KV write, both still queued when `wait_for_save` runs.
+            let scratch = DevBuf::new(1 << 30);
+            for _ in 0..4 {
+                // SAFETY: the scratch buffer holds 1 GiB; `s` is a live stream.
+                unsafe { cudarc::driver::result::memset_d8_async(scratch.ptr, 0x11, 1 << 30, s.0) }.expect("memset");
+            }
+            // SAFETY: `pattern` holds `bytes` and outlives the synchronise in wait_for_save.
+            unsafe { cudarc::driver::result::memcpy_htod_async(pb.ptr, &pattern, s.0) }.expect("htod async");
+            std::mem::forget(scratch); // freed with the context (a free would synchronise)
+        }
+    }
     p.wait_for_save(); // device → host
     let f = ps.request_finished("p1", &p_blocks, FinishReason::LengthCapped, 48, Some(dec), now_unix());
     assert!(!f.delay_free, "staged: P's VRAM blocks are free at once");

@@ -317,8 +317,12 @@ impl Worker {
         py.allow_threads(|| self.inner.register(&infos, num_blocks)).map(|_| ()).map_err(to_py)
     }
 
-    /// Bind one step's metadata and start loads. Never blocks on the network.
-    fn start_load_kv(&self, py: Python<'_>, metadata: &[u8]) -> PyResult<()> {
+    /// Bind one step's metadata and start loads. Never blocks on the network. `stream`:
+    /// the forward's CUDA stream (GPU caches): this step's staging and host-buffer copies
+    /// are queued on it and wait for it alone, not the whole device.
+    #[pyo3(signature = (metadata, stream=None))]
+    fn start_load_kv(&self, py: Python<'_>, metadata: &[u8], stream: Option<u64>) -> PyResult<()> {
+        self.inner.set_stream(stream);
         let md = metadata.to_vec();
         py.allow_threads(|| self.inner.start_load(&md)).map_err(to_py)
     }

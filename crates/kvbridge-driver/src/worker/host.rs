@@ -45,7 +45,8 @@ impl<T: Transport + 'static> WorkerDriver<T> {
 
     /// Copy `s`'s blocks between the cache and `st` (staging or the host mirror): to the
     /// host, or back to the cache when `to_cache`. DRAM caches with `memcpy`, GPU caches
-    /// through the transport (CUDA). Returns the bytes copied.
+    /// through the transport (CUDA; on the engine's stream when it named one, see
+    /// [`set_stream`](Self::set_stream)). Returns the bytes copied.
     fn host_copy(&self, st: Option<&StagingBuffer>, s: &StageReq, to_cache: bool) -> Result<u64, Error> {
         let st = st.ok_or_else(|| Error::Other("a host copy was ordered but no staging or host buffer is registered".into()))?;
         if st.source == MemKind::Dram {
@@ -54,7 +55,8 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         let c = st.copies(s)?;
         let bytes = c.iter().map(|x| x.2).sum();
         let mut t = self.shared.transport();
-        let res = if to_cache { t.copy_host_to_device(st.device, &c) } else { t.copy_device_to_host(st.device, &c) };
+        let stream = self.stream();
+        let res = if to_cache { t.copy_host_to_device(st.device, &c, stream) } else { t.copy_device_to_host(st.device, &c, stream) };
         res.map(|_| bytes).map_err(Error::from)
     }
 

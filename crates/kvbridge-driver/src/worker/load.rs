@@ -244,7 +244,9 @@ fn run<T: Transport + 'static>(shared: &Arc<Shared<T>>, side: &Arc<SideChannel>,
                 let _span = tracing::debug_span!("read", request_id = %req_id, %key, bytes, descs = pieces.len()).entered();
                 let now = now_unix();
                 // A fragmented READ reads whole remote blocks into the receive staging.
+                let t_prep = std::time::Instant::now();
                 let staged = shared.recv().as_mut().and_then(|r| r.prepare(&key, &pieces));
+                let prep_us = t_prep.elapsed().as_secs_f64() * 1e6;
                 let post: &[_] = staged.as_ref().map_or(&pieces, |(reads, _)| reads);
                 let t0 = std::time::Instant::now();
                 let res = shared.transport().read(&key, post, &notif);
@@ -258,7 +260,7 @@ fn run<T: Transport + 'static>(shared: &Arc<Shared<T>>, side: &Arc<SideChannel>,
                         _ => {}
                     }
                     if res.is_ok() {
-                        tracing::debug!(request_id = %req_id, %key, direct, posted, "kvbridge: READ staged (whole remote blocks)");
+                        tracing::debug!(request_id = %req_id, %key, direct, posted, prep_us, "kvbridge: READ staged (whole remote blocks)");
                         shared.state().core.mark_staged(&req_id, direct, posted);
                     }
                 }

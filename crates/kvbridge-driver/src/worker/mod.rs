@@ -114,7 +114,13 @@ pub struct WorkerDriver<T: Transport + 'static> {
     pub(crate) host_loads: Mutex<HostLoads>,
     /// P, pull with staging: copies ordered by this step's metadata, done in `wait_for_save`.
     pub(crate) to_stage: Mutex<Vec<StageReq>>,
+    /// GPU caches: the engine's CUDA stream for this step ([`NO_STREAM`]: none named), on
+    /// which staging and host-buffer copies are queued and waited for.
+    pub(crate) stream: AtomicU64,
 }
+
+/// `WorkerDriver::stream` when the engine named no stream (never a valid `CUstream`).
+const NO_STREAM: u64 = u64::MAX;
 
 impl<T: Transport + 'static> WorkerDriver<T> {
     /// A driver for `cfg` over `transport`. Starts the side channel's runtime and, for a
@@ -183,7 +189,21 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             staging: RwLock::new(None),
             to_stage: Mutex::new(Vec::new()),
             host_loads: Mutex::new(HostLoads::default()),
+            stream: AtomicU64::new(NO_STREAM),
         })
+    }
+
+    /// GPU caches: the CUDA stream the engine's forwards run on (a `CUstream` handle, as
+    /// torch's `current_stream().cuda_stream`), for this and later steps until changed.
+    /// P's staging and D's host-buffer copies are queued on it, after the forward's KV
+    /// writes, and only it is waited for. None: they wait for the whole device context.
+    pub fn set_stream(&self, stream: Option<u64>) {
+        self.stream.store(stream.unwrap_or(NO_STREAM), Ordering::Relaxed);
+    }
+
+    /// The stream [`set_stream`](Self::set_stream) named, if any.
+    pub(crate) fn stream(&self) -> Option<u64> {
+        Some(self.stream.load(Ordering::Relaxed)).filter(|&s| s != NO_STREAM)
     }
 
     pub(crate) fn send_work(&self, w: Work) {
