@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from typing import Any
 
 from kvbridge._native import (  # noqa: F401  (re-exports)
@@ -47,15 +48,28 @@ def inspect(host: str, port: int, timeout: float = 2.0) -> dict[str, Any]:
 
 def nixl_lib_dir() -> str | None:
     """The NIXL runtime directory: ``KVBRIDGE_NIXL_LIB_DIR``, else the libs shipped by an
-    installed ``nixl-cu12`` wheel (``site-packages/.nixl_cu12.mesonpy.libs``)."""
+    installed ``nixl-cu13`` or ``nixl-cu12`` wheel (``site-packages/.nixl_cuXX.mesonpy.libs``).
+    With both installed, the one matching an already imported torch's CUDA major version
+    wins, else ``nixl-cu12``."""
     env = os.environ.get("KVBRIDGE_NIXL_LIB_DIR") or os.environ.get("NIXL_LIB_DIR")
     if env:
         return env
-    spec = importlib.util.find_spec("nixl_cu12")
+    torch = sys.modules.get("torch")
+    cuda = str(getattr(getattr(torch, "version", None), "cuda", None) or "")
+    order = ("nixl_cu13", "nixl_cu12") if cuda.startswith("13") else ("nixl_cu12", "nixl_cu13")
+    for name in order:
+        found = _wheel_libs(name)
+        if found:
+            return found
+    return None
+
+
+def _wheel_libs(package: str) -> str | None:
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
     site = os.path.dirname(list(spec.submodule_search_locations)[0])
-    libs = os.path.join(site, ".nixl_cu12.mesonpy.libs")
+    libs = os.path.join(site, f".{package}.mesonpy.libs")
     return libs if os.path.isdir(libs) else None
 
 
