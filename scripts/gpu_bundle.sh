@@ -55,7 +55,7 @@ LD_LIBRARY_PATH="$M:$L" ldd "${objs[@]}" 2>/dev/null | awk -v d="$LN/" 'index($3
 for target in "--test gpu" "--lib"; do
   exe=$(cargo test -p kvbridge-nixl $target --no-run --message-format=json 2>/dev/null |
         jq -r 'select(.reason == "compiler-artifact" and .executable != null) | .executable' | tail -1)
-  name=$([[ "$target" == "--lib" ]] && echo nixl-lib || echo gpu)
+  name=$([[ "$target" == "--lib" ]] && echo nixl-lib || echo "${target#--test }")
   cp "$exe" "$OUT/bin/$name"
 done
 strip "$OUT"/bin/* 2>/dev/null || true

@@ -5,7 +5,7 @@ On a GPU engine ``kv_buffer_device="cpu"`` turns them on; this CPU machine force
 the cache: P copies each finished prefill's blocks into its mirror in ``wait_for_save``, D
 reads into its own mirror and copies what it read into its cache before vLLM hears the load
 finished. Only the copy primitive differs on a GPU (CUDA memcpy; ``crates/kvbridge-nixl/
-tests/gpu.rs``).
+tests/gpu/main.rs``).
 
 Both servers run with ``--max-num-batched-tokens 256``, so prompts over 256 tokens are
 prefilled in chunks and the copy must wait for the last one. The module runs twice: pull

@@ -132,7 +132,7 @@ mod tests {
     #[test]
     fn without_a_driver_cuda_calls_are_typed_errors() {
         if driver_present() {
-            return; // covered by the GPU tests (tests/gpu.rs)
+            return; // covered by the GPU tests (tests/gpu/main.rs)
         }
         assert!(matches!(bind_device(0), Err(NixlError::CudaUnavailable)));
         assert!(matches!(check_device_pointer(0x1000), Err(NixlError::CudaUnavailable)));

@@ -7,7 +7,7 @@
 //! blocks it read into its cache before reporting the load. Each check below fails if either
 //! copy is left out: P's cache is wiped before D reads (so D must read P's mirror, filled by
 //! P's copy), and D's cache must hold the bytes afterwards (only D's copy puts them there).
-//! On a GPU the two copies are CUDA memcpys (`tests/gpu.rs`); everything else is this path.
+//! On a GPU the two copies are CUDA memcpys (`tests/gpu/main.rs`); everything else is this path.
 use std::time::{Duration, Instant};
 
 mod common;

@@ -10,10 +10,14 @@
 //! - P-side staging and host buffers: device↔host copies byte-exact; with the engine's
 //!   stream named (`set_stream`), the copies follow a KV write still queued on a
 //!   non-blocking stream (no context-wide synchronise).
+//! - Layer-wise push from VRAM racing the kernel that writes each layer: exact with the
+//!   CUDA fence, corrupt in a deliberate run without it (`push.rs`).
 //! - Without a driver: the CUDA paths are typed errors (also covered by unit tests).
 use std::time::{Duration, Instant};
 
+#[path = "../common/mod.rs"]
 mod common;
+mod push;
 use common::{free_port, runtime_or_skip};
 use kvbridge_core::layout::{KvLayout, MemKind, TensorInfo};
 use kvbridge_core::plan::Piece;
@@ -255,9 +259,9 @@ fn gpu_staging_copies_follow_the_engine_stream() {
 }
 
 /// A non-blocking CUDA stream, destroyed on drop.
-struct Stream(cudarc::driver::sys::CUstream);
+pub(crate) struct Stream(pub(crate) cudarc::driver::sys::CUstream);
 impl Stream {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut s: cudarc::driver::sys::CUstream = std::ptr::null_mut();
         // SAFETY: a context is current; writes one handle.
         let r = unsafe { cudarc::driver::sys::cuStreamCreate(&mut s, cudarc::driver::sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32) };
