@@ -163,9 +163,14 @@ def test_kill_d_mid_transfer_lease_frees_p(cluster: Cluster) -> None:
     deadline = time.monotonic() + 30
     while c.held("prefill")["held_requests"] == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    held_at_kill = c.held("prefill")["held_blocks"]
     c.kill("decode")
     t0 = time.monotonic()
+    # What P holds once D is dead and any notification it sent before dying has been
+    # handled (0.5 s, far inside the lease): nothing can free it now but the lease.
+    time.sleep(0.5)
+    at_kill = c.held("prefill")
+    held_at_kill = at_kill["held_blocks"]
+    assert held_at_kill > 0 and at_kill["held_requests"] > 0, f"P held nothing when D was killed: {at_kill}"
     for t in threads:
         t.join(60)
     # P keeps serving its own requests while the dead D's leases run out.
@@ -176,8 +181,13 @@ def test_kill_d_mid_transfer_lease_frees_p(cluster: Cluster) -> None:
     freed = time.monotonic() - t0
     figure("dead_d_lease_free_s", freed)
     print(f"P held {held_at_kill} blocks when D was killed")
-    assert c.held("prefill")["held_blocks"] == 0, "P still holds blocks for a dead D after the lease"
+    after = c.held("prefill")
+    assert after["held_blocks"] == 0, "P still holds blocks for a dead D after the lease"
     assert freed <= LEASE + 2.0, freed
+    # Freed by lease expiry: every request P held at the kill (and any prefill that finished
+    # after it) expired; none was released as if a dead D had read it.
+    assert after["expired_leases"] - at_kill["expired_leases"] >= at_kill["held_requests"], (at_kill, after)
+    assert after["released_leases"] == at_kill["released_leases"], (at_kill, after)
     drained(c, "prefill", 5)
     c.restart("decode")
     assert_serving(c)

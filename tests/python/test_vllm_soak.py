@@ -5,7 +5,13 @@ sample must match the single instance token for token, and afterwards neither en
 hold a block: kvbridge's accounting (``kvbridge.inspect``) and vLLM's ``/metrics`` both
 drain to zero within the lease.
 
-``KVBRIDGE_SOAK_REQUESTS`` sets the count (default 1000).
+The first half sends no aborts. After it, P must be drained well inside the lease, with
+every block freed by D's notifications (``expired_leases == 0``) and no failed READ on D
+(``reads_failed == 0``): a lost notification cannot hide behind lease expiry there. The
+second half adds the aborts (whose leases may legitimately expire).
+
+``KVBRIDGE_SOAK_REQUESTS`` sets the count (default 1000); ``KVBRIDGE_SOAK_SEED`` replays a
+plan (the seed is printed in the FIGURE line and every failure message).
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import figure, fresh_prompt, log_dir_for
+from helpers import figure, log_dir_for
 
-from kvbridge.testing.cluster import Cluster, CompletionResult, abort_after, completion_body, complete, describe_divergence, same_generation
+from kvbridge.testing.cluster import (
+    Cluster, CompletionResult, abort_after, completion_body, complete, describe_divergence, random_prompt, same_generation,
+)  # fmt: skip
 
 pytestmark = pytest.mark.slow
 
@@ -42,19 +50,20 @@ def cluster(model_dir: Path) -> Iterator[Cluster]:
 def test_soak_random_lengths_and_aborts_leaks_nothing(cluster: Cluster) -> None:
     c = cluster
     n = int(os.environ.get("KVBRIDGE_SOAK_REQUESTS", "1000"))
-    rng = random.Random(int(time.time()))
+    seed = int(os.environ.get("KVBRIDGE_SOAK_SEED", str(int(time.time()))))
+    rng = random.Random(seed)
     plan = []
     for i in range(n):
         length = rng.randint(1, 1024)
         max_tokens = rng.randint(1, 16)
-        abort = rng.random() < 0.10
+        abort = i >= n // 2 and rng.random() < 0.20  # aborts only in the second half
         check = not abort and rng.random() < 0.05
         plan.append((i, length, max_tokens, abort, check))
     lock = threading.Lock()
     failures: list[str] = []
     checked: list[tuple[list[int], CompletionResult, int]] = []
     counts = {"ok": 0, "aborted": 0}
-    it = iter(plan)
+    it = iter(plan[: n // 2])
 
     def worker() -> None:
         while True:
@@ -63,7 +72,7 @@ def test_soak_random_lengths_and_aborts_leaks_nothing(cluster: Cluster) -> None:
             if item is None:
                 return
             i, length, max_tokens, abort, check = item
-            prompt = fresh_prompt(length)
+            prompt = random_prompt(length, seed * 10_000 + i)
             if abort:
                 # Half before the first token (often during P's prefill or D's load), half after.
                 before = rng.random() < 0.5
@@ -80,24 +89,37 @@ def test_soak_random_lengths_and_aborts_leaks_nothing(cluster: Cluster) -> None:
                     if check:
                         checked.append((prompt, res, max_tokens))
 
+    def run_phase() -> None:
+        threads = [threading.Thread(target=worker) for _ in range(IN_FLIGHT)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
     t0 = time.monotonic()
-    threads = [threading.Thread(target=worker) for _ in range(IN_FLIGHT)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_phase()
+    assert not failures, f"seed {seed}: {len(failures)} requests failed, first: {failures[:3]}"
+    # No aborts so far: every block P held was freed by D's notification. Drained well
+    # inside the lease, no lease expired and no READ failed.
+    p_drain_1 = c.wait_drained("prefill", LEASE / 2)
+    p1, d1 = c.held("prefill"), c.held("decode")
+    assert p1["expired_leases"] == 0, f"seed {seed}: P freed blocks by lease expiry, not D's notification: {p1}"
+    assert d1["reads_failed"] == 0 and d1["reads_ok"] > 0, f"seed {seed}: {d1}"
+    it = iter(plan[n // 2 :])
+    run_phase()
     secs = time.monotonic() - t0
-    assert not failures, f"{len(failures)} requests failed, first: {failures[:3]}"
+    assert not failures, f"seed {seed}: {len(failures)} requests failed, first: {failures[:3]}"
     for prompt, res, max_tokens in checked:
         ref = complete(c.d_url, prompt, max_tokens, logprobs=2)
-        assert ref.ok and same_generation(res, ref), f"{len(prompt)} tokens: {describe_divergence(res, ref)}"
+        assert ref.ok and same_generation(res, ref), f"seed {seed}, {len(prompt)} tokens: {describe_divergence(res, ref)}"
     # Nothing held anywhere once the engines are idle, within the lease.
     tp = c.wait_drained("prefill", LEASE + 3)
     td = c.wait_drained("decode", LEASE + 3)
     p, d = c.held("prefill"), c.held("decode")
     leaked = p["held_blocks"] + p["loading_blocks"] + d["held_blocks"] + d["loading_blocks"]
     figure(
-        f"soak_requests={n} soak_ok={counts['ok']} soak_aborted={counts['aborted']} "
+        f"soak_seed={seed} soak_requests={n} soak_ok={counts['ok']} soak_aborted={counts['aborted']} "
+        f"p_drain_no_aborts_s={p_drain_1:.2f} p_expired_leases_no_aborts={p1['expired_leases']} "
         f"soak_checked_equal={len(checked)} soak_seconds={secs:.1f} soak_rate_per_s={n / secs:.2f} "
         f"soak_leaked_blocks={leaked} p_drain_s={tp:.2f} d_drain_s={td:.2f} "
         f"p_expired_leases={p['expired_leases']} p_released_leases={p['released_leases']} d_reads_ok={d['reads_ok']} "
