@@ -54,7 +54,8 @@ test-python: install
 test: test-rust test-python test-wheel
 
 fuzz: setup
-	KVBRIDGE_FUZZ_CASES=20 cargo test --release -p kvbridge-core --test fuzz -- --nocapture
+	# Release speed with overflow checks kept on (an overflow on peer data must fail loudly here).
+	CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=true KVBRIDGE_FUZZ_CASES=20 cargo test --release -p kvbridge-core --test fuzz -- --nocapture
 
 demo: install
 	$(PY) scripts/demo.py
