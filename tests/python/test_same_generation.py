@@ -75,3 +75,34 @@ def test_a_divergence_without_logprobs_is_rejected() -> None:
 
 def test_different_lengths_are_rejected() -> None:
     assert not same_generation(GOT, CompletionResult(200, REF.tokens[:-1], top_logprobs=REF.top_logprobs[:-1]))
+
+
+def test_a_tie_in_the_first_positions_is_rejected() -> None:
+    # The same near-tie as the accepted case, but at position 2: too early to tell
+    # numerics from wrong KV.
+    got, ref = copy.deepcopy(GOT), copy.deepcopy(REF)
+    for r in (got, ref):
+        r.tokens = r.tokens[8:]
+        r.top_logprobs = r.top_logprobs[8:]
+    assert got.tokens[2] != ref.tokens[2] and got.tokens[:2] == ref.tokens[:2]
+    assert not same_generation(got, ref)
+
+
+def test_equal_tokens_with_a_log_probability_off_are_rejected() -> None:
+    # Equal tokens prove little on the test model: the log-probabilities are compared too.
+    got = copy.deepcopy(REF)
+    got.top_logprobs[5] = {k: v + 0.05 for k, v in got.top_logprobs[5].items()}
+    assert got.tokens == REF.tokens
+    assert not same_generation(got, REF)
+    assert same_generation(CompletionResult(200, REF.tokens), CompletionResult(200, REF.tokens)), "no log-probabilities: tokens only"
+
+
+def test_exact_needs_every_bit_and_the_log_probabilities() -> None:
+    assert same_generation(REF, copy.deepcopy(REF), exact=True)
+    got = copy.deepcopy(REF)
+    k = next(iter(got.top_logprobs[3]))
+    got.top_logprobs[3][k] = float.fromhex(got.top_logprobs[3][k].hex()) + 1e-12  # below a bf16 step, not equal
+    assert not same_generation(got, REF, exact=True)
+    assert same_generation(got, REF), "within the bf16 tolerance"
+    assert not same_generation(CompletionResult(200, REF.tokens), CompletionResult(200, REF.tokens), exact=True)
+    assert not same_generation(GOT, REF, exact=True), "a near-tie is never exact"

@@ -38,6 +38,7 @@ def cluster(request: pytest.FixtureRequest, model_dir: Path, connector: str) -> 
         model_dir, connector="kvbridge-push" if push else "kvbridge", log_dir=log_dir_for(__name__) / request.param,
         extra_config={"kv_host_buffer": True}, p_port=8170 + off, d_port=8270 + off, proxy_port=8070 + off,
         side_ports=(5670 + off, 5770 + off), prefix_caching=False, server_args=("--max-num-batched-tokens", "256"),
+        dtype="float16",
     )  # fmt: skip
     with c:
         yield c
@@ -61,7 +62,7 @@ def test_host_buffer_tokens_equal_single_instance(cluster: Cluster, n_tokens: in
         records = cluster.xfer_since(offset, count=1, timeout=5.0)
         assert len(records) == 1 and records[0].bytes == expected_kv_bytes(n_tokens), records
     ref = cluster.reference(prompt, MAX_TOKENS)
-    assert same_generation(res, ref) and len(res.tokens) == MAX_TOKENS, describe_divergence(res, ref)
+    assert same_generation(res, ref, exact=cluster.exact_for(len(prompt))) and len(res.tokens) == MAX_TOKENS, describe_divergence(res, ref)
     # D's first token is computed on the KV it loaded: its distribution must match, to one
     # bf16 step of a logit, the bound same_generation allows at earlier positions (CI saw a
     # step there; one local run of this module failed the tighter 1e-3 here, values unkept).

@@ -27,7 +27,7 @@ MAX_TOKENS = 16
 def cluster(model_dir: Path, connector: str) -> Iterator[Cluster]:
     c = Cluster(
         model_dir, connector=connector, log_dir=log_dir_for(__name__),
-        p_port=8120, d_port=8220, proxy_port=8020, side_ports=(5620, 5720), prefix_caching=False,
+        p_port=8120, d_port=8220, proxy_port=8020, side_ports=(5620, 5720), prefix_caching=False, dtype="float16",
     )  # fmt: skip
     with c:
         yield c
@@ -46,7 +46,7 @@ def assert_good_pd(c: Cluster) -> None:
     assert pd.decode.ok, f"good P/D request failed (alive: {alive}; see {c.log_path('decode')}): {pd.decode}"
     ref = c.reference(prompt, MAX_TOKENS)
     assert ref.ok, ref
-    assert same_generation(pd.decode, ref) and len(pd.tokens) == MAX_TOKENS, describe_divergence(pd.decode, ref)
+    assert same_generation(pd.decode, ref, exact=c.exact_for(len(prompt))) and len(pd.tokens) == MAX_TOKENS, describe_divergence(pd.decode, ref)
 
 
 @pytest.mark.parametrize("n_tokens", [1, 127, 128, 129, 511, 2048])
@@ -59,7 +59,7 @@ def test_proxy_tokens_equal_single_instance(cluster: Cluster, connector: str, n_
     ref = cluster.reference(prompt, MAX_TOKENS)
     assert ref.ok, ref
     assert len(ref.tokens) == MAX_TOKENS
-    assert same_generation(res, ref), f"{n_tokens} tokens: {describe_divergence(res, ref)}"
+    assert same_generation(res, ref, exact=cluster.exact_for(len(prompt))), f"{n_tokens} tokens: {describe_divergence(res, ref)}"
 
     if connector == "kvbridge" and n_tokens > 1:
         records = cluster.xfer_since(offset, count=1, timeout=5.0)
@@ -73,7 +73,7 @@ def test_proxy_non_streaming(cluster: Cluster) -> None:
     res = cluster.proxy_request(prompt, MAX_TOKENS, stream=False, logprobs=2)
     ref = cluster.reference(prompt, MAX_TOKENS)
     assert res.ok and ref.ok, (res, ref)
-    assert same_generation(res, ref), describe_divergence(res, ref)
+    assert same_generation(res, ref, exact=cluster.exact_for(len(prompt))), describe_divergence(res, ref)
 
 
 # ----------------------------------------------------------------------------- malformed params

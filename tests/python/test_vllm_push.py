@@ -39,6 +39,7 @@ def cluster(request: pytest.FixtureRequest, model_dir: Path) -> Iterator[Cluster
         model_dir, connector="kvbridge-push", log_dir=log_dir_for(__name__) / ("layerwise" if layerwise else "whole"),
         p_port=8140, d_port=8240, proxy_port=8040, side_ports=(5640, 5740), prefix_caching=False,
         extra_config={"push_layerwise": layerwise, "kv_lease_duration": LEASE, "push_registration_timeout": LEASE},
+        dtype="float16",
     )  # fmt: skip
     c.layerwise = layerwise  # type: ignore[attr-defined]
     with c:
@@ -112,7 +113,7 @@ def test_push_tokens_equal_single_instance(cluster: Cluster, n_tokens: int) -> N
     assert res.ok, res
     ref = cluster.reference(prompt, MAX_TOKENS)
     assert ref.ok and len(ref.tokens) == MAX_TOKENS, ref
-    assert same_generation(res, ref), f"{n_tokens} tokens: {describe_divergence(res, ref)}"
+    assert same_generation(res, ref, exact=cluster.exact_for(len(prompt))), f"{n_tokens} tokens: {describe_divergence(res, ref)}"
     recs = pushes_since(cluster, off, 1)
     assert len(recs) == 1, f"expected one kvbridge-push line in {cluster.log_path('prefill')}: {recs}"
     assert recs[0][1] == expected_kv_bytes(n_tokens), recs
@@ -142,7 +143,7 @@ def test_push_both_orders(cluster: Cluster, order: str) -> None:
     assert p.ok, p
     assert out["d"].ok, out["d"]
     ref = cluster.reference(prompt, MAX_TOKENS)
-    assert same_generation(out["d"], ref), describe_divergence(out["d"], ref)
+    assert same_generation(out["d"], ref, exact=cluster.exact_for(len(prompt))), describe_divergence(out["d"], ref)
     recs = pushes_since(cluster, off, 1)
     assert len(recs) == 1 and recs[0][1] == expected_kv_bytes(700), recs
     # Layer-wise applies exactly when D registered before P computed.
@@ -200,5 +201,5 @@ def test_malformed_push_params_fail_cleanly(cluster: Cluster, bad: dict[str, Any
     assert _failed(res), res
     good = fresh_prompt(200)
     res = cluster.proxy_request(good, MAX_TOKENS, logprobs=2)
-    assert res.ok and same_generation(res, cluster.reference(good, MAX_TOKENS)), res
+    assert res.ok and same_generation(res, cluster.reference(good, MAX_TOKENS), exact=cluster.exact_for(len(good))), res
     assert_no_blocks_held(cluster)

@@ -35,7 +35,7 @@ def cluster(model_dir: Path) -> Iterator[Cluster]:
         model_dir, connector="kvbridge", log_dir=log_dir_for(__name__),
         p_port=8180, d_port=8280, proxy_port=8080, side_ports=(5680, 5780), prefix_caching=False,
         extra_config={"kv_lease_duration": LEASE, "handshake_timeout": 1, "handshake_retries": 2},
-        engine_ids=("prefill-fixed", None), kv_load_failure_policy="fail",
+        engine_ids=("prefill-fixed", None), kv_load_failure_policy="fail", dtype="float16",
     )  # fmt: skip
     with c:
         yield c
@@ -53,7 +53,7 @@ def assert_serving(c: Cluster) -> None:
     res = c.proxy_request(prompt, MAX_TOKENS, logprobs=2)
     assert res.ok, f"P/D request failed: {res}"
     ref = c.reference(prompt, MAX_TOKENS)
-    assert ref.ok and same_generation(res, ref), describe_divergence(res, ref)
+    assert ref.ok and same_generation(res, ref, exact=c.exact_for(len(prompt))), describe_divergence(res, ref)
 
 
 def assert_failed_not_garbage(res, ref_tokens: list[int]) -> None:
@@ -267,7 +267,7 @@ def test_recompute_policy_returns_the_right_tokens(cluster: Cluster) -> None:
         res = complete(c.d_url, prompt, MAX_TOKENS, p.kv_transfer_params, stream=True, logprobs=2)
         ref = c.reference(prompt, MAX_TOKENS)
         assert res.ok, f"recompute should serve the request: {res}"
-        assert same_generation(res, ref), describe_divergence(res, ref)
+        assert same_generation(res, ref, exact=c.exact_for(len(prompt))), describe_divergence(res, ref)
         drained(c, "decode", 10)
     finally:
         c.kv_load_failure_policy = "fail"
