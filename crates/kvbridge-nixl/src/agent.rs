@@ -495,31 +495,23 @@ impl Transport for NixlTransport {
     }
     fn copy_device_to_host(&mut self, device_id: u64, copies: &[(u64, u64, u64)], stream: Option<u64>) -> Result<(), TransportError> {
         let ordinal = self.bind_cuda(device_id)?;
-        let Some(stream) = stream else {
-            // No stream named: the forward may have run on any stream (the legacy stream a
-            // synchronous copy uses does not wait for non-blocking ones): wait for the
-            // whole context first.
+        if stream.is_none() {
+            // No stream named: the forward may have run on any stream (the legacy stream
+            // does not wait for non-blocking ones): wait for the whole context first.
             self.sync_cuda(ordinal)?;
-            for &(src, dst, len) in copies {
-                // SAFETY: the caller (the staging buffer) checked both ranges: `src..src+len`
-                // is in the registered device cache, `dst..dst+len` in its own host allocation.
-                let host = unsafe { std::slice::from_raw_parts_mut(dst as usize as *mut u8, len as usize) };
-                // SAFETY: as above; the context of the cache's device is current.
-                unsafe { cudarc::driver::result::memcpy_dtoh_sync(host, src) }
-                    .map_err(|e| NixlError::CudaDevice { ordinal, reason: format!("device→host copy: {e}") })?;
-            }
-            return Ok(());
-        };
-        // On the forward's own stream: ordered after its KV writes, and only that stream
-        // is waited for (other streams keep running: no context-wide synchronisation).
-        let s = stream as usize as cudarc::driver::sys::CUstream;
+        }
+        // On the forward's own stream when named: ordered after its KV writes, and only
+        // that stream is waited for (others keep running). Otherwise the legacy stream (0).
+        let s = stream.unwrap_or(0) as usize as cudarc::driver::sys::CUstream;
         for &(src, dst, len) in copies {
-            // SAFETY: as above; `s` is the engine's stream in this (primary) context, and
-            // the host range stays alive and untouched until the synchronise below.
+            // SAFETY: the caller (the staging buffer) checked both ranges: `src..src+len` is
+            // in the registered device cache, `dst..dst+len` in its own host allocation, which
+            // stays alive and untouched until the synchronise below.
             let host = unsafe { std::slice::from_raw_parts_mut(dst as usize as *mut u8, len as usize) };
-            // SAFETY: as above.
+            // SAFETY: as above; the context of the cache's device is current and `s` is a
+            // stream of it.
             unsafe { cudarc::driver::result::memcpy_dtoh_async(host, src, s) }
-                .map_err(|e| NixlError::CudaDevice { ordinal, reason: format!("device→host copy on the engine's stream: {e}") })?;
+                .map_err(|e| NixlError::CudaDevice { ordinal, reason: format!("device→host copy: {e}") })?;
         }
         Ok(sync_stream(s, ordinal)?)
     }

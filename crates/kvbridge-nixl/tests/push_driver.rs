@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 mod common;
-use common::runtime_or_skip;
+use common::{free_port_pair, runtime_or_skip};
 use kvbridge_core::config::{CompatInfo, ConnectorConfig, EngineInfo};
 use kvbridge_core::scheduler::{FinishReason, PushScheduler, SchedulerSide};
 use kvbridge_core::testkit::{Cache, CacheLayout, Spec};
@@ -38,15 +38,6 @@ fn spec_mla(tp: u32, rank: u32, block: u32, layout: CacheLayout, mla: bool) -> S
         window: 0,
         state_layers: 0,
         state_bytes: 0,
-    }
-}
-
-fn free_port_pair() -> u16 {
-    loop {
-        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        if a < 60000 && std::net::TcpListener::bind(("127.0.0.1", a + 1)).is_ok() {
-            return a;
-        }
     }
 }
 

@@ -31,3 +31,14 @@ pub fn local_config(role: &str, engine: &str, port: u16, model: &str, extra: &st
     let info = kvbridge_core::config::EngineInfo { tp_size: 1, compat, ..Default::default() };
     kvbridge_core::ConnectorConfig::from_json(&json, info, |_| None).expect("config")
 }
+
+/// A port `a` free on 127.0.0.1 with `a + 1` free too (a TP-2 engine's two listeners).
+#[allow(dead_code)] // not every test binary uses it
+pub fn free_port_pair() -> u16 {
+    loop {
+        let a = free_port();
+        if a < 60000 && std::net::TcpListener::bind(("127.0.0.1", a + 1)).is_ok() {
+            return a;
+        }
+    }
+}

@@ -10,6 +10,7 @@
 //! fence must corrupt (D's check fails), which shows the race the fence closes is real.
 use std::time::{Duration, Instant};
 
+use super::common::free_port_pair;
 use super::{gpu_or_skip, runtime_or_skip, DevBuf, Stream};
 use kvbridge_core::config::{CompatInfo, ConnectorConfig, EngineInfo};
 use kvbridge_core::layout::MemKind;
@@ -25,31 +26,7 @@ const LAYERS: u32 = 3;
 const DELAY_GIB: usize = 8;
 
 fn spec(block: u32, layout: CacheLayout) -> Spec {
-    Spec {
-        layers: LAYERS,
-        total_heads: 4,
-        content: 64,
-        tp_size: 1,
-        tp_rank: 0,
-        block_tokens: block,
-        blocks_per_logical: 1,
-        num_blocks: 32,
-        layout,
-        mla: false,
-        swa_layers: 0,
-        window: 0,
-        state_layers: 0,
-        state_bytes: 0,
-    }
-}
-
-fn free_port_pair() -> u16 {
-    loop {
-        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        if a < 60000 && std::net::TcpListener::bind(("127.0.0.1", a + 1)).is_ok() {
-            return a;
-        }
-    }
+    Spec::dense(LAYERS, 4, 64, block, 32, layout)
 }
 
 fn config(role: &str, engine: &str, port: u16, block: u32, cuda: Option<u32>) -> ConnectorConfig {
