@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import figure as record, fresh_prompt, log_dir_for
+from helpers import expected_kv_bytes, figure as record, fresh_prompt, log_dir_for
 
 from kvbridge.testing.cluster import Cluster, abort_after, completion_body, complete, describe_divergence, same_generation
 
@@ -50,8 +50,12 @@ def assert_serving(c: Cluster) -> None:
     for name in ("prefill", "decode"):
         assert c.alive(name), f"{name} died; see {c.log_path(name)}"
     prompt = fresh_prompt(200)
+    offset = c.log_offset("decode")
     res = c.proxy_request(prompt, MAX_TOKENS, logprobs=2)
     assert res.ok, f"P/D request failed: {res}"
+    # A transfer, not D computing alone: every prompt block was read.
+    records = c.xfer_since(offset, count=1, timeout=5.0)
+    assert len(records) == 1 and records[0].bytes == expected_kv_bytes(len(prompt)), records
     ref = c.reference(prompt, MAX_TOKENS)
     assert ref.ok and same_generation(res, ref, exact=c.exact_for(len(prompt))), describe_divergence(res, ref)
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import fresh_prompt, log_dir_for
+from helpers import expected_kv_bytes, fresh_prompt, log_dir_for
 
 from kvbridge.testing.cluster import Cluster, complete, describe_divergence, same_generation
 
@@ -52,8 +52,12 @@ def test_staged_requests_free_p_blocks_at_once_and_decode_equal(cluster: Cluster
         while cluster.metrics("prefill").get("kv_cache_usage_perc", 1.0) != 0.0:
             assert time.monotonic() < deadline, f"P still holds KV blocks: {cluster.metrics('prefill')}"
             time.sleep(0.1)
+        offset = cluster.log_offset("decode")
         d = complete(cluster.d_url, prompt, MAX_TOKENS, params, stream=True, logprobs=2)
         assert d.ok, d
+        # The KV was read from P's slots, not computed by D alone: every prompt block moved.
+        records = cluster.xfer_since(offset, count=1, timeout=5.0)
+        assert len(records) == 1 and records[0].bytes == expected_kv_bytes(n_tokens), records
         ref = cluster.reference(prompt, MAX_TOKENS)
         assert ref.ok and same_generation(d, ref, exact=cluster.exact_for(len(prompt))) and len(d.tokens) == MAX_TOKENS, f"{n_tokens} tokens: {describe_divergence(d, ref)}"
 
@@ -64,8 +68,11 @@ def test_staging_slots_recycle(cluster: Cluster) -> None:
     _p_step(cluster)
     for i in range(6):  # 6 x 16 blocks through 24 slots
         prompt = fresh_prompt(2048)
+        offset = cluster.log_offset("decode")
         pd = cluster.pd_request(prompt, MAX_TOKENS, logprobs=2)
         assert pd.decode.ok, pd.decode
+        records = cluster.xfer_since(offset, count=1, timeout=5.0)
+        assert len(records) == 1 and records[0].bytes == expected_kv_bytes(2048), f"request {i}: {records}"
         assert pd.prefill.kv_transfer_params.get("remote_staged") is True, f"request {i} not staged: slots not recycled?"
         assert same_generation(pd.decode, cluster.reference(prompt, MAX_TOKENS), exact=cluster.exact_for(len(prompt))), f"request {i}"
         _p_step(cluster)  # P's worker reads D's notification; the scheduler frees the slots
