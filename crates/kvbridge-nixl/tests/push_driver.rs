@@ -11,11 +11,10 @@
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port_pair, runtime_or_skip};
+use common::{free_port_pair, poll_until, runtime_or_skip};
 use kvbridge_core::config::{CompatInfo, ConnectorConfig, EngineInfo};
 use kvbridge_core::scheduler::{FinishReason, PushScheduler, SchedulerSide};
 use kvbridge_core::testkit::{Cache, CacheLayout, Spec};
-use kvbridge_core::worker::FinishedSets;
 use kvbridge_driver::clock::now_unix;
 use kvbridge_nixl::NixlWorker;
 
@@ -132,23 +131,6 @@ impl Rig {
             assert!(t0.elapsed() < Duration::from_secs(20), "P never accepted the registrations: {:?}", self.p.push_stats());
             std::thread::sleep(Duration::from_millis(5));
         }
-    }
-}
-
-/// Poll `w` until `want` returns true on what it reported (accumulated).
-fn poll_until(w: &NixlWorker, secs: u64, want: impl Fn(&FinishedSets) -> bool) -> FinishedSets {
-    let t0 = Instant::now();
-    let mut all = FinishedSets::default();
-    loop {
-        let f = w.get_finished();
-        all.sending.extend(f.sending);
-        all.recving.extend(f.recving);
-        all.failed_recving.extend(f.failed_recving);
-        all.invalid_block_ids.extend(f.invalid_block_ids);
-        if want(&all) || t0.elapsed() > Duration::from_secs(secs) {
-            return all;
-        }
-        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

@@ -42,3 +42,25 @@ pub fn free_port_pair() -> u16 {
         }
     }
 }
+
+/// Poll `w` until `want` returns true on what it reported (accumulated).
+#[allow(dead_code)] // not every test binary uses it
+pub fn poll_until(
+    w: &kvbridge_nixl::NixlWorker,
+    secs: u64,
+    want: impl Fn(&kvbridge_core::worker::FinishedSets) -> bool,
+) -> kvbridge_core::worker::FinishedSets {
+    let t0 = std::time::Instant::now();
+    let mut all = kvbridge_core::worker::FinishedSets::default();
+    loop {
+        let f = w.get_finished();
+        all.sending.extend(f.sending);
+        all.recving.extend(f.recving);
+        all.failed_recving.extend(f.failed_recving);
+        all.invalid_block_ids.extend(f.invalid_block_ids);
+        if want(&all) || t0.elapsed() > std::time::Duration::from_secs(secs) {
+            return all;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}

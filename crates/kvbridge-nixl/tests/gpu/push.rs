@@ -10,7 +10,7 @@
 //! fence must corrupt (D's check fails), which shows the race the fence closes is real.
 use std::time::{Duration, Instant};
 
-use super::common::free_port_pair;
+use super::common::{free_port_pair, poll_until};
 use super::{gpu_or_skip, runtime_or_skip, DevBuf, Stream};
 use kvbridge_core::config::{CompatInfo, ConnectorConfig, EngineInfo};
 use kvbridge_core::layout::MemKind;
@@ -18,7 +18,7 @@ use kvbridge_core::scheduler::{FinishReason, PushScheduler, SchedulerSide};
 use kvbridge_core::testkit::{Cache, CacheLayout, Spec};
 use kvbridge_driver::clock::now_unix;
 use kvbridge_driver::worker::Fence;
-use kvbridge_nixl::{cuda, NixlWorker};
+use kvbridge_nixl::cuda;
 
 const TOKENS: u64 = 150;
 const LAYERS: u32 = 3;
@@ -36,25 +36,6 @@ fn config(role: &str, engine: &str, port: u16, block: u32, cuda: Option<u32>) ->
     );
     ConnectorConfig::from_json(&json, EngineInfo { tp_size: 1, tp_rank: 0, dp_rank: 0, compat, cuda_device: cuda }, |_| None)
         .expect("config")
-}
-
-fn poll_until(
-    w: &NixlWorker,
-    secs: u64,
-    want: impl Fn(&kvbridge_core::worker::FinishedSets) -> bool,
-) -> kvbridge_core::worker::FinishedSets {
-    let t0 = Instant::now();
-    let mut all = kvbridge_core::worker::FinishedSets::default();
-    loop {
-        let f = w.get_finished();
-        all.sending.extend(f.sending);
-        all.recving.extend(f.recving);
-        all.failed_recving.extend(f.failed_recving);
-        if want(&all) || t0.elapsed() > Duration::from_secs(secs) {
-            return all;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 /// One layer-wise push of a request from P's VRAM to D's DRAM, each layer written on a
