@@ -12,7 +12,7 @@ export KVBRIDGE_NIXL_LIB_DIR := $(KVBRIDGE_CACHE)/nixl-rt-1.5.1/.nixl_cu12.meson
 export UCX_NET_DEVICES := lo
 export KVBRIDGE_PYTHON := $(PY)
 
-.PHONY: help setup wheel install test test-rust test-python test-wheel demo bench bench-e2e bench-plan bench-transfer bench-overhead fuzz gpu-bundle clean
+.PHONY: help setup wheel install install-test test test-rust test-python test-wheel demo bench bench-e2e bench-plan bench-transfer bench-overhead fuzz gpu-bundle clean
 help:
 	@echo "make demo   - real P/D disaggregated generation with vLLM + kvbridge (tiny model)"
 	@echo "make test   - every test: Rust unit + NIXL integration + the Rust engine example, pytest with real vLLM, the wheel in a fresh venv"
@@ -48,7 +48,14 @@ test-rust: setup
 test-wheel: wheel
 	bash tests/packaging/check_wheel.sh
 
-test-python: install
+# The test build: the same wheel plus the test-only fault hook (cargo feature
+# fault-inject, `kvbridge._native.FAULT_INJECTION`), which release wheels are built without.
+install-test: setup
+	$(VENV)/bin/maturin build --release --features fault-inject --out target/wheels-test -i $(PY)
+	rm -f python/kvbridge/_native*.so
+	$(VENV)/bin/pip install -q --force-reinstall --no-deps $$(ls -t target/wheels-test/kvbridge-*.whl | head -1)
+
+test-python: install-test
 	cd tests && $(PY) -m pytest -v -x python
 
 test: test-rust test-python test-wheel

@@ -2,6 +2,8 @@
 from typing import Any, Iterable, Optional, Union
 
 __version__: str
+#: True only in test builds (cargo feature ``fault-inject``): ``KVBRIDGE_TEST_FAULT_DIR`` is honoured.
+FAULT_INJECTION: bool
 
 class KvbridgeError(Exception): ...
 class ConfigError(KvbridgeError): ...
@@ -40,6 +42,10 @@ class Scheduler:
     @property
     def staging_slots(self) -> int:
         """Staging slots (``kv_staging_blocks`` on a pull-mode producer; 0: off)."""
+        ...
+    @property
+    def kv_integrity(self) -> str:
+        """``kv_integrity``: ``"off"``, ``"sampled"`` or ``"full"``."""
         ...
     @property
     def host_buffer(self) -> bool:

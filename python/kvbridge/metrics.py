@@ -6,8 +6,9 @@ reuse vLLM's own aggregation, log line and Prometheus metrics (``vllm:nixl_xfer_
 ``vllm:nixl_post_time_seconds``, ``vllm:nixl_bytes_transferred``, ``vllm:nixl_num_descriptors``,
 ``vllm:nixl_num_failed_transfers``, ``vllm:nixl_num_failed_notifications``,
 ``vllm:nixl_num_kv_expired_reqs``, ...), same buckets, so dashboards built for
-NixlConnector work unchanged. kvbridge adds ``vllm:kvbridge_handshake_time_seconds`` and
-``vllm:kvbridge_held_blocks``.
+NixlConnector work unchanged. kvbridge adds ``vllm:kvbridge_handshake_time_seconds``,
+``vllm:kvbridge_held_blocks`` and ``vllm:kvbridge_integrity_mismatches`` (blocks whose bytes
+differed from the prefill engine's digest, ``kv_integrity``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.stats import NixlKVConnectorStats, NixlPromMetrics
 from vllm.v1.metrics.utils import create_metric_per_engine
 
-EXTRA_KEYS = ("handshake_duration", "held_blocks")
+EXTRA_KEYS = ("handshake_duration", "held_blocks", "num_integrity_mismatches")
 HANDSHAKE_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
 
 
@@ -33,7 +34,7 @@ class KVBridgeKVConnectorStats(NixlKVConnectorStats):
             self.data[k] = []
 
     def is_empty(self) -> bool:
-        return super().is_empty() and not self.data.get("handshake_duration") and not self.data.get("held_blocks")
+        return super().is_empty() and not any(self.data.get(k) for k in EXTRA_KEYS)
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         if not other.is_empty():
@@ -50,6 +51,9 @@ class KVBridgeKVConnectorStats(NixlKVConnectorStats):
         held = self.data.get("held_blocks") or []
         if held:
             out["Held blocks (max)"] = max(held)
+        bad = self.data.get("num_integrity_mismatches") or []
+        if bad:
+            out["KV integrity mismatches"] = len(bad)
         return out
 
 
@@ -73,6 +77,12 @@ class KVBridgePromMetrics(NixlPromMetrics):
             multiprocess_mode="mostrecent",
         )
         self.kvbridge_held_blocks = create_metric_per_engine(held, self.per_engine_labelvalues)
+        bad = self._counter_cls(
+            name="vllm:kvbridge_integrity_mismatches",
+            documentation="Loaded KV blocks whose bytes differed from the prefill engine's digest (kv_integrity); each failed its load.",
+            labelnames=labelnames,
+        )
+        self.kvbridge_integrity_mismatches = create_metric_per_engine(bad, self.per_engine_labelvalues)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         data = {k: transfer_stats_data.get(k, []) for k in NixlKVConnectorStats().data}
@@ -82,3 +92,6 @@ class KVBridgePromMetrics(NixlPromMetrics):
         held = transfer_stats_data.get("held_blocks") or []
         if held:
             self.kvbridge_held_blocks[engine_idx].set(max(held))
+        bad = transfer_stats_data.get("num_integrity_mismatches") or []
+        if bad:
+            self.kvbridge_integrity_mismatches[engine_idx].inc(len(bad))

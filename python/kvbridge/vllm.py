@@ -219,11 +219,13 @@ class KVBridgeConnector(KVConnectorBase_V1):
         self._push = False
         self._staging = False
         self._host_buffer = False
+        #: P with kv_integrity on: its prefills are digested after the step completing them.
+        self._integrity = False
         #: Worker: the caches are on a GPU (push WRITEs are then fenced with CUDA events).
         self._cuda_caches = False
-        #: Push, staging or host buffer: build_connector_meta reports completing prefills.
+        #: Push, staging, host buffer or integrity: build_connector_meta reports completing prefills.
         self._completing = False
-        #: Host buffer, P: prefills scheduled in chunks so far, as (prompt length, block ids).
+        #: Host buffer or integrity, P: prefills scheduled in chunks so far, as (prompt length, block ids).
         self._chunked: dict[str, tuple[int, list[int]]] = {}
         if role == KVConnectorRole.SCHEDULER:
             # The scheduler process may have no CUDA context: the device type decides
@@ -233,7 +235,9 @@ class KVBridgeConnector(KVConnectorBase_V1):
             self._push = self._sched.transfer_mode == "push"
             self._staging = self._sched.staging_slots > 0
             self._host_buffer = self._sched.host_buffer
-            self._completing = self._push or self._staging or self._host_buffer
+            # kv_integrity: P digests each prefill after the step that completes it.
+            self._integrity = self._sched.kv_integrity != "off" and vllm_config.kv_transfer_config.is_kv_producer
+            self._completing = self._push or self._staging or self._host_buffer or self._integrity
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -270,10 +274,10 @@ class KVBridgeConnector(KVConnectorBase_V1):
                 blocks = list(r.block_ids[0]) if r.block_ids else []
                 if prompt and r.num_computed_tokens + n >= prompt and blocks:
                     completing.append((r.req_id, blocks, prompt))
-                elif prompt and self._host_buffer:
+                elif prompt and (self._host_buffer or self._integrity):
                     self._chunked[r.req_id] = (prompt, blocks)
             if self._chunked:
-                # Host buffer: a chunked prefill completes in a later step, as a cached request.
+                # Host buffer, integrity: a chunked prefill completes in a later step, as a cached request.
                 cached = scheduler_output.scheduled_cached_reqs
                 for i, rid in enumerate(cached.req_ids):
                     if rid not in self._chunked:

@@ -22,6 +22,10 @@ for f in ("py.typed", "_native.pyi"):
     assert (pkg / f).is_file(), f"the wheel lacks kvbridge/{f}"
 native = [p.name for p in pkg.glob("_native*.so")]
 assert native and all(".abi3." in n for n in native), f"expected an abi3 extension module, got {native}"
+# A release wheel ignores KVBRIDGE_TEST_FAULT_DIR: the fault hook is compiled out.
+from kvbridge import _native  # noqa: E402
+
+assert _native.FAULT_INJECTION is False, "the release wheel was built with the test-only fault-inject feature"
 
 # The NIXL runtime comes from the installed nixl-cu12 package, with no loader path set.
 lib_dir = kvbridge.nixl_lib_dir()

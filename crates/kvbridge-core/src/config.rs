@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::ConfigError;
+use crate::integrity::{IntegrityMode, DEFAULT_SAMPLE_EVERY};
 
 /// The documented guide for moving off `kv_both`.
 pub const KV_BOTH_MIGRATION_DOC: &str = "docs/migration-kv-both.md";
@@ -195,6 +196,11 @@ pub struct ConnectorConfig {
     /// blocks into before laying them out locally (`kv_recv_staging_mib`, default 64; 0:
     /// off). DRAM caches only.
     pub kv_recv_staging_mib: u32,
+    /// End-to-end KV checks (`kv_integrity`: `off`, `sampled`, `full`; see
+    /// [`crate::integrity`]).
+    pub kv_integrity: IntegrityMode,
+    /// `sampled` digests one block in this many per request (`kv_integrity_sample_every`).
+    pub kv_integrity_sample_every: u32,
     /// From [`EngineInfo::cuda_device`].
     pub cuda_device: Option<u32>,
     /// Host-buffer transfers (vLLM's `kv_buffer_device="cpu"` on a GPU engine): NIXL moves
@@ -232,7 +238,12 @@ pub const EXTRA_KEYS: &[&str] = &[
     "kv_peers",
     "kv_cache_layout",
     "kv_recv_staging_mib",
+    "kv_integrity",
+    "kv_integrity_sample_every",
 ];
+
+/// Default `kv_integrity`.
+pub const DEFAULT_INTEGRITY: IntegrityMode = IntegrityMode::Sampled;
 
 /// The `kv_cache_layout` values kvbridge may ask vLLM for: vLLM 0.32's `KVCacheLayout`
 /// names and the legacy aliases (`NHD` = `LBNHC`, `HND` = `LBHNC`).
@@ -393,6 +404,20 @@ impl ConnectorConfig {
                 reason: format!("expected an integer in 0..=65536, got {v}"),
             })?,
         };
+        let kv_integrity = match extra.get("kv_integrity") {
+            None | Some(Value::Null) => DEFAULT_INTEGRITY,
+            Some(v) => v.as_str().and_then(IntegrityMode::parse).ok_or_else(|| ConfigError::InvalidValue {
+                key: "kv_integrity".into(),
+                reason: format!("expected \"off\", \"sampled\" or \"full\", got {v}"),
+            })?,
+        };
+        let kv_integrity_sample_every = match extra.get("kv_integrity_sample_every") {
+            None => DEFAULT_SAMPLE_EVERY,
+            Some(v) => v.as_u64().filter(|n| (1..=1 << 20).contains(n)).map(|n| n as u32).ok_or_else(|| ConfigError::InvalidValue {
+                key: "kv_integrity_sample_every".into(),
+                reason: format!("expected an integer in 1..=1048576, got {v}"),
+            })?,
+        };
         // The cache layout the connector asks vLLM for (vLLM reads it on the Python side;
         // checked here so that a typo is a ConfigError, not a silently ignored preference).
         match extra.get("kv_cache_layout") {
@@ -472,6 +497,8 @@ impl ConnectorConfig {
             coalesce_descriptors,
             kv_staging_blocks,
             kv_recv_staging_mib,
+            kv_integrity,
+            kv_integrity_sample_every,
             null_block_id,
             push_layerwise,
             push_registration_timeout,

@@ -17,6 +17,7 @@
 //! - [`testkit`]: synthetic KV caches with known contents, for tests and benchmarks.
 pub mod config;
 pub mod error;
+pub mod integrity;
 pub mod layout;
 pub mod params;
 pub mod peers;

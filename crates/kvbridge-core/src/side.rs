@@ -9,9 +9,10 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::CompatInfo;
 use crate::error::{HandshakeError, WireError};
+use crate::integrity::{DigestSet, DigestsRequest};
 use crate::wire::{
     self, HandshakePayload, HeartbeatReply, HeartbeatRequest, PushRegistration, RegisterAck, SideEnvelope, SideReply, SideRequest,
-    MAX_HANDSHAKE_BYTES, MAX_SIDE_REQUEST_BYTES,
+    MAX_HANDSHAKE_BYTES, MAX_REQUEST_ID_BYTES, MAX_SIDE_REQUEST_BYTES,
 };
 
 /// The handshake payload a listener serves; set when caches are (re)registered. Its
@@ -25,6 +26,8 @@ pub type RegisterHandler = Arc<dyn Fn(PushRegistration) -> Result<(), String> + 
 pub type HeartbeatHandler = Arc<dyn Fn(&str, HeartbeatRequest) -> HeartbeatReply + Send + Sync>;
 /// The accounting view (JSON text) served to `Inspect` requests.
 pub type InspectHandler = Arc<dyn Fn() -> String + Send + Sync>;
+/// P with `kv_integrity`: a request's block digests.
+pub type DigestsHandler = Arc<dyn Fn(&DigestsRequest) -> DigestSet + Send + Sync>;
 
 /// What a listener does with each kind of request beyond handshakes.
 #[derive(Clone, Default)]
@@ -35,6 +38,8 @@ pub struct Handlers {
     pub heartbeat: Option<HeartbeatHandler>,
     /// `Inspect` requests; `None`: answered with an error.
     pub inspect: Option<InspectHandler>,
+    /// Digest requests (`kv_integrity`); `None`: answered with a `missing` set.
+    pub digests: Option<DigestsHandler>,
 }
 
 /// Who this side channel speaks for: stamped on every request it sends, and checked on
@@ -163,6 +168,17 @@ pub fn answer(identity: &Identity, payload: &PayloadCell, handlers: &Handlers, b
             Some(h) => reply_ok(h().into_bytes()),
             None => reply_err("this listener has no accounting view".into()),
         },
+        SideRequest::Digests(r) => {
+            let set = match &handlers.digests {
+                _ if r.key.len() > MAX_REQUEST_ID_BYTES + 16 => DigestSet::missing("request key too long"),
+                Some(h) => h(&r),
+                None => DigestSet::missing("this engine keeps no KV digests (kv_integrity=off)"),
+            };
+            match wire::encode("DigestSet", &set) {
+                Ok(b) => reply_ok(b),
+                Err(e) => reply_err(e.to_string()),
+            }
+        }
         SideRequest::Handshake(r) if r.version != wire::WIRE_VERSION => {
             reply_err(format!("wire version {} not supported (want {})", r.version, wire::WIRE_VERSION))
         }

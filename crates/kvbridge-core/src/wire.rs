@@ -211,6 +211,9 @@ pub struct ConnectorMetadata {
     /// P, pull with staging: blocks to copy into staging slots after this step's forward.
     #[serde(default)]
     pub stage: Vec<StageReq>,
+    /// P with `kv_integrity`: blocks to digest after this step's forward.
+    #[serde(default)]
+    pub digest: Vec<crate::integrity::DigestReq>,
 }
 
 /// D → one remote engine: "I still want these requests' blocks".
@@ -240,6 +243,7 @@ impl ConnectorMetadata {
             && self.push_aborted.is_empty()
             && self.heartbeats.is_empty()
             && self.stage.is_empty()
+            && self.digest.is_empty()
     }
     /// Encodes as msgpack.
     pub fn to_bytes(&self) -> Result<Vec<u8>, WireError> {
@@ -323,6 +327,9 @@ pub enum SideRequest {
     Heartbeat(HeartbeatRequest),
     /// Debug/metrics view of the blocks this worker holds: answered with JSON text.
     Inspect,
+    /// `kv_integrity`: a request's block digests, answered with a
+    /// [`DigestSet`](crate::integrity::DigestSet).
+    Digests(crate::integrity::DigestsRequest),
 }
 
 /// Upper bound on a side-channel request (a push registration is the largest).

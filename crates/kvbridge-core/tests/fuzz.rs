@@ -193,6 +193,11 @@ fn side_channel_listener_never_panics() {
         register: Some(Arc::new(move |r| s2.lock().unwrap().on_registration(r, 1000.0).map(|_| ()).map_err(|e| e.to_string()))),
         heartbeat: Some(Arc::new(move |_, hb| b2.lock().unwrap().on_heartbeat(&hb, 1000.0, 20.0))),
         inspect: Some(Arc::new(|| "{}".into())),
+        digests: Some(Arc::new(|r: &kvbridge_core::integrity::DigestsRequest| {
+            let mut st = kvbridge_core::integrity::DigestStore::default();
+            st.insert("p1".into(), kvbridge_core::integrity::DigestSet { offered: vec![1, 2], ..Default::default() }, 2e9);
+            st.get(&r.key, 1.7e9)
+        })),
     };
     let id = Identity {
         engine_id: "P".into(),
@@ -209,6 +214,7 @@ fn side_channel_listener_never_panics() {
         envelope("H", &hb),
         envelope("", &SideRequest::Inspect),
         envelope("X", &hs),
+        envelope("H", &SideRequest::Digests(kvbridge_core::integrity::DigestsRequest { key: "p1".into() })),
     ];
     fuzz("side::answer", cases(30_000), bytes_or_mutated(seeds), |b| {
         let reply = side::answer(&id, &payload, &handlers, &b, 1.7e9);

@@ -211,6 +211,13 @@ impl Scheduler {
         self.inner.staging_slots()
     }
 
+    /// `kv_integrity`: "off", "sampled" or "full". P reports every prefill's completing
+    /// step unless "off".
+    #[getter]
+    fn kv_integrity(&self) -> &'static str {
+        self.inner.config().kv_integrity.as_str()
+    }
+
     /// Host-buffer transfers (`kv_buffer_device="cpu"` on a GPU engine, or
     /// `kv_host_buffer`): P must report every prefill's completing step.
     #[getter]
@@ -521,5 +528,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TransportError", py.get_type::<TransportError>())?;
     m.add("NixlRuntimeMissing", py.get_type::<NixlRuntimeMissing>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // True only in test builds (feature `fault-inject`): `KVBRIDGE_TEST_FAULT_DIR` is honoured.
+    m.add("FAULT_INJECTION", cfg!(feature = "fault-inject"))?;
     Ok(())
 }

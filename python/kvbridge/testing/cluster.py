@@ -218,7 +218,9 @@ class Cluster:
     ``prefix_caching`` applies to both servers unless ``p_prefix_caching`` sets P's on its own.
     ``block_sizes`` sets P's and D's ``--block-size`` (None: vLLM's default). ``dtype`` is both
     servers' ``--dtype``. ``extra_env`` is added to every process's env. ``server_args`` are
-    appended to both servers' command lines.
+    appended to both servers' command lines. kvbridge clusters run with ``kv_integrity``
+    (default ``"full"``: D compares every loaded block with P's digest) and, when they stop
+    cleanly, assert that D found no mismatch (``check_integrity``).
     """
 
     def __init__(
@@ -242,10 +244,17 @@ class Cluster:
         engine_ids: tuple[str | None, str | None] = (None, None),
         dtype: str = "bfloat16",
         server_args: tuple[str, ...] = (),
+        kv_integrity: str | None = "full",
+        expect_mismatches: bool = False,
     ) -> None:
         if connector not in CONNECTORS:
             raise ValueError(f"connector must be one of {sorted(CONNECTORS)}, not {connector!r}")
         self.extra_config = dict(extra_config or {})
+        if connector.startswith("kvbridge") and kv_integrity is not None:
+            self.extra_config.setdefault("kv_integrity", kv_integrity)
+        #: Checked when the cluster stops (``check_integrity``): D found no mismatching block
+        #: unless a test injected them on purpose.
+        self.expect_mismatches = expect_mismatches
         self.max_model_len = max_model_len
         self.kv_load_failure_policy = kv_load_failure_policy
         self.engine_ids = engine_ids
@@ -493,7 +502,27 @@ class Cluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        try:
+            if exc[0] is None:
+                self.check_integrity()
+        finally:
+            self.stop()
+
+    def integrity(self, name: str = "decode") -> dict[str, int]:
+        """kvbridge's ``kv_integrity`` counters of server ``name``'s worker (rank 0)."""
+        return {k: v for k, v in self.held(name).items() if k.startswith("integrity_")}
+
+    def check_integrity(self) -> None:
+        """D (if alive, kvbridge) found no block whose bytes differed from P's digest, and,
+        when it read anything with ``kv_integrity`` on, compared at least one load."""
+        if not self.connector.startswith("kvbridge") or self.extra_config.get("kv_integrity") in (None, "off"):
+            return
+        if not self.alive("decode") or self.expect_mismatches:
+            return
+        acct = self.held("decode")
+        assert acct["integrity_mismatched_blocks"] == 0, f"D found KV blocks that differ from P's: {acct}"
+        if acct["reads_ok"] > 0 and not self.connector.endswith("-push"):
+            assert acct["integrity_verified_loads"] + acct["integrity_unverified_loads"] > 0, f"no load was checked: {acct}"
 
     def pid(self, name: str) -> int:
         """Pid of the top process of ``name`` ("prefill", "decode" or "proxy")."""

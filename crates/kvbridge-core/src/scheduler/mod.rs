@@ -219,6 +219,7 @@ pub struct SchedulerBase {
     step_push_register: Vec<PushRecv>,
     step_push_aborted: Vec<String>,
     step_stage: Vec<StageReq>,
+    step_digest: Vec<crate::integrity::DigestReq>,
     /// P with a host buffer: requests whose blocks were ordered copied to it.
     host_copied: HashSet<String>,
 }
@@ -356,6 +357,11 @@ impl SchedulerBase {
     pub fn push_stage(&mut self, s: StageReq) {
         self.step_stage.push(s);
     }
+    /// P with `kv_integrity`: digest a completed prefill's blocks after this step's forward,
+    /// kept under `key`; D is told to read `offered` (staging slots, or the blocks).
+    pub fn order_digest(&mut self, key: String, block_ids: &[u32], offered: &[u32]) {
+        self.step_digest.push(crate::integrity::DigestReq { key, block_ids: block_ids.to_vec(), offered: offered.to_vec() });
+    }
     /// P with a host buffer: copy `req_id`'s blocks to their own ids in the host mirror
     /// after this step's forward (the worker's `wait_for_save`), and remember that it was.
     pub fn order_host_copy(&mut self, req_id: &str, block_ids: &[u32]) {
@@ -384,6 +390,7 @@ impl SchedulerBase {
             epoch: self.epoch,
             heartbeats: std::mem::take(&mut self.step_heartbeats),
             stage: std::mem::take(&mut self.step_stage),
+            digest: std::mem::take(&mut self.step_digest),
         }
     }
 

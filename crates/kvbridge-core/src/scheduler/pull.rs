@@ -8,6 +8,7 @@ use super::{params_kind, FinishReason, Finished, Matched, SchedulerBase, Schedul
 use crate::config::ConnectorConfig;
 use crate::error::{ParamsError, RoleError};
 use crate::params::{KvParams, RemotePrefill, ReqParams};
+use crate::integrity::IntegrityMode;
 use crate::wire::{ConnectorMetadata, RecvReq, RemoteRef, SendLease, StageReq};
 
 /// The pull-mode scheduler. Pure: inputs are vLLM's calls, outputs are return values
@@ -171,9 +172,11 @@ impl SchedulerSide for PullScheduler {
         match kind {
             KvParams::None => Matched::NONE,
             KvParams::RemoteDecode if self.cfg.role.can_produce() => {
-                // A host buffer needs every producing request's copy: no bound there (the
-                // set holds running requests only; `request_finished` removes them).
-                if self.cfg.host_buffer || (self.staging.enabled() && self.producing.len() < MAX_PRODUCING) {
+                // A host buffer needs every producing request's copy, and kv_integrity its
+                // digests: no bound there (the set holds running requests only;
+                // `request_finished` removes them).
+                let every = self.cfg.host_buffer || self.cfg.kv_integrity != IntegrityMode::Off;
+                if every || (self.staging.enabled() && self.producing.len() < MAX_PRODUCING) {
                     self.producing.insert(req_id.to_string());
                 }
                 Matched::NONE
@@ -317,23 +320,32 @@ impl SchedulerSide for PullScheduler {
     }
 
     fn prefill_completing(&mut self, req_id: &str, block_ids: &[u32], _num_tokens: u64) {
+        if !self.producing.contains(req_id) {
+            return;
+        }
+        let integrity = self.cfg.kv_integrity != IntegrityMode::Off;
         // Host buffer: copy the blocks to their own ids in the host mirror, at the end of
         // this step (the worker's `wait_for_save`), before `request_finished` offers them.
         if self.cfg.host_buffer {
-            if self.producing.contains(req_id) {
-                self.base.order_host_copy(req_id, block_ids);
+            self.base.order_host_copy(req_id, block_ids);
+            if integrity {
+                self.base.order_digest(req_id.to_string(), block_ids, block_ids);
             }
             return;
         }
         // Staging: copy the KV out once this step's forward has computed it. Too few free
         // slots: the request keeps its blocks in place (vLLM holds them, as without staging).
-        if !self.staging.enabled() || !self.producing.contains(req_id) {
-            return;
+        let slots = if self.staging.enabled() { self.staging.reserve(req_id, block_ids.len()) } else { None };
+        if self.staging.enabled() && slots.is_none() {
+            tracing::debug!(request_id = %req_id, blocks = block_ids.len(), free = self.staging.free_slots(),
+                "kvbridge: not staging (too few free slots, or already staged); blocks stay held in place");
         }
-        match self.staging.reserve(req_id, block_ids.len()) {
-            Some(slots) => self.base.push_stage(StageReq { req_id: req_id.to_string(), block_ids: block_ids.to_vec(), slots }),
-            None => tracing::debug!(request_id = %req_id, blocks = block_ids.len(), free = self.staging.free_slots(),
-                "kvbridge: not staging (too few free slots, or already staged); blocks stay held in place"),
+        // Integrity: digest the cache's blocks (not the staged copy, so a bad copy shows).
+        if integrity {
+            self.base.order_digest(req_id.to_string(), block_ids, slots.as_deref().unwrap_or(block_ids));
+        }
+        if let Some(slots) = slots {
+            self.base.push_stage(StageReq { req_id: req_id.to_string(), block_ids: block_ids.to_vec(), slots });
         }
     }
 

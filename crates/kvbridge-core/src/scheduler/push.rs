@@ -156,6 +156,14 @@ impl SchedulerSide for PushScheduler {
     }
 
     fn prefill_completing(&mut self, req_id: &str, block_ids: &[u32], num_tokens: u64) {
+        // Integrity: digest the blocks after this step's forward, under the key D fetches
+        // them by (the transfer id, else the base request id).
+        if self.cfg.kv_integrity != crate::integrity::IntegrityMode::Off && !self.saving.contains(req_id) {
+            if let Some(t) = self.producing.get(req_id) {
+                let key = crate::integrity::push_key(t, crate::wire::base_request_id(req_id));
+                self.base.order_digest(key, block_ids, block_ids);
+            }
+        }
         // Host buffer: copy the blocks to their own ids in the host mirror after this
         // step's forward; the whole-request writes read them from there.
         if self.cfg.host_buffer {

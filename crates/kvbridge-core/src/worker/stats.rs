@@ -4,7 +4,7 @@
 //! to the logging process, aggregates them across workers and renders the periodic log
 //! line and the Prometheus metrics (`vllm:nixl_*`). [`XferStats`] keeps the same keys, so
 //! the Python side reuses vLLM's own aggregation, buckets and metric names unchanged;
-//! kvbridge adds `handshake_duration` and `held_blocks`.
+//! kvbridge adds `handshake_duration`, `held_blocks` and `num_integrity_mismatches`.
 use serde::Serialize;
 
 /// Each list keeps at most this many entries between two collections, so an engine that
@@ -40,6 +40,9 @@ pub struct XferStats {
     pub handshake_duration: Vec<f64>,
     /// kvbridge: blocks this rank holds for remote readers, sampled at collection.
     pub held_blocks: Vec<u64>,
+    /// kvbridge, D with `kv_integrity`: one `1` per loaded block whose bytes differed from
+    /// P's digest.
+    pub num_integrity_mismatches: Vec<u32>,
 }
 
 fn push<T>(v: &mut Vec<T>, x: T) {
@@ -92,6 +95,7 @@ impl XferStats {
             && self.num_kv_expired_reqs.is_empty()
             && self.num_notifications_after_expiry.is_empty()
             && self.handshake_duration.is_empty()
+            && self.num_integrity_mismatches.is_empty()
     }
 
     /// Append `other`'s observations (another part of the same worker).
@@ -111,6 +115,7 @@ impl XferStats {
         ext(&mut self.num_notifications_after_expiry, other.num_notifications_after_expiry);
         ext(&mut self.handshake_duration, other.handshake_duration);
         ext(&mut self.held_blocks, other.held_blocks);
+        ext(&mut self.num_integrity_mismatches, other.num_integrity_mismatches);
     }
 
     /// The observations so far, leaving this empty.

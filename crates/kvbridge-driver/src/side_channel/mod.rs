@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvbridge_core::error::HandshakeError;
+use kvbridge_core::integrity::{DigestSet, DigestsRequest};
 use kvbridge_core::side::open_reply;
 pub use kvbridge_core::side::{Handlers, HeartbeatHandler, Identity, InspectHandler, PayloadCell, RegisterHandler};
 use kvbridge_core::wire::{
@@ -170,6 +171,21 @@ impl SideChannel {
     ) {
         self.request(host, port, SideRequest::Heartbeat(req), timeout, 0, move |res| {
             done(res.and_then(|b| Ok(wire::decode::<HeartbeatReply>("HeartbeatReply", &b, MAX_HANDSHAKE_BYTES)?)))
+        });
+    }
+
+    /// D, `kv_integrity`: a request's block digests from a P rank. Not retried (a lost
+    /// reply leaves the load unverified, not failed).
+    pub fn digests(
+        &self,
+        host: String,
+        port: u16,
+        req: DigestsRequest,
+        timeout: Duration,
+        done: impl FnOnce(Result<DigestSet, HandshakeError>) + Send + 'static,
+    ) {
+        self.request(host, port, SideRequest::Digests(req), timeout, 0, move |res| {
+            done(res.and_then(|b| Ok(wire::decode::<DigestSet>("DigestSet", &b, MAX_HANDSHAKE_BYTES)?)))
         });
     }
 

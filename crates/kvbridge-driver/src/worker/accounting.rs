@@ -1,22 +1,24 @@
 //! The accounting view of one worker rank: blocks held for remote readers, loads in
 //! flight and counters, served to `Inspect` requests and `kvbridge.inspect`. Takes only
 //! the state lock, never the transport's.
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Mutex;
 
 use kvbridge_core::transport::Transport;
 use kvbridge_core::worker::push_plan::PushCtl;
 
+use super::integrity::Counters;
 use super::{lock_ctl, Shared, WorkerDriver};
 
 impl<T: Transport + 'static> WorkerDriver<T> {
     /// Blocks held for remote peers and loads in flight on this rank, with counters.
     pub fn accounting(&self) -> serde_json::Value {
-        view(&self.shared, &self.push, &self.cfg.engine_id, self.cfg.tp_rank)
+        view(&self.shared, &self.push, &self.cfg.engine_id, self.cfg.tp_rank, &self.integrity.counters)
     }
 }
 
 /// The accounting view of one worker rank (see [`WorkerDriver::accounting`]).
-pub(crate) fn view<T: Transport>(shared: &Shared<T>, push: &Mutex<PushCtl>, engine: &str, rank: u32) -> serde_json::Value {
+pub(crate) fn view<T: Transport>(shared: &Shared<T>, push: &Mutex<PushCtl>, engine: &str, rank: u32, ic: &Counters) -> serde_json::Value {
     let g = shared.state();
     let (loading_requests, loading_blocks) = g.core.loading_blocks();
     let b = &g.core.base;
@@ -41,6 +43,12 @@ pub(crate) fn view<T: Transport>(shared: &Shared<T>, push: &Mutex<PushCtl>, engi
         "handshakes_failed": st.handshakes_failed,
         "engines_evicted": st.engines_evicted,
         "ready_peers": g.core.ready_peers(),
+        "integrity_verified_loads": ic.verified_loads.load(Relaxed),
+        "integrity_checked_blocks": ic.checked_blocks.load(Relaxed),
+        "integrity_mismatched_blocks": ic.mismatched_blocks.load(Relaxed),
+        "integrity_failed_loads": ic.failed_loads.load(Relaxed),
+        "integrity_unverified_loads": ic.unverified_loads.load(Relaxed),
+        "integrity_digested_blocks": ic.digested_blocks.load(Relaxed),
     });
     drop(g);
     let c = lock_ctl(push);

@@ -11,10 +11,10 @@ use super::WorkerDriver;
 use crate::staging::StagingBuffer;
 
 impl<T: Transport + 'static> WorkerDriver<T> {
-    /// Pull, P with staging: copies wait for this step's `wait_for_save` (an engine may
-    /// release its interpreter lock for them, and only then).
+    /// P: staging copies and `kv_integrity` digests wait for this step's `wait_for_save`
+    /// (an engine may release its interpreter lock for them, and only then).
     pub fn has_staging_work(&self) -> bool {
-        self.to_stage.lock().map(|v| !v.is_empty()).unwrap_or(false)
+        self.to_stage.lock().map(|v| !v.is_empty()).unwrap_or(false) || self.integrity.todo.lock().map(|v| !v.is_empty()).unwrap_or(false)
     }
 
     /// Pull, P with staging: copy the prefills this step completed into their slots.

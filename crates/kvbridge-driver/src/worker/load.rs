@@ -56,6 +56,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 v.extend(stage);
             }
         }
+        self.integrity_metadata(&mut md);
         if self.cfg.host_buffer {
             // D: the blocks each load fills, for the copy to the cache once it is done.
             if let Ok(mut h) = self.host_loads.lock() {
@@ -179,6 +180,8 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         if self.cfg.host_buffer {
             self.restore_loads(&mut out);
         }
+        // After any copy into the cache: what landed is compared with P's digests.
+        self.verify_loads(&mut out);
         out
     }
 }

@@ -39,7 +39,10 @@ use crate::staging::StagingBuffer;
 use push_state::{Work, WriterState};
 
 pub mod accounting;
+#[cfg(feature = "fault-inject")]
+pub(crate) mod fault;
 pub mod host;
+pub mod integrity;
 pub mod load;
 pub mod push_meta;
 pub(crate) mod push_state;
@@ -114,6 +117,8 @@ pub struct WorkerDriver<T: Transport + 'static> {
     pub(crate) host_loads: Mutex<HostLoads>,
     /// P, pull with staging: copies ordered by this step's metadata, done in `wait_for_save`.
     pub(crate) to_stage: Mutex<Vec<StageReq>>,
+    /// `kv_integrity`: digests (P), checks (D) and counters.
+    pub(crate) integrity: Arc<integrity::Integrity>,
     /// GPU caches: the engine's CUDA stream for this step ([`NO_STREAM`]: none named), on
     /// which staging and host-buffer copies are queued and waited for.
     pub(crate) stream: AtomicU64,
@@ -171,6 +176,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         } else {
             (None, None)
         };
+        let cfg_integrity = (cfg.kv_integrity, cfg.kv_integrity_sample_every);
         Ok(Self {
             block_size: cfg.compat.block_size,
             read_timeout: cfg.kv_lease_duration,
@@ -190,6 +196,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             to_stage: Mutex::new(Vec::new()),
             host_loads: Mutex::new(HostLoads::default()),
             stream: AtomicU64::new(NO_STREAM),
+            integrity: Arc::new(integrity::Integrity::new(cfg_integrity.0, cfg_integrity.1)),
         })
     }
 
@@ -266,6 +273,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 let g = self.shared.state();
                 (held > 0 || g.core.base.held_requests() > 0, recv > 0 || !g.xfers.is_empty())
             };
+            let loading = loading || self.verifying() > 0;
             if f != FinishedSets::default() || !(holding || loading) || t0.elapsed() >= max_wait {
                 return f;
             }
@@ -281,6 +289,8 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             (g.core.base.xfer.take(), g.core.base.held_blocks())
         };
         out.merge(lock_ctl(&self.push).xfer.take());
+        let bad = self.integrity.new_mismatches.swap(0, Ordering::Relaxed);
+        out.num_integrity_mismatches.extend(std::iter::repeat(1).take(bad.min(65_536) as usize));
         // Held blocks are sampled when anything else happened, or when they changed.
         let changed = self.last_held.swap(held, Ordering::Relaxed) != held;
         if out.is_empty() && !changed {

@@ -145,6 +145,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
     /// are posted once `fence` (recorded after the forward's last KV write) has passed.
     pub fn wait_for_save_fenced(&self, fence: Option<Box<dyn Fence>>) {
         self.stage_now();
+        self.digest_now();
         if !self.layerwise_now.swap(false, Ordering::AcqRel) {
             return;
         }

@@ -111,6 +111,9 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         if let Ok(mut p) = self.payload.lock() {
             *p = Some(payload);
         }
+        // kv_integrity digests the cache when it is DRAM, else the host mirror NIXL moves.
+        let mirror = staging.as_ref().filter(|_| self.cfg.host_buffer).map(|m| KvLayout { regions: m.regions.clone(), ..cache.clone() });
+        self.integrity.on_registered(&cache, mirror.as_ref());
         if let Ok(mut st) = self.staging.write() {
             *st = staging;
         }
@@ -142,7 +145,12 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             });
             h
         });
-        let handlers = Handlers { register: on_register, heartbeat: Some(self.heartbeat_handler()), inspect: Some(self.inspect_handler()) };
+        let handlers = Handlers {
+            register: on_register,
+            heartbeat: Some(self.heartbeat_handler()),
+            inspect: Some(self.inspect_handler()),
+            digests: Some(self.digests_handler()),
+        };
         self.side.serve_with(&self.cfg.side_channel_host, port, self.payload.clone(), handlers)?;
         if self.cfg.role.can_consume() && self.cfg.mode == kvbridge_core::config::TransferMode::Pull {
             for (host, port) in self.cfg.peers.clone() {
@@ -187,8 +195,9 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         let push = self.push.clone();
         let engine = self.cfg.engine_id.clone();
         let rank = self.cfg.tp_rank;
+        let integrity = self.integrity.clone();
         Arc::new(move || match shared.upgrade() {
-            Some(shared) => accounting::view(&shared, &push, &engine, rank).to_string(),
+            Some(shared) => accounting::view(&shared, &push, &engine, rank, &integrity.counters).to_string(),
             None => "{}".to_string(),
         })
     }

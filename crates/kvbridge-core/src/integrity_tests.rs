@@ -1,0 +1,122 @@
+use super::*;
+
+fn sig(n: usize) -> Vec<RegionSig> {
+    (0..n).map(|i| RegionSig { name: format!("layer{i}"), block_len: 4096 }).collect()
+}
+
+/// P's set for `offered` with every block digested as `f(index, region)`.
+fn set(offered: Vec<u32>, regions: usize, f: impl Fn(u32, usize) -> u32) -> DigestSet {
+    let checked: Vec<u32> = (0..offered.len() as u32).collect();
+    let digests = checked.iter().flat_map(|&i| (0..regions).map(move |r| (i, r))).map(|(i, r)| f(i, r)).collect();
+    DigestSet { missing: None, tp_size: 1, blocks_per_logical: 1, regions: sig(regions), offered, checked, digests }
+}
+
+fn expect(local: Vec<u32>, offered: Option<Vec<u32>>) -> Expect {
+    Expect { key: "p".into(), local, offered, host: "h".into(), port: 1 }
+}
+
+#[test]
+fn modes_parse_and_sampling_is_a_stable_fraction() {
+    for m in ["off", "sampled", "full"] {
+        assert_eq!(IntegrityMode::parse(m).map(IntegrityMode::as_str), Some(m));
+    }
+    assert_eq!(IntegrityMode::parse("on"), None);
+    assert_eq!(chosen(IntegrityMode::Full, "r", 5, 8), vec![0, 1, 2, 3, 4]);
+    assert!(chosen(IntegrityMode::Off, "r", 5, 8).is_empty());
+    let s = chosen(IntegrityMode::Sampled, "req-1", 64, 8);
+    assert_eq!(s.len(), 8, "{s:?}");
+    assert!(s.windows(2).all(|w| w[1] - w[0] == 8));
+    assert_eq!(s, chosen(IntegrityMode::Sampled, "req-1", 64, 8), "the same request samples the same blocks");
+    // A short request still checks one block.
+    for key in ["a", "b", "c", "d"] {
+        assert_eq!(chosen(IntegrityMode::Sampled, key, 1, 8), vec![0]);
+    }
+    assert!(chosen(IntegrityMode::Sampled, "x", 0, 8).is_empty());
+}
+
+#[test]
+fn tail_alignment_pairs_d_blocks_with_ps_last_blocks() {
+    let s = set(vec![10, 11, 12, 13], 2, |i, r| i * 10 + r as u32);
+    // D had a prefix hit on P's first two blocks and loads the last two into 7, 8.
+    let p = pairs(&expect(vec![7, 8], Some(vec![10, 11, 12, 13])), &s, &sig(2), 1, 1).unwrap();
+    assert_eq!(p, vec![(7, 2), (8, 3)]);
+    let got = vec![vec![20, 21], vec![30, 31]];
+    assert_eq!(compare(&s, &p, &got), Verdict::Pass { blocks: 2 });
+    let bad = vec![vec![20, 21], vec![30, 99]];
+    assert_eq!(
+        compare(&s, &p, &bad),
+        Verdict::Mismatch(vec![Mismatch { local_block: 8, index: 3, region: "layer1".into(), expected: 31, got: 99 }])
+    );
+}
+
+#[test]
+fn sampled_sets_compare_only_digested_blocks() {
+    let mut s = set(vec![1, 2, 3, 4], 1, |i, _| i);
+    s.checked = vec![1, 3];
+    s.digests = vec![1, 3];
+    let p = pairs(&expect(vec![5, 6, 7, 8], None), &s, &sig(1), 1, 1).unwrap();
+    assert_eq!(p, vec![(6, 0), (8, 1)]);
+}
+
+#[test]
+fn incomparable_or_inconsistent_sets_are_unverified_not_passed() {
+    let s = set(vec![1, 2], 2, |_, _| 0);
+    let e = expect(vec![5, 6], Some(vec![1, 2]));
+    assert!(pairs(&e, &DigestSet::missing("off"), &sig(2), 1, 1).is_err());
+    assert!(pairs(&e, &s, &sig(3), 1, 1).is_err(), "different regions");
+    assert!(pairs(&e, &s, &sig(2), 2, 1).is_err(), "different kernel blocks per block");
+    assert!(pairs(&e, &s, &sig(2), 1, 2).is_err(), "different TP");
+    assert!(pairs(&expect(vec![5, 6], Some(vec![1, 9])), &s, &sig(2), 1, 1).is_err(), "P digested other blocks than it offered");
+    assert!(pairs(&expect(vec![4, 5, 6], None), &s, &sig(2), 1, 1).is_err(), "more local blocks than remote");
+    let mut m = s.clone();
+    m.digests.pop();
+    assert!(pairs(&e, &m, &sig(2), 1, 1).is_err(), "malformed");
+}
+
+#[test]
+fn store_expires_and_bounds_its_sets() {
+    let mut st = DigestStore::default();
+    st.insert("a".into(), set(vec![1], 1, |_, _| 7), 10.0);
+    st.insert("b".into(), set(vec![1], 1, |_, _| 8), 20.0);
+    assert_eq!(st.get("a", 5.0).digests, vec![7]);
+    assert!(st.get("a", 15.0).missing.is_some(), "expired");
+    assert_eq!(st.get("b", 15.0).digests, vec![8]);
+    assert_eq!(st.len(), 1);
+    for i in 0..MAX_STORED + 10 {
+        st.insert(format!("k{i}"), DigestSet::default(), 100.0);
+    }
+    assert_eq!(st.len(), MAX_STORED);
+    assert!(st.get("k0", 50.0).missing.is_some(), "the oldest went first");
+}
+
+#[test]
+fn verifier_holds_landed_loads_until_their_digests_arrive() {
+    let mut v = Verifier::default();
+    v.expect("early", expect(vec![1], None), true);
+    v.expect("late", expect(vec![2], None), false);
+    v.expect("failed", expect(vec![3], None), true);
+    v.expect("lost", expect(vec![4], None), true);
+    v.on_reply("early", set(vec![9], 1, |_, _| 1));
+    let mut out = FinishedSets {
+        recving: vec!["early".into(), "late".into(), "failed".into(), "lost".into(), "other".into()],
+        failed_recving: vec!["failed".into()],
+        ..Default::default()
+    };
+    let ready = v.on_finished(&mut out, 100.0, 5.0);
+    assert_eq!(ready.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(), vec!["early"]);
+    assert_eq!(out.recving, vec!["early", "failed", "other"], "late and lost wait; a failed load is reported as it is");
+    assert_eq!(v.waiting(), 2);
+    let asked = v.take_unfetched_landed();
+    assert_eq!(asked.iter().map(|a| a.0.as_str()).collect::<Vec<_>>(), vec!["late"], "push: asked once it landed");
+    assert!(v.take_unfetched_landed().is_empty(), "and only once");
+    assert!(v.poll(101.0).is_empty());
+    v.on_reply("late", set(vec![9], 1, |_, _| 1));
+    let r = v.poll(101.0);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].0, "late");
+    let r = v.poll(106.0);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].0, "lost");
+    assert!(r[0].2.missing.is_some(), "no reply in time: unverified");
+    assert!(v.is_empty());
+}

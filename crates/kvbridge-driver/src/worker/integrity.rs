@@ -1,0 +1,323 @@
+//! `kv_integrity`'s I/O around the core's [`kvbridge_core::integrity`]: P digests a
+//! completed prefill's blocks in `wait_for_save` and serves the digests on the side
+//! channel; D fetches them while it loads, digests what landed in its cache (after any
+//! staging or host-buffer copy) and fails the blocks that differ before vLLM hears the
+//! load finished.
+//!
+//! Digests are CRC-32C (SSE 4.2 / ARMv8 CRC instructions through the `crc32c` crate) of
+//! each logical block, per region, read from DRAM: the cache itself, or on a GPU engine
+//! the host mirror NIXL moves (`kv_buffer_device="cpu"`). A GPU cache read in place has
+//! no host copy to digest; its loads are counted unverified.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use kvbridge_core::integrity::{
+    self, DigestReq, DigestSet, DigestStore, DigestsRequest, Expect, IntegrityMode, RegionSig, Verdict, Verifier,
+};
+use kvbridge_core::layout::{KvLayout, MemKind};
+use kvbridge_core::side::DigestsHandler;
+use kvbridge_core::transport::Transport;
+use kvbridge_core::wire::{self, ConnectorMetadata};
+use kvbridge_core::worker::FinishedSets;
+
+use super::{now_unix, WorkerDriver};
+
+/// Counters, served in the accounting view and the stats.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Loads compared block by block (every compared block matched or not).
+    pub verified_loads: AtomicU64,
+    /// Blocks compared.
+    pub checked_blocks: AtomicU64,
+    /// Blocks whose bytes differed from P's.
+    pub mismatched_blocks: AtomicU64,
+    /// Loads failed for a mismatch.
+    pub failed_loads: AtomicU64,
+    /// Loads that could not be compared (no digests, layouts that differ, GPU cache).
+    pub unverified_loads: AtomicU64,
+    /// P: blocks digested.
+    pub digested_blocks: AtomicU64,
+}
+
+/// The driver's integrity state.
+#[derive(Default)]
+pub(crate) struct Integrity {
+    pub mode: IntegrityMode,
+    pub every: u32,
+    /// The memory digests are taken over (a DRAM cache, or a GPU cache's host mirror), set
+    /// at registration; `None`: nothing to digest.
+    pub source: RwLock<Option<Arc<KvLayout>>>,
+    pub store: Arc<Mutex<DigestStore>>,
+    pub todo: Mutex<Vec<DigestReq>>,
+    pub verifier: Mutex<Verifier>,
+    pub counters: Arc<Counters>,
+    /// Mismatches since the last stats collection (vLLM's one-`1`-per-event encoding).
+    pub new_mismatches: AtomicU64,
+    #[cfg(feature = "fault-inject")]
+    pub fault: Mutex<super::fault::Faults>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The region signatures both sides compare.
+pub(crate) fn sigs(l: &KvLayout) -> Vec<RegionSig> {
+    l.regions.iter().map(|r| RegionSig { name: r.name.clone(), block_len: r.block_len }).collect()
+}
+
+/// CRC-32C of logical block `b` in each region of `l` (its kernel blocks back to back),
+/// appended to `out`. `l` must be DRAM that stays mapped (the engine's cache or our mirror).
+pub(crate) fn block_digests(l: &KvLayout, b: u32, out: &mut Vec<u32>) -> Result<(), String> {
+    let bpl = u64::from(l.blocks_per_logical.max(1));
+    for r in &l.regions {
+        let first = u64::from(b) * bpl;
+        if r.mem != MemKind::Dram || first + bpl > r.num_blocks {
+            return Err(format!("block {b} is not a DRAM block of region {}", r.name));
+        }
+        let mut crc = 0;
+        for k in first..first + bpl {
+            // SAFETY: `k < num_blocks` was checked; the region's blocks are `block_len`
+            // bytes of registered DRAM at `block_addr(k)`, mapped while the engine runs.
+            let bytes = unsafe { std::slice::from_raw_parts(r.block_addr(k) as usize as *const u8, r.block_len as usize) };
+            crc = crc32c::crc32c_append(crc, bytes);
+        }
+        out.push(crc);
+    }
+    Ok(())
+}
+
+impl Integrity {
+    pub(crate) fn new(mode: IntegrityMode, every: u32) -> Self {
+        Self { mode, every, ..Default::default() }
+    }
+
+    /// Registration: digest `cache` when it is DRAM, else `mirror` (a GPU cache's host copy).
+    pub(crate) fn on_registered(&self, cache: &KvLayout, mirror: Option<&KvLayout>) {
+        let src = if cache.regions.iter().all(|r| r.mem == MemKind::Dram) { Some(cache) } else { mirror };
+        if self.mode != IntegrityMode::Off && src.is_none() {
+            tracing::warn!("kvbridge: kv_integrity needs a DRAM copy of the KV; a GPU cache read in place is not checked (use kv_buffer_device=\"cpu\")");
+        }
+        if let Ok(mut s) = self.source.write() {
+            *s = src.map(|l| Arc::new(l.clone()));
+        }
+    }
+
+    fn source(&self) -> Option<Arc<KvLayout>> {
+        self.source.read().ok().and_then(|g| g.clone())
+    }
+
+    /// P: the digest set of one completed prefill.
+    fn digest(&self, l: &KvLayout, tp_size: u32, d: &DigestReq) -> DigestSet {
+        let checked = integrity::chosen(self.mode, &d.key, d.block_ids.len(), self.every);
+        let mut digests = Vec::with_capacity(checked.len() * l.regions.len());
+        for &i in &checked {
+            let Some(&b) = d.block_ids.get(i) else { return DigestSet::missing("block index out of range") };
+            if let Err(e) = block_digests(l, b, &mut digests) {
+                return DigestSet::missing(e);
+            }
+        }
+        if digests.len() > integrity::MAX_DIGESTS {
+            return DigestSet::missing("too many blocks to digest");
+        }
+        self.counters.digested_blocks.fetch_add(checked.len() as u64, Ordering::Relaxed);
+        DigestSet {
+            missing: None,
+            tp_size,
+            blocks_per_logical: l.blocks_per_logical,
+            regions: sigs(l),
+            offered: d.offered.clone(),
+            checked: checked.iter().map(|&i| i as u32).collect(),
+            digests,
+        }
+    }
+}
+
+impl<T: Transport + 'static> WorkerDriver<T> {
+    /// P: digest the prefills this step completed (after the forward, in `wait_for_save`),
+    /// kept for twice the lease.
+    pub(crate) fn digest_now(&self) {
+        let todo = std::mem::take(&mut *lock(&self.integrity.todo));
+        if todo.is_empty() {
+            return;
+        }
+        let src = self.integrity.source();
+        let expiry = now_unix() + 2.0 * self.cfg.kv_lease_duration.as_secs_f64();
+        for d in todo {
+            let t0 = std::time::Instant::now();
+            let set = match &src {
+                Some(l) => self.integrity.digest(l, self.cfg.tp_size, &d),
+                None => DigestSet::missing("this engine's KV cache is not in DRAM (no digests)"),
+            };
+            tracing::debug!(key = %d.key, blocks = set.checked.len(), us = t0.elapsed().as_secs_f64() * 1e6, missing = ?set.missing, "kvbridge: digested");
+            lock(&self.integrity.store).insert(d.key, set, expiry);
+        }
+    }
+
+    /// P: serve digest sets on the side channel.
+    pub(crate) fn digests_handler(&self) -> DigestsHandler {
+        let store = self.integrity.store.clone();
+        Arc::new(move |r: &DigestsRequest| lock(&store).get(&r.key, now_unix()))
+    }
+
+    /// Queue a step's digest orders (P) and remember the loads to verify (D); pull loads'
+    /// digests are fetched now, while the READ runs.
+    pub(crate) fn integrity_metadata(&self, md: &mut ConnectorMetadata) {
+        let orders = std::mem::take(&mut md.digest);
+        if !orders.is_empty() {
+            lock(&self.integrity.todo).extend(orders);
+        }
+        if self.integrity.mode == IntegrityMode::Off || !self.cfg.role.can_consume() {
+            return;
+        }
+        let rank = self.cfg.tp_rank;
+        let port_of = |base: u16| u16::try_from(rank).ok().and_then(|r| base.checked_add(r));
+        let mut fetch = Vec::new();
+        {
+            let mut v = lock(&self.integrity.verifier);
+            for r in md.reqs_to_recv.iter().filter(|r| !r.notify_only) {
+                let (Some(local), Some(offered), Some(port)) = (single(&r.local_block_ids), single(&r.remote.block_ids), port_of(r.remote.port))
+                else {
+                    self.integrity.counters.unverified_loads.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                if r.remote.tp_size != self.cfg.tp_size {
+                    self.integrity.counters.unverified_loads.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let e = Expect { key: r.remote.request_id.clone(), local, offered: Some(offered), host: r.remote.host.clone(), port };
+                v.expect(&r.req_id, e.clone(), true);
+                fetch.push((r.req_id.clone(), e));
+            }
+            for r in md.push_register.iter().filter(|r| !r.notify_only) {
+                let (Some(local), Some(port)) = (single(&r.local_block_ids), port_of(r.port)) else {
+                    self.integrity.counters.unverified_loads.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                if r.tp_size != self.cfg.tp_size {
+                    self.integrity.counters.unverified_loads.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                // P digests at the end of its prefill, which may not have run yet: fetched
+                // once the writes have landed.
+                let key = integrity::push_key(&r.transfer_id, wire::base_request_id(&r.req_id));
+                v.expect(&r.req_id, Expect { key, local, offered: None, host: r.host.clone(), port }, false);
+            }
+        }
+        for (req, e) in fetch {
+            self.fetch_digests(req, &e);
+        }
+    }
+
+    fn fetch_digests(&self, req: String, e: &Expect) {
+        let me = Arc::downgrade(&self.integrity);
+        self.side.digests(e.host.clone(), e.port, DigestsRequest { key: e.key.clone() }, self.cfg.handshake_timeout, move |res| {
+            let set = res.unwrap_or_else(|e| DigestSet::missing(format!("fetching digests failed: {e}")));
+            if let Some(i) = me.upgrade() {
+                lock(&i.verifier).on_reply(&req, set);
+            }
+        });
+    }
+
+    /// D: hold back loads that landed before their digests, compare the others, and turn
+    /// mismatches into failed loads with their blocks invalid.
+    pub(crate) fn verify_loads(&self, out: &mut FinishedSets) {
+        if self.integrity.mode == IntegrityMode::Off {
+            return;
+        }
+        let now = now_unix();
+        let wait = self.cfg.handshake_timeout.as_secs_f64() * 2.0;
+        let (mut ready, fetch) = {
+            let mut v = lock(&self.integrity.verifier);
+            if v.is_empty() {
+                return;
+            }
+            let mut r = v.on_finished(out, now, wait);
+            r.extend(v.poll(now));
+            (r, v.take_unfetched_landed())
+        };
+        for (req, e) in fetch {
+            self.fetch_digests(req, &e);
+        }
+        for (req, e, set) in ready.drain(..) {
+            self.check(req, &e, &set, out);
+        }
+    }
+
+    fn check(&self, req: String, e: &Expect, set: &DigestSet, out: &mut FinishedSets) {
+        let c = &self.integrity.counters;
+        let Some(l) = self.integrity.source() else {
+            c.unverified_loads.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        #[cfg(feature = "fault-inject")]
+        lock(&self.integrity.fault).inject(&l, &req, &e.local);
+        let verdict = match integrity::pairs(e, set, &sigs(&l), l.blocks_per_logical, self.cfg.tp_size) {
+            Err(why) => Verdict::Unverified(why),
+            Ok(pairs) => {
+                let pairs: Vec<(u32, usize)> = pairs.into_iter().filter(|(b, _)| Some(*b) != self.cfg.null_block_id).collect();
+                let mut got = Vec::with_capacity(pairs.len());
+                let mut err = None;
+                for (b, _) in &pairs {
+                    let mut d = Vec::with_capacity(l.regions.len());
+                    if let Err(e) = block_digests(&l, *b, &mut d) {
+                        err = Some(e);
+                        break;
+                    }
+                    got.push(d);
+                }
+                match err {
+                    Some(e) => Verdict::Unverified(e),
+                    None => integrity::compare(set, &pairs, &got),
+                }
+            }
+        };
+        if !out.recving.contains(&req) {
+            out.recving.push(req.clone());
+        }
+        match verdict {
+            Verdict::Pass { blocks } => {
+                c.verified_loads.fetch_add(1, Ordering::Relaxed);
+                c.checked_blocks.fetch_add(blocks as u64, Ordering::Relaxed);
+            }
+            Verdict::Unverified(why) => {
+                c.unverified_loads.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(request_id = %req, key = %e.key, reason = %why, "kvbridge: load not verified (kv_integrity)");
+            }
+            Verdict::Mismatch(bad) => {
+                c.verified_loads.fetch_add(1, Ordering::Relaxed);
+                c.checked_blocks.fetch_add(set.checked.len() as u64, Ordering::Relaxed);
+                c.mismatched_blocks.fetch_add(bad.len() as u64, Ordering::Relaxed);
+                c.failed_loads.fetch_add(1, Ordering::Relaxed);
+                self.integrity.new_mismatches.fetch_add(bad.len() as u64, Ordering::Relaxed);
+                if let Some(m) = bad.first() {
+                    tracing::error!(request_id = %req, remote_request = %e.key, block = m.local_block, remote_index = m.index,
+                        region = %m.region, expected = format_args!("{:08x}", m.expected), got = format_args!("{:08x}", m.got),
+                        bad_blocks = bad.len(), "kvbridge: KV integrity mismatch; the load fails (kv_load_failure_policy)");
+                }
+                out.invalid_block_ids.extend(bad.iter().map(|m| m.local_block));
+                if !out.failed_recving.contains(&req) {
+                    out.failed_recving.push(req);
+                }
+            }
+        }
+    }
+
+    /// D: loads that landed and wait for their digests.
+    pub(crate) fn verifying(&self) -> usize {
+        lock(&self.integrity.verifier).waiting()
+    }
+
+    /// The integrity counters (accounting view, tests).
+    pub fn integrity_counters(&self) -> &Counters {
+        &self.integrity.counters
+    }
+}
+
+/// The one block list of a single-group request.
+fn single(groups: &[Vec<u32>]) -> Option<Vec<u32>> {
+    match groups {
+        [g] => Some(g.clone()),
+        _ => None,
+    }
+}
