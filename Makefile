@@ -12,7 +12,7 @@ export KVBRIDGE_NIXL_LIB_DIR := $(KVBRIDGE_CACHE)/nixl-rt-1.5.1/.nixl_cu12.meson
 export UCX_NET_DEVICES := lo
 export KVBRIDGE_PYTHON := $(PY)
 
-.PHONY: help setup wheel install install-test test test-rust test-python test-wheel demo bench bench-e2e bench-plan bench-transfer bench-overhead fuzz gpu-bundle clean
+.PHONY: help setup wheel install install-test test test-rust test-python test-wheel demo bench bench-e2e bench-plan bench-transfer bench-integrity bench-overhead fuzz gpu-bundle clean
 help:
 	@echo "make demo   - real P/D disaggregated generation with vLLM + kvbridge (tiny model)"
 	@echo "make test   - every test: Rust unit + NIXL integration + the Rust engine example, pytest with real vLLM, the wheel in a fresh venv"
@@ -20,6 +20,7 @@ help:
 	@echo "make bench-e2e  - pd_ttft matrix (512/2048/8192 tokens x concurrency 1/4/8) + push vs pull (~50 min)"
 	@echo "make bench-plan - benches/plan_vs_numpy.py: plan vs vLLM numpy, coalescing vs raw NIXL"
 	@echo "make bench-transfer - benches/transfer.py: kvbridge vs raw NIXL vs memcpy, 1 MiB..1 GiB"
+	@echo "make bench-integrity - benches/integrity.py: kv_integrity digest cost vs the READ, corruptions caught"
 	@echo "make bench-overhead - benches/connector_overhead.py: per-step connector cost vs NixlConnector"
 	@echo "make wheel  - build the kvbridge wheel into target/wheels"
 	@echo "make fuzz   - the decoder fuzz targets at 20x the cases make test runs (3.5M)"
@@ -81,6 +82,9 @@ bench-plan: setup
 
 bench-transfer: setup
 	$(PY) benches/transfer.py
+
+bench-integrity: setup
+	$(PY) benches/integrity.py
 
 bench-overhead: install
 	$(PY) benches/connector_overhead.py

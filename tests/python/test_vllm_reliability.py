@@ -13,6 +13,8 @@ only its incarnation (``remote_epoch``) tells them apart. Figures are printed as
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +28,7 @@ from kvbridge.testing.cluster import Cluster, abort_after, completion_body, comp
 pytestmark = pytest.mark.slow
 
 LEASE = 8.0  # kv_lease_duration (s): lease-bound waits stay short
+FAULTS = tempfile.mkdtemp(prefix="kvbridge-faults-")
 MAX_TOKENS = 8
 
 
@@ -36,6 +39,8 @@ def cluster(model_dir: Path) -> Iterator[Cluster]:
         p_port=8180, d_port=8280, proxy_port=8080, side_ports=(5680, 5780), prefix_caching=False,
         extra_config={"kv_lease_duration": LEASE, "handshake_timeout": 1, "handshake_retries": 2},
         engine_ids=("prefill-fixed", None), kv_load_failure_policy="fail", dtype="float16",
+        # The test build's fault hook (test_integrity_mismatch_fails_under_policy_fail).
+        extra_env={"KVBRIDGE_TEST_FAULT_DIR": FAULTS}, expect_mismatches=True,
     )  # fmt: skip
     with c:
         yield c
@@ -277,4 +282,30 @@ def test_recompute_policy_returns_the_right_tokens(cluster: Cluster) -> None:
         c.kv_load_failure_policy = "fail"
         c.restart("prefill")
         c.restart("decode")
+    assert_serving(c)
+
+
+def test_integrity_mismatch_fails_under_policy_fail(cluster: Cluster) -> None:
+    """kv_integrity=full with kv_load_failure_policy=fail: a landed block that differs from
+    P's digest fails the request (an error, not a 200 with wrong tokens), one log line names
+    it, P's blocks are freed by D's notification, and both engines keep serving."""
+    from kvbridge import _native
+
+    if not _native.FAULT_INJECTION:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the test build must have the fault-inject feature (make test-python builds it)")
+        pytest.skip("kvbridge built without the fault-inject feature")
+    c = cluster
+    before = c.integrity()
+    p_expired = c.held("prefill")["expired_leases"]
+    (Path(FAULTS) / "next").write_text("garbage 0\n")
+    prompt = fresh_prompt(300)
+    ref = c.reference(prompt, MAX_TOKENS)
+    res = c.proxy_request(prompt, MAX_TOKENS)
+    assert_failed_not_garbage(res, ref.tokens)
+    after = c.integrity()
+    assert after["integrity_failed_loads"] - before["integrity_failed_loads"] == 1, after
+    assert after["integrity_mismatched_blocks"] - before["integrity_mismatched_blocks"] == 1, after
+    drained(c, "prefill", LEASE / 2)
+    assert c.held("prefill")["expired_leases"] == p_expired, "P's blocks were freed by D's notification, not the lease"
     assert_serving(c)
