@@ -120,3 +120,51 @@ fn verifier_holds_landed_loads_until_their_digests_arrive() {
     assert!(r[0].2.missing.is_some(), "no reply in time: unverified");
     assert!(v.is_empty());
 }
+
+fn scheduler(extra: &str) -> crate::scheduler::PullScheduler {
+    use crate::config::{CompatInfo, ConnectorConfig, EngineInfo};
+    let json = format!(r#"{{"kv_role":"kv_producer","engine_id":"P","kv_connector_extra_config":{{{extra}}}}}"#);
+    let info = EngineInfo { tp_size: 1, compat: CompatInfo { model: "m".into(), block_size: 16, ..Default::default() }, ..Default::default() };
+    crate::scheduler::PullScheduler::new(ConnectorConfig::from_json(&json, info, |_| None).unwrap())
+}
+
+#[test]
+fn p_orders_digests_of_producing_prefills_with_the_ids_it_offers() {
+    use crate::scheduler::SchedulerSide;
+    const DECODE: &str = r#"{"do_remote_decode":true}"#;
+    // Default (sampled): ordered for producing requests only.
+    let mut p = scheduler("");
+    p.get_num_new_matched_tokens("a", 64, 0, Some(DECODE));
+    p.prefill_completing("a", &[7, 8, 9], 64);
+    p.prefill_completing("plain", &[1], 16);
+    let md = p.build_connector_meta();
+    assert_eq!(md.digest, vec![DigestReq { key: "a".into(), block_ids: vec![7, 8, 9], offered: vec![7, 8, 9] }]);
+    // Staged: the cache's blocks are digested, D is told the slots.
+    let mut p = scheduler(r#""kv_integrity":"full","kv_staging_blocks":4"#);
+    p.get_num_new_matched_tokens("b", 64, 0, Some(DECODE));
+    p.prefill_completing("b", &[3, 4], 64);
+    let md = p.build_connector_meta();
+    assert_eq!(md.digest.len(), 1);
+    assert_eq!(md.digest[0].block_ids, vec![3, 4]);
+    assert_eq!(md.digest[0].offered, md.stage[0].slots, "D reads the slots");
+    // Off: nothing.
+    let mut p = scheduler(r#""kv_integrity":"off""#);
+    p.get_num_new_matched_tokens("c", 64, 0, Some(DECODE));
+    p.prefill_completing("c", &[1], 16);
+    assert!(p.build_connector_meta().digest.is_empty());
+}
+
+#[test]
+fn config_rejects_unknown_modes_and_bad_sample_rates() {
+    use crate::config::{ConnectorConfig, EngineInfo};
+    let mk = |extra: &str| {
+        let json = format!(r#"{{"kv_role":"kv_producer","engine_id":"P","kv_connector_extra_config":{{{extra}}}}}"#);
+        ConnectorConfig::from_json(&json, EngineInfo::default(), |_| None)
+    };
+    assert_eq!(mk("").unwrap().kv_integrity, crate::config::DEFAULT_INTEGRITY);
+    assert_eq!(mk(r#""kv_integrity":"full""#).unwrap().kv_integrity, IntegrityMode::Full);
+    assert!(mk(r#""kv_integrity":"on""#).unwrap_err().to_string().contains("kv_integrity"));
+    assert!(mk(r#""kv_integrity":true"#).is_err());
+    assert!(mk(r#""kv_integrity_sample_every":0"#).is_err());
+    assert_eq!(mk(r#""kv_integrity_sample_every":4"#).unwrap().kv_integrity_sample_every, 4);
+}
