@@ -122,13 +122,17 @@ def test_soak_random_lengths_and_aborts_leaks_nothing(cluster: Cluster) -> None:
     td = c.wait_drained("decode", LEASE + 3)
     p, d = c.held("prefill"), c.held("decode")
     leaked = p["held_blocks"] + p["loading_blocks"] + d["held_blocks"] + d["loading_blocks"]
+    # kv_integrity=full: no block differed, and no load is left waiting for a check.
+    assert d["integrity_mismatched_blocks"] == 0 and d["integrity_pending_loads"] == 0, d
+    assert d["integrity_verified_loads"] > 0, d
     figure(
         f"soak_seed={seed} soak_requests={n} soak_ok={counts['ok']} soak_aborted={counts['aborted']} "
         f"p_drain_no_aborts_s={p_drain_1:.2f} p_expired_leases_no_aborts={p1['expired_leases']} "
         f"soak_checked_equal={len(checked)} soak_seconds={secs:.1f} soak_rate_per_s={n / secs:.2f} "
         f"soak_leaked_blocks={leaked} p_drain_s={tp:.2f} d_drain_s={td:.2f} "
         f"p_expired_leases={p['expired_leases']} p_released_leases={p['released_leases']} d_reads_ok={d['reads_ok']} "
-        f"d_reads_failed={d['reads_failed']}"
+        f"d_reads_failed={d['reads_failed']} d_integrity_verified_loads={d['integrity_verified_loads']} "
+        f"d_integrity_checked_blocks={d['integrity_checked_blocks']} d_integrity_unverified_loads={d['integrity_unverified_loads']}"
     )
     assert leaked == 0
     assert counts["ok"] + counts["aborted"] == n

@@ -311,7 +311,7 @@ struct Pending {
     landed: bool,
     /// P was asked for the digests.
     fetched: bool,
-    /// Set when it lands: past this, it is reported unverified.
+    /// Before it lands: when to forget it. Once landed: when to report it unverified.
     deadline: f64,
 }
 
@@ -331,8 +331,11 @@ impl Verifier {
     /// [`on_finished`](Self::on_finished) passes).
     /// `fetched`: the driver asked P already (else it does once the load lands, see
     /// [`take_unfetched_landed`](Self::take_unfetched_landed)).
-    pub fn expect(&mut self, req: &str, e: Expect, fetched: bool) {
-        self.pending.insert(req.to_string(), Pending { expect: e, reply: None, landed: false, fetched, deadline: f64::INFINITY });
+    /// An entry whose load never lands (a request failed or aborted where no finished
+    /// set names it) is dropped after `forget_after` seconds from `now_unix`.
+    pub fn expect(&mut self, req: &str, e: Expect, fetched: bool, now_unix: f64, forget_after: f64) {
+        let p = Pending { expect: e, reply: None, landed: false, fetched, deadline: now_unix + forget_after };
+        self.pending.insert(req.to_string(), p);
     }
 
     /// Landed loads whose digests were not asked for yet (push: P digests at the end of
@@ -388,6 +391,7 @@ impl Verifier {
     /// Landed loads whose reply came since, or whose deadline passed (with a `missing`
     /// set): to compare and report now.
     pub fn poll(&mut self, now_unix: f64) -> Vec<Ready> {
+        self.pending.retain(|_, p| p.landed || now_unix <= p.deadline);
         let due: Vec<String> =
             self.pending.iter().filter(|(_, p)| p.landed && (p.reply.is_some() || now_unix > p.deadline)).map(|(r, _)| r.clone()).collect();
         due.into_iter()

@@ -92,10 +92,11 @@ fn store_expires_and_bounds_its_sets() {
 #[test]
 fn verifier_holds_landed_loads_until_their_digests_arrive() {
     let mut v = Verifier::default();
-    v.expect("early", expect(vec![1], None), true);
-    v.expect("late", expect(vec![2], None), false);
-    v.expect("failed", expect(vec![3], None), true);
-    v.expect("lost", expect(vec![4], None), true);
+    v.expect("early", expect(vec![1], None), true, 90.0, 60.0);
+    v.expect("late", expect(vec![2], None), false, 90.0, 60.0);
+    v.expect("failed", expect(vec![3], None), true, 90.0, 60.0);
+    v.expect("lost", expect(vec![4], None), true, 90.0, 60.0);
+    v.expect("never", expect(vec![5], None), true, 90.0, 60.0);
     v.on_reply("early", set(vec![9], 1, |_, _| 1));
     let mut out = FinishedSets {
         recving: vec!["early".into(), "late".into(), "failed".into(), "lost".into(), "other".into()],
@@ -118,7 +119,9 @@ fn verifier_holds_landed_loads_until_their_digests_arrive() {
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].0, "lost");
     assert!(r[0].2.missing.is_some(), "no reply in time: unverified");
-    assert!(v.is_empty());
+    assert_eq!(v.len(), 1, "a load that never landed is kept a while");
+    assert!(v.poll(151.0).is_empty());
+    assert!(v.is_empty(), "then forgotten");
 }
 
 fn scheduler(extra: &str) -> crate::scheduler::PullScheduler {

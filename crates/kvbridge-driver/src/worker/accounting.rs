@@ -7,18 +7,20 @@ use std::sync::Mutex;
 use kvbridge_core::transport::Transport;
 use kvbridge_core::worker::push_plan::PushCtl;
 
-use super::integrity::Counters;
+use super::integrity::Integrity;
 use super::{lock_ctl, Shared, WorkerDriver};
 
 impl<T: Transport + 'static> WorkerDriver<T> {
     /// Blocks held for remote peers and loads in flight on this rank, with counters.
     pub fn accounting(&self) -> serde_json::Value {
-        view(&self.shared, &self.push, &self.cfg.engine_id, self.cfg.tp_rank, &self.integrity.counters)
+        view(&self.shared, &self.push, &self.cfg.engine_id, self.cfg.tp_rank, &self.integrity)
     }
 }
 
 /// The accounting view of one worker rank (see [`WorkerDriver::accounting`]).
-pub(crate) fn view<T: Transport>(shared: &Shared<T>, push: &Mutex<PushCtl>, engine: &str, rank: u32, ic: &Counters) -> serde_json::Value {
+pub(crate) fn view<T: Transport>(shared: &Shared<T>, push: &Mutex<PushCtl>, engine: &str, rank: u32, integrity: &Integrity) -> serde_json::Value {
+    let ic = &integrity.counters;
+    let pending = integrity.pending();
     let g = shared.state();
     let (loading_requests, loading_blocks) = g.core.loading_blocks();
     let b = &g.core.base;
@@ -49,6 +51,7 @@ pub(crate) fn view<T: Transport>(shared: &Shared<T>, push: &Mutex<PushCtl>, engi
         "integrity_failed_loads": ic.failed_loads.load(Relaxed),
         "integrity_unverified_loads": ic.unverified_loads.load(Relaxed),
         "integrity_digested_blocks": ic.digested_blocks.load(Relaxed),
+        "integrity_pending_loads": pending,
     });
     drop(g);
     let c = lock_ctl(push);

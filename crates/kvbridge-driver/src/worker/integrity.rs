@@ -137,6 +137,11 @@ impl Integrity {
         }
     }
 
+    /// D: loads tracked for a check (landed or not).
+    pub(crate) fn pending(&self) -> usize {
+        lock(&self.verifier).len()
+    }
+
     fn source(&self) -> Option<Arc<KvLayout>> {
         self.source.read().ok().and_then(|g| g.clone())
     }
@@ -207,6 +212,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         let rank = self.cfg.tp_rank;
         let port_of = |base: u16| u16::try_from(rank).ok().and_then(|r| base.checked_add(r));
         let mut fetch = Vec::new();
+        let (now, forget) = (now_unix(), 4.0 * self.cfg.kv_lease_duration.as_secs_f64() + 60.0);
         {
             let mut v = lock(&self.integrity.verifier);
             for r in md.reqs_to_recv.iter().filter(|r| !r.notify_only) {
@@ -220,7 +226,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                     continue;
                 }
                 let e = Expect { key: r.remote.request_id.clone(), local, offered: Some(offered), host: r.remote.host.clone(), port };
-                v.expect(&r.req_id, e.clone(), true);
+                v.expect(&r.req_id, e.clone(), true, now, forget);
                 fetch.push((r.req_id.clone(), e));
             }
             for r in md.push_register.iter().filter(|r| !r.notify_only) {
@@ -235,7 +241,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 // P digests at the end of its prefill, which may not have run yet: fetched
                 // once the writes have landed.
                 let key = integrity::push_key(&r.transfer_id, wire::base_request_id(&r.req_id));
-                v.expect(&r.req_id, Expect { key, local, offered: None, host: r.host.clone(), port }, false);
+                v.expect(&r.req_id, Expect { key, local, offered: None, host: r.host.clone(), port }, false, now, forget);
             }
         }
         for (req, e) in fetch {
@@ -331,6 +337,11 @@ impl<T: Transport + 'static> WorkerDriver<T> {
     /// D: loads that landed and wait for their digests.
     pub(crate) fn verifying(&self) -> usize {
         lock(&self.integrity.verifier).waiting()
+    }
+
+    /// D: loads tracked for a check (landed or not).
+    pub fn integrity_pending(&self) -> usize {
+        self.integrity.pending()
     }
 
     /// The integrity counters (accounting view, tests).

@@ -197,7 +197,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         let rank = self.cfg.tp_rank;
         let integrity = self.integrity.clone();
         Arc::new(move || match shared.upgrade() {
-            Some(shared) => accounting::view(&shared, &push, &engine, rank, &integrity.counters).to_string(),
+            Some(shared) => accounting::view(&shared, &push, &engine, rank, &integrity).to_string(),
             None => "{}".to_string(),
         })
     }
