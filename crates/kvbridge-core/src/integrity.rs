@@ -209,8 +209,10 @@ impl DigestStore {
 pub struct Expect {
     /// The store key to fetch.
     pub key: String,
-    /// D's blocks, in prompt order: the tail of P's.
+    /// D's blocks, in prompt order: the tail of the P blocks the prompt uses.
     pub local: Vec<u32>,
+    /// The prompt's tokens (P's blocks past them are not part of the load).
+    pub num_tokens: u64,
     /// Pull: the ids P offered (checked against the digest set's). Push: unknown.
     pub offered: Option<Vec<u32>>,
     /// P's side-channel host and this rank's P port.
@@ -249,8 +251,16 @@ pub enum Verdict {
 }
 
 /// The `(local block, digest row)` pairs to compare for `e` against `set`, given D's own
-/// regions and kernel blocks per block, or why none can be.
-pub fn pairs(e: &Expect, set: &DigestSet, local: &[RegionSig], local_bpl: u32, local_tp: u32) -> Result<Vec<(u32, usize)>, String> {
+/// regions, kernel blocks per block, TP size and tokens per block (0: unknown), or why none
+/// can be. D's blocks pair with the tail of the P blocks the prompt uses, as the load does.
+pub fn pairs(
+    e: &Expect,
+    set: &DigestSet,
+    local: &[RegionSig],
+    local_bpl: u32,
+    local_tp: u32,
+    block_tokens: u64,
+) -> Result<Vec<(u32, usize)>, String> {
     if let Some(why) = &set.missing {
         return Err(why.clone());
     }
@@ -265,7 +275,10 @@ pub fn pairs(e: &Expect, set: &DigestSet, local: &[RegionSig], local_bpl: u32, l
             return Err(format!("P digested blocks {:?} but offered {:?}", set.offered, o));
         }
     }
-    let n = set.offered.len();
+    let n = match block_tokens {
+        0 => set.offered.len(),
+        bt => set.offered.len().min(usize::try_from(e.num_tokens.div_ceil(bt)).unwrap_or(usize::MAX)),
+    };
     let Some(skip) = n.checked_sub(e.local.len()) else {
         return Err(format!("{} local blocks for {n} remote ones", e.local.len()));
     };

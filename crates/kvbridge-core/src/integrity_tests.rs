@@ -12,7 +12,7 @@ fn set(offered: Vec<u32>, regions: usize, f: impl Fn(u32, usize) -> u32) -> Dige
 }
 
 fn expect(local: Vec<u32>, offered: Option<Vec<u32>>) -> Expect {
-    Expect { key: "p".into(), local, offered, host: "h".into(), port: 1 }
+    Expect { key: "p".into(), local, num_tokens: 0, offered, host: "h".into(), port: 1 }
 }
 
 #[test]
@@ -38,7 +38,7 @@ fn modes_parse_and_sampling_is_a_stable_fraction() {
 fn tail_alignment_pairs_d_blocks_with_ps_last_blocks() {
     let s = set(vec![10, 11, 12, 13], 2, |i, r| i * 10 + r as u32);
     // D had a prefix hit on P's first two blocks and loads the last two into 7, 8.
-    let p = pairs(&expect(vec![7, 8], Some(vec![10, 11, 12, 13])), &s, &sig(2), 1, 1).unwrap();
+    let p = pairs(&expect(vec![7, 8], Some(vec![10, 11, 12, 13])), &s, &sig(2), 1, 1, 0).unwrap();
     assert_eq!(p, vec![(7, 2), (8, 3)]);
     let got = vec![vec![20, 21], vec![30, 31]];
     assert_eq!(compare(&s, &p, &got), Verdict::Pass { blocks: 2 });
@@ -50,11 +50,22 @@ fn tail_alignment_pairs_d_blocks_with_ps_last_blocks() {
 }
 
 #[test]
+fn p_blocks_past_the_prompt_are_not_part_of_the_load() {
+    // P offered 5 blocks, the 48-token prompt uses 3 (16-token blocks); D loads the last 2.
+    let s = set(vec![6, 7, 8, 9, 13], 1, |i, _| i);
+    let mut e = expect(vec![15, 16], Some(vec![6, 7, 8, 9, 13]));
+    e.num_tokens = 48;
+    assert_eq!(pairs(&e, &s, &sig(1), 1, 1, 16).unwrap(), vec![(15, 1), (16, 2)]);
+    e.num_tokens = 33;
+    assert_eq!(pairs(&e, &s, &sig(1), 1, 1, 16).unwrap(), vec![(15, 1), (16, 2)], "a partial last block counts");
+}
+
+#[test]
 fn sampled_sets_compare_only_digested_blocks() {
     let mut s = set(vec![1, 2, 3, 4], 1, |i, _| i);
     s.checked = vec![1, 3];
     s.digests = vec![1, 3];
-    let p = pairs(&expect(vec![5, 6, 7, 8], None), &s, &sig(1), 1, 1).unwrap();
+    let p = pairs(&expect(vec![5, 6, 7, 8], None), &s, &sig(1), 1, 1, 0).unwrap();
     assert_eq!(p, vec![(6, 0), (8, 1)]);
 }
 
@@ -62,15 +73,15 @@ fn sampled_sets_compare_only_digested_blocks() {
 fn incomparable_or_inconsistent_sets_are_unverified_not_passed() {
     let s = set(vec![1, 2], 2, |_, _| 0);
     let e = expect(vec![5, 6], Some(vec![1, 2]));
-    assert!(pairs(&e, &DigestSet::missing("off"), &sig(2), 1, 1).is_err());
-    assert!(pairs(&e, &s, &sig(3), 1, 1).is_err(), "different regions");
-    assert!(pairs(&e, &s, &sig(2), 2, 1).is_err(), "different kernel blocks per block");
-    assert!(pairs(&e, &s, &sig(2), 1, 2).is_err(), "different TP");
-    assert!(pairs(&expect(vec![5, 6], Some(vec![1, 9])), &s, &sig(2), 1, 1).is_err(), "P digested other blocks than it offered");
-    assert!(pairs(&expect(vec![4, 5, 6], None), &s, &sig(2), 1, 1).is_err(), "more local blocks than remote");
+    assert!(pairs(&e, &DigestSet::missing("off"), &sig(2), 1, 1, 0).is_err());
+    assert!(pairs(&e, &s, &sig(3), 1, 1, 0).is_err(), "different regions");
+    assert!(pairs(&e, &s, &sig(2), 2, 1, 0).is_err(), "different kernel blocks per block");
+    assert!(pairs(&e, &s, &sig(2), 1, 2, 0).is_err(), "different TP");
+    assert!(pairs(&expect(vec![5, 6], Some(vec![1, 9])), &s, &sig(2), 1, 1, 0).is_err(), "P digested other blocks than it offered");
+    assert!(pairs(&expect(vec![4, 5, 6], None), &s, &sig(2), 1, 1, 0).is_err(), "more local blocks than remote");
     let mut m = s.clone();
     m.digests.pop();
-    assert!(pairs(&e, &m, &sig(2), 1, 1).is_err(), "malformed");
+    assert!(pairs(&e, &m, &sig(2), 1, 1, 0).is_err(), "malformed");
 }
 
 #[test]
@@ -127,7 +138,8 @@ fn verifier_holds_landed_loads_until_their_digests_arrive() {
 fn scheduler(extra: &str) -> crate::scheduler::PullScheduler {
     use crate::config::{CompatInfo, ConnectorConfig, EngineInfo};
     let json = format!(r#"{{"kv_role":"kv_producer","engine_id":"P","kv_connector_extra_config":{{{extra}}}}}"#);
-    let info = EngineInfo { tp_size: 1, compat: CompatInfo { model: "m".into(), block_size: 16, ..Default::default() }, ..Default::default() };
+    let info =
+        EngineInfo { tp_size: 1, compat: CompatInfo { model: "m".into(), block_size: 16, ..Default::default() }, ..Default::default() };
     crate::scheduler::PullScheduler::new(ConnectorConfig::from_json(&json, info, |_| None).unwrap())
 }
 

@@ -44,8 +44,8 @@ fn digest_set(l: &KvLayout, blocks: &[u32], mode: IntegrityMode) -> DigestSet {
 
 /// D's check of `local` against `set`: the verdict.
 fn check(l: &KvLayout, local: &[u32], set: &DigestSet) -> Verdict {
-    let e = Expect { key: "bench-request".into(), local: local.to_vec(), offered: None, host: String::new(), port: 0 };
-    let pairs = integrity::pairs(&e, set, &sigs(l), l.blocks_per_logical, 1).expect("comparable");
+    let e = Expect { key: "bench-request".into(), local: local.to_vec(), num_tokens: 0, offered: None, host: String::new(), port: 0 };
+    let pairs = integrity::pairs(&e, set, &sigs(l), l.blocks_per_logical, 1, 0).expect("comparable");
     let ids: Vec<u32> = pairs.iter().map(|p| p.0).collect();
     let got = digest_blocks(l, &ids).expect("digest");
     compare(set, &pairs, &got)
@@ -120,7 +120,9 @@ fn main() {
             }
             read.push(t0.elapsed().as_secs_f64());
             d.release(x);
-            for (mode, p_t, d_t) in [(IntegrityMode::Full, &mut p_full, &mut d_full), (IntegrityMode::Sampled, &mut p_sampled, &mut d_sampled)] {
+            for (mode, p_t, d_t) in
+                [(IntegrityMode::Full, &mut p_full, &mut d_full), (IntegrityMode::Sampled, &mut p_sampled, &mut d_sampled)]
+            {
                 let t0 = Instant::now();
                 let set = digest_set(&pl, &ids, mode);
                 p_t.push(t0.elapsed().as_secs_f64());
@@ -158,7 +160,9 @@ fn main() {
                 let saved: Vec<Vec<u8>> = ids.iter().map(|&b| read_block(&dl, b)).collect();
                 let b = ids[i];
                 match kind {
-                    "garbage" => write_block(&dl, b, &(0..1u32 << 20).map(|k| (k.wrapping_mul(2_654_435_761) >> 13) as u8).collect::<Vec<_>>()),
+                    "garbage" => {
+                        write_block(&dl, b, &(0..1u32 << 20).map(|k| (k.wrapping_mul(2_654_435_761) >> 13) as u8).collect::<Vec<_>>())
+                    }
                     "swap" if i + 1 < ids.len() => {
                         write_block(&dl, b, &saved[i + 1]);
                         write_block(&dl, ids[i + 1], &saved[i]);

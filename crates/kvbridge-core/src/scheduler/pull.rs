@@ -7,8 +7,8 @@ use serde_json::json;
 use super::{params_kind, FinishReason, Finished, Matched, SchedulerBase, SchedulerSide, Staging};
 use crate::config::ConnectorConfig;
 use crate::error::{ParamsError, RoleError};
-use crate::params::{KvParams, RemotePrefill, ReqParams};
 use crate::integrity::IntegrityMode;
+use crate::params::{KvParams, RemotePrefill, ReqParams};
 use crate::wire::{ConnectorMetadata, RecvReq, RemoteRef, SendLease, StageReq};
 
 /// The pull-mode scheduler. Pure: inputs are vLLM's calls, outputs are return values

@@ -18,7 +18,13 @@ impl<T: Transport + 'static> WorkerDriver<T> {
 }
 
 /// The accounting view of one worker rank (see [`WorkerDriver::accounting`]).
-pub(crate) fn view<T: Transport>(shared: &Shared<T>, push: &Mutex<PushCtl>, engine: &str, rank: u32, integrity: &Integrity) -> serde_json::Value {
+pub(crate) fn view<T: Transport>(
+    shared: &Shared<T>,
+    push: &Mutex<PushCtl>,
+    engine: &str,
+    rank: u32,
+    integrity: &Integrity,
+) -> serde_json::Value {
     let ic = &integrity.counters;
     let pending = integrity.pending();
     let g = shared.state();

@@ -48,6 +48,8 @@ pub(crate) struct Integrity {
     /// at registration; `None`: nothing to digest.
     pub source: RwLock<Option<Arc<KvLayout>>>,
     pub store: Arc<Mutex<DigestStore>>,
+    /// Tokens per logical block (set at registration; 0: unknown).
+    pub block_tokens: AtomicU64,
     pub todo: Mutex<Vec<DigestReq>>,
     pub verifier: Mutex<Verifier>,
     pub counters: Arc<Counters>,
@@ -127,7 +129,8 @@ impl Integrity {
     }
 
     /// Registration: digest `cache` when it is DRAM, else `mirror` (a GPU cache's host copy).
-    pub(crate) fn on_registered(&self, cache: &KvLayout, mirror: Option<&KvLayout>) {
+    pub(crate) fn on_registered(&self, cache: &KvLayout, mirror: Option<&KvLayout>, block_tokens: u32) {
+        self.block_tokens.store(u64::from(block_tokens), Ordering::Relaxed);
         let src = if cache.regions.iter().all(|r| r.mem == MemKind::Dram) { Some(cache) } else { mirror };
         if self.mode != IntegrityMode::Off && src.is_none() {
             tracing::warn!("kvbridge: kv_integrity needs a DRAM copy of the KV; a GPU cache read in place is not checked (use kv_buffer_device=\"cpu\")");
@@ -216,7 +219,8 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         {
             let mut v = lock(&self.integrity.verifier);
             for r in md.reqs_to_recv.iter().filter(|r| !r.notify_only) {
-                let (Some(local), Some(offered), Some(port)) = (single(&r.local_block_ids), single(&r.remote.block_ids), port_of(r.remote.port))
+                let (Some(local), Some(offered), Some(port)) =
+                    (single(&r.local_block_ids), single(&r.remote.block_ids), port_of(r.remote.port))
                 else {
                     self.integrity.counters.unverified_loads.fetch_add(1, Ordering::Relaxed);
                     continue;
@@ -225,7 +229,14 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                     self.integrity.counters.unverified_loads.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                let e = Expect { key: r.remote.request_id.clone(), local, offered: Some(offered), host: r.remote.host.clone(), port };
+                let e = Expect {
+                    key: r.remote.request_id.clone(),
+                    local,
+                    num_tokens: r.num_tokens,
+                    offered: Some(offered),
+                    host: r.remote.host.clone(),
+                    port,
+                };
                 v.expect(&r.req_id, e.clone(), true, now, forget);
                 fetch.push((r.req_id.clone(), e));
             }
@@ -241,7 +252,13 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 // P digests at the end of its prefill, which may not have run yet: fetched
                 // once the writes have landed.
                 let key = integrity::push_key(&r.transfer_id, wire::base_request_id(&r.req_id));
-                v.expect(&r.req_id, Expect { key, local, offered: None, host: r.host.clone(), port }, false, now, forget);
+                v.expect(
+                    &r.req_id,
+                    Expect { key, local, num_tokens: r.num_tokens, offered: None, host: r.host.clone(), port },
+                    false,
+                    now,
+                    forget,
+                );
             }
         }
         for (req, e) in fetch {
@@ -292,7 +309,14 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         };
         #[cfg(feature = "fault-inject")]
         lock(&self.integrity.fault).inject(&l, &req, &e.local);
-        let verdict = match integrity::pairs(e, set, &sigs(&l), l.blocks_per_logical, self.cfg.tp_size) {
+        let verdict = match integrity::pairs(
+            e,
+            set,
+            &sigs(&l),
+            l.blocks_per_logical,
+            self.cfg.tp_size,
+            self.integrity.block_tokens.load(Ordering::Relaxed),
+        ) {
             Err(why) => Verdict::Unverified(why),
             Ok(pairs) => {
                 let pairs: Vec<(u32, usize)> = pairs.into_iter().filter(|(b, _)| Some(*b) != self.cfg.null_block_id).collect();

@@ -113,7 +113,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         }
         // kv_integrity digests the cache when it is DRAM, else the host mirror NIXL moves.
         let mirror = staging.as_ref().filter(|_| self.cfg.host_buffer).map(|m| KvLayout { regions: m.regions.clone(), ..cache.clone() });
-        self.integrity.on_registered(&cache, mirror.as_ref());
+        self.integrity.on_registered(&cache, mirror.as_ref(), block_size);
         if let Ok(mut st) = self.staging.write() {
             *st = staging;
         }
