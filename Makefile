@@ -11,6 +11,9 @@ PY := $(VENV)/bin/python
 export KVBRIDGE_NIXL_LIB_DIR := $(KVBRIDGE_CACHE)/nixl-rt-1.5.1/.nixl_cu12.mesonpy.libs
 export UCX_NET_DEVICES := lo
 export KVBRIDGE_PYTHON := $(PY)
+# cargo-fuzz for `make fuzz`, installed outside the repo.
+CARGO_TOOLS := $(KVBRIDGE_CACHE)/cargo-tools
+ZMTP_FUZZ_SECONDS ?= 120
 
 .PHONY: help setup wheel install install-test test test-rust test-python test-wheel demo bench bench-e2e bench-plan bench-transfer bench-integrity bench-overhead fuzz gpu-bundle clean
 help:
@@ -23,7 +26,7 @@ help:
 	@echo "make bench-integrity - benches/integrity.py: kv_integrity digest cost vs the READ, corruptions caught"
 	@echo "make bench-overhead - benches/connector_overhead.py: per-step connector cost vs NixlConnector"
 	@echo "make wheel  - build the kvbridge wheel into target/wheels"
-	@echo "make fuzz   - the decoder fuzz targets at 20x the cases make test runs (3.5M)"
+	@echo "make fuzz   - the decoder fuzz targets at 20x the cases make test runs (3.5M), the NIXL metadata fuzz at 20x, 120 s of libFuzzer on the ZMTP codec"
 	@echo "make gpu-bundle - GPU test binaries + the NIXL/UCX runtime subset for a GPU machine (docs/gpu.md)"
 
 setup:
@@ -52,7 +55,7 @@ test-wheel: wheel
 # The test build: the same wheel plus the test-only fault hook (cargo feature
 # fault-inject, `kvbridge._native.FAULT_INJECTION`), which release wheels are built without.
 install-test: setup
-	$(VENV)/bin/maturin build --release --features fault-inject --out target/wheels-test -i $(PY)
+	$(VENV)/bin/maturin build --release --features pyo3/extension-module,fault-inject --out target/wheels-test -i $(PY)
 	rm -f python/kvbridge/_native*.so
 	$(VENV)/bin/pip install -q --force-reinstall --no-deps $$(ls -t target/wheels-test/kvbridge-*.whl | head -1)
 
@@ -64,6 +67,16 @@ test: test-rust test-python test-wheel
 fuzz: setup
 	# Release speed with overflow checks kept on (an overflow on peer data must fail loudly here).
 	CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=true KVBRIDGE_FUZZ_CASES=20 cargo test --release -p kvbridge-core --test fuzz -- --nocapture
+	# Hostile NIXL agent metadata through add_remote (make test runs it at 1x).
+	KVBRIDGE_FUZZ_CASES=20 cargo test --release -p kvbridge-nixl --test metadata_fuzz -- --nocapture
+	# Coverage-guided libFuzzer run on the vendored zeromq's ZMTP codec (crates/zeromq/fuzz):
+	# a crash, a hang (-timeout), RSS over 512 MiB or one allocation over 256 MiB is a finding,
+	# written to crates/zeromq/fuzz/artifacts/. Stable toolchain: RUSTC_BOOTSTRAP=1 for -Z flags.
+	@test -x $(CARGO_TOOLS)/bin/cargo-fuzz || CARGO_INSTALL_ROOT=$(CARGO_TOOLS) cargo install --locked cargo-fuzz
+	mkdir -p $(KVBRIDGE_CACHE)/fuzz-corpus/zmtp_decode
+	cd crates/zeromq/fuzz && PATH=$(CARGO_TOOLS)/bin:$$PATH RUSTC_BOOTSTRAP=1 cargo fuzz run zmtp_decode \
+	  $(KVBRIDGE_CACHE)/fuzz-corpus/zmtp_decode seeds/zmtp_decode -- -dict=zmtp.dict \
+	  -max_total_time=$(ZMTP_FUZZ_SECONDS) -rss_limit_mb=512 -malloc_limit_mb=256 -timeout=10
 
 demo: install
 	$(PY) scripts/demo.py

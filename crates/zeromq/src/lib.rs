@@ -25,6 +25,11 @@ pub mod __async_rt {
     pub use super::async_rt::*;
 }
 
+// kvbridge patch: the codec and handshake, for the fuzz target in fuzz/ only.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use crate::codec::__fuzz;
+
 pub use crate::dealer::*;
 pub use crate::endpoint::{Endpoint, Host, Transport, TryIntoEndpoint};
 pub use crate::error::{ZmqError, ZmqResult};
@@ -115,6 +120,13 @@ impl SocketType {
     pub fn compatible(&self, other: SocketType) -> bool {
         let row_index = *self as usize;
         let col_index = other as usize;
+        // kvbridge patch: STREAM (11) has no row or column in the 11x11 matrix (it speaks
+        // raw TCP, not ZMTP). Upstream indexed past the row: a peer whose READY said
+        // `STREAM` panicked an XSUB socket's task (index 121) and read a neighbouring
+        // row's entry for every other type.
+        if row_index >= 11 || col_index >= 11 {
+            return false;
+        }
         COMPATIBILITY_MATRIX[row_index * 11 + col_index] != 0
     }
 }

@@ -23,6 +23,32 @@ use futures_util::Sink;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+/// kvbridge patch: what the fuzz target in `fuzz/` drives (the decoder, the encoder and the
+/// greeting/READY exchange a peer's bytes go through). DO NOT USE otherwise.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod __fuzz {
+    pub use super::command::{ZmqCommand, ZmqCommandName};
+    pub use super::error::CodecError;
+    pub use super::framed::{FrameableRead, FrameableWrite, FramedIo};
+    pub use super::greeting::{ZmqGreeting, ZmtpVersion};
+    pub use super::zmq_codec::{ZmqCodec, MAX_COMMAND_BYTES, MAX_FRAMES_PER_MESSAGE, MAX_FRAME_BYTES};
+    pub use super::Message;
+    use crate::util::PeerIdentity;
+    use crate::{SocketType, ZmqResult};
+
+    /// The greeting exchange of a new connection (`util::greet_exchange`).
+    pub async fn greet_exchange(io: &mut FramedIo) -> ZmqResult<ZmtpVersion> {
+        crate::util::greet_exchange(io).await
+    }
+
+    /// The READY exchange that follows it (`util::ready_exchange`), as a `socket_type`
+    /// socket with no properties of its own.
+    pub async fn ready_exchange(io: &mut FramedIo, socket_type: SocketType) -> ZmqResult<PeerIdentity> {
+        crate::util::ready_exchange(io, socket_type, None).await
+    }
+}
+
 #[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone)]
 pub enum Message {

@@ -34,6 +34,9 @@ pub const MAX_FRAMES_PER_MESSAGE: usize = 64;
 /// under 1 KiB), so a peer cannot make the command parser build a map of millions of
 /// properties.
 pub const MAX_COMMAND_BYTES: usize = 64 << 10;
+/// kvbridge patch: the most the decoder reserves ahead for a frame's bytes not received
+/// yet (memory then follows the bytes a peer actually sends, not the length it declares).
+pub const MAX_RESERVE_AHEAD: usize = 64 << 10;
 
 #[derive(Debug)]
 pub struct ZmqCodec {
@@ -72,7 +75,11 @@ impl Decoder for ZmqCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
         if src.len() < self.waiting_for {
-            src.reserve(self.waiting_for - src.len());
+            // kvbridge patch: reserve at most MAX_RESERVE_AHEAD for bytes not received yet;
+            // the buffer grows (doubling) as they arrive. Upstream reserved the whole
+            // declared length, so an 11-byte frame header cost up to MAX_FRAME_BYTES, held
+            // for as long as the peer kept the connection open without sending the rest.
+            src.reserve((self.waiting_for - src.len()).min(MAX_RESERVE_AHEAD));
             return Ok(None);
         }
         match self.state {
