@@ -32,7 +32,9 @@ pub mod __fuzz {
     pub use super::error::CodecError;
     pub use super::framed::{FrameableRead, FrameableWrite, FramedIo};
     pub use super::greeting::{ZmqGreeting, ZmtpVersion};
-    pub use super::zmq_codec::{ZmqCodec, MAX_COMMAND_BYTES, MAX_FRAMES_PER_MESSAGE, MAX_FRAME_BYTES};
+    pub use super::zmq_codec::{
+        ZmqCodec, MAX_COMMAND_BYTES, MAX_FRAMES_PER_MESSAGE, MAX_FRAME_BYTES,
+    };
     pub use super::Message;
     use crate::util::PeerIdentity;
     use crate::{SocketType, ZmqResult};
@@ -44,7 +46,10 @@ pub mod __fuzz {
 
     /// The READY exchange that follows it (`util::ready_exchange`), as a `socket_type`
     /// socket with no properties of its own.
-    pub async fn ready_exchange(io: &mut FramedIo, socket_type: SocketType) -> ZmqResult<PeerIdentity> {
+    pub async fn ready_exchange(
+        io: &mut FramedIo,
+        socket_type: SocketType,
+    ) -> ZmqResult<PeerIdentity> {
         crate::util::ready_exchange(io, socket_type, None).await
     }
 }
