@@ -68,7 +68,7 @@ fuzz: setup
 	# Release speed with overflow checks kept on (an overflow on peer data must fail loudly here).
 	CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=true KVBRIDGE_FUZZ_CASES=20 cargo test --release -p kvbridge-core --test fuzz -- --nocapture
 	# Hostile NIXL agent metadata through add_remote (make test runs it at 1x).
-	KVBRIDGE_FUZZ_CASES=20 cargo test --release -p kvbridge-nixl --test metadata_fuzz -- --ignored --nocapture
+	CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=true KVBRIDGE_FUZZ_CASES=20 cargo test --release -p kvbridge-nixl --test metadata_fuzz -- --nocapture
 	# Coverage-guided libFuzzer run on the vendored zeromq's ZMTP codec (crates/zeromq/fuzz):
 	# a crash, a hang (-timeout), RSS over 512 MiB or one allocation over 256 MiB is a finding,
 	# written to crates/zeromq/fuzz/artifacts/. Stable toolchain: RUSTC_BOOTSTRAP=1 for -Z flags.
@@ -96,8 +96,9 @@ bench-plan: setup
 bench-transfer: setup
 	$(PY) benches/transfer.py
 
-bench-integrity: setup
+bench-integrity: install
 	$(PY) benches/integrity.py
+	$(PY) benches/integrity_ttft.py
 
 bench-overhead: install
 	$(PY) benches/connector_overhead.py

@@ -326,6 +326,8 @@ struct Pending {
     fetched: bool,
     /// Before it lands: when to forget it. Once landed: when to report it unverified.
     deadline: f64,
+    /// When it landed and was held back for its digests (unix seconds; 0: not held).
+    held_since: f64,
 }
 
 /// D: the loads to verify, by request: what to fetch, the replies, and the loads that
@@ -333,6 +335,8 @@ struct Pending {
 #[derive(Debug, Default)]
 pub struct Verifier {
     pending: HashMap<String, Pending>,
+    /// Loads held back from vLLM for their digests, and the seconds they were held.
+    held: (u64, f64),
 }
 
 /// A landed load with its digests, ready to be compared.
@@ -347,7 +351,7 @@ impl Verifier {
     /// An entry whose load never lands (a request failed or aborted where no finished
     /// set names it) is dropped after `forget_after` seconds from `now_unix`.
     pub fn expect(&mut self, req: &str, e: Expect, fetched: bool, now_unix: f64, forget_after: f64) {
-        let p = Pending { expect: e, reply: None, landed: false, fetched, deadline: now_unix + forget_after };
+        let p = Pending { expect: e, reply: None, landed: false, fetched, deadline: now_unix + forget_after, held_since: 0.0 };
         self.pending.insert(req.to_string(), p);
     }
 
@@ -387,6 +391,7 @@ impl Verifier {
                 Some(p) if p.reply.is_none() => {
                     p.landed = true;
                     p.deadline = now_unix + wait;
+                    p.held_since = now_unix;
                 }
                 Some(_) => {
                     if let Some(p) = self.pending.remove(&r) {
@@ -410,6 +415,8 @@ impl Verifier {
         due.into_iter()
             .filter_map(|r| {
                 let p = self.pending.remove(&r)?;
+                self.held.0 += 1;
+                self.held.1 += (now_unix - p.held_since).max(0.0);
                 let set = p.reply.unwrap_or_else(|| DigestSet::missing("P's digests did not arrive in time"));
                 Some((r, p.expect, set))
             })
@@ -419,6 +426,12 @@ impl Verifier {
     /// Forget a load (aborted, or failed before it landed).
     pub fn forget(&mut self, req: &str) {
         self.pending.remove(req);
+    }
+
+    /// Loads that landed before their digests and were held back from vLLM until they
+    /// came (or their wait passed), and the seconds they were held in all.
+    pub fn held(&self) -> (u64, f64) {
+        self.held
     }
 
     /// Landed loads waiting for their digests.

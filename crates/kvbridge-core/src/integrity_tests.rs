@@ -130,6 +130,7 @@ fn verifier_holds_landed_loads_until_their_digests_arrive() {
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].0, "lost");
     assert!(r[0].2.missing.is_some(), "no reply in time: unverified");
+    assert_eq!(v.held(), (2, 7.0), "late was held 1 s, lost 6 s; early was never held");
     assert_eq!(v.len(), 1, "a load that never landed is kept a while");
     assert!(v.poll(151.0).is_empty());
     assert!(v.is_empty(), "then forgotten");

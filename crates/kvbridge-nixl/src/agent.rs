@@ -22,6 +22,7 @@ use nixl_sys::{
 };
 
 use crate::error::NixlError;
+use crate::md_check;
 use crate::prepped::{self, Prepped, Units};
 use crate::runtime;
 
@@ -269,6 +270,16 @@ impl NixlTransport {
         let name = if loaded {
             md.agent_name.clone()
         } else {
+            // The blob must name the agent the handshake announced before NIXL parses it:
+            // nixl-sys panics on a name that is not UTF-8, and a name with a NUL in it would
+            // be loaded under one name and reported under another.
+            match md_check::checked_agent_name(&md.nixl_md) {
+                Ok(n) if n == md.agent_name.as_bytes() => {}
+                Ok(n) => {
+                    return Err(NixlError::AgentMismatch { want: md.agent_name.clone(), got: String::from_utf8_lossy(n).into_owned() })
+                }
+                Err(why) => return Err(NixlError::BadMetadata(why)),
+            }
             let name = self.agent.load_remote_md(&md.nixl_md).map_err(NixlError::nixl("load remote metadata"))?;
             if name != md.agent_name {
                 let _ = self.agent.invalidate_remote_md(&name);

@@ -34,6 +34,9 @@ pub enum NixlError {
         /// The agent name in the metadata.
         got: String,
     },
+    /// The peer's NIXL metadata is malformed (refused before NIXL parses it).
+    #[error("peer NIXL metadata refused: {0}")]
+    BadMetadata(&'static str),
     /// A transfer id this transport does not know (never posted, or already released).
     #[error("unknown transfer id {0}")]
     UnknownXfer(u64),
@@ -76,6 +79,7 @@ impl NixlError {
             Self::BackendUnavailable(..) => "backend_unavailable",
             Self::UnknownRemote(_) => "unknown_remote",
             Self::AgentMismatch { .. } => "agent_mismatch",
+            Self::BadMetadata(_) => "bad_metadata",
             Self::UnknownXfer(_) => "unknown_xfer",
             Self::NotRegistered => "not_registered",
             Self::CudaUnavailable | Self::NotDeviceMemory { .. } | Self::CudaDevice { .. } => "cuda",

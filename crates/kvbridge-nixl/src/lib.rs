@@ -18,6 +18,7 @@
 pub mod agent;
 pub mod cuda;
 pub mod error;
+mod md_check;
 pub mod prepped;
 pub mod runtime;
 

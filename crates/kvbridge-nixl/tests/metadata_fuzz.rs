@@ -419,7 +419,6 @@ fn run_cases(seed: u64, progress: Option<&str>) {
 }
 
 #[test]
-#[ignore = "fails until crates/kvbridge-nixl/pending/metadata-check.patch lands: NIXL segfaults on a bad memory type (issue 18)"]
 fn hostile_agent_metadata_loads_or_fails_with_a_typed_error() {
     if std::env::var("KVB_CHILD").is_ok() {
         let seed = std::env::var("KVBRIDGE_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).expect("seed from the parent");

@@ -27,6 +27,7 @@ pub(crate) fn view<T: Transport>(
 ) -> serde_json::Value {
     let ic = &integrity.counters;
     let pending = integrity.pending();
+    let (held_loads, held_us) = integrity.held();
     let g = shared.state();
     let (loading_requests, loading_blocks) = g.core.loading_blocks();
     let b = &g.core.base;
@@ -58,6 +59,9 @@ pub(crate) fn view<T: Transport>(
         "integrity_unverified_loads": ic.unverified_loads.load(Relaxed),
         "integrity_digested_blocks": ic.digested_blocks.load(Relaxed),
         "integrity_pending_loads": pending,
+        "integrity_held_loads": held_loads,
+        "integrity_held_us": held_us,
+        "integrity_check_us": ic.check_us.load(Relaxed),
     });
     drop(g);
     let c = lock_ctl(push);

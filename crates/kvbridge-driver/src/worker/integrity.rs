@@ -37,6 +37,8 @@ pub struct Counters {
     pub unverified_loads: AtomicU64,
     /// P: blocks digested.
     pub digested_blocks: AtomicU64,
+    /// D: microseconds spent digesting and comparing landed loads (on the load's path).
+    pub check_us: AtomicU64,
 }
 
 /// The driver's integrity state.
@@ -143,6 +145,12 @@ impl Integrity {
     /// D: loads tracked for a check (landed or not).
     pub(crate) fn pending(&self) -> usize {
         lock(&self.verifier).len()
+    }
+
+    /// D: loads held back for their digests, and the microseconds they were held in all.
+    pub(crate) fn held(&self) -> (u64, u64) {
+        let (n, s) = lock(&self.verifier).held();
+        (n, (s * 1e6) as u64)
     }
 
     fn source(&self) -> Option<Arc<KvLayout>> {
@@ -309,6 +317,8 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         };
         #[cfg(feature = "fault-inject")]
         lock(&self.integrity.fault).inject(&l, &req, &e.local);
+        let t0 = std::time::Instant::now();
+        let mut compared = 0;
         let verdict = match integrity::pairs(
             e,
             set,
@@ -321,12 +331,14 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             Ok(pairs) => {
                 let pairs: Vec<(u32, usize)> = pairs.into_iter().filter(|(b, _)| Some(*b) != self.cfg.null_block_id).collect();
                 let blocks: Vec<u32> = pairs.iter().map(|p| p.0).collect();
+                compared = blocks.len();
                 match digest_blocks(&l, &blocks) {
                     Err(e) => Verdict::Unverified(e),
                     Ok(got) => integrity::compare(set, &pairs, &got),
                 }
             }
         };
+        c.check_us.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
         if !out.recving.contains(&req) {
             out.recving.push(req.clone());
         }
@@ -341,7 +353,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             }
             Verdict::Mismatch(bad) => {
                 c.verified_loads.fetch_add(1, Ordering::Relaxed);
-                c.checked_blocks.fetch_add(set.checked.len() as u64, Ordering::Relaxed);
+                c.checked_blocks.fetch_add(compared as u64, Ordering::Relaxed);
                 c.mismatched_blocks.fetch_add(bad.len() as u64, Ordering::Relaxed);
                 c.failed_loads.fetch_add(1, Ordering::Relaxed);
                 self.integrity.new_mismatches.fetch_add(bad.len() as u64, Ordering::Relaxed);
