@@ -1,5 +1,5 @@
 """Type stubs for kvbridge._native (the Rust extension module)."""
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 __version__: str
 #: True only in test builds (cargo feature ``fault-inject``): ``KVBRIDGE_TEST_FAULT_DIR`` is honoured.
@@ -25,16 +25,18 @@ class Scheduler:
     def role(self) -> str: ...
     @property
     def transfer_mode(self) -> str: ...
-    def prefill_completing(self, reqs: list[tuple[str, list[int], int]]) -> None:
-        """P: (req_id, block_ids, num_tokens) of requests whose prefill completes in this step (push, staging, host buffer)."""
+    def prefill_completing(self, reqs: list[tuple[str, Sequence[list[int]], int]]) -> None:
+        """P: (req_id, block ids per KV-cache group, num_tokens) of requests whose prefill completes in this step (push, staging, host buffer, integrity)."""
     def get_num_new_matched_tokens(self, req_id: str, num_prompt_tokens: int, num_computed_tokens: int, kv_transfer_params: Optional[Union[dict[str, Any], str]] = None) -> tuple[int, bool]:
         """kv_transfer_params: the request's dict (converted natively) or JSON text."""
     def update_state_after_alloc(self, req_id: str, unhashed_block_ids: list[int], num_external_tokens: int) -> None: ...
+    def update_state_after_alloc_groups(self, req_id: str, unhashed_block_ids: Sequence[list[int]], num_external_tokens: int) -> None:
+        """The unhashed blocks of each KV-cache group (hybrid models)."""
     def build_connector_meta(self) -> bytes: ...
     def on_new_request(self, req_id: str, kv_transfer_params: Optional[Union[dict[str, Any], str]] = None) -> None: ...
     def accounting(self) -> str:
         """JSON: held/loading requests and blocks as this scheduler sees them."""
-    def request_finished(self, req_id: str, block_ids: list[int], finish_reason: str, num_computed_tokens: int, kv_transfer_params: Optional[Union[dict[str, Any], str]] = None) -> tuple[bool, Optional[dict[str, Any]]]:
+    def request_finished(self, req_id: str, block_ids: Union[list[int], Sequence[list[int]]], finish_reason: str, num_computed_tokens: int, kv_transfer_params: Optional[Union[dict[str, Any], str]] = None) -> tuple[bool, Optional[dict[str, Any]]]:
         """(delay_free_blocks, the kv_transfer_params to return to the client, or None)."""
     def update_connector_output(self, finished_sending: Iterable[str], finished_recving: Iterable[str]) -> list[str]:
         """Returns the ids of ``finished_sending`` vLLM must not see (staged requests). Any iterables of str (sets, lists)."""

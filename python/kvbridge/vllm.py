@@ -25,6 +25,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorTransferResults,
+    SupportsHMA,
 )
 from vllm.logger import init_logger
 
@@ -80,7 +81,22 @@ def _cuda_device(vllm_config: "VllmConfig") -> int | None:
     return int(torch.cuda.current_device()) if torch.cuda.is_available() else None
 
 
-def _engine_info(vllm_config: "VllmConfig", tp_rank: int, cuda_device: int | None = None) -> str:
+def _kv_groups(kv_cache_config: "KVCacheConfig | None") -> list[dict[str, Any]]:
+    """vLLM's KV-cache groups as both sides must agree on them (kind, sliding window,
+    layers). One full-attention group is reported as none (older peers send none)."""
+    if kv_cache_config is None:
+        return []
+    out = []
+    for g in kv_cache_config.kv_cache_groups:
+        kind, window = _classify(g.kv_cache_spec)
+        out.append({"kind": kind, "sliding_window": window, "num_layers": len(g.layer_names)})
+    if len(out) == 1 and out[0]["kind"] == "attention" and out[0]["sliding_window"] == 0:
+        return []
+    return out
+
+
+def _engine_info(vllm_config: "VllmConfig", tp_rank: int, cuda_device: int | None = None,
+                 kv_cache_config: "KVCacheConfig | None" = None) -> str:  # fmt: skip
     mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
     return json.dumps({
         "cuda_device": cuda_device,
@@ -97,6 +113,7 @@ def _engine_info(vllm_config: "VllmConfig", tp_rank: int, cuda_device: int | Non
             "head_size": mc.get_head_size(),
             "block_size": cc.block_size,
             "attn_backend": "",
+            "kv_groups": _kv_groups(kv_cache_config),
         },
     })
 
@@ -136,12 +153,6 @@ def _layer_specs(kv_cache_config: "KVCacheConfig | None") -> dict[str, tuple[int
     if kv_cache_config is None:
         return out
     groups = kv_cache_config.kv_cache_groups
-    if len(groups) > 1:
-        raise _native.ConfigError(
-            f"this model has {len(groups)} KV-cache groups (a hybrid model under vLLM's hybrid allocator); the kvbridge "
-            "vLLM connector handles one group so far (the Rust plan handles several): run vLLM with "
-            "--disable-hybrid-kv-cache-manager"
-        )
     for gi, g in enumerate(groups):
         spec = g.kv_cache_spec
         for layer in g.layer_names:
@@ -202,10 +213,13 @@ def _status_names() -> dict[Any, str]:
 _STATUS_NAMES = _status_names()
 
 
-class KVBridgeConnector(KVConnectorBase_V1):
+class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
     """P/D connector over NIXL: pull mode (D reads P's blocks) by default, push mode (P
     writes into D's registered blocks) with ``transfer_mode="push"`` (see
-    docs/architecture.md and docs/push-mode.md)."""
+    docs/architecture.md and docs/push-mode.md).
+
+    ``SupportsHMA``: vLLM's hybrid KV-cache manager stays on. Each KV-cache group's block
+    ids travel as their own list, and a sliding-window group's are cut to its window."""
 
     #: Forced transfer mode (None: from kv_connector_extra_config, default "pull").
     _MODE: str | None = None
@@ -226,12 +240,12 @@ class KVBridgeConnector(KVConnectorBase_V1):
         #: Push, staging, host buffer or integrity: build_connector_meta reports completing prefills.
         self._completing = False
         #: Host buffer or integrity, P: prefills scheduled in chunks so far, as (prompt length, block ids).
-        self._chunked: dict[str, tuple[int, list[int]]] = {}
+        self._chunked: dict[str, tuple[int, list[list[int]]]] = {}
         if role == KVConnectorRole.SCHEDULER:
             # The scheduler process may have no CUDA context: the device type decides
             # whether kv_buffer_device="cpu" means a host buffer (the workers' too).
             gpu = 0 if str(getattr(vllm_config.device_config, "device_type", "cpu")) == "cuda" else None
-            self._sched = _native.Scheduler(cfg, _engine_info(vllm_config, 0, gpu))
+            self._sched = _native.Scheduler(cfg, _engine_info(vllm_config, 0, gpu, kv_cache_config))
             self._push = self._sched.transfer_mode == "push"
             self._staging = self._sched.staging_slots > 0
             self._host_buffer = self._sched.host_buffer
@@ -241,7 +255,7 @@ class KVBridgeConnector(KVConnectorBase_V1):
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
-            info = _engine_info(vllm_config, get_tensor_model_parallel_rank(), _cuda_device(vllm_config))
+            info = _engine_info(vllm_config, get_tensor_model_parallel_rank(), _cuda_device(vllm_config), kv_cache_config)
             self._worker = _native.Worker(cfg, info, nixl_lib_dir())
             self._push = self._worker.layerwise_push
 
@@ -259,6 +273,11 @@ class KVBridgeConnector(KVConnectorBase_V1):
         assert self._sched is not None
         if request.kv_transfer_params is None:
             return
+        if len(blocks.blocks) > 1:
+            # Hybrid allocator: each KV-cache group's unhashed blocks (Rust clips windows).
+            groups = blocks.get_unhashed_block_ids_all_groups() if num_external_tokens > 0 else ([],)
+            self._sched.update_state_after_alloc_groups(request.request_id, groups, num_external_tokens)
+            return
         unhashed = _unhashed_block_ids(blocks) if num_external_tokens > 0 else []
         self._sched.update_state_after_alloc(request.request_id, unhashed, num_external_tokens)
 
@@ -271,8 +290,8 @@ class KVBridgeConnector(KVConnectorBase_V1):
             for r in scheduler_output.scheduled_new_reqs:
                 n = scheduler_output.num_scheduled_tokens.get(r.req_id, 0)
                 prompt = len(r.prompt_token_ids or ())
-                blocks = list(r.block_ids[0]) if r.block_ids else []
-                if prompt and r.num_computed_tokens + n >= prompt and blocks:
+                blocks = [list(g) for g in r.block_ids] if r.block_ids else []
+                if prompt and r.num_computed_tokens + n >= prompt and any(blocks):
                     completing.append((r.req_id, blocks, prompt))
                 elif prompt and (self._host_buffer or self._integrity):
                     self._chunked[r.req_id] = (prompt, blocks)
@@ -285,7 +304,10 @@ class KVBridgeConnector(KVConnectorBase_V1):
                     prompt, blocks = self._chunked[rid]
                     new = cached.new_block_ids[i]
                     if new:
-                        blocks = list(new[0]) if rid in cached.resumed_req_ids else blocks + list(new[0])
+                        if rid in cached.resumed_req_ids:
+                            blocks = [list(g) for g in new]
+                        else:
+                            blocks = [old + list(g) for old, g in zip(blocks, new)]
                         self._chunked[rid] = (prompt, blocks)
                     if cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens.get(rid, 0) >= prompt:
                         completing.append((rid, blocks, prompt))
@@ -310,6 +332,22 @@ class KVBridgeConnector(KVConnectorBase_V1):
         name = _STATUS_NAMES.get(status) or status.name
         ids = block_ids if type(block_ids) is list else list(block_ids)
         return self._sched.request_finished(request.request_id, ids, name, request.num_computed_tokens, params)
+
+    def request_finished_all_groups(self, request: "Request", block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
+        """``SupportsHMA``: vLLM calls this (not ``request_finished``) with each KV-cache
+        group's blocks; a sliding-window group's out-of-window blocks are already its null
+        block, and P offers only the window's."""
+        if len(block_ids) == 1:
+            return self.request_finished(request, block_ids[0])
+        assert self._sched is not None
+        self._chunked.pop(request.request_id, None)
+        params = request.kv_transfer_params
+        if params is None:
+            return False, None
+        status = request.status
+        name = _STATUS_NAMES.get(status) or status.name
+        groups = [g if type(g) is list else list(g) for g in block_ids]
+        return self._sched.request_finished(request.request_id, groups, name, request.num_computed_tokens, params)
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
         if self._sched is None:
@@ -338,18 +376,26 @@ class KVBridgeConnector(KVConnectorBase_V1):
         mc, pc = self._vllm_config.model_config, self._vllm_config.parallel_config
         total_heads, head_size, tp = mc.get_total_num_kv_heads(), mc.get_head_size(), pc.tensor_parallel_size
         local_heads = total_heads // tp if tp <= total_heads else 1
-        seen: set[int] = set()
+        seen: set[tuple[int, int]] = set()
         tensors = []
         for name, t in kv_caches.items():
-            if t.data_ptr() in seen:  # layers sharing one cache tensor
-                continue
-            seen.add(t.data_ptr())
             group, kind, window, spec = layers.get(name, (0, "attention", 0, None))
+            # Layers sharing one cache tensor: registered once per KV-cache group. Under the
+            # hybrid allocator a layer of each group shares a tensor, and a block id belongs
+            # to one group at a time: the tensor is read at the blocks of either.
+            if (t.data_ptr(), group) in seen:
+                continue
+            seen.add((t.data_ptr(), group))
             cpu_layout = (self._cpu_layout(t, head_size) or "unknown") if t.device.type == "cpu" and t.dim() == 4 else None
             views = _layout.geometry(name, t, kind, window, group, total_heads, local_heads, head_size, cpu_layout, spec)
             for ptr, shape, stride, geometry in views:
                 tensors.append((name, ptr, shape, stride, t.element_size(), t.device.type, t.device.index or 0,
                                 json.dumps(geometry)))  # fmt: skip
+        groups = _kv_groups(self._kv_cache_config)
+        if groups:
+            logger.info("kvbridge: %d KV-cache groups under vLLM's hybrid allocator: %s", len(groups),
+                        ", ".join(f"{g['kind']}{'/window ' + str(g['sliding_window']) if g['sliding_window'] else ''} "
+                                  f"x{g['num_layers']}" for g in groups))  # fmt: skip
         self._cuda_caches = any(t.device.type == "cuda" for t in kv_caches.values())
         num_blocks = self._kv_cache_config.num_blocks if self._kv_cache_config is not None else next(iter(kv_caches.values())).shape[0]
         self._worker.register_kv_caches(tensors, num_blocks)

@@ -114,7 +114,16 @@ pub struct CompatInfo {
     pub block_size: u32,
     /// The attention backend's name (empty: not reported).
     pub attn_backend: String,
+    /// The KV-cache groups, in vLLM's order (empty: one full-attention group, or not
+    /// reported). Each group's blocks travel as their own list of block ids.
+    #[serde(default)]
+    pub kv_groups: Vec<crate::groups::KvGroupSpec>,
+    /// The speculative-decoding setup whose KV the transfer carries (method, draft layers,
+    /// speculative tokens; empty: none). P and D must agree (vLLM #49230).
+    #[serde(default)]
+    pub spec_decode: String,
 }
+
 
 /// The engine facts the Python layer (or a Rust engine) hands us, next to vLLM's
 /// `kv_transfer_config` dict.

@@ -5,6 +5,7 @@
 //! The connector logic of kvbridge, free of NIXL and Python:
 //! - [`config`]: roles (`kv_producer`, `kv_consumer`, deprecated `kv_both`) and settings;
 //! - [`params`]: the per-request `kv_transfer_params`, validated;
+//! - [`groups`]: KV-cache groups (hybrid models) and sliding-window clipping;
 //! - [`wire`]: versioned msgpack types (scheduler→worker metadata, handshake, notifications);
 //! - [`layout`] and [`plan`]: KV regions and the per-peer transfer plan;
 //! - [`scheduler`] and [`worker`]: sans-IO state machines (base + pull);
@@ -17,6 +18,7 @@
 //! - [`testkit`]: synthetic KV caches with known contents, for tests and benchmarks.
 pub mod config;
 pub mod error;
+pub mod groups;
 pub mod integrity;
 pub mod layout;
 pub mod params;

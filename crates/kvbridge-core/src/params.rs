@@ -15,8 +15,10 @@ pub struct RemotePrefill {
     pub remote_engine_id: String,
     /// P's id for the request (its blocks are held under it).
     pub remote_request_id: String,
-    /// P's block ids (or staging slots, with `remote_staged`), covering the whole prompt.
-    pub remote_block_ids: Vec<u32>,
+    /// P's block ids (or staging slots, with `remote_staged`), per KV-cache group: a
+    /// full-attention group's cover the whole prompt, a sliding-window group's its last
+    /// blocks (those inside the window).
+    pub remote_block_ids: Vec<Vec<u32>>,
     /// The prefill engine's side-channel host.
     pub remote_host: String,
     /// P's base side-channel port; rank q listens at `remote_port + q`.
@@ -180,23 +182,28 @@ fn uint(v: &Value, field: &'static str, max: u64) -> Result<u64, ParamsError> {
     }
 }
 
-/// Block ids as a flat list, or vLLM's newer per-KV-cache-group list of lists (one group).
-fn block_ids(v: &Value) -> Result<Vec<u32>, ParamsError> {
+/// KV-cache groups a request may name (vLLM's hybrid allocator makes a few).
+pub const MAX_KV_GROUPS: usize = 16;
+
+/// Block ids per KV-cache group (vLLM's list of lists), or a flat list (one group).
+fn block_ids(v: &Value) -> Result<Vec<Vec<u32>>, ParamsError> {
     const F: &str = "remote_block_ids";
     let arr = v.as_array().ok_or_else(|| ParamsError::WrongType { field: F, expected: "a list of block ids", got: type_name(v) })?;
-    let flat: &Vec<Value> = match arr.first() {
-        Some(Value::Array(first)) => {
-            if arr.len() != 1 {
-                return Err(ParamsError::Invalid(format!(
-                    "remote_block_ids has {} KV cache groups; kvbridge supports exactly one",
-                    arr.len()
-                )));
+    let ids = |flat: &Vec<Value>| flat.iter().map(|b| uint(b, F, u64::from(u32::MAX)).map(|n| n as u32)).collect::<Result<Vec<u32>, _>>();
+    match arr.first() {
+        Some(Value::Array(_)) => {
+            if arr.len() > MAX_KV_GROUPS {
+                return Err(ParamsError::Invalid(format!("remote_block_ids has {} KV cache groups; at most {MAX_KV_GROUPS}", arr.len())));
             }
-            first
+            arr.iter()
+                .map(|g| match g {
+                    Value::Array(flat) => ids(flat),
+                    other => Err(ParamsError::WrongType { field: F, expected: "a list of block ids per KV cache group", got: type_name(other) }),
+                })
+                .collect()
         }
-        _ => arr,
-    };
-    flat.iter().map(|b| uint(b, F, u64::from(u32::MAX)).map(|n| n as u32)).collect()
+        _ => Ok(vec![ids(arr)?]),
+    }
 }
 
 /// P's side-channel address and TP size: `remote_host`, `remote_port`, `tp_size` (default 1).
@@ -392,7 +399,7 @@ mod tests {
     fn parses_good_params() {
         match KvParams::parse(&good()).unwrap() {
             KvParams::RemotePrefill(r) => {
-                assert_eq!(r.remote_block_ids, vec![3, 4, 5]);
+                assert_eq!(r.remote_block_ids, vec![vec![3, 4, 5]]);
                 assert_eq!(r.remote_port, 5600);
                 assert_eq!(r.remote_num_tokens, Some(300));
             }
@@ -400,7 +407,10 @@ mod tests {
         }
         let mut flat = good();
         flat["remote_block_ids"] = json!([7, 8]);
-        assert!(matches!(KvParams::parse(&flat), Ok(KvParams::RemotePrefill(r)) if r.remote_block_ids == vec![7, 8]));
+        assert!(matches!(KvParams::parse(&flat), Ok(KvParams::RemotePrefill(r)) if r.remote_block_ids == vec![vec![7, 8]]));
+        let mut groups = good();
+        groups["remote_block_ids"] = json!([[1, 2], [0, 2], []]);
+        assert!(matches!(KvParams::parse(&groups), Ok(KvParams::RemotePrefill(r)) if r.remote_block_ids == vec![vec![1, 2], vec![0, 2], vec![]]));
         assert_eq!(KvParams::parse(&json!({"do_remote_decode": true})).unwrap(), KvParams::RemoteDecode);
         assert_eq!(KvParams::parse(&Value::Null).unwrap(), KvParams::None);
         assert_eq!(KvParams::parse_json(None).unwrap(), KvParams::None);
@@ -468,10 +478,18 @@ mod tests {
             (
                 {
                     let mut g = good();
-                    g["remote_block_ids"] = json!([[1], [2]]);
+                    g["remote_block_ids"] = json!(vec![vec![1]; 17]);
                     g
                 },
                 "KV cache groups",
+            ),
+            (
+                {
+                    let mut g = good();
+                    g["remote_block_ids"] = json!([[1], 2]);
+                    g
+                },
+                "per KV cache group",
             ),
             (
                 {

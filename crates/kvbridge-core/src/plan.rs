@@ -486,9 +486,6 @@ impl TransferPlan {
         if nl as u64 > nd {
             return Err(PlanError::BlockCountMismatch { local: nl, remote: nd as usize });
         }
-        if (nr as u64) < np {
-            return Err(PlanError::BlockCountMismatch { local: np as usize, remote: nr });
-        }
         let g = gcd(kd, kp);
         let cp = kp / g;
         let first_local = (nd - nl as u64) * ld;
@@ -496,12 +493,18 @@ impl TransferPlan {
         if key.window > 0 && n > u64::from(key.window) {
             start = start.max((n - u64::from(key.window)) / g * g);
         }
+        // Remote ids cover the whole prompt, or (a sliding window clipped by P) its end:
+        // then they must still reach back to the first token read.
+        let first_remote = np.saturating_sub(nr as u64) * lp;
+        if first_remote > 0 && (key.window == 0 || first_remote > start / lp * lp) {
+            return Err(PlanError::BlockCountMismatch { local: np as usize, remote: nr });
+        }
         let end = n.div_ceil(g) * g;
         out.reserve(((end.saturating_sub(start)) / g) as usize);
         let mut t = start;
         while t < end {
             let lb = gb.local[((t - first_local) / ld) as usize];
-            let pb = gb.remote[(t / lp) as usize];
+            let pb = gb.remote[((t - first_remote) / lp) as usize];
             if !null(lb) && !null(pb) {
                 let (lo, po) = (t % ld, t % lp);
                 let (od, op) = (lo % kd, po % kp);
@@ -518,7 +521,7 @@ impl TransferPlan {
 
     /// The pieces for one request. `groups[g]` holds the block ids of KV-cache group `g`:
     /// local ids cover the *end* of the request's blocks (a local prefix hit is skipped),
-    /// remote ids all of them. `num_tokens` is the prompt length (0: `len(remote) * block
+    /// remote ids all of them, or for a sliding-window group at least those of the window. `num_tokens` is the prompt length (0: `len(remote) * block
     /// size`, only when block sizes are equal). `coalesce=false` keeps one descriptor per
     /// block range (for comparison).
     pub fn transfer(&self, groups: &[GroupBlocks<'_>], num_tokens: u64, coalesce: bool) -> Result<RequestTransfer, PlanError> {

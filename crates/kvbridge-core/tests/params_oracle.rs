@@ -55,22 +55,25 @@ mod old {
     }
 
     /// Block ids as a flat list, or vLLM's newer per-KV-cache-group list of lists (one group).
-    fn block_ids(v: &Value) -> Result<Vec<u32>, ParamsError> {
+    // Since issue 19 (hybrid models): one list of block ids per KV-cache group, at most 16.
+    fn block_ids(v: &Value) -> Result<Vec<Vec<u32>>, ParamsError> {
         const F: &str = "remote_block_ids";
         let arr = v.as_array().ok_or_else(|| ParamsError::WrongType { field: F, expected: "a list of block ids", got: type_name(v) })?;
-        let flat: &Vec<Value> = match arr.first() {
-            Some(Value::Array(first)) => {
-                if arr.len() != 1 {
-                    return Err(ParamsError::Invalid(format!(
-                        "remote_block_ids has {} KV cache groups; kvbridge supports exactly one",
-                        arr.len()
-                    )));
+        let ids = |flat: &Vec<Value>| flat.iter().map(|b| uint(b, F, u64::from(u32::MAX)).map(|n| n as u32)).collect::<Result<Vec<u32>, _>>();
+        match arr.first() {
+            Some(Value::Array(_)) => {
+                if arr.len() > 16 {
+                    return Err(ParamsError::Invalid(format!("remote_block_ids has {} KV cache groups; at most 16", arr.len())));
                 }
-                first
+                arr.iter()
+                    .map(|g| match g {
+                        Value::Array(flat) => ids(flat),
+                        other => Err(ParamsError::WrongType { field: F, expected: "a list of block ids per KV cache group", got: type_name(other) }),
+                    })
+                    .collect()
             }
-            _ => arr,
-        };
-        flat.iter().map(|b| uint(b, F, u64::from(u32::MAX)).map(|n| n as u32)).collect()
+            _ => Ok(vec![ids(arr)?]),
+        }
     }
 
     /// P's side-channel address and TP size: `remote_host`, `remote_port`, `tp_size` (default 1).

@@ -109,11 +109,11 @@ impl Scheduler {
     }
 
     /// P: requests whose prefill completes in the step being built, as
-    /// `(req_id, block_ids, num_tokens)`: layer-wise push writes them as they compute;
-    /// staging and the host buffer copy them out after the forward.
-    fn prefill_completing(&mut self, reqs: Vec<(String, Vec<u32>, u64)>) {
+    /// `(req_id, block_ids per KV-cache group, num_tokens)`: layer-wise push writes them
+    /// as they compute; staging and the host buffer copy them out after the forward.
+    fn prefill_completing(&mut self, reqs: Vec<(String, Vec<Vec<u32>>, u64)>) {
         for (r, blocks, n) in reqs {
-            self.inner.prefill_completing(&r, &blocks, n);
+            self.inner.prefill_completing_groups(&r, &blocks, n);
         }
     }
 
@@ -146,6 +146,11 @@ impl Scheduler {
         self.inner.update_state_after_alloc(req_id, &unhashed_block_ids, num_external_tokens);
     }
 
+    /// [`update_state_after_alloc`] with the unhashed blocks of each KV-cache group.
+    fn update_state_after_alloc_groups(&mut self, req_id: &str, unhashed_block_ids: Vec<Vec<u32>>, num_external_tokens: u64) {
+        self.inner.update_state_after_alloc_groups(req_id, &unhashed_block_ids, num_external_tokens);
+    }
+
     /// This step's metadata for the workers (with any lease heartbeats now due), as
     /// opaque bytes.
     fn build_connector_meta<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
@@ -167,21 +172,26 @@ impl Scheduler {
         self.inner.accounting().to_string()
     }
 
-    /// Returns `(delay_free_blocks, kv_transfer_params as a dict or None)`.
+    /// Returns `(delay_free_blocks, kv_transfer_params as a dict or None)`. `block_ids`:
+    /// one KV-cache group's ids, or (vLLM's `request_finished_all_groups`) a list per group.
     #[pyo3(signature = (req_id, block_ids, finish_reason, num_computed_tokens, kv_transfer_params=None))]
     fn request_finished(
         &mut self,
         py: Python<'_>,
         req_id: &str,
-        block_ids: Vec<u32>,
+        block_ids: &Bound<'_, PyAny>,
         finish_reason: &str,
         num_computed_tokens: u64,
         kv_transfer_params: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<(bool, PyObject)> {
+        let groups: Vec<Vec<u32>> = match block_ids.extract::<Vec<u32>>() {
+            Ok(one) => vec![one],
+            Err(_) => block_ids.extract()?,
+        };
         let params = self.take_params(req_id, kv_transfer_params);
-        let f = self.inner.request_finished_parsed(
+        let f = self.inner.request_finished_groups(
             req_id,
-            &block_ids,
+            &groups,
             FinishReason::parse(finish_reason),
             num_computed_tokens,
             params.as_ref(),

@@ -474,7 +474,12 @@ pub trait SchedulerSide {
     /// blocks past the local prefix-cache hit). D queues the load (push: the registration
     /// with P) for the next metadata; with nothing to load it still tells P to free its
     /// blocks. A request rejected at matching is failed here.
-    fn update_state_after_alloc(&mut self, req_id: &str, unhashed_block_ids: &[u32], num_external_tokens: u64);
+    fn update_state_after_alloc(&mut self, req_id: &str, unhashed_block_ids: &[u32], num_external_tokens: u64) {
+        self.update_state_after_alloc_groups(req_id, &[unhashed_block_ids.to_vec()], num_external_tokens);
+    }
+    /// [`update_state_after_alloc`](Self::update_state_after_alloc) with the blocks of
+    /// each KV-cache group (vLLM's hybrid allocator: `get_unhashed_block_ids_all_groups`).
+    fn update_state_after_alloc_groups(&mut self, req_id: &str, unhashed_block_ids: &[Vec<u32>], num_external_tokens: u64);
     /// vLLM's `request_finished`: `req_id` ended for `reason`, holding `block_ids`, with
     /// `num_computed_tokens` computed. P, for a remote decode: its blocks are held under a
     /// lease (`delay_free`) and the returned `kv_transfer_params` tell D where to get the
@@ -501,11 +506,29 @@ pub trait SchedulerSide {
         num_computed_tokens: u64,
         params: Option<&Arc<ReqParams>>,
         now_unix: f64,
+    ) -> Finished {
+        self.request_finished_groups(req_id, &[block_ids.to_vec()], reason, num_computed_tokens, params, now_unix)
+    }
+    /// [`request_finished_parsed`](Self::request_finished_parsed) with the blocks of each
+    /// KV-cache group (vLLM's `request_finished_all_groups`). P offers a sliding-window
+    /// group's blocks inside the window only.
+    fn request_finished_groups(
+        &mut self,
+        req_id: &str,
+        block_ids: &[Vec<u32>],
+        reason: FinishReason,
+        num_computed_tokens: u64,
+        params: Option<&Arc<ReqParams>>,
+        now_unix: f64,
     ) -> Finished;
     /// P: a producing request's prefill completes in the step being built, with these
     /// blocks. Layer-wise push writes each layer as it is computed; pull with staging or a
     /// host buffer copies the blocks out after the forward. Otherwise it is ignored.
-    fn prefill_completing(&mut self, _req_id: &str, _block_ids: &[u32], _num_tokens: u64) {}
+    fn prefill_completing(&mut self, req_id: &str, block_ids: &[u32], num_tokens: u64) {
+        self.prefill_completing_groups(req_id, &[block_ids.to_vec()], num_tokens);
+    }
+    /// [`prefill_completing`](Self::prefill_completing) with the blocks of each KV-cache group.
+    fn prefill_completing_groups(&mut self, _req_id: &str, _block_ids: &[Vec<u32>], _num_tokens: u64) {}
     /// vLLM's `build_connector_meta`: this step's metadata for the workers (it resets the
     /// per-step lists).
     fn build_connector_meta(&mut self) -> ConnectorMetadata;

@@ -6,6 +6,7 @@ use serde_json::json;
 
 use super::{params_kind, FinishReason, Finished, Matched, SchedulerBase, SchedulerSide, Staging};
 use crate::config::ConnectorConfig;
+use crate::groups::clip_to_windows;
 use crate::error::{ParamsError, RoleError};
 use crate::integrity::IntegrityMode;
 use crate::params::{KvParams, RemotePrefill, ReqParams};
@@ -25,6 +26,8 @@ pub struct PullScheduler {
     producing: HashSet<String>,
     /// P: the staging slots (`kv_staging_blocks`; disabled when 0).
     pub staging: Staging,
+    /// Per KV-cache group, the blocks a sliding window keeps (0: all).
+    window_blocks: Vec<usize>,
 }
 
 /// Producing requests tracked for staging at once (past this they are not staged).
@@ -58,6 +61,7 @@ impl PullScheduler {
         Self {
             base: SchedulerBase::new(&cfg),
             staging: Staging::new(cfg.staging_blocks()),
+            window_blocks: cfg.compat.window_blocks(),
             cfg,
             reqs: HashMap::new(),
             producing: HashSet::new(),
@@ -65,11 +69,11 @@ impl PullScheduler {
     }
 
     /// The `kv_transfer_params` P returns for D.
-    fn params(&self, req_id: &str, block_ids: &[u32], port: u16, num_tokens: u64, expiry: f64, staged: bool) -> serde_json::Value {
+    fn params(&self, req_id: &str, block_ids: &[Vec<u32>], port: u16, num_tokens: u64, expiry: f64, staged: bool) -> serde_json::Value {
         let mut v = json!({
             "do_remote_prefill": true,
             "do_remote_decode": false,
-            "remote_block_ids": [block_ids],
+            "remote_block_ids": block_ids,
             "remote_engine_id": self.cfg.engine_id,
             "remote_request_id": req_id,
             "remote_host": self.cfg.side_channel_host,
@@ -98,16 +102,34 @@ impl PullScheduler {
         self.staging.mark_leased(req_id);
         let num_blocks = u32::try_from(slots.len()).unwrap_or(u32::MAX);
         self.base.push_send(SendLease { req_id: req_id.to_string(), expiry_unix: expiry, expected_readers: 1, num_blocks });
-        Finished { delay_free: false, kv_transfer_params: Some(self.params(req_id, &slots, port, num_tokens, expiry, true)) }
+        Finished { delay_free: false, kv_transfer_params: Some(self.params(req_id, &[slots], port, num_tokens, expiry, true)) }
+    }
+
+    /// D: P's sliding-window groups are the tail of what P computed, so they line up with
+    /// the prompt only if P computed exactly the prompt (a prefill with max_tokens=1).
+    fn misplaced_window(&self, rp: &RemotePrefill, num_prompt_tokens: u64) -> bool {
+        self.window_blocks.iter().any(|&w| w > 0)
+            && rp.remote_block_ids.len() > 1
+            && rp.remote_num_tokens.is_some_and(|m| m != num_prompt_tokens)
+    }
+
+    /// P, several KV-cache groups: a host buffer copies every group's blocks (block ids are
+    /// one space across groups); staging and `kv_integrity` handle one group so far (the
+    /// blocks stay held in place; D counts the load unverified).
+    fn prefill_completing_hybrid(&mut self, req_id: &str, groups: &[Vec<u32>]) {
+        if self.cfg.host_buffer {
+            let all: Vec<u32> = groups.iter().flatten().copied().filter(|&b| Some(b) != self.cfg.null_block_id).collect();
+            self.base.order_host_copy(req_id, &all);
+        }
     }
 
     /// The worker's plan aligns the blocks: the local ones cover the end of the prompt (a
     /// local prefix hit covers the start), the remote ones all of it, in blocks of either
     /// side's size.
-    fn recv_req(req_id: &str, rp: &RemotePrefill, num_tokens: u64, local_block_ids: Vec<u32>, notify_only: bool) -> RecvReq {
+    fn recv_req(req_id: &str, rp: &RemotePrefill, num_tokens: u64, local_block_ids: Vec<Vec<u32>>, notify_only: bool) -> RecvReq {
         RecvReq {
             req_id: req_id.to_string(),
-            local_block_ids: vec![local_block_ids],
+            local_block_ids,
             num_tokens,
             notify_only,
             remote: RemoteRef {
@@ -115,7 +137,7 @@ impl PullScheduler {
                 host: rp.remote_host.clone(),
                 port: rp.remote_port,
                 request_id: rp.remote_request_id.clone(),
-                block_ids: vec![rp.remote_block_ids.clone()],
+                block_ids: rp.remote_block_ids.clone(),
                 tp_size: rp.tp_size,
                 epoch: rp.remote_epoch,
                 expiry_unix: rp.remote_expiry_unix,
@@ -196,6 +218,14 @@ impl SchedulerSide for PullScheduler {
             KvParams::RemotePrefill(_) if !self.cfg.role.can_consume() => {
                 self.base.reject(req_id, num_prompt_tokens, num_computed_tokens, RoleError::RemotePrefillOnProducer.into())
             }
+            KvParams::RemotePrefill(rp) if self.misplaced_window(rp, num_prompt_tokens) => {
+                let why = format!(
+                    "P computed {} tokens for a {num_prompt_tokens}-token prompt: its sliding-window blocks (the window's tail) \
+                     cannot be placed on the prompt; prefill with max_tokens=1",
+                    rp.remote_num_tokens.unwrap_or(0)
+                );
+                self.base.reject(req_id, num_prompt_tokens, num_computed_tokens, ParamsError::Invalid(why).into())
+            }
             KvParams::RemotePrefill(rp) => {
                 self.base.heartbeats.track(req_id, rp);
                 let count = num_prompt_tokens.saturating_sub(num_computed_tokens);
@@ -210,7 +240,7 @@ impl SchedulerSide for PullScheduler {
         }
     }
 
-    fn update_state_after_alloc(&mut self, req_id: &str, unhashed_block_ids: &[u32], num_external_tokens: u64) {
+    fn update_state_after_alloc_groups(&mut self, req_id: &str, unhashed_block_ids: &[Vec<u32>], num_external_tokens: u64) {
         if let Some(reason) = if self.base.rejected.is_empty() { None } else { self.base.rejected.remove(req_id) } {
             self.reqs.insert(req_id.to_string(), Stage::Consumed);
             self.base.loading.insert(req_id.to_string());
@@ -220,17 +250,18 @@ impl SchedulerSide for PullScheduler {
         let Some(stage) = self.reqs.get_mut(req_id) else { return };
         let Stage::Matched(p, n) = std::mem::replace(stage, Stage::Consumed) else { return };
         let Some(rp) = remote_prefill(&p) else { return };
-        let local = if num_external_tokens > 0 { unhashed_block_ids.to_vec() } else { Vec::new() };
+        // A sliding-window group loads only the blocks inside its window.
+        let local = if num_external_tokens > 0 { clip_to_windows(unhashed_block_ids, &self.window_blocks) } else { vec![Vec::new()] };
         if num_external_tokens > 0 {
             self.base.loading.insert(req_id.to_string());
         }
         self.base.push_recv(Self::recv_req(req_id, rp, n, local, num_external_tokens == 0));
     }
 
-    fn request_finished_parsed(
+    fn request_finished_groups(
         &mut self,
         req_id: &str,
-        block_ids: &[u32],
+        block_ids: &[Vec<u32>],
         reason: FinishReason,
         num_computed_tokens: u64,
         params: Option<&Arc<ReqParams>>,
@@ -255,7 +286,7 @@ impl SchedulerSide for PullScheduler {
         // D: aborted before its blocks were allocated. Tell P to free its blocks.
         if let Some(Stage::Matched(p, n)) = stage {
             if let Some(rp) = remote_prefill(&p) {
-                self.base.push_recv(Self::recv_req(req_id, rp, n, Vec::new(), true));
+                self.base.push_recv(Self::recv_req(req_id, rp, n, vec![Vec::new()], true));
             }
             return none;
         }
@@ -270,12 +301,12 @@ impl SchedulerSide for PullScheduler {
         if let Ok(KvParams::RemotePrefill(rp)) = params {
             if tracked && !consumed && self.cfg.role.can_consume() {
                 tracing::debug!(request_id = %req_id, "kvbridge: request ended before its load started; releasing P's blocks");
-                self.base.push_recv(Self::recv_req(req_id, rp, rp.remote_num_tokens.unwrap_or(0), Vec::new(), true));
+                self.base.push_recv(Self::recv_req(req_id, rp, rp.remote_num_tokens.unwrap_or(0), vec![Vec::new()], true));
             }
             return none;
         }
         let Ok(KvParams::RemoteDecode) = params else { return none };
-        if !self.cfg.role.can_produce() || !reason.completed() || block_ids.is_empty() {
+        if !self.cfg.role.can_produce() || !reason.completed() || block_ids.iter().all(Vec::is_empty) {
             return none;
         }
         if self.cfg.host_buffer && !host_copied {
@@ -285,10 +316,15 @@ impl SchedulerSide for PullScheduler {
         let Some(port) = self.cfg.advertised_port() else { return none };
         let expiry = now_unix + self.cfg.kv_lease_duration.as_secs_f64();
         self.base.leased.insert(req_id.to_string(), expiry);
-        let num_blocks = u32::try_from(block_ids.len()).unwrap_or(u32::MAX);
+        // A sliding-window group offers only the blocks inside its window (vLLM already
+        // freed those before it; they are its null block).
+        let offered = clip_to_windows(block_ids, &self.window_blocks);
+        let null = self.cfg.null_block_id;
+        let held = offered.iter().flatten().filter(|&&b| Some(b) != null).count();
+        let num_blocks = u32::try_from(held).unwrap_or(u32::MAX);
         self.base.leased_blocks.insert(req_id.to_string(), num_blocks);
         self.base.push_send(SendLease { req_id: req_id.to_string(), expiry_unix: expiry, expected_readers: 1, num_blocks });
-        Finished { delay_free: true, kv_transfer_params: Some(self.params(req_id, block_ids, port, num_computed_tokens, expiry, false)) }
+        Finished { delay_free: true, kv_transfer_params: Some(self.params(req_id, &offered, port, num_computed_tokens, expiry, false)) }
     }
 
     fn build_connector_meta(&mut self) -> ConnectorMetadata {
@@ -319,10 +355,14 @@ impl SchedulerSide for PullScheduler {
         hidden
     }
 
-    fn prefill_completing(&mut self, req_id: &str, block_ids: &[u32], _num_tokens: u64) {
+    fn prefill_completing_groups(&mut self, req_id: &str, groups: &[Vec<u32>], _num_tokens: u64) {
         if !self.producing.contains(req_id) {
             return;
         }
+        let block_ids: &[u32] = match groups {
+            [one] => one,
+            _ => return self.prefill_completing_hybrid(req_id, groups),
+        };
         let integrity = self.cfg.kv_integrity != IntegrityMode::Off;
         // Host buffer: copy the blocks to their own ids in the host mirror, at the end of
         // this step (the worker's `wait_for_save`), before `request_finished` offers them.

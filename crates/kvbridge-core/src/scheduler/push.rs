@@ -16,6 +16,7 @@ use serde_json::json;
 
 use super::{params_kind, FinishReason, Finished, Matched, SchedulerBase, SchedulerSide};
 use crate::config::ConnectorConfig;
+use crate::groups::clip_to_windows;
 use crate::error::{ParamsError, RoleError};
 use crate::params::{KvParams, PushPrefill, ReqParams};
 use crate::wire::{ConnectorMetadata, PushRecv, PushSend};
@@ -37,6 +38,8 @@ pub struct PushScheduler {
     consumed: HashSet<String>,
     /// D: aborted while P may still write; blocks held until the workers report them.
     held_aborted: HashSet<String>,
+    /// Per KV-cache group, the blocks a sliding window keeps (0: all).
+    window_blocks: Vec<usize>,
 }
 
 impl PushScheduler {
@@ -45,6 +48,7 @@ impl PushScheduler {
         cfg.log_startup("scheduler");
         Self {
             base: SchedulerBase::new(&cfg),
+            window_blocks: cfg.compat.window_blocks(),
             cfg,
             producing: HashMap::new(),
             saving: HashSet::new(),
@@ -54,11 +58,11 @@ impl PushScheduler {
         }
     }
 
-    fn recv(req_id: &str, pp: &PushPrefill, num_tokens: u64, local: Vec<u32>, notify_only: bool) -> PushRecv {
+    fn recv(req_id: &str, pp: &PushPrefill, num_tokens: u64, local: Vec<Vec<u32>>, notify_only: bool) -> PushRecv {
         PushRecv {
             req_id: req_id.to_string(),
             transfer_id: pp.transfer_id.clone(),
-            local_block_ids: vec![local],
+            local_block_ids: local,
             num_tokens,
             notify_only,
             engine_id: pp.remote_engine_id.clone(),
@@ -138,7 +142,7 @@ impl SchedulerSide for PushScheduler {
         }
     }
 
-    fn update_state_after_alloc(&mut self, req_id: &str, unhashed_block_ids: &[u32], num_external_tokens: u64) {
+    fn update_state_after_alloc_groups(&mut self, req_id: &str, unhashed_block_ids: &[Vec<u32>], num_external_tokens: u64) {
         if let Some(reason) = self.base.rejected.remove(req_id) {
             self.consumed.insert(req_id.to_string());
             self.base.loading.insert(req_id.to_string());
@@ -151,14 +155,24 @@ impl SchedulerSide for PushScheduler {
         if load {
             self.base.loading.insert(req_id.to_string());
         }
-        let local = if load { unhashed_block_ids.to_vec() } else { Vec::new() };
+        // A sliding-window group registers only the blocks inside its window.
+        let local = if load { clip_to_windows(unhashed_block_ids, &self.window_blocks) } else { vec![Vec::new()] };
         self.base.push_push_register(Self::recv(req_id, &pp, n, local, !load));
     }
 
-    fn prefill_completing(&mut self, req_id: &str, block_ids: &[u32], num_tokens: u64) {
+    fn prefill_completing_groups(&mut self, req_id: &str, groups: &[Vec<u32>], num_tokens: u64) {
+        let groups = clip_to_windows(groups, &self.window_blocks);
+        let all: Vec<u32>;
+        let block_ids: &[u32] = match groups.as_slice() {
+            [one] => one,
+            _ => {
+                all = groups.iter().flatten().copied().filter(|&b| Some(b) != self.cfg.null_block_id).collect();
+                &all
+            }
+        };
         // Integrity: digest the blocks after this step's forward, under the key D fetches
-        // them by (the transfer id, else the base request id).
-        if self.cfg.kv_integrity != crate::integrity::IntegrityMode::Off && !self.saving.contains(req_id) {
+        // them by (the transfer id, else the base request id). One KV-cache group so far.
+        if self.cfg.kv_integrity != crate::integrity::IntegrityMode::Off && !self.saving.contains(req_id) && groups.len() == 1 {
             if let Some(t) = self.producing.get(req_id) {
                 let key = crate::integrity::push_key(t, crate::wire::base_request_id(req_id));
                 self.base.order_digest(key, block_ids, block_ids);
@@ -180,7 +194,7 @@ impl SchedulerSide for PushScheduler {
         self.base.push_push_save(PushSend {
             req_id: req_id.to_string(),
             transfer_id: t.clone(),
-            block_ids: vec![block_ids.to_vec()],
+            block_ids: groups.clone(),
             num_tokens,
             expiry_unix: f64::INFINITY,
             hold: false,
@@ -188,10 +202,10 @@ impl SchedulerSide for PushScheduler {
         });
     }
 
-    fn request_finished_parsed(
+    fn request_finished_groups(
         &mut self,
         req_id: &str,
-        block_ids: &[u32],
+        block_ids: &[Vec<u32>],
         reason: FinishReason,
         num_computed_tokens: u64,
         params: Option<&Arc<ReqParams>>,
@@ -202,13 +216,13 @@ impl SchedulerSide for PushScheduler {
         let consumed = self.consumed.remove(req_id);
         // D: gave up before allocating. Tell P, so it frees its blocks now.
         if let Some((pp, n)) = self.awaiting_alloc.remove(req_id) {
-            self.base.push_push_register(Self::recv(req_id, &pp, n, Vec::new(), true));
+            self.base.push_push_register(Self::recv(req_id, &pp, n, vec![Vec::new()], true));
             return none;
         }
         // D: ended before it was ever matched (aborted while queued): tell P too.
         if !consumed && self.cfg.role.can_consume() && !self.base.loading.contains(req_id) {
             if let Ok(KvParams::PushPrefill(pp)) = params_kind(params) {
-                self.base.push_push_register(Self::recv(req_id, pp, 0, Vec::new(), true));
+                self.base.push_push_register(Self::recv(req_id, pp, 0, vec![Vec::new()], true));
                 return none;
             }
         }
@@ -227,28 +241,32 @@ impl SchedulerSide for PushScheduler {
             tracing::error!(request_id = %req_id, "kvbridge: the prefill's KV was never copied to the host buffer (its completing step was not reported); not writing it to D");
         }
         let expiry = now_unix + self.cfg.kv_lease_duration.as_secs_f64();
+        // A sliding-window group writes only the blocks inside its window.
+        let block_ids = clip_to_windows(block_ids, &self.window_blocks);
+        let null = self.cfg.null_block_id;
+        let num_blocks = u32::try_from(block_ids.iter().flatten().filter(|&&b| Some(b) != null).count()).unwrap_or(u32::MAX);
         let send = |hold: bool, aborted: bool| PushSend {
             req_id: req_id.to_string(),
             transfer_id: transfer_id.clone(),
-            block_ids: if hold { vec![block_ids.to_vec()] } else { Vec::new() },
+            block_ids: if hold { block_ids.clone() } else { Vec::new() },
             num_tokens: num_computed_tokens,
             expiry_unix: expiry,
             hold,
             aborted,
         };
         let port = self.cfg.advertised_port();
-        if !reason.completed() || block_ids.is_empty() || port.is_none() || uncopied {
+        if !reason.completed() || block_ids.iter().all(Vec::is_empty) || port.is_none() || uncopied {
             // Registrations for it are refused. Layer-wise writes may be in flight: then
             // the blocks are held until they end.
             self.base.push_push_finished(send(was_saving, true));
             if was_saving {
                 self.base.leased.insert(req_id.to_string(), expiry);
-                self.base.leased_blocks.insert(req_id.to_string(), u32::try_from(block_ids.len()).unwrap_or(u32::MAX));
+                self.base.leased_blocks.insert(req_id.to_string(), num_blocks);
             }
             return Finished { delay_free: was_saving, kv_transfer_params: None };
         }
         self.base.leased.insert(req_id.to_string(), expiry);
-        self.base.leased_blocks.insert(req_id.to_string(), u32::try_from(block_ids.len()).unwrap_or(u32::MAX));
+        self.base.leased_blocks.insert(req_id.to_string(), num_blocks);
         self.base.push_push_finished(send(true, false));
         Finished {
             delay_free: true,
