@@ -154,6 +154,11 @@ def _layer_specs(kv_cache_config: "KVCacheConfig | None") -> dict[str, tuple[int
         return out
     groups = kv_cache_config.kv_cache_groups
     for gi, g in enumerate(groups):
+        if not getattr(g, "enable_kv_transfer", True):
+            raise _native.ConfigError(
+                f"KV-cache group {gi} ({type(g.kv_cache_spec).__name__}) is marked not transferable (vLLM's HiSparse "
+                "host-resident groups): kvbridge does not transfer such models yet"
+            )
         spec = g.kv_cache_spec
         for layer in g.layer_names:
             inner = spec.kv_cache_specs.get(layer, spec) if hasattr(spec, "kv_cache_specs") else spec
