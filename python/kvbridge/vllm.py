@@ -95,6 +95,23 @@ def _kv_groups(kv_cache_config: "KVCacheConfig | None") -> list[dict[str, Any]]:
     return out
 
 
+#: Speculators that keep no KV of their own: D may run them while P runs none.
+_NO_DRAFT_KV = ("ngram", "ngram_gpu", "suffix")
+
+
+def _spec_decode(vllm_config: "VllmConfig") -> str:
+    """The speculative-decoding setup whose KV a transfer must carry, for the compatibility
+    check (vLLM #49230): empty without a speculator, or with one that keeps no KV (n-gram,
+    suffix: only D needs it, P runs none); else the method and the draft model, which P and
+    D must share so that the draft layers' KV is transferred with the rest, never dropped."""
+    sc = getattr(vllm_config, "speculative_config", None)
+    method = str(getattr(sc, "method", "") or "") if sc is not None else ""
+    if not method or method in _NO_DRAFT_KV:
+        return ""
+    model = str(getattr(sc, "model", "") or "").rstrip("/").rsplit("/", 1)[-1]
+    return f"{method}:{model}"
+
+
 def _engine_info(vllm_config: "VllmConfig", tp_rank: int, cuda_device: int | None = None,
                  kv_cache_config: "KVCacheConfig | None" = None) -> str:  # fmt: skip
     mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
@@ -114,6 +131,7 @@ def _engine_info(vllm_config: "VllmConfig", tp_rank: int, cuda_device: int | Non
             "block_size": cc.block_size,
             "attn_backend": "",
             "kv_groups": _kv_groups(kv_cache_config),
+            "spec_decode": _spec_decode(vllm_config),
         },
     })
 

@@ -5,13 +5,15 @@ reported group by group, and what kvbridge cannot transfer is refused with a rea
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from helpers import REPO  # noqa: F401  (puts kvbridge on sys.path)
 from vllm.v1 import kv_cache_interface as kci
 
 from kvbridge import _native
-from kvbridge.vllm import _classify, _kv_groups, _layer_specs
+from kvbridge.vllm import _classify, _kv_groups, _layer_specs, _spec_decode
 
 
 def full(heads: int = 2) -> kci.FullAttentionSpec:
@@ -79,3 +81,17 @@ def test_what_cannot_be_transferred_is_refused_with_a_reason() -> None:
     hidden.kv_cache_groups[0].enable_kv_transfer = False
     with pytest.raises(_native.ConfigError, match="not transferable"):
         _layer_specs(hidden)
+
+
+def test_the_speculator_enters_the_compatibility_facts_only_with_draft_kv() -> None:
+    def spec(method: str | None, model: str | None = None) -> SimpleNamespace:
+        sc = None if method is None else SimpleNamespace(method=method, model=model)
+        return SimpleNamespace(speculative_config=sc)
+
+    assert _spec_decode(spec(None)) == ""
+    # n-gram and suffix keep no KV: D may run them while P runs none.
+    assert _spec_decode(spec("ngram", None)) == ""
+    assert _spec_decode(spec("suffix")) == ""
+    # A draft model or EAGLE head has KV layers of its own: P and D must share it.
+    assert _spec_decode(spec("eagle", "/models/tiny-eagle/")) == "eagle:tiny-eagle"
+    assert _spec_decode(spec("draft_model", "/m/llama-68m")) == "draft_model:llama-68m"

@@ -144,3 +144,23 @@ fn d_refuses_a_window_p_computed_past_the_prompt() {
     assert_eq!(md.reqs_failed.len(), 1, "{md:?}");
     assert!(md.reqs_failed[0].reason.contains("sliding-window"), "{:?}", md.reqs_failed[0]);
 }
+
+#[test]
+fn a_peer_with_other_groups_or_another_speculator_is_refused_by_name() {
+    use kvbridge_core::config::TransferMode;
+    use kvbridge_core::wire::{compat_diff, compat_hash};
+    let d = cfg("kv_consumer", "D", "pull").compat;
+    let mut p = d.clone();
+    assert_eq!(compat_hash(&p, TransferMode::Pull), compat_hash(&d, TransferMode::Pull));
+    // A draft model's KV exists on D only: refused at handshake, naming the field.
+    p.spec_decode = "eagle:tiny-eagle".into();
+    assert_ne!(compat_hash(&p, TransferMode::Pull), compat_hash(&d, TransferMode::Pull));
+    let diff = compat_diff(&d, &p);
+    assert!(diff.len() == 1 && diff[0].starts_with("spec_decode:"), "{diff:?}");
+    // Another window, or the model run without the hybrid allocator (one group).
+    let mut p = d.clone();
+    p.kv_groups[1].sliding_window = 512;
+    assert!(compat_diff(&d, &p)[0].starts_with("kv_groups:"));
+    p.kv_groups.clear();
+    assert!(compat_diff(&d, &p)[0].starts_with("kv_groups:"));
+}

@@ -217,7 +217,8 @@ class Cluster:
     NixlPushConnector). ``extra_config`` is merged into ``kv_connector_extra_config``.
     ``prefix_caching`` applies to both servers unless ``p_prefix_caching`` sets P's on its own.
     ``block_sizes`` sets P's and D's ``--block-size`` (None: vLLM's default). ``dtype`` is both
-    servers' ``--dtype``. ``extra_env`` is added to every process's env. ``server_args`` are
+    servers' ``--dtype``. ``extra_env`` is added to every process's env. ``d_server_args`` are
+    appended to D's command line only (e.g. a speculator that P does not need). ``server_args`` are
     appended to both servers' command lines. kvbridge clusters run with ``kv_integrity``
     (default ``"full"``: D compares every loaded block with P's digest) and, when they stop
     cleanly, assert that D found no mismatch (``check_integrity``).
@@ -244,6 +245,7 @@ class Cluster:
         engine_ids: tuple[str | None, str | None] = (None, None),
         dtype: str = "bfloat16",
         server_args: tuple[str, ...] = (),
+        d_server_args: tuple[str, ...] = (),
         kv_integrity: str | None = "full",
         expect_mismatches: bool = False,
     ) -> None:
@@ -260,6 +262,7 @@ class Cluster:
         self.engine_ids = engine_ids
         self.dtype = dtype
         self.server_args = tuple(server_args)
+        self.d_server_args = tuple(d_server_args)
         self.model_dir = str(Path(model_dir).resolve())
         self.connector = connector
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="kvbridge-cluster-"))
@@ -354,6 +357,7 @@ class Cluster:
             "--kv-transfer-config", json.dumps(self.kv_transfer_config(role)),
             *(["--block-size", str(bs)] if bs else []),
             *self.server_args,
+            *(self.d_server_args if role != "kv_producer" else ()),
         ]  # fmt: skip
 
     # -- lifecycle

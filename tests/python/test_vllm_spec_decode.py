@@ -1,0 +1,63 @@
+"""P/D with a speculator on D, through real vLLM: D runs n-gram speculative decoding (no
+draft KV of its own), P runs none; the role-aware setup the ``kv_both`` RFC's phase 2 asks
+for. The compatibility facts carry the speculator (``spec_decode``), empty for n-gram, so
+this pair is compatible; a draft model or EAGLE head would have to match on both sides
+(``crates/kvbridge-core/tests/hybrid.rs`` and ``test_kv_specs.py`` show the refusal).
+
+Checked per request: tokens and top-2 log-probabilities equal D alone (same speculator) to
+the last bit in float16; D's READ moved every prompt block; D's speculator drafted tokens
+(``vllm:spec_decode_num_draft_tokens`` grew), so the loaded KV fed a speculating engine.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import expected_kv_bytes, fresh_prompt, log_dir_for
+
+from kvbridge.testing.cluster import Cluster, describe_divergence, same_generation
+
+pytestmark = pytest.mark.slow
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 2}
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir: Path) -> Iterator[Cluster]:
+    c = Cluster(
+        model_dir, connector="kvbridge", log_dir=log_dir_for(__name__),
+        p_port=8105, d_port=8205, proxy_port=8005, side_ports=(5605, 5705), prefix_caching=False,
+        dtype="float16", d_server_args=("--speculative-config", json.dumps(NGRAM)),
+    )  # fmt: skip
+    with c:
+        yield c
+
+
+def draft_tokens(c: Cluster) -> float:
+    text = httpx.get(f"{c.d_url}/metrics", timeout=5.0).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:spec_decode_num_draft_tokens_total"))
+
+
+def repetitive_prompt(n_tokens: int) -> list[int]:
+    """A prompt whose tail repeats, so n-gram lookup finds drafts from the first step."""
+    head = fresh_prompt(n_tokens - 48)
+    return head + head[-16:] * 3
+
+
+@pytest.mark.parametrize("n_tokens", [300, 900])
+def test_pd_with_an_ngram_speculator_on_d_equals_d_alone(cluster: Cluster, n_tokens: int) -> None:
+    prompt = repetitive_prompt(n_tokens)
+    drafted = draft_tokens(cluster)
+    offset = cluster.log_offset("decode")
+    res = cluster.proxy_request(prompt, MAX_TOKENS, logprobs=2)
+    assert res.ok, res
+    (rec,) = cluster.xfer_since(offset, count=1, timeout=5.0)
+    assert rec.bytes == expected_kv_bytes(n_tokens), rec
+    assert draft_tokens(cluster) > drafted, "D's n-gram speculator never drafted"
+    ref = cluster.reference(prompt, MAX_TOKENS)
+    assert same_generation(res, ref, exact=True), describe_divergence(res, ref)
