@@ -137,6 +137,10 @@ def geometry(name: str, t: "torch.Tensor", kind: str, window: int, group: int, t
         k_view = ([b, h, head_size, n], [stride[0], stride[1], n, 1], {**geo, "axes": ["block", "head", "dim", "token"], "kv_part": "k"})
         v_view = ([b, h, n, head_size], [stride[0], stride[1], head_size, 1], {**geo, "axes": ["block", "head", "token", "dim"], "kv_part": "v"})
         return [(ptr, *k_view), (ptr + n * head_size * t.element_size(), *v_view)]
+    if kind == "state" and len(shape) >= 2:
+        # A Mamba/GDN layer's page ([blocks, ...] bytes: conv state, then SSM state, then
+        # padding): one opaque block per request, moved whole between equal TP sizes.
+        return [(ptr, shape, stride, {**geo, "kind": "state"})]
     if kind == "mla" and len(shape) == 3:
         return [(ptr, shape, stride, {**geo, "axes": ["block", "token", "dim"], "kind": "mla"})]
     if kind == "mla" and len(shape) == 4 and shape[1] == 1:

@@ -89,10 +89,23 @@ def _kv_groups(kv_cache_config: "KVCacheConfig | None") -> list[dict[str, Any]]:
     out = []
     for g in kv_cache_config.kv_cache_groups:
         kind, window = _classify(g.kv_cache_spec)
-        out.append({"kind": kind, "sliding_window": window, "num_layers": len(g.layer_names)})
+        group = {"kind": kind, "sliding_window": window, "num_layers": len(g.layer_names)}
+        if kind == "state":
+            # vLLM appends speculative scratch blocks to a request's running-state block.
+            group["spec_blocks"] = int(getattr(g.kv_cache_spec, "num_speculative_blocks", 0) or 0)
+            # vLLM-CPU picks the conv state's layout per CPU (SD or DS): both sides must agree.
+            group["layout"] = str(getattr(g.kv_cache_spec, "mamba_type", "")).rsplit(".", 1)[-1] + "/" + _conv_layout()
+        out.append(group)
     if len(out) == 1 and out[0]["kind"] == "attention" and out[0]["sliding_window"] == 0:
         return []
     return out
+
+
+def _conv_layout() -> str:
+    """vLLM's Mamba conv-state layout (``VLLM_SSM_CONV_STATE_LAYOUT``: "SD" or "DS")."""
+    import os
+
+    return os.environ.get("VLLM_SSM_CONV_STATE_LAYOUT", "") or "default"
 
 
 #: Speculators that keep no KV of their own: D may run them while P runs none.
@@ -181,8 +194,6 @@ def _layer_specs(kv_cache_config: "KVCacheConfig | None") -> dict[str, tuple[int
         for layer in g.layer_names:
             inner = spec.kv_cache_specs.get(layer, spec) if hasattr(spec, "kv_cache_specs") else spec
             kind, window = _classify(inner)
-            if kind == "state":
-                raise _native.ConfigError(f"layer {layer}: Mamba/SSM state transfer is not wired into the vLLM connector yet")
             out[layer] = (gi, kind, window, inner)
     return out
 
@@ -262,6 +273,9 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
         self._cuda_caches = False
         #: Push, staging, host buffer or integrity: build_connector_meta reports completing prefills.
         self._completing = False
+        #: Trailing prompt tokens P leaves to D (1 with state layers), and P's requests cut so.
+        self._backoff = 0
+        self._truncated: set[str] = set()
         #: Host buffer or integrity, P: prefills scheduled in chunks so far, as (prompt length, block ids).
         self._chunked: dict[str, tuple[int, list[list[int]]]] = {}
         if role == KVConnectorRole.SCHEDULER:
@@ -275,6 +289,8 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
             # kv_integrity: P digests each prefill after the step that completes it.
             self._integrity = self._sched.kv_integrity != "off" and vllm_config.kv_transfer_config.is_kv_producer
             self._completing = self._push or self._staging or self._host_buffer or self._integrity
+            if vllm_config.kv_transfer_config.is_kv_producer:
+                self._backoff = int(any(g["kind"] == "state" for g in _kv_groups(kv_cache_config)))
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -291,6 +307,19 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
         if params is None:
             return 0, False
         return self._sched.get_num_new_matched_tokens(request.request_id, request.num_prompt_tokens, num_computed_tokens, params)
+
+    def _truncate_for_remote_decode(self, request: "Request") -> None:
+        """P, a model with state (Mamba/GDN) layers: drop the prompt's last token, so P's
+        state is h(N-1) and D applies token N once (vLLM #37310: applied twice when P had
+        computed it). Once per request, even if it is preempted and scheduled again."""
+        n = self._backoff
+        if request.num_prompt_tokens <= n or request.prompt_token_ids is None:
+            return
+        self._truncated.add(request.request_id)
+        del request.prompt_token_ids[-n:]
+        del request._all_token_ids[-n:]
+        request.num_prompt_tokens -= n
+        request.max_tokens = 1
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
         assert self._sched is not None
@@ -343,11 +372,15 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
         # D: renew P's lease on this request's blocks from now on, even while it waits.
         params = request.kv_transfer_params
         if params is not None and self._sched is not None:
+            if self._backoff and params.get("do_remote_decode") and request.request_id not in self._truncated:
+                self._truncate_for_remote_decode(request)
             self._sched.on_new_request(request.request_id, params)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._sched is not None
         self._chunked.pop(request.request_id, None)
+        if self._truncated:
+            self._truncated.discard(request.request_id)
         params = request.kv_transfer_params
         if params is None:
             return False, None
@@ -364,6 +397,8 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
             return self.request_finished(request, block_ids[0])
         assert self._sched is not None
         self._chunked.pop(request.request_id, None)
+        if self._truncated:
+            self._truncated.discard(request.request_id)
         params = request.kv_transfer_params
         if params is None:
             return False, None
@@ -409,7 +444,10 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
             if (t.data_ptr(), group) in seen:
                 continue
             seen.add((t.data_ptr(), group))
-            cpu_layout = (self._cpu_layout(t, head_size) or "unknown") if t.device.type == "cpu" and t.dim() == 4 else None
+            # Probe the CPU kernel's K/V order for attention caches of its shape only (the
+            # probe writes a block through the kernel: never a Mamba page).
+            cpu_attn = kind == "attention" and t.device.type == "cpu" and t.dim() == 4 and t.shape[3] == 2 * head_size
+            cpu_layout = (self._cpu_layout(t, head_size) or "unknown") if cpu_attn else None
             views = _layout.geometry(name, t, kind, window, group, total_heads, local_heads, head_size, cpu_layout, spec)
             for ptr, shape, stride, geometry in views:
                 tensors.append((name, ptr, shape, stride, t.element_size(), t.device.type, t.device.index or 0,

@@ -124,7 +124,6 @@ pub struct CompatInfo {
     pub spec_decode: String,
 }
 
-
 /// The engine facts the Python layer (or a Rust engine) hands us, next to vLLM's
 /// `kv_transfer_config` dict.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]

@@ -198,7 +198,9 @@ fn block_ids(v: &Value) -> Result<Vec<Vec<u32>>, ParamsError> {
             arr.iter()
                 .map(|g| match g {
                     Value::Array(flat) => ids(flat),
-                    other => Err(ParamsError::WrongType { field: F, expected: "a list of block ids per KV cache group", got: type_name(other) }),
+                    other => {
+                        Err(ParamsError::WrongType { field: F, expected: "a list of block ids per KV cache group", got: type_name(other) })
+                    }
                 })
                 .collect()
         }
@@ -410,7 +412,9 @@ mod tests {
         assert!(matches!(KvParams::parse(&flat), Ok(KvParams::RemotePrefill(r)) if r.remote_block_ids == vec![vec![7, 8]]));
         let mut groups = good();
         groups["remote_block_ids"] = json!([[1, 2], [0, 2], []]);
-        assert!(matches!(KvParams::parse(&groups), Ok(KvParams::RemotePrefill(r)) if r.remote_block_ids == vec![vec![1, 2], vec![0, 2], vec![]]));
+        assert!(
+            matches!(KvParams::parse(&groups), Ok(KvParams::RemotePrefill(r)) if r.remote_block_ids == vec![vec![1, 2], vec![0, 2], vec![]])
+        );
         assert_eq!(KvParams::parse(&json!({"do_remote_decode": true})).unwrap(), KvParams::RemoteDecode);
         assert_eq!(KvParams::parse(&Value::Null).unwrap(), KvParams::None);
         assert_eq!(KvParams::parse_json(None).unwrap(), KvParams::None);

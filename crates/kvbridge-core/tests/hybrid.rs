@@ -16,8 +16,8 @@ fn cfg(role: &str, engine: &str, mode: &str) -> ConnectorConfig {
         r#"{{"kv_role":"{role}","engine_id":"{engine}","kv_connector_extra_config":{{"side_channel_host":"127.0.0.1","side_channel_port":7000,"transfer_mode":"{mode}","kv_integrity":"off"}}}}"#
     );
     let groups = vec![
-        KvGroupSpec { kind: "attention".into(), sliding_window: 0, num_layers: 2 },
-        KvGroupSpec { kind: "attention".into(), sliding_window: 256, num_layers: 2 },
+        KvGroupSpec { kind: "attention".into(), sliding_window: 0, num_layers: 2, spec_blocks: 0, layout: String::new() },
+        KvGroupSpec { kind: "attention".into(), sliding_window: 256, num_layers: 2, spec_blocks: 0, layout: String::new() },
     ];
     let compat = CompatInfo { model: "m".into(), block_size: 128, kv_groups: groups, ..Default::default() };
     ConnectorConfig::from_json(&json, EngineInfo { tp_size: 1, compat, ..Default::default() }, |_| None).unwrap()
@@ -163,4 +163,27 @@ fn a_peer_with_other_groups_or_another_speculator_is_refused_by_name() {
     assert!(compat_diff(&d, &p)[0].starts_with("kv_groups:"));
     p.kv_groups.clear();
     assert!(compat_diff(&d, &p)[0].starts_with("kv_groups:"));
+}
+
+#[test]
+fn with_state_groups_d_loads_all_but_the_last_token_and_one_state_block() {
+    // A NemotronH-like model: two Mamba groups (4096-token state blocks, 2 speculative scratch
+    // blocks on D), one attention group of 128-token blocks.
+    let json = r#"{"kv_role":"kv_consumer","engine_id":"D","kv_connector_extra_config":{"side_channel_host":"127.0.0.1","side_channel_port":7000,"kv_integrity":"off"}}"#;
+    let state =
+        |spec_blocks| KvGroupSpec { kind: "state".into(), sliding_window: 0, num_layers: 1, spec_blocks, layout: "MAMBA2/SD".into() };
+    let attn = KvGroupSpec { kind: "attention".into(), sliding_window: 0, num_layers: 1, spec_blocks: 0, layout: String::new() };
+    let compat = CompatInfo { model: "m".into(), block_size: 128, kv_groups: vec![state(2), state(2), attn], ..Default::default() };
+    let mut d =
+        PullScheduler::new(ConnectorConfig::from_json(json, EngineInfo { tp_size: 1, compat, ..Default::default() }, |_| None).unwrap());
+    // P stopped one token short: it computed 699 of the 700 prompt tokens.
+    let params = r#"{"do_remote_prefill":true,"remote_engine_id":"P","remote_request_id":"r","remote_block_ids":[[1],[2],[3,4,5,6,7,8]],"remote_host":"127.0.0.1","remote_port":7000,"remote_num_tokens":699}"#;
+    let m = d.get_num_new_matched_tokens("d", 700, 0, Some(params));
+    assert_eq!((m.num_tokens, m.load_async), (699, true), "D computes token 700 itself, from P's state");
+    // vLLM hands D each state group's block plus its scratch blocks.
+    d.update_state_after_alloc_groups("d", &[vec![11, 12, 13], vec![21, 22, 23], (31..=36).collect()], 699);
+    let md = d.build_connector_meta();
+    let r = &md.reqs_to_recv[0];
+    assert_eq!(r.num_tokens, 699);
+    assert_eq!(r.local_block_ids, vec![vec![11], vec![21], (31..=36).collect::<Vec<u32>>()], "the running-state block, not the scratch");
 }

@@ -59,7 +59,8 @@ mod old {
     fn block_ids(v: &Value) -> Result<Vec<Vec<u32>>, ParamsError> {
         const F: &str = "remote_block_ids";
         let arr = v.as_array().ok_or_else(|| ParamsError::WrongType { field: F, expected: "a list of block ids", got: type_name(v) })?;
-        let ids = |flat: &Vec<Value>| flat.iter().map(|b| uint(b, F, u64::from(u32::MAX)).map(|n| n as u32)).collect::<Result<Vec<u32>, _>>();
+        let ids =
+            |flat: &Vec<Value>| flat.iter().map(|b| uint(b, F, u64::from(u32::MAX)).map(|n| n as u32)).collect::<Result<Vec<u32>, _>>();
         match arr.first() {
             Some(Value::Array(_)) => {
                 if arr.len() > 16 {
@@ -68,7 +69,11 @@ mod old {
                 arr.iter()
                     .map(|g| match g {
                         Value::Array(flat) => ids(flat),
-                        other => Err(ParamsError::WrongType { field: F, expected: "a list of block ids per KV cache group", got: type_name(other) }),
+                        other => Err(ParamsError::WrongType {
+                            field: F,
+                            expected: "a list of block ids per KV cache group",
+                            got: type_name(other),
+                        }),
                     })
                     .collect()
             }

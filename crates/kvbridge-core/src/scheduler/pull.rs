@@ -6,8 +6,8 @@ use serde_json::json;
 
 use super::{params_kind, FinishReason, Finished, Matched, SchedulerBase, SchedulerSide, Staging};
 use crate::config::ConnectorConfig;
-use crate::groups::clip_to_windows;
 use crate::error::{ParamsError, RoleError};
+use crate::groups::{clip_to_windows, Clip};
 use crate::integrity::IntegrityMode;
 use crate::params::{KvParams, RemotePrefill, ReqParams};
 use crate::wire::{ConnectorMetadata, RecvReq, RemoteRef, SendLease, StageReq};
@@ -26,8 +26,10 @@ pub struct PullScheduler {
     producing: HashSet<String>,
     /// P: the staging slots (`kv_staging_blocks`; disabled when 0).
     pub staging: Staging,
-    /// Per KV-cache group, the blocks a sliding window keeps (0: all).
-    window_blocks: Vec<usize>,
+    /// Per KV-cache group, the blocks a transfer carries.
+    window_blocks: Vec<Clip>,
+    /// Trailing prompt tokens D computes itself (1 with state groups).
+    backoff: u64,
 }
 
 /// Producing requests tracked for staging at once (past this they are not staged).
@@ -61,7 +63,8 @@ impl PullScheduler {
         Self {
             base: SchedulerBase::new(&cfg),
             staging: Staging::new(cfg.staging_blocks()),
-            window_blocks: cfg.compat.window_blocks(),
+            window_blocks: cfg.compat.clips(),
+            backoff: cfg.compat.prefill_backoff(),
             cfg,
             reqs: HashMap::new(),
             producing: HashSet::new(),
@@ -108,9 +111,18 @@ impl PullScheduler {
     /// D: P's sliding-window groups are the tail of what P computed, so they line up with
     /// the prompt only if P computed exactly the prompt (a prefill with max_tokens=1).
     fn misplaced_window(&self, rp: &RemotePrefill, num_prompt_tokens: u64) -> bool {
-        self.window_blocks.iter().any(|&w| w > 0)
+        self.window_blocks.iter().any(|w| matches!(w, Clip::Last(_)))
             && rp.remote_block_ids.len() > 1
-            && rp.remote_num_tokens.is_some_and(|m| m != num_prompt_tokens)
+            && rp.remote_num_tokens.is_some_and(|m| m != self.loaded_tokens(num_prompt_tokens))
+    }
+
+    /// D: the prompt tokens loaded from P (all but the backoff).
+    fn loaded_tokens(&self, num_prompt_tokens: u64) -> u64 {
+        if num_prompt_tokens > self.backoff {
+            num_prompt_tokens - self.backoff
+        } else {
+            num_prompt_tokens
+        }
     }
 
     /// P, several KV-cache groups: a host buffer copies every group's blocks (block ids are
@@ -228,10 +240,12 @@ impl SchedulerSide for PullScheduler {
             }
             KvParams::RemotePrefill(rp) => {
                 self.base.heartbeats.track(req_id, rp);
-                let count = num_prompt_tokens.saturating_sub(num_computed_tokens);
+                // State groups: D computes the last prompt token itself, from P's h(N-1).
+                let n = self.loaded_tokens(num_prompt_tokens);
+                let count = n.saturating_sub(num_computed_tokens);
                 tracing::debug!(request_id = %req_id, count, "kvbridge: remote prefill matched");
                 if let Some(p) = params {
-                    self.reqs.insert(req_id.to_string(), Stage::Matched(Arc::clone(p), num_prompt_tokens));
+                    self.reqs.insert(req_id.to_string(), Stage::Matched(Arc::clone(p), n));
                 }
                 // count == 0: a full local prefix hit. No load, but P must still be told
                 // to free its blocks (done in update_state_after_alloc).

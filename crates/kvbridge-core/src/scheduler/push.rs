@@ -16,8 +16,8 @@ use serde_json::json;
 
 use super::{params_kind, FinishReason, Finished, Matched, SchedulerBase, SchedulerSide};
 use crate::config::ConnectorConfig;
-use crate::groups::clip_to_windows;
 use crate::error::{ParamsError, RoleError};
+use crate::groups::{clip_to_windows, Clip};
 use crate::params::{KvParams, PushPrefill, ReqParams};
 use crate::wire::{ConnectorMetadata, PushRecv, PushSend};
 
@@ -38,8 +38,10 @@ pub struct PushScheduler {
     consumed: HashSet<String>,
     /// D: aborted while P may still write; blocks held until the workers report them.
     held_aborted: HashSet<String>,
-    /// Per KV-cache group, the blocks a sliding window keeps (0: all).
-    window_blocks: Vec<usize>,
+    /// Per KV-cache group, the blocks a transfer carries.
+    window_blocks: Vec<Clip>,
+    /// Trailing prompt tokens D computes itself (1 with state groups).
+    backoff: u64,
 }
 
 impl PushScheduler {
@@ -48,7 +50,8 @@ impl PushScheduler {
         cfg.log_startup("scheduler");
         Self {
             base: SchedulerBase::new(&cfg),
-            window_blocks: cfg.compat.window_blocks(),
+            window_blocks: cfg.compat.clips(),
+            backoff: cfg.compat.prefill_backoff(),
             cfg,
             producing: HashMap::new(),
             saving: HashSet::new(),
@@ -134,9 +137,11 @@ impl SchedulerSide for PushScheduler {
                 .into(),
             ),
             KvParams::PushPrefill(pp) => {
-                let count = num_prompt_tokens.saturating_sub(num_computed_tokens);
+                // State groups: D computes the last prompt token itself, from P's h(N-1).
+                let n = if num_prompt_tokens > self.backoff { num_prompt_tokens - self.backoff } else { num_prompt_tokens };
+                let count = n.saturating_sub(num_computed_tokens);
                 tracing::debug!(request_id = %req_id, count, transfer_id = %pp.transfer_id, "kvbridge: push prefill matched");
-                self.awaiting_alloc.insert(req_id.to_string(), (pp.clone(), num_prompt_tokens));
+                self.awaiting_alloc.insert(req_id.to_string(), (pp.clone(), n));
                 Matched { num_tokens: count, load_async: count > 0 }
             }
         }
