@@ -70,9 +70,16 @@ def test_hybrid_groups_are_reported_group_by_group() -> None:
     assert _kv_groups(config((["l0"], full()))) == []
 
 
+def test_state_groups_are_reported_with_their_layout_and_scratch_blocks() -> None:
+    cfg = config((["m0"], mamba()), (["a1"], full()))
+    assert {k: v[:3] for k, v in _layer_specs(cfg).items()} == {"m0": (0, "state", 0), "a1": (1, "attention", 0)}
+    groups = _kv_groups(cfg)
+    assert groups[0]["kind"] == "state" and groups[0]["spec_blocks"] == 0
+    assert groups[0]["layout"].startswith("MAMBA2/"), groups[0]
+    assert groups[1] == {"kind": "attention", "sliding_window": 0, "num_layers": 1}
+
+
 def test_what_cannot_be_transferred_is_refused_with_a_reason() -> None:
-    with pytest.raises(_native.ConfigError, match="Mamba/SSM"):
-        _layer_specs(config((["m0"], mamba())))
     chunked = kci.ChunkedLocalAttentionSpec(block_size=128, num_kv_heads=2, head_size=64, dtype=torch.float16,
                                             attention_chunk_size=512)  # fmt: skip
     with pytest.raises(_native.ConfigError, match="ChunkedLocalAttentionSpec"):

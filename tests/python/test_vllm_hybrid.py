@@ -13,8 +13,9 @@ vLLM-CPU's blocks are 128 tokens. P offers, and D loads, the sliding group's las
   blocks inside the window; pull: P offers and holds exactly those blocks, never its null block;
 - vLLM's "Turning off hybrid kv cache manager" warning appears in neither server's log, and
   both logged two KV-cache groups;
-- ``kv_integrity=full`` on both: a load of several groups is counted unverified (integrity
-  covers one group so far), none is counted mismatched.
+- ``kv_integrity=full`` on both: D compares every block it loaded with P's digest, each
+  group's blocks in that group's layers only: one verified load, ``full + sliding`` blocks
+  checked, none mismatched.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def test_pd_equals_a_single_instance_and_moves_the_clipped_blocks(cluster: Clust
     prompt = fresh_prompt(n_tokens)
     full, sliding = clipped_blocks(n_tokens)
     offset, p_offset = cluster.log_offset("decode"), cluster.log_offset("prefill")
-    p_before = cluster.held("prefill")
+    p_before, d_before = cluster.held("prefill"), cluster.integrity("decode")
     if cluster.push:
         res = cluster.proxy_request(prompt, MAX_TOKENS, logprobs=2)
     else:
@@ -131,5 +132,9 @@ def test_pd_equals_a_single_instance_and_moves_the_clipped_blocks(cluster: Clust
     if not cluster.push:
         assert p_after["released_leases"] - p_before["released_leases"] == 1, p_after
     assert p_after["expired_leases"] == p_before["expired_leases"], p_after
+    # kv_integrity=full: D compared every block it loaded, group by group, with P's digests.
     d = cluster.integrity("decode")
     assert d["integrity_mismatched_blocks"] == 0, d
+    assert d["integrity_verified_loads"] - d_before["integrity_verified_loads"] == 1, d
+    assert d["integrity_unverified_loads"] == d_before["integrity_unverified_loads"], d
+    assert d["integrity_checked_blocks"] - d_before["integrity_checked_blocks"] == full + sliding, d

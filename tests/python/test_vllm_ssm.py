@@ -17,6 +17,8 @@ applies every token once (vLLM #37310 applied the last one twice). Checked per r
 - the bytes moved equal exactly the attention blocks of N-1 tokens plus one state block per
   Mamba layer (pull: D's READ; push: P's WRITEs), so the state was moved, not recomputed;
 - P truncated the prompt: its answer's ``remote_num_tokens`` is N-1;
+- ``kv_integrity=full``: D compared every loaded block with P's digest, the state blocks
+  included;
 - the hybrid allocator stayed on.
 """
 
@@ -94,6 +96,7 @@ def test_the_hybrid_allocator_stays_on_with_state_groups(cluster: Cluster) -> No
 def test_pd_equals_a_single_instance_and_moves_the_state(cluster: Cluster, n_tokens: int) -> None:
     prompt = fresh_prompt(n_tokens)
     offset, p_offset = cluster.log_offset("decode"), cluster.log_offset("prefill")
+    before = cluster.integrity("decode")
     if cluster.push:
         res = cluster.proxy_request(prompt, MAX_TOKENS, logprobs=2)
     else:
@@ -113,5 +116,12 @@ def test_pd_equals_a_single_instance_and_moves_the_state(cluster: Cluster, n_tok
     else:
         (rec,) = cluster.xfer_since(offset, count=1, timeout=5.0)
         assert rec.bytes == expected_bytes(n_tokens), rec
+    # kv_integrity=full: every loaded block compared with P's digest, the two state blocks
+    # (h(N-1)) included.
+    after = cluster.integrity("decode")
+    assert after["integrity_mismatched_blocks"] == 0, after
+    assert after["integrity_verified_loads"] - before["integrity_verified_loads"] == 1, after
+    checked = after["integrity_checked_blocks"] - before["integrity_checked_blocks"]
+    assert checked == MAMBA_LAYERS + math.ceil((n_tokens - 1) / BLOCK_TOKENS), after
     cluster.wait_drained("prefill", timeout=10.0)
     assert cluster.held("prefill")["expired_leases"] == 0

@@ -101,6 +101,10 @@ pub struct DigestReq {
     /// The ids D is told to read, one per block (staging slots when staged; else the
     /// block ids).
     pub offered: Vec<u32>,
+    /// Several KV-cache groups: how many of `block_ids` (and `offered`) each group holds,
+    /// in order; empty for one group. A block is digested in its own group's regions only.
+    #[serde(default)]
+    pub group_lens: Vec<u32>,
 }
 
 /// One region as both sides must cut it for block digests to be comparable.
@@ -110,6 +114,9 @@ pub struct RegionSig {
     pub name: String,
     /// Bytes per kernel block.
     pub block_len: u64,
+    /// The KV-cache group whose blocks the region holds.
+    #[serde(default)]
+    pub group: u32,
 }
 
 /// D → P: the digests of one request.
@@ -135,8 +142,12 @@ pub struct DigestSet {
     pub offered: Vec<u32>,
     /// Indices into `offered` that were digested, ascending.
     pub checked: Vec<u32>,
-    /// `checked.len() * regions.len()` CRC-32C values, block-major.
+    /// `checked.len() * regions.len()` CRC-32C values, block-major; 0 for a region of
+    /// another group than the block's.
     pub digests: Vec<u32>,
+    /// [`DigestReq::group_lens`]: `offered` split by KV-cache group (empty: one group).
+    #[serde(default)]
+    pub group_lens: Vec<u32>,
 }
 
 impl DigestSet {
@@ -215,6 +226,11 @@ pub struct Expect {
     pub num_tokens: u64,
     /// Pull: the ids P offered (checked against the digest set's). Push: unknown.
     pub offered: Option<Vec<u32>>,
+    /// Several KV-cache groups: how many of `local` each group holds (empty: one group),
+    /// and whether the group's lists are cut to their end (a sliding window, a state).
+    pub group_lens: Vec<u32>,
+    /// Per group: its lists hold only their last blocks (both sides cut them the same way).
+    pub clipped: Vec<bool>,
     /// P's side-channel host and this rank's P port.
     pub host: String,
     /// The P rank's side-channel port.
@@ -275,6 +291,9 @@ pub fn pairs(
             return Err(format!("P digested blocks {:?} but offered {:?}", set.offered, o));
         }
     }
+    if set.group_lens.len() > 1 || e.group_lens.len() > 1 {
+        return group_pairs(e, set, block_tokens);
+    }
     let n = match block_tokens {
         0 => set.offered.len(),
         bt => set.offered.len().min(usize::try_from(e.num_tokens.div_ceil(bt)).unwrap_or(usize::MAX)),
@@ -291,6 +310,61 @@ pub fn pairs(
         }
     }
     Ok(out)
+}
+
+/// [`pairs`] for several KV-cache groups: group by group, D's blocks pair with the tail of
+/// P's (a full group: of the blocks the prompt uses; a cut one: of what P offered).
+fn group_pairs(e: &Expect, set: &DigestSet, block_tokens: u64) -> Result<Vec<(u32, usize)>, String> {
+    let (pl, dl) = (&set.group_lens, &e.group_lens);
+    let sum = |v: &[u32]| v.iter().map(|&n| n as usize).sum::<usize>();
+    if pl.len() != dl.len() || sum(pl) != set.offered.len() || sum(dl) != e.local.len() {
+        return Err(format!("KV-cache groups differ: P offered {pl:?}, D loads {dl:?}"));
+    }
+    // Per group: where its part starts in P's list and in D's, and how many of P's leading
+    // blocks D does not load.
+    let mut spans = Vec::with_capacity(pl.len());
+    let (mut p0, mut d0) = (0usize, 0usize);
+    for (g, (&np, &nd)) in pl.iter().zip(dl).enumerate() {
+        let (np, nd) = (np as usize, nd as usize);
+        let used = match (e.clipped.get(g).copied().unwrap_or(false), block_tokens) {
+            (true, _) | (false, 0) => np,
+            (false, bt) => np.min(usize::try_from(e.num_tokens.div_ceil(bt)).unwrap_or(usize::MAX)),
+        };
+        let Some(skip) = used.checked_sub(nd) else {
+            return Err(format!("group {g}: {nd} local blocks for {used} remote ones"));
+        };
+        spans.push((p0, np, d0, nd, skip));
+        p0 += np;
+        d0 += nd;
+    }
+    let mut out = Vec::new();
+    for (row, &i) in set.checked.iter().enumerate() {
+        let i = i as usize;
+        let Some(&(p0, _, d0, nd, skip)) = spans.iter().find(|(p0, np, ..)| i >= *p0 && i < p0 + np) else { continue };
+        match (i - p0).checked_sub(skip) {
+            Some(k) if k < nd => {
+                if let Some(&b) = e.local.get(d0 + k) {
+                    out.push((b, row));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+impl DigestSet {
+    /// The KV-cache group of `offered[index]` (0 with one group).
+    pub fn group_of(&self, index: u32) -> u32 {
+        let mut end = 0u64;
+        for (g, &n) in self.group_lens.iter().enumerate() {
+            end += u64::from(n);
+            if u64::from(index) < end {
+                return g as u32;
+            }
+        }
+        0
+    }
 }
 
 /// Compare D's digests (`got[j]`: the regions of `pairs[j]`'s block) with P's.

@@ -1,18 +1,18 @@
 use super::*;
 
 fn sig(n: usize) -> Vec<RegionSig> {
-    (0..n).map(|i| RegionSig { name: format!("layer{i}"), block_len: 4096 }).collect()
+    (0..n).map(|i| RegionSig { name: format!("layer{i}"), block_len: 4096, group: 0 }).collect()
 }
 
 /// P's set for `offered` with every block digested as `f(index, region)`.
 fn set(offered: Vec<u32>, regions: usize, f: impl Fn(u32, usize) -> u32) -> DigestSet {
     let checked: Vec<u32> = (0..offered.len() as u32).collect();
     let digests = checked.iter().flat_map(|&i| (0..regions).map(move |r| (i, r))).map(|(i, r)| f(i, r)).collect();
-    DigestSet { missing: None, tp_size: 1, blocks_per_logical: 1, regions: sig(regions), offered, checked, digests }
+    DigestSet { missing: None, tp_size: 1, blocks_per_logical: 1, regions: sig(regions), offered, checked, digests, group_lens: vec![] }
 }
 
 fn expect(local: Vec<u32>, offered: Option<Vec<u32>>) -> Expect {
-    Expect { key: "p".into(), local, num_tokens: 0, offered, host: "h".into(), port: 1 }
+    Expect { key: "p".into(), local, num_tokens: 0, offered, host: "h".into(), port: 1, group_lens: vec![], clipped: vec![] }
 }
 
 #[test]
@@ -154,7 +154,7 @@ fn p_orders_digests_of_producing_prefills_with_the_ids_it_offers() {
     p.prefill_completing("a", &[7, 8, 9], 64);
     p.prefill_completing("plain", &[1], 16);
     let md = p.build_connector_meta();
-    assert_eq!(md.digest, vec![DigestReq { key: "a".into(), block_ids: vec![7, 8, 9], offered: vec![7, 8, 9] }]);
+    assert_eq!(md.digest, vec![DigestReq { key: "a".into(), block_ids: vec![7, 8, 9], offered: vec![7, 8, 9], group_lens: vec![] }]);
     // Staged: the cache's blocks are digested, D is told the slots.
     let mut p = scheduler(r#""kv_integrity":"full","kv_staging_blocks":4"#);
     p.get_num_new_matched_tokens("b", 64, 0, Some(DECODE));
@@ -183,4 +183,29 @@ fn config_rejects_unknown_modes_and_bad_sample_rates() {
     assert!(mk(r#""kv_integrity":true"#).is_err());
     assert!(mk(r#""kv_integrity_sample_every":0"#).is_err());
     assert_eq!(mk(r#""kv_integrity_sample_every":4"#).unwrap().kv_integrity_sample_every, 4);
+}
+
+#[test]
+fn several_groups_pair_group_by_group() {
+    // P offered a sliding group cut to its window (3 blocks) and a full group (8 blocks).
+    let offered: Vec<u32> = [26, 27, 28].into_iter().chain(1..=8).collect();
+    let mut s = set(offered.clone(), 2, |b, r| b * 10 + r as u32);
+    s.group_lens = vec![3, 8];
+    assert_eq!((s.group_of(2), s.group_of(3), s.group_of(10)), (0, 1, 1));
+    // D loads the window's 3 blocks and, after a 2-block prefix hit, 6 of the full group's.
+    let local: Vec<u32> = [206, 207, 208].into_iter().chain(103..=108).collect();
+    let mut e = expect(local, Some(offered));
+    e.num_tokens = 1000;
+    e.group_lens = vec![3, 6];
+    e.clipped = vec![true, false];
+    let p = pairs(&e, &s, &s.regions, 1, 1, 128).unwrap();
+    let got: Vec<(u32, u32)> = p.iter().map(|&(b, row)| (b, s.offered[s.checked[row] as usize])).collect();
+    let want: Vec<(u32, u32)> = vec![(206, 26), (207, 27), (208, 28), (103, 3), (104, 4), (105, 5), (106, 6), (107, 7), (108, 8)];
+    assert_eq!(got, want);
+    // Groups that do not line up are not compared.
+    e.group_lens = vec![9];
+    assert!(pairs(&e, &s, &s.regions, 1, 1, 128).is_err());
+    e.group_lens = vec![4, 5];
+    e.clipped = vec![true, false];
+    assert!(pairs(&e, &s, &s.regions, 1, 1, 128).unwrap_err().contains("group 0"));
 }

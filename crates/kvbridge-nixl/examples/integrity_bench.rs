@@ -39,12 +39,22 @@ fn digest_set(l: &KvLayout, blocks: &[u32], mode: IntegrityMode) -> DigestSet {
         offered: blocks.to_vec(),
         checked: checked.iter().map(|&i| i as u32).collect(),
         digests,
+        group_lens: Vec::new(),
     }
 }
 
 /// D's check of `local` against `set`: the verdict.
 fn check(l: &KvLayout, local: &[u32], set: &DigestSet) -> Verdict {
-    let e = Expect { key: "bench-request".into(), local: local.to_vec(), num_tokens: 0, offered: None, host: String::new(), port: 0 };
+    let e = Expect {
+        key: "bench-request".into(),
+        local: local.to_vec(),
+        num_tokens: 0,
+        offered: None,
+        host: String::new(),
+        port: 0,
+        group_lens: vec![],
+        clipped: vec![],
+    };
     let pairs = integrity::pairs(&e, set, &sigs(l), l.blocks_per_logical, 1, 0).expect("comparable");
     let ids: Vec<u32> = pairs.iter().map(|p| p.0).collect();
     let got = digest_blocks(l, &ids).expect("digest");

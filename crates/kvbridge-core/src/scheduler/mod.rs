@@ -360,7 +360,19 @@ impl SchedulerBase {
     /// P with `kv_integrity`: digest a completed prefill's blocks after this step's forward,
     /// kept under `key`; D is told to read `offered` (staging slots, or the blocks).
     pub fn order_digest(&mut self, key: String, block_ids: &[u32], offered: &[u32]) {
-        self.step_digest.push(crate::integrity::DigestReq { key, block_ids: block_ids.to_vec(), offered: offered.to_vec() });
+        self.step_digest.push(crate::integrity::DigestReq {
+            key,
+            block_ids: block_ids.to_vec(),
+            offered: offered.to_vec(),
+            group_lens: Vec::new(),
+        });
+    }
+    /// [`order_digest`](Self::order_digest) for several KV-cache groups (each already cut
+    /// to what the transfer carries): a block is digested in its own group's regions.
+    pub fn order_group_digest(&mut self, key: String, groups: &[Vec<u32>]) {
+        let ids: Vec<u32> = groups.concat();
+        let group_lens = groups.iter().map(|g| u32::try_from(g.len()).unwrap_or(u32::MAX)).collect();
+        self.step_digest.push(crate::integrity::DigestReq { key, block_ids: ids.clone(), offered: ids, group_lens });
     }
     /// P with a host buffer: copy `req_id`'s blocks to their own ids in the host mirror
     /// after this step's forward (the worker's `wait_for_save`), and remember that it was.

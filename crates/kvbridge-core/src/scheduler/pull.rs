@@ -126,12 +126,16 @@ impl PullScheduler {
     }
 
     /// P, several KV-cache groups: a host buffer copies every group's blocks (block ids are
-    /// one space across groups); staging and `kv_integrity` handle one group so far (the
-    /// blocks stay held in place; D counts the load unverified).
+    /// one space across groups), `kv_integrity` digests each group's offered blocks in its
+    /// own regions; staging handles one group so far (the blocks stay held in place).
     fn prefill_completing_hybrid(&mut self, req_id: &str, groups: &[Vec<u32>]) {
         if self.cfg.host_buffer {
             let all: Vec<u32> = groups.iter().flatten().copied().filter(|&b| Some(b) != self.cfg.null_block_id).collect();
             self.base.order_host_copy(req_id, &all);
+        }
+        // Integrity: each group cut as `request_finished` will offer it.
+        if self.cfg.kv_integrity != IntegrityMode::Off {
+            self.base.order_group_digest(req_id.to_string(), &clip_to_windows(groups, &self.window_blocks));
         }
     }
 

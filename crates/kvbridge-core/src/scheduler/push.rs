@@ -176,11 +176,14 @@ impl SchedulerSide for PushScheduler {
             }
         };
         // Integrity: digest the blocks after this step's forward, under the key D fetches
-        // them by (the transfer id, else the base request id). One KV-cache group so far.
-        if self.cfg.kv_integrity != crate::integrity::IntegrityMode::Off && !self.saving.contains(req_id) && groups.len() == 1 {
+        // them by (the transfer id, else the base request id).
+        if self.cfg.kv_integrity != crate::integrity::IntegrityMode::Off && !self.saving.contains(req_id) {
             if let Some(t) = self.producing.get(req_id) {
                 let key = crate::integrity::push_key(t, crate::wire::base_request_id(req_id));
-                self.base.order_digest(key, block_ids, block_ids);
+                match groups.as_slice() {
+                    [_] => self.base.order_digest(key, block_ids, block_ids),
+                    _ => self.base.order_group_digest(key, &groups),
+                }
             }
         }
         // Host buffer: copy the blocks to their own ids in the host mirror after this

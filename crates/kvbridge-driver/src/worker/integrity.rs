@@ -67,14 +67,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The region signatures both sides compare.
 pub fn sigs(l: &KvLayout) -> Vec<RegionSig> {
-    l.regions.iter().map(|r| RegionSig { name: r.name.clone(), block_len: r.block_len }).collect()
+    l.regions.iter().map(|r| RegionSig { name: r.name.clone(), block_len: r.block_len, group: r.group }).collect()
 }
 
 /// CRC-32C of logical block `b` in each region of `l` (its kernel blocks back to back),
 /// appended to `out`. `l` must be DRAM that stays mapped (the engine's cache or our mirror).
 pub fn block_digests(l: &KvLayout, b: u32, out: &mut Vec<u32>) -> Result<(), String> {
+    group_block_digests(l, b, None, out)
+}
+
+/// [`block_digests`] of a block of KV-cache group `group` (`None`: any): a region of
+/// another group gets 0 (the block holds none of its data; under vLLM's hybrid allocator
+/// the same bytes may be another group's layer, or padding never transferred).
+pub fn group_block_digests(l: &KvLayout, b: u32, group: Option<u32>, out: &mut Vec<u32>) -> Result<(), String> {
     let bpl = u64::from(l.blocks_per_logical.max(1));
     for r in &l.regions {
+        if group.is_some_and(|g| g != r.group) {
+            out.push(0);
+            continue;
+        }
         let first = u64::from(b) * bpl;
         if r.mem != MemKind::Dram || first + bpl > r.num_blocks {
             return Err(format!("block {b} is not a DRAM block of region {}", r.name));
@@ -99,24 +110,32 @@ const PARALLEL_MIN_BYTES: u64 = 4 << 20;
 /// threads when there is enough to read (the digest is memory-bound: a lone core reads
 /// about 8 GB/s here, UCX over loopback moves about 3).
 pub fn digest_blocks(l: &KvLayout, blocks: &[u32]) -> Result<Vec<Vec<u32>>, String> {
+    digest_group_blocks(l, blocks, None)
+}
+
+/// [`digest_blocks`] with each block's KV-cache group (`groups[i]` for `blocks[i]`; `None`:
+/// every region of every block).
+pub fn digest_group_blocks(l: &KvLayout, blocks: &[u32], groups: Option<&[u32]>) -> Result<Vec<Vec<u32>>, String> {
     let per_block: u64 = l.regions.iter().map(|r| r.block_len).sum::<u64>() * u64::from(l.blocks_per_logical.max(1));
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads = (per_block * blocks.len() as u64 / PARALLEL_MIN_BYTES).clamp(1, cores.min(MAX_DIGEST_THREADS) as u64) as usize;
-    let one = |chunk: &[u32]| -> Result<Vec<Vec<u32>>, String> {
+    let one = |start: usize, chunk: &[u32]| -> Result<Vec<Vec<u32>>, String> {
         chunk
             .iter()
-            .map(|&b| {
+            .enumerate()
+            .map(|(i, &b)| {
                 let mut d = Vec::with_capacity(l.regions.len());
-                block_digests(l, b, &mut d).map(|()| d)
+                let g = groups.and_then(|g| g.get(start + i).copied());
+                group_block_digests(l, b, g, &mut d).map(|()| d)
             })
             .collect()
     };
     if threads <= 1 {
-        return one(blocks);
+        return one(0, blocks);
     }
     let size = blocks.len().div_ceil(threads);
     std::thread::scope(|s| {
-        let handles: Vec<_> = blocks.chunks(size).map(|c| s.spawn(move || one(c))).collect();
+        let handles: Vec<_> = blocks.chunks(size).enumerate().map(|(k, c)| s.spawn(move || one(k * size, c))).collect();
         let mut out = Vec::with_capacity(blocks.len());
         for h in handles {
             out.extend(h.join().map_err(|_| "a digest thread panicked".to_string())??);
@@ -163,7 +182,10 @@ impl Integrity {
         let Some(blocks) = checked.iter().map(|&i| d.block_ids.get(i).copied()).collect::<Option<Vec<u32>>>() else {
             return DigestSet::missing("block index out of range");
         };
-        let digests: Vec<u32> = match digest_blocks(l, &blocks) {
+        // Several KV-cache groups: each block is digested in its own group's regions.
+        let lens = DigestSet { group_lens: d.group_lens.clone(), ..Default::default() };
+        let groups: Option<Vec<u32>> = (!d.group_lens.is_empty()).then(|| checked.iter().map(|&i| lens.group_of(i as u32)).collect());
+        let digests: Vec<u32> = match digest_group_blocks(l, &blocks, groups.as_deref()) {
             Ok(v) => v.into_iter().flatten().collect(),
             Err(e) => return DigestSet::missing(e),
         };
@@ -179,6 +201,7 @@ impl Integrity {
             offered: d.offered.clone(),
             checked: checked.iter().map(|&i| i as u32).collect(),
             digests,
+            group_lens: d.group_lens.clone(),
         }
     }
 }
@@ -221,15 +244,16 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             return;
         }
         let rank = self.cfg.tp_rank;
+        // Groups whose lists hold only their last blocks (sliding windows, states).
+        let clipped: Vec<bool> = self.cfg.compat.clips().iter().map(|c| *c != kvbridge_core::groups::Clip::All).collect();
         let port_of = |base: u16| u16::try_from(rank).ok().and_then(|r| base.checked_add(r));
         let mut fetch = Vec::new();
         let (now, forget) = (now_unix(), 4.0 * self.cfg.kv_lease_duration.as_secs_f64() + 60.0);
         {
             let mut v = lock(&self.integrity.verifier);
             for r in md.reqs_to_recv.iter().filter(|r| !r.notify_only) {
-                let (Some(local), Some(offered), Some(port)) =
-                    (single(&r.local_block_ids), single(&r.remote.block_ids), port_of(r.remote.port))
-                else {
+                let ((local, group_lens), (offered, _)) = (flat(&r.local_block_ids), flat(&r.remote.block_ids));
+                let Some(port) = port_of(r.remote.port) else {
                     self.integrity.counters.unverified_loads.fetch_add(1, Ordering::Relaxed);
                     continue;
                 };
@@ -244,12 +268,15 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                     offered: Some(offered),
                     host: r.remote.host.clone(),
                     port,
+                    group_lens,
+                    clipped: clipped.clone(),
                 };
                 v.expect(&r.req_id, e.clone(), true, now, forget);
                 fetch.push((r.req_id.clone(), e));
             }
             for r in md.push_register.iter().filter(|r| !r.notify_only) {
-                let (Some(local), Some(port)) = (single(&r.local_block_ids), port_of(r.port)) else {
+                let (local, group_lens) = flat(&r.local_block_ids);
+                let Some(port) = port_of(r.port) else {
                     self.integrity.counters.unverified_loads.fetch_add(1, Ordering::Relaxed);
                     continue;
                 };
@@ -262,7 +289,16 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 let key = integrity::push_key(&r.transfer_id, wire::base_request_id(&r.req_id));
                 v.expect(
                     &r.req_id,
-                    Expect { key, local, num_tokens: r.num_tokens, offered: None, host: r.host.clone(), port },
+                    Expect {
+                        key,
+                        local,
+                        num_tokens: r.num_tokens,
+                        offered: None,
+                        host: r.host.clone(),
+                        port,
+                        group_lens,
+                        clipped: clipped.clone(),
+                    },
                     false,
                     now,
                     forget,
@@ -329,10 +365,15 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         ) {
             Err(why) => Verdict::Unverified(why),
             Ok(pairs) => {
-                let pairs: Vec<(u32, usize)> = pairs.into_iter().filter(|(b, _)| Some(*b) != self.cfg.null_block_id).collect();
+                // Null blocks on either side are never transferred.
+                let null = |b: Option<u32>| b.is_some() && b == self.cfg.null_block_id;
+                let offered = |row: usize| set.checked.get(row).and_then(|&i| set.offered.get(i as usize).copied());
+                let pairs: Vec<(u32, usize)> = pairs.into_iter().filter(|&(b, row)| !null(Some(b)) && !null(offered(row))).collect();
                 let blocks: Vec<u32> = pairs.iter().map(|p| p.0).collect();
+                let groups: Option<Vec<u32>> = (!set.group_lens.is_empty())
+                    .then(|| pairs.iter().map(|&(_, row)| set.group_of(set.checked.get(row).copied().unwrap_or(0))).collect());
                 compared = blocks.len();
-                match digest_blocks(&l, &blocks) {
+                match digest_group_blocks(&l, &blocks, groups.as_deref()) {
                     Err(e) => Verdict::Unverified(e),
                     Ok(got) => integrity::compare(set, &pairs, &got),
                 }
@@ -386,10 +427,11 @@ impl<T: Transport + 'static> WorkerDriver<T> {
     }
 }
 
-/// The one block list of a single-group request.
-fn single(groups: &[Vec<u32>]) -> Option<Vec<u32>> {
+/// A request's block lists as one list, with each KV-cache group's length (none for one
+/// group).
+fn flat(groups: &[Vec<u32>]) -> (Vec<u32>, Vec<u32>) {
     match groups {
-        [g] => Some(g.clone()),
-        _ => None,
+        [g] => (g.clone(), Vec::new()),
+        _ => (groups.concat(), groups.iter().map(|g| u32::try_from(g.len()).unwrap_or(u32::MAX)).collect()),
     }
 }
