@@ -377,17 +377,7 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
             self._sched.on_new_request(request.request_id, params)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        assert self._sched is not None
-        self._chunked.pop(request.request_id, None)
-        if self._truncated:
-            self._truncated.discard(request.request_id)
-        params = request.kv_transfer_params
-        if params is None:
-            return False, None
-        status = request.status
-        name = _STATUS_NAMES.get(status) or status.name
-        ids = block_ids if type(block_ids) is list else list(block_ids)
-        return self._sched.request_finished(request.request_id, ids, name, request.num_computed_tokens, params)
+        return self._finished(request, block_ids if type(block_ids) is list else list(block_ids))
 
     def request_finished_all_groups(self, request: "Request", block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
         """``SupportsHMA``: vLLM calls this (not ``request_finished``) with each KV-cache
@@ -395,6 +385,10 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
         block, and P offers only the window's."""
         if len(block_ids) == 1:
             return self.request_finished(request, block_ids[0])
+        return self._finished(request, [g if type(g) is list else list(g) for g in block_ids])
+
+    def _finished(self, request: "Request", ids: list[int] | list[list[int]]) -> tuple[bool, dict[str, Any] | None]:
+        """``request_finished``: one group's block ids, or a list per group."""
         assert self._sched is not None
         self._chunked.pop(request.request_id, None)
         if self._truncated:
@@ -404,8 +398,7 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
             return False, None
         status = request.status
         name = _STATUS_NAMES.get(status) or status.name
-        groups = [g if type(g) is list else list(g) for g in block_ids]
-        return self._sched.request_finished(request.request_id, groups, name, request.num_computed_tokens, params)
+        return self._sched.request_finished(request.request_id, ids, name, request.num_computed_tokens, params)
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
         if self._sched is None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -17,6 +19,9 @@ if str(REPO / "scripts") not in sys.path:
     sys.path.insert(0, str(REPO / "scripts"))
 
 from kvbridge.testing.cluster import random_prompt  # noqa: E402
+
+if TYPE_CHECKING:
+    from kvbridge.testing.cluster import Cluster
 
 #: Tiny model geometry (scripts/make_model.py) and vLLM's CPU block size.
 LAYERS, KV_HEADS, HEAD_DIM, DTYPE_BYTES, BLOCK_TOKENS = 4, 2, 64, 2, 128
@@ -52,3 +57,20 @@ def figure(line: str) -> None:
     out.mkdir(exist_ok=True)
     with open(out / "figures.txt", "a") as fh:
         fh.write(f"{time.strftime('%F %T')} {text}\n")
+
+
+_PUSH_BYTES_RE = re.compile(r"kvbridge-push request_id=\S+ key=\S+ bytes=(\d+) ")
+
+
+def pushed_bytes_since(c: "Cluster", offset: int, timeout: float = 10.0) -> list[int]:
+    """Bytes of each push-mode WRITE job P logged (``kvbridge-push``) after ``offset`` in its
+    log; polls until one appears or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(c.log_path("prefill"), "rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode(errors="replace")
+        found = [int(m[1]) for m in _PUSH_BYTES_RE.finditer(text[: text.rfind("\n") + 1])]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)

@@ -10,12 +10,15 @@ import kvbridge
 
 
 def test_env_wins_then_the_wheel_matching_torchs_cuda(tmp_path, monkeypatch):
-    # A stand-in nixl-cu13 install next to the real nixl-cu12 one.
+    # A stand-in nixl-cu13 install ahead of the real ones on sys.path.
     (tmp_path / "nixl_cu13").mkdir()
     (tmp_path / "nixl_cu13" / "__init__.py").write_text("")
     libs13 = tmp_path / ".nixl_cu13.mesonpy.libs"
     libs13.mkdir()
     monkeypatch.syspath_prepend(str(tmp_path))
+    # The real nixl-cu13 wheel may be installed (the `nixl` meta-package pulls both) and
+    # already imported by vLLM: find the stand-in, not the cached module.
+    monkeypatch.delitem(sys.modules, "nixl_cu13", raising=False)
     monkeypatch.delenv("KVBRIDGE_NIXL_LIB_DIR", raising=False)
     monkeypatch.delenv("NIXL_LIB_DIR", raising=False)
 

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import math
 import os
-import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
-from helpers import BLOCK_TOKENS, DTYPE_BYTES, HEAD_DIM, KV_HEADS, fresh_prompt, log_dir_for
+from helpers import BLOCK_TOKENS, DTYPE_BYTES, HEAD_DIM, KV_HEADS, fresh_prompt, log_dir_for, pushed_bytes_since
 from make_hybrid_model import make_hybrid_model
 
 from kvbridge.testing.client import complete
@@ -52,20 +51,6 @@ def clipped_blocks(n_tokens: int) -> tuple[int, int]:
     return last, last - first_sliding
 
 
-PUSH_RE = re.compile(r"kvbridge-push request_id=\S+ key=\S+ bytes=(\d+) ")
-
-
-def pushes_since(c: Cluster, offset: int, timeout: float = 10.0) -> list[int]:
-    """Bytes of each WRITE job P logged (push mode) after ``offset`` in its log."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with open(c.log_path("prefill"), "rb") as fh:
-            fh.seek(offset)
-            text = fh.read().decode(errors="replace")
-        found = [int(m[1]) for m in PUSH_RE.finditer(text[: text.rfind("\n") + 1])]
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
 
 
 def expected_bytes(n_tokens: int) -> int:
@@ -119,7 +104,7 @@ def test_pd_equals_a_single_instance_and_moves_the_clipped_blocks(cluster: Clust
     ref = cluster.reference(prompt, MAX_TOKENS)
     assert same_generation(res, ref, exact=True), describe_divergence(res, ref)
     if cluster.push:
-        pushed = pushes_since(cluster, p_offset)
+        pushed = pushed_bytes_since(cluster, p_offset)
         assert pushed == [expected_bytes(n_tokens)], (pushed, full, sliding)
     else:
         (rec,) = cluster.xfer_since(offset, count=1, timeout=5.0)
@@ -138,3 +123,48 @@ def test_pd_equals_a_single_instance_and_moves_the_clipped_blocks(cluster: Clust
     assert d["integrity_verified_loads"] - d_before["integrity_verified_loads"] == 1, d
     assert d["integrity_unverified_loads"] == d_before["integrity_unverified_loads"], d
     assert d["integrity_checked_blocks"] - d_before["integrity_checked_blocks"] == full + sliding, d
+
+
+@pytest.fixture(scope="module")
+def cached_cluster(hybrid_model_dir: Path) -> Iterator[Cluster]:
+    """Pull, with D's prefix cache on (P's off): D serves a prompt's start from its own cache."""
+    c = Cluster(
+        hybrid_model_dir, connector="kvbridge", log_dir=log_dir_for(__name__) / "d-prefix-cache",
+        p_port=8112, d_port=8212, proxy_port=8012, side_ports=(5612, 5712),
+        prefix_caching=True, p_prefix_caching=False, dtype="float16", kv_integrity="full",
+    )  # fmt: skip
+    with c:
+        yield c
+
+
+def prefix_hits(c: Cluster) -> float:
+    text = httpx.get(f"{c.d_url}/metrics", timeout=5.0).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:prefix_cache_hits_total"))
+
+
+def test_a_local_prefix_hit_is_taken_in_every_group(cached_cluster: Cluster) -> None:
+    """D computed the prompt's first 768 tokens before: under the hybrid allocator the hit
+    holds in both groups, and D reads only what follows it, each group cut as usual (the
+    sliding group's window starts before the hit: only its blocks past the hit are read)."""
+    c = cached_cluster
+    n_tokens = 1000
+    prompt = fresh_prompt(n_tokens)
+    warm = c.reference(prompt[:768], 1)
+    assert warm.ok, warm
+    hits0 = prefix_hits(c)
+    offset = c.log_offset("decode")
+    p = c.prefill(prompt)
+    assert p.ok and p.kv_transfer_params, p
+    res = complete(c.d_url, prompt, MAX_TOKENS, p.kv_transfer_params, stream=True, logprobs=2)
+    assert res.ok, res
+    hit = int(prefix_hits(c) - hits0)
+    assert hit > 0 and hit % BLOCK_TOKENS == 0, f"D's prefix cache hit {hit} tokens"
+    first_local = hit // BLOCK_TOKENS
+    full, _ = clipped_blocks(n_tokens)
+    first_sliding = max(first_local, max(0, n_tokens - WINDOW) // BLOCK_TOKENS)
+    want = ((full - first_local) * FULL_LAYERS + (full - first_sliding) * SLIDING_LAYERS) * LAYER_BLOCK_BYTES
+    (rec,) = c.xfer_since(offset, count=1, timeout=5.0)
+    assert rec.bytes == want < expected_bytes(n_tokens), (rec, hit)
+    # The reference is P alone (no prefix cache): D's cache now holds this prompt.
+    ref = complete(c.p_url, prompt, MAX_TOKENS, None, stream=False, logprobs=2)
+    assert same_generation(res, ref, exact=True), describe_divergence(res, ref)

@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import math
 import os
-import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import figure, fresh_prompt, log_dir_for
+from helpers import figure, fresh_prompt, log_dir_for, pushed_bytes_since
 from make_ssm_model import make_ssm_model
 
 from kvbridge.testing.client import complete
@@ -47,9 +45,6 @@ ATTN_BLOCK_BYTES = 2 * 2 * 64 * 2 * BLOCK_TOKENS
 #: One Mamba2 layer's state: conv (3 x 544 float16) then SSM (8 x 64 x 16 float32).
 STATE_BYTES = 3 * 544 * 2 + 8 * 64 * 16 * 4
 MAMBA_LAYERS = 2
-PUSH_RE = re.compile(r"kvbridge-push request_id=\S+ key=\S+ bytes=(\d+) ")
-
-
 def expected_bytes(n_tokens: int) -> int:
     """An n-token prompt: the attention KV of its first n-1 tokens and each Mamba state."""
     return math.ceil((n_tokens - 1) / BLOCK_TOKENS) * ATTN_BLOCK_BYTES + MAMBA_LAYERS * STATE_BYTES
@@ -73,16 +68,6 @@ def cluster(request: pytest.FixtureRequest, ssm_model_dir: Path) -> Iterator[Clu
         yield c
 
 
-def pushes_since(c: Cluster, offset: int, timeout: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        with open(c.log_path("prefill"), "rb") as fh:
-            fh.seek(offset)
-            text = fh.read().decode(errors="replace")
-        found = [int(m[1]) for m in PUSH_RE.finditer(text[: text.rfind("\n") + 1])]
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
 
 
 def test_the_hybrid_allocator_stays_on_with_state_groups(cluster: Cluster) -> None:
@@ -112,7 +97,7 @@ def test_pd_equals_a_single_instance_and_moves_the_state(cluster: Cluster, n_tok
     gap = max(abs(max(a.values()) - max(b.values())) for a, b in zip(res.top_logprobs, ref.top_logprobs))
     figure(f"ssm_pd_max_logprob_gap n_tokens={n_tokens} mode={'push' if cluster.push else 'pull'} nats={gap:.2e}")
     if cluster.push:
-        assert pushes_since(cluster, p_offset) == [expected_bytes(n_tokens)]
+        assert pushed_bytes_since(cluster, p_offset) == [expected_bytes(n_tokens)]
     else:
         (rec,) = cluster.xfer_since(offset, count=1, timeout=5.0)
         assert rec.bytes == expected_bytes(n_tokens), rec
