@@ -21,7 +21,6 @@ Takes a few seconds.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -29,17 +28,9 @@ import sys
 from pathlib import Path
 
 
-def _load_make_model():
-    """Import scripts/make_model.py (a sibling file, not an installed package)."""
-    path = Path(__file__).resolve().with_name("make_model.py")
-    spec = importlib.util.spec_from_file_location("kvbridge_make_model", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-mm = _load_make_model()
+# make_model.py sits beside this file: on sys.path when this runs as a script (its folder
+# comes first) and when the tests import it (they put scripts/ on sys.path).
+import make_model as mm  # noqa: E402
 
 PATTERN = "M*M-"  # M = Mamba2, * = attention, - = MLP, E = MoE
 LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}

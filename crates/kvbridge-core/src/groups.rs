@@ -65,7 +65,7 @@ impl CompatInfo {
 }
 
 /// `groups` with each group cut to what a transfer carries ([`CompatInfo::clips`]).
-pub fn clip_to_windows(groups: &[Vec<u32>], clips: &[Clip]) -> Vec<Vec<u32>> {
+pub fn clip_groups(groups: &[Vec<u32>], clips: &[Clip]) -> Vec<Vec<u32>> {
     groups
         .iter()
         .enumerate()
@@ -98,8 +98,8 @@ mod tests {
         assert_eq!(c.clips(), vec![Clip::All, Clip::Last(3), Clip::Last(2)]);
         assert_eq!(c.prefill_backoff(), 0);
         let g = vec![vec![1, 2, 3, 4, 5], vec![0, 0, 8, 9, 10], vec![11]];
-        assert_eq!(clip_to_windows(&g, &c.clips()), vec![vec![1, 2, 3, 4, 5], vec![8, 9, 10], vec![11]]);
-        assert_eq!(clip_to_windows(&g, &[]), g, "no groups reported: nothing clipped");
+        assert_eq!(clip_groups(&g, &c.clips()), vec![vec![1, 2, 3, 4, 5], vec![8, 9, 10], vec![11]]);
+        assert_eq!(clip_groups(&g, &[]), g, "no groups reported: nothing clipped");
     }
 
     #[test]
@@ -110,7 +110,7 @@ mod tests {
         assert_eq!(c.clips(), vec![Clip::State(0), Clip::State(2)]);
         assert_eq!(c.prefill_backoff(), 1);
         // As vLLM's clip_ssm_state_blocks: scratch slots after the state go, and anything before it.
-        let clip = |ids: Vec<u32>, s| clip_to_windows(&[ids], &[Clip::State(s)]);
+        let clip = |ids: Vec<u32>, s| clip_groups(&[ids], &[Clip::State(s)]);
         assert_eq!(clip(vec![0, 0, 7], 0), vec![vec![7]]);
         assert_eq!(clip(vec![0, 7, 8, 9], 2), vec![vec![7]]);
         assert_eq!(clip(vec![7], 2), vec![vec![7]], "before scratch is allocated the state slot stays");

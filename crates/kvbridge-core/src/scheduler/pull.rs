@@ -7,7 +7,7 @@ use serde_json::json;
 use super::{params_kind, FinishReason, Finished, Matched, SchedulerBase, SchedulerSide, Staging};
 use crate::config::ConnectorConfig;
 use crate::error::{ParamsError, RoleError};
-use crate::groups::{clip_to_windows, Clip};
+use crate::groups::{clip_groups, Clip};
 use crate::integrity::IntegrityMode;
 use crate::params::{KvParams, RemotePrefill, ReqParams};
 use crate::wire::{ConnectorMetadata, RecvReq, RemoteRef, SendLease, StageReq};
@@ -27,7 +27,7 @@ pub struct PullScheduler {
     /// P: the staging slots (`kv_staging_blocks`; disabled when 0).
     pub staging: Staging,
     /// Per KV-cache group, the blocks a transfer carries.
-    window_blocks: Vec<Clip>,
+    clips: Vec<Clip>,
     /// Trailing prompt tokens D computes itself (1 with state groups).
     backoff: u64,
 }
@@ -63,7 +63,7 @@ impl PullScheduler {
         Self {
             base: SchedulerBase::new(&cfg),
             staging: Staging::new(cfg.staging_blocks()),
-            window_blocks: cfg.compat.clips(),
+            clips: cfg.compat.clips(),
             backoff: cfg.compat.prefill_backoff(),
             cfg,
             reqs: HashMap::new(),
@@ -111,7 +111,7 @@ impl PullScheduler {
     /// D: P's sliding-window groups are the tail of what P computed, so they line up with
     /// the prompt only if P computed exactly the prompt (a prefill with max_tokens=1).
     fn misplaced_window(&self, rp: &RemotePrefill, num_prompt_tokens: u64) -> bool {
-        self.window_blocks.iter().any(|w| matches!(w, Clip::Last(_)))
+        self.clips.iter().any(|w| matches!(w, Clip::Last(_)))
             && rp.remote_block_ids.len() > 1
             && rp.remote_num_tokens.is_some_and(|m| m != self.loaded_tokens(num_prompt_tokens))
     }
@@ -135,7 +135,7 @@ impl PullScheduler {
         }
         // Integrity: each group cut as `request_finished` will offer it.
         if self.cfg.kv_integrity != IntegrityMode::Off {
-            self.base.order_group_digest(req_id.to_string(), &clip_to_windows(groups, &self.window_blocks));
+            self.base.order_group_digest(req_id.to_string(), &clip_groups(groups, &self.clips));
         }
     }
 
@@ -269,7 +269,7 @@ impl SchedulerSide for PullScheduler {
         let Stage::Matched(p, n) = std::mem::replace(stage, Stage::Consumed) else { return };
         let Some(rp) = remote_prefill(&p) else { return };
         // A sliding-window group loads only the blocks inside its window.
-        let local = if num_external_tokens > 0 { clip_to_windows(unhashed_block_ids, &self.window_blocks) } else { vec![Vec::new()] };
+        let local = if num_external_tokens > 0 { clip_groups(unhashed_block_ids, &self.clips) } else { vec![Vec::new()] };
         if num_external_tokens > 0 {
             self.base.loading.insert(req_id.to_string());
         }
@@ -336,7 +336,7 @@ impl SchedulerSide for PullScheduler {
         self.base.leased.insert(req_id.to_string(), expiry);
         // A sliding-window group offers only the blocks inside its window (vLLM already
         // freed those before it; they are its null block).
-        let offered = clip_to_windows(block_ids, &self.window_blocks);
+        let offered = clip_groups(block_ids, &self.clips);
         let null = self.cfg.null_block_id;
         let held = offered.iter().flatten().filter(|&&b| Some(b) != null).count();
         let num_blocks = u32::try_from(held).unwrap_or(u32::MAX);

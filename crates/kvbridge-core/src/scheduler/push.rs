@@ -17,7 +17,7 @@ use serde_json::json;
 use super::{params_kind, FinishReason, Finished, Matched, SchedulerBase, SchedulerSide};
 use crate::config::ConnectorConfig;
 use crate::error::{ParamsError, RoleError};
-use crate::groups::{clip_to_windows, Clip};
+use crate::groups::{clip_groups, Clip};
 use crate::params::{KvParams, PushPrefill, ReqParams};
 use crate::wire::{ConnectorMetadata, PushRecv, PushSend};
 
@@ -39,7 +39,7 @@ pub struct PushScheduler {
     /// D: aborted while P may still write; blocks held until the workers report them.
     held_aborted: HashSet<String>,
     /// Per KV-cache group, the blocks a transfer carries.
-    window_blocks: Vec<Clip>,
+    clips: Vec<Clip>,
     /// Trailing prompt tokens D computes itself (1 with state groups).
     backoff: u64,
 }
@@ -50,7 +50,7 @@ impl PushScheduler {
         cfg.log_startup("scheduler");
         Self {
             base: SchedulerBase::new(&cfg),
-            window_blocks: cfg.compat.clips(),
+            clips: cfg.compat.clips(),
             backoff: cfg.compat.prefill_backoff(),
             cfg,
             producing: HashMap::new(),
@@ -161,12 +161,12 @@ impl SchedulerSide for PushScheduler {
             self.base.loading.insert(req_id.to_string());
         }
         // A sliding-window group registers only the blocks inside its window.
-        let local = if load { clip_to_windows(unhashed_block_ids, &self.window_blocks) } else { vec![Vec::new()] };
+        let local = if load { clip_groups(unhashed_block_ids, &self.clips) } else { vec![Vec::new()] };
         self.base.push_push_register(Self::recv(req_id, &pp, n, local, !load));
     }
 
     fn prefill_completing_groups(&mut self, req_id: &str, groups: &[Vec<u32>], num_tokens: u64) {
-        let groups = clip_to_windows(groups, &self.window_blocks);
+        let groups = clip_groups(groups, &self.clips);
         let all: Vec<u32>;
         let block_ids: &[u32] = match groups.as_slice() {
             [one] => one,
@@ -250,7 +250,7 @@ impl SchedulerSide for PushScheduler {
         }
         let expiry = now_unix + self.cfg.kv_lease_duration.as_secs_f64();
         // A sliding-window group writes only the blocks inside its window.
-        let block_ids = clip_to_windows(block_ids, &self.window_blocks);
+        let block_ids = clip_groups(block_ids, &self.clips);
         let null = self.cfg.null_block_id;
         let num_blocks = u32::try_from(block_ids.iter().flatten().filter(|&&b| Some(b) != null).count()).unwrap_or(u32::MAX);
         let send = |hold: bool, aborted: bool| PushSend {
