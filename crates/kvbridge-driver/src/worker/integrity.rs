@@ -243,6 +243,9 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         if self.integrity.mode == IntegrityMode::Off || !self.cfg.role.can_consume() {
             return;
         }
+        if md.reqs_to_recv.is_empty() && md.push_register.is_empty() {
+            return; // most steps
+        }
         let rank = self.cfg.tp_rank;
         // Groups whose lists hold only their last blocks (sliding windows, states).
         let clipped: Vec<bool> = self.cfg.compat.clips().iter().map(|c| *c != kvbridge_core::groups::Clip::All).collect();
