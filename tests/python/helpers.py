@@ -74,3 +74,12 @@ def pushed_bytes_since(c: "Cluster", offset: int, timeout: float = 10.0) -> list
         if found or time.monotonic() > deadline:
             return found
         time.sleep(0.1)
+
+
+def d_counter(c: "Cluster", name: str) -> float:
+    """The value of vLLM counter ``name`` (e.g. ``vllm:prefix_cache_hits_total``) on D's
+    ``/metrics``, summed over its label sets."""
+    import httpx
+
+    text = httpx.get(f"{c.d_url}/metrics", timeout=5.0).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " "))

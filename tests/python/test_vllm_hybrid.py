@@ -25,9 +25,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-from helpers import BLOCK_TOKENS, DTYPE_BYTES, HEAD_DIM, KV_HEADS, fresh_prompt, log_dir_for, pushed_bytes_since
+from helpers import BLOCK_TOKENS, d_counter, DTYPE_BYTES, HEAD_DIM, KV_HEADS, fresh_prompt, log_dir_for, pushed_bytes_since
 from make_hybrid_model import make_hybrid_model
 
 from kvbridge.testing.client import complete
@@ -137,11 +136,6 @@ def cached_cluster(hybrid_model_dir: Path) -> Iterator[Cluster]:
         yield c
 
 
-def prefix_hits(c: Cluster) -> float:
-    text = httpx.get(f"{c.d_url}/metrics", timeout=5.0).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:prefix_cache_hits_total"))
-
-
 def test_a_local_prefix_hit_is_taken_in_every_group(cached_cluster: Cluster) -> None:
     """D computed the prompt's first 768 tokens before: under the hybrid allocator the hit
     holds in both groups, and D reads only what follows it, each group cut as usual (the
@@ -151,13 +145,13 @@ def test_a_local_prefix_hit_is_taken_in_every_group(cached_cluster: Cluster) -> 
     prompt = fresh_prompt(n_tokens)
     warm = c.reference(prompt[:768], 1)
     assert warm.ok, warm
-    hits0 = prefix_hits(c)
+    hits0 = d_counter(c, "vllm:prefix_cache_hits_total")
     offset = c.log_offset("decode")
     p = c.prefill(prompt)
     assert p.ok and p.kv_transfer_params, p
     res = complete(c.d_url, prompt, MAX_TOKENS, p.kv_transfer_params, stream=True, logprobs=2)
     assert res.ok, res
-    hit = int(prefix_hits(c) - hits0)
+    hit = int(d_counter(c, "vllm:prefix_cache_hits_total") - hits0)
     assert hit > 0 and hit % BLOCK_TOKENS == 0, f"D's prefix cache hit {hit} tokens"
     first_local = hit // BLOCK_TOKENS
     full, _ = clipped_blocks(n_tokens)

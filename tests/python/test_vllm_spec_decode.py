@@ -15,9 +15,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-from helpers import expected_kv_bytes, figure, fresh_prompt, log_dir_for
+from helpers import d_counter, expected_kv_bytes, figure, fresh_prompt, log_dir_for
 
 from kvbridge.testing.cluster import Cluster, describe_divergence, same_generation
 
@@ -38,11 +37,6 @@ def cluster(model_dir: Path) -> Iterator[Cluster]:
         yield c
 
 
-def draft_tokens(c: Cluster) -> float:
-    text = httpx.get(f"{c.d_url}/metrics", timeout=5.0).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:spec_decode_num_draft_tokens_total"))
-
-
 def repetitive_prompt(n_tokens: int) -> list[int]:
     """A prompt whose tail repeats, so n-gram lookup finds drafts from the first step."""
     head = fresh_prompt(n_tokens - 48)
@@ -52,13 +46,13 @@ def repetitive_prompt(n_tokens: int) -> list[int]:
 @pytest.mark.parametrize("n_tokens", [300, 900])
 def test_pd_with_an_ngram_speculator_on_d_equals_d_alone(cluster: Cluster, n_tokens: int) -> None:
     prompt = repetitive_prompt(n_tokens)
-    drafted = draft_tokens(cluster)
+    drafted = d_counter(cluster, "vllm:spec_decode_num_draft_tokens_total")
     offset = cluster.log_offset("decode")
     res = cluster.proxy_request(prompt, MAX_TOKENS, logprobs=2)
     assert res.ok, res
     (rec,) = cluster.xfer_since(offset, count=1, timeout=5.0)
     assert rec.bytes == expected_kv_bytes(n_tokens), rec
-    assert draft_tokens(cluster) > drafted, "D's n-gram speculator never drafted"
+    assert d_counter(cluster, "vllm:spec_decode_num_draft_tokens_total") > drafted, "D's n-gram speculator never drafted"
     ref = cluster.reference(prompt, MAX_TOKENS)
     assert same_generation(res, ref, exact=True), describe_divergence(res, ref)
 
@@ -82,9 +76,8 @@ def draft_cluster(model_dir: Path) -> Iterator[Cluster]:
 
 
 def accepted(c: Cluster) -> tuple[float, float]:
-    text = httpx.get(f"{c.d_url}/metrics", timeout=5.0).text
-    get = lambda name: sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name))  # noqa: E731
-    return get("vllm:spec_decode_num_accepted_tokens_total"), get("vllm:spec_decode_num_draft_tokens_total")
+    """D's accepted and drafted speculative tokens so far."""
+    return d_counter(c, "vllm:spec_decode_num_accepted_tokens_total"), d_counter(c, "vllm:spec_decode_num_draft_tokens_total")
 
 
 @pytest.mark.parametrize("n_tokens", [300, 900])
