@@ -137,6 +137,12 @@ pub struct EngineInfo {
     /// This engine's data-parallel rank.
     #[serde(default)]
     pub dp_rank: u32,
+    /// Pipeline-parallel size (0 is taken as 1).
+    #[serde(default)]
+    pub pp_size: u32,
+    /// This worker's pipeline-parallel rank (its stage).
+    #[serde(default)]
+    pub pp_rank: u32,
     /// Model and cache facts the peer must match.
     #[serde(default)]
     pub compat: CompatInfo,
@@ -159,6 +165,11 @@ pub struct ConnectorConfig {
     pub backends: Vec<String>,
     /// Host the handshake listener binds and P advertises as `remote_host`.
     pub side_channel_host: String,
+    /// Per-rank hosts (`side_channel_hosts`, indexed by `pp_rank * tp_size + tp_rank`): an
+    /// engine whose ranks run on several nodes, described in one config. Empty: every rank
+    /// uses `side_channel_host` (on a multi-node engine, each node's own
+    /// `VLLM_NIXL_SIDE_CHANNEL_HOST`).
+    pub side_channel_hosts: Vec<String>,
     /// Base port of the handshake listeners (see [`Self::listener_port_for`]).
     pub side_channel_port: u16,
     /// Tensor-parallel size (at least 1).
@@ -167,6 +178,10 @@ pub struct ConnectorConfig {
     pub tp_rank: u32,
     /// This engine's data-parallel rank.
     pub dp_rank: u32,
+    /// Pipeline-parallel size (at least 1).
+    pub pp_size: u32,
+    /// This worker's pipeline-parallel rank.
+    pub pp_rank: u32,
     /// How long P holds a finished request's blocks for D (`kv_lease_duration`), unless D
     /// renews the lease with heartbeats.
     pub kv_lease_duration: Duration,
@@ -234,6 +249,7 @@ pub const EXTRA_KEYS: &[&str] = &[
     "progress_delay_us",
     "idle_wait_us",
     "side_channel_host",
+    "side_channel_hosts",
     "side_channel_port",
     "enforce_handshake_compat",
     "num_threads",
@@ -470,6 +486,18 @@ impl ConnectorConfig {
             Some(h) => h.to_string(),
             None => env("VLLM_NIXL_SIDE_CHANNEL_HOST").unwrap_or_else(|| DEFAULT_SIDE_CHANNEL_HOST.into()),
         };
+        let side_channel_hosts = match extra.get("side_channel_hosts") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) if a.len() <= crate::ranks::MAX_RANKS && a.iter().all(|h| h.as_str().is_some_and(|h| !h.is_empty())) => {
+                a.iter().filter_map(Value::as_str).map(str::to_string).collect()
+            }
+            Some(v) => {
+                return Err(ConfigError::InvalidValue {
+                    key: "side_channel_hosts".into(),
+                    reason: format!("expected a list of host names, one per rank (pp_rank * tp_size + tp_rank), got {v}"),
+                })
+            }
+        };
         let side_channel_port = match extra.get("side_channel_port") {
             Some(v) => v
                 .as_u64()
@@ -489,10 +517,13 @@ impl ConnectorConfig {
             mode,
             backends,
             side_channel_host,
+            side_channel_hosts,
             side_channel_port,
             tp_size: engine.tp_size.max(1),
             tp_rank: engine.tp_rank,
             dp_rank: engine.dp_rank,
+            pp_size: engine.pp_size.max(1),
+            pp_rank: engine.pp_rank,
             kv_lease_duration,
             handshake_timeout,
             handshake_retries,
@@ -516,22 +547,44 @@ impl ConnectorConfig {
         })
     }
 
-    /// The TCP port this worker's handshake listener binds: the base side-channel port,
-    /// plus the DP rank times the TP size, plus the TP rank. One listener per worker, so a
-    /// D rank talks straight to the P rank whose memory it reads.
-    pub fn listener_port_for(&self, base: u16, dp_rank: u32, tp_size: u32, tp_rank: u32) -> Option<u16> {
-        let off = dp_rank.checked_mul(tp_size)?.checked_add(tp_rank)?;
-        u16::try_from(u32::from(base).checked_add(off)?).ok()
-    }
-
-    /// The port this engine's own worker (our tp_rank) listens on.
+    /// The TCP port this worker's handshake listener binds: one listener per worker, keyed
+    /// by (DP, PP, TP) rank ([`crate::ranks::listener_port`]), so a D rank talks straight to
+    /// the P rank whose memory it reads.
     pub fn local_listener_port(&self) -> Option<u16> {
-        self.listener_port_for(self.side_channel_port, self.dp_rank, self.tp_size, self.tp_rank)
+        crate::ranks::listener_port(self.side_channel_port, self.dp_rank, self.pp_rank, self.pp_size, self.tp_rank, self.tp_size)
     }
 
-    /// The port the engine advertises in `kv_transfer_params` (`remote_port`): the base for its DP rank.
+    /// The port the engine advertises in `kv_transfer_params` (`remote_port`): its
+    /// directory, rank (pp 0, tp 0) of its DP rank.
     pub fn advertised_port(&self) -> Option<u16> {
-        self.listener_port_for(self.side_channel_port, self.dp_rank, self.tp_size, 0)
+        crate::ranks::listener_port(self.side_channel_port, self.dp_rank, 0, self.pp_size, 0, self.tp_size)
+    }
+
+    /// The host rank (`pp`, `tp`) binds and advertises.
+    pub fn host_of(&self, pp: u32, tp: u32) -> &str {
+        let i = pp.saturating_mul(self.tp_size).saturating_add(tp) as usize;
+        self.side_channel_hosts.get(i).map_or(self.side_channel_host.as_str(), String::as_str)
+    }
+
+    /// The host this worker's listener binds and advertises.
+    pub fn local_host(&self) -> &str {
+        self.host_of(self.pp_rank, self.tp_rank)
+    }
+
+    /// The host P advertises as `remote_host`: its directory rank's.
+    pub fn advertised_host(&self) -> &str {
+        self.host_of(0, 0)
+    }
+
+    /// This engine's rank table as the config describes it: every (pp, tp) rank of its DP
+    /// rank at its host and port. A multi-node engine whose hosts only each node knows
+    /// replaces it with the table its ranks exchange at start-up.
+    pub fn rank_table(&self) -> Vec<crate::ranks::RankAddr> {
+        let mut t = crate::ranks::single_host(&self.side_channel_host, self.side_channel_port, self.dp_rank, self.pp_size, self.tp_size);
+        for a in &mut t {
+            a.host = self.host_of(a.pp_rank, a.tp_rank).to_string();
+        }
+        t
     }
 
     /// Staging slots this engine uses: `kv_staging_blocks` on a pull-mode producer, else 0.

@@ -24,6 +24,7 @@ pub mod layout;
 pub mod params;
 pub mod peers;
 pub mod plan;
+pub mod ranks;
 pub mod scheduler;
 pub mod side;
 pub mod staged;

@@ -478,6 +478,10 @@ pub struct HandshakePayload {
     /// it needs to compare P's lease expiry times with its own clock.
     #[serde(default)]
     pub now_unix: f64,
+    /// Every rank of the serving engine (its DP rank), where its listener is
+    /// ([`crate::ranks`]); empty: the single-node port arithmetic.
+    #[serde(default)]
+    pub ranks: Vec<crate::ranks::RankAddr>,
 }
 
 // ---------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ impl PullScheduler {
             "remote_block_ids": block_ids,
             "remote_engine_id": self.cfg.engine_id,
             "remote_request_id": req_id,
-            "remote_host": self.cfg.side_channel_host,
+            "remote_host": self.cfg.advertised_host(),
             "remote_port": port,
             "tp_size": self.cfg.tp_size,
             "remote_num_tokens": num_tokens,

@@ -285,7 +285,7 @@ impl SchedulerSide for PushScheduler {
                 "transfer_id": transfer_id,
                 "remote_engine_id": self.cfg.engine_id,
                 "remote_request_id": req_id,
-                "remote_host": self.cfg.side_channel_host,
+                "remote_host": self.cfg.advertised_host(),
                 "remote_port": port,
                 "tp_size": self.cfg.tp_size,
                 "remote_num_tokens": num_computed_tokens,

@@ -122,6 +122,8 @@ pub struct WorkerDriver<T: Transport + 'static> {
     /// GPU caches: the engine's CUDA stream for this step ([`NO_STREAM`]: none named), on
     /// which staging and host-buffer copies are queued and waited for.
     pub(crate) stream: AtomicU64,
+    /// Where every rank of this engine listens, served in handshakes (`kvbridge_core::ranks`).
+    pub(crate) rank_table: Mutex<Vec<kvbridge_core::ranks::RankAddr>>,
 }
 
 /// `WorkerDriver::stream` when the engine named no stream (never a valid `CUstream`).
@@ -133,6 +135,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
     /// [`register`](Self::register) is called.
     pub fn new(cfg: ConnectorConfig, transport: T) -> Result<Self, Error> {
         cfg.log_startup("worker");
+        let rank_table = cfg.rank_table();
         let hash = wire::compat_hash(&cfg.compat, cfg.mode);
         let mut core = PullWorker::new(cfg.engine_id.clone(), cfg.tp_rank, cfg.tp_size, hash.clone(), cfg.enforce_handshake_compat);
         core.coalesce = cfg.coalesce_descriptors;
@@ -196,6 +199,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             to_stage: Mutex::new(Vec::new()),
             host_loads: Mutex::new(HostLoads::default()),
             stream: AtomicU64::new(NO_STREAM),
+            rank_table: Mutex::new(rank_table),
             integrity: Arc::new(integrity::Integrity::new(cfg_integrity.0, cfg_integrity.1)),
         })
     }
@@ -239,6 +243,28 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 p.epoch = epoch;
             }
         }
+    }
+
+    /// Where every rank of this engine (its DP rank) listens: served in every handshake
+    /// so readers dial each rank at its own host. By default the table the config
+    /// describes ([`ConnectorConfig::rank_table`]); an engine whose ranks span nodes sets
+    /// the table its ranks exchanged at start-up (vLLM: an all-gather over its CPU group).
+    pub fn set_rank_table(&self, table: Vec<kvbridge_core::ranks::RankAddr>) {
+        let mut table = table;
+        table.truncate(kvbridge_core::ranks::MAX_RANKS);
+        if let Ok(mut p) = self.payload.lock() {
+            if let Some(p) = p.as_mut() {
+                p.ranks = table.clone();
+            }
+        }
+        if let Ok(mut t) = self.rank_table.lock() {
+            *t = table;
+        }
+    }
+
+    /// This engine's rank table as served in handshakes.
+    pub fn rank_table(&self) -> Vec<kvbridge_core::ranks::RankAddr> {
+        self.rank_table.lock().map(|t| t.clone()).unwrap_or_default()
     }
 
     /// Push mode's counters so far.

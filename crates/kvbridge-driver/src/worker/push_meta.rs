@@ -75,7 +75,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                             request_id: r.req_id.clone(),
                             target_engine_id: r.engine_id.clone(),
                             engine_id: self.cfg.engine_id.clone(),
-                            host: self.cfg.side_channel_host.clone(),
+                            host: self.cfg.local_host().to_string(),
                             port: my_port,
                             tp_size: self.cfg.tp_size,
                             tp_rank: self.cfg.tp_rank,

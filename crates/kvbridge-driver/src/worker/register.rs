@@ -106,6 +106,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                 mode: self.cfg.mode.as_str().to_string(),
                 epoch: self.epoch.load(std::sync::atomic::Ordering::Acquire),
                 now_unix: 0.0,
+                ranks: self.rank_table(),
             }
         };
         if let Ok(mut p) = self.payload.lock() {
@@ -151,7 +152,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             inspect: Some(self.inspect_handler()),
             digests: Some(self.digests_handler()),
         };
-        self.side.serve_with(&self.cfg.side_channel_host, port, self.payload.clone(), handlers)?;
+        self.side.serve_with(self.cfg.local_host(), port, self.payload.clone(), handlers)?;
         if self.cfg.role.can_consume() && self.cfg.mode == kvbridge_core::config::TransferMode::Pull {
             for (host, port) in self.cfg.peers.clone() {
                 self.warm_up(host, port);

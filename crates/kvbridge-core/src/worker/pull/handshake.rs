@@ -36,7 +36,10 @@ impl PullWorker {
         sent_unix: f64,
         recv_unix: f64,
     ) -> Vec<Action> {
-        let Some(Engine::Handshaking { engine_id, tp, mds, .. }) = self.engines.get(peer) else { return Vec::new() };
+        let Some(Engine::Handshaking { engine_id, tp, mds, directory, .. }) = self.engines.get(peer) else { return Vec::new() };
+        if rank == 0 && directory.is_some() {
+            return self.on_directory(peer, addr, res, sent_unix, recv_unix);
+        }
         let Some(slot) = tp.sources.iter().position(|&q| q == rank) else { return Vec::new() };
         if mds.get(slot).map_or(true, Option::is_some) {
             return Vec::new();
@@ -159,7 +162,7 @@ impl PullWorker {
     }
 
     /// Fail every request queued on `peer` and forget it (and any ranks already loaded).
-    fn fail_engine(&mut self, peer: &str, e: &Error) -> Vec<Action> {
+    pub(super) fn fail_engine(&mut self, peer: &str, e: &Error) -> Vec<Action> {
         let mut actions = Vec::new();
         if let Some(Engine::Handshaking { queued, tp, added, .. }) = self.engines.remove(peer) {
             for r in queued {

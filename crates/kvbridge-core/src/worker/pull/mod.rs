@@ -22,7 +22,8 @@ mod warm;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Fetch the handshake payload of remote rank `rank` of `peer` from `host:port`, then
-    /// call [`PullWorker::on_handshake_payload`].
+    /// call [`PullWorker::on_handshake_payload`]. Rank 0's comes first: it also says where
+    /// the other ranks listen ([`crate::ranks`]).
     Handshake {
         /// The remote engine, as [`peer_key`] names it.
         peer: String,
@@ -30,7 +31,7 @@ pub enum Action {
         rank: u32,
         /// The side channel's host.
         host: String,
-        /// The side channel port of that rank (the engine's base port + `rank`).
+        /// The side channel port of that rank.
         port: u16,
     },
     /// Load the remote rank's transport metadata, then call [`PullWorker::on_remote_added`].
@@ -77,6 +78,9 @@ enum Engine {
     Handshaking {
         engine_id: String,
         tp: TpMapping,
+        /// Rank 0's address while its answer, the directory of the other ranks'
+        /// addresses, is awaited (None: not needed, or answered).
+        directory: Option<(String, u16)>,
         mds: Vec<Option<AgentMetadata>>,
         added: Vec<bool>,
         queued: Vec<RecvReq>,
@@ -381,13 +385,13 @@ impl PullWorker {
             None => {
                 // Single-flight: the first request for an engine starts the handshakes
                 // (one per remote rank this rank reads from); the rest queue behind them.
-                let (tp, hs) = match self.handshake_actions(&peer, &r.remote.host, r.remote.port, r.remote.tp_size) {
+                let (tp, hs, directory) = match self.handshake_actions(&peer, &r.remote.host, r.remote.port, r.remote.tp_size) {
                     Ok(x) => x,
                     Err(e) => return self.fail(&r.req_id, &r.local_block_ids, r.notify_only, &e),
                 };
                 actions.extend(hs);
                 let engine_id = r.remote.engine_id.clone();
-                self.insert_handshaking(peer, engine_id, tp, vec![r], now_unix);
+                self.insert_handshaking(peer, engine_id, (tp, directory), vec![r], now_unix);
             }
         }
     }

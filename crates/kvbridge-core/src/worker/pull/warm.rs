@@ -12,39 +12,46 @@ impl PullWorker {
         if self.engines.contains_key(&peer) {
             return Vec::new();
         }
-        let Ok((tp, actions)) = self.handshake_actions(&peer, host, port, remote_tp_size) else { return Vec::new() };
-        self.insert_handshaking(peer, engine_id.to_string(), tp, Vec::new(), now_unix);
+        let Ok((tp, actions, directory)) = self.handshake_actions(&peer, host, port, remote_tp_size) else { return Vec::new() };
+        self.insert_handshaking(peer, engine_id.to_string(), (tp, directory), Vec::new(), now_unix);
         actions
     }
 
-    /// The TP mapping to a remote engine of `remote_tp_size` ranks whose base side-channel
-    /// port is `host:port`, and one handshake per remote rank this rank reads from.
+    /// The TP mapping to a remote engine of `remote_tp_size` ranks whose directory (rank
+    /// 0's side channel) is `host:port`, and the first handshake: rank 0's. When this rank
+    /// reads from other ranks too, rank 0's payload is also the directory that says where
+    /// they listen ([`crate::ranks`]); their handshakes follow its answer.
     pub(super) fn handshake_actions(
         &self,
         peer: &str,
         host: &str,
         port: u16,
         remote_tp_size: u32,
-    ) -> Result<(TpMapping, Vec<Action>), Error> {
+    ) -> Result<(TpMapping, Vec<Action>, Option<(String, u16)>), Error> {
         let tp = TpMapping::new(self.tp_size, self.tp_rank, remote_tp_size)?;
-        let mut hs = Vec::with_capacity(tp.sources.len());
-        for &rank in &tp.sources {
-            let Some(p) = u16::try_from(rank).ok().and_then(|q| port.checked_add(q)) else {
-                return Err(Error::Other(format!("remote_port {port} + rank {rank} overflows")));
-            };
-            hs.push(Action::Handshake { peer: peer.to_string(), rank, host: host.to_string(), port: p });
-        }
-        Ok((tp, hs))
+        let first = Action::Handshake { peer: peer.to_string(), rank: 0, host: host.to_string(), port };
+        let directory = tp.sources.iter().any(|&q| q != 0).then(|| (host.to_string(), port));
+        Ok((tp, vec![first], directory))
     }
 
-    /// `peer` is being handshaken (its actions issued), with `queued` waiting for it.
-    pub(super) fn insert_handshaking(&mut self, peer: String, engine_id: String, tp: TpMapping, queued: Vec<RecvReq>, now_unix: f64) {
+    /// `peer` is being handshaken (its actions issued), with `queued` waiting for it, and
+    /// `directory` set while rank 0's answer is awaited for the other ranks' addresses.
+    pub(super) fn insert_handshaking(
+        &mut self,
+        peer: String,
+        engine_id: String,
+        hs: (TpMapping, Option<(String, u16)>),
+        queued: Vec<RecvReq>,
+        now_unix: f64,
+    ) {
+        let (tp, directory) = hs;
         let n = tp.sources.len();
         self.engines.insert(
             peer,
             Engine::Handshaking {
                 engine_id,
                 tp,
+                directory,
                 mds: vec![None; n],
                 added: vec![false; n],
                 queued,
@@ -55,6 +62,38 @@ impl PullWorker {
                 started_unix: now_unix,
             },
         );
+    }
+
+    /// Rank 0 answered as the directory: check it is the engine asked for, then handshake
+    /// with every other rank this rank reads from where its table says (or, with no table,
+    /// at `port + rank`), and take rank 0's own answer if it is a source too.
+    pub(super) fn on_directory(&mut self, peer: &str, addr: &str, res: Result<Vec<u8>, HandshakeError>, sent: f64, recv: f64) -> Vec<Action> {
+        let Some(Engine::Handshaking { engine_id, tp, directory, .. }) = self.engines.get_mut(peer) else { return Vec::new() };
+        let Some((host, port)) = directory.take() else { return Vec::new() };
+        let (engine_id, tp) = (engine_id.clone(), tp.clone());
+        let checked = res.clone().map_err(Error::from).and_then(|b| {
+            self.check_payload(&engine_id, addr, &b)?;
+            Ok(wire::decode::<HandshakePayload>("HandshakePayload", &b, MAX_HANDSHAKE_BYTES)?.ranks)
+        });
+        let table = match checked {
+            Ok(t) => t,
+            Err(e) => {
+                self.stats.handshakes_failed += 1;
+                self.base.xfer.record_failed_handshake();
+                return self.fail_engine(peer, &e);
+            }
+        };
+        let mut actions = Vec::new();
+        for &q in tp.sources.iter().filter(|&&q| q != 0) {
+            match crate::ranks::resolve(&table, &host, port, 0, q, tp.remote_tp_size) {
+                Some((host, port)) => actions.push(Action::Handshake { peer: peer.to_string(), rank: q, host, port }),
+                None => return self.fail_engine(peer, &Error::Other(format!("no side-channel address for rank {q} of {peer}"))),
+            }
+        }
+        if tp.sources.contains(&0) {
+            actions.extend(self.on_handshake_payload(peer, 0, addr, res, sent, recv));
+        }
+        actions
     }
 
     /// If `req_id` was the first request routed to its peer: when it was routed (Unix

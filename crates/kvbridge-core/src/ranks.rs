@@ -1,0 +1,96 @@
+//! Where an engine's ranks listen: one side-channel listener per worker, keyed by
+//! (DP, PP, TP) rank, each at its own host when the engine spans several nodes.
+//!
+//! - Ports: `base + (dp * pp_size + pp) * tp_size + tp` ([`listener_port`]). An engine
+//!   advertises the port of its (pp 0, tp 0) rank as `remote_port`: its *directory*.
+//! - Hosts: each rank binds and advertises its own host (`side_channel_host`, or its entry
+//!   of `side_channel_hosts`). Every rank's handshake payload carries the table of all of
+//!   its engine's ranks ([`RankAddr`]), so a reader that must reach rank `q` asks the
+//!   directory first and dials `q` where the table says, on whichever node it runs.
+//! - A payload without a table (an older peer) means the single-node arithmetic:
+//!   `remote_host`, `remote_port + q`.
+use serde::{Deserialize, Serialize};
+
+/// Most ranks one table may list (a hostile payload is capped before use).
+pub const MAX_RANKS: usize = 4096;
+
+/// One rank's side-channel address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankAddr {
+    /// Its pipeline-parallel rank.
+    pub pp_rank: u32,
+    /// Its tensor-parallel rank.
+    pub tp_rank: u32,
+    /// The host its listener binds (what readers dial).
+    pub host: String,
+    /// Its listener's port.
+    pub port: u16,
+}
+
+/// The listener port of rank (`dp`, `pp`, `tp`) of an engine whose base port is `base`.
+pub fn listener_port(base: u16, dp: u32, pp: u32, pp_size: u32, tp: u32, tp_size: u32) -> Option<u16> {
+    let off = dp.checked_mul(pp_size.max(1))?.checked_add(pp)?.checked_mul(tp_size.max(1))?.checked_add(tp)?;
+    u16::try_from(u32::from(base).checked_add(off)?).ok()
+}
+
+/// Where remote TP rank `tp` of stage `pp` listens: its table entry, or (no table, or no
+/// entry) the single-node arithmetic from the directory's `host:port`. `None`: the port
+/// overflows.
+pub fn resolve(table: &[RankAddr], host: &str, port: u16, pp: u32, tp: u32, tp_size: u32) -> Option<(String, u16)> {
+    if let Some(a) = table.iter().take(MAX_RANKS).find(|a| a.pp_rank == pp && a.tp_rank == tp) {
+        return Some((a.host.clone(), a.port));
+    }
+    let off = pp.checked_mul(tp_size.max(1))?.checked_add(tp)?;
+    Some((host.to_string(), u16::try_from(u32::from(port).checked_add(off)?).ok()?))
+}
+
+/// The table of an engine on one host: every (pp, tp) rank of DP rank `dp` at `host`.
+pub fn single_host(host: &str, base: u16, dp: u32, pp_size: u32, tp_size: u32) -> Vec<RankAddr> {
+    let mut out = Vec::new();
+    for pp in 0..pp_size.max(1) {
+        for tp in 0..tp_size.max(1) {
+            if let Some(port) = listener_port(base, dp, pp, pp_size, tp, tp_size) {
+                out.push(RankAddr { pp_rank: pp, tp_rank: tp, host: host.to_string(), port });
+            }
+            if out.len() >= MAX_RANKS {
+                return out;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_keyed_by_dp_pp_tp_and_never_collide() {
+        let mut seen = std::collections::HashSet::new();
+        for dp in 0..2 {
+            for pp in 0..2 {
+                for tp in 0..4 {
+                    assert!(seen.insert(listener_port(5600, dp, pp, 2, tp, 4).unwrap()));
+                }
+            }
+        }
+        assert_eq!(listener_port(5600, 1, 1, 2, 3, 4), Some(5600 + 15));
+        assert_eq!(listener_port(5600, 0, 0, 1, 0, 1), Some(5600));
+        assert_eq!(listener_port(65535, 0, 0, 1, 1, 2), None);
+    }
+
+    #[test]
+    fn resolve_prefers_the_table_and_falls_back_to_port_arithmetic() {
+        let t = vec![
+            RankAddr { pp_rank: 0, tp_rank: 0, host: "10.0.0.1".into(), port: 5600 },
+            RankAddr { pp_rank: 0, tp_rank: 1, host: "10.0.0.2".into(), port: 5600 },
+        ];
+        assert_eq!(resolve(&t, "10.0.0.1", 5600, 0, 1, 2), Some(("10.0.0.2".into(), 5600)));
+        assert_eq!(resolve(&[], "h", 5600, 0, 1, 2), Some(("h".into(), 5601)));
+        assert_eq!(resolve(&[], "h", 5600, 1, 1, 2), Some(("h".into(), 5603)));
+        assert_eq!(resolve(&t, "h", 5600, 1, 0, 2), Some(("h".into(), 5602)), "no entry: arithmetic");
+        assert_eq!(resolve(&[], "h", 65535, 0, 1, 2), None);
+        let s = single_host("h", 5600, 1, 1, 2);
+        assert_eq!(s.iter().map(|a| a.port).collect::<Vec<_>>(), vec![5602, 5603]);
+    }
+}
