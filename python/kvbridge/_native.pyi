@@ -75,6 +75,14 @@ class Worker:
         """Push, P: the forward ended (never blocks; blocks stay held until the writes end).
         ``stream``: as for ``save_kv_layer``, fencing the end-of-forward WRITEs."""
     def get_block_ids_with_load_errors(self) -> list[int]: ...
+    def shutdown(self, timeout: float = 2.0) -> int:
+        """D: release the leases this engine will never read (P frees them now); returns how many."""
+    def rank_addr(self) -> tuple[int, int, int, str, int]:
+        """This rank's side-channel address: (dp_rank, pp_rank, tp_rank, host, port)."""
+    def rank_table(self) -> list[tuple[int, int, str, int]]:
+        """The engine's rank table served in handshakes: (pp_rank, tp_rank, host, port)."""
+    def set_rank_table(self, table: list[tuple[int, int, str, int]]) -> None:
+        """Replace the rank table (what the engine's ranks reported at start-up)."""
     def accounting(self) -> str:
         """JSON: blocks held for remote peers, loads in flight, lease/heartbeat counters."""
     def stats(self) -> str:

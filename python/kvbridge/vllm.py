@@ -31,6 +31,8 @@ from vllm.logger import init_logger
 
 from kvbridge import _layout, _native, nixl_lib_dir
 from kvbridge._logging import setup_vllm_logging
+from kvbridge._events import LeaseEvents
+from kvbridge._ranks import share_rank_table
 from kvbridge.metrics import KVBridgeKVConnectorStats, KVBridgePromMetrics
 
 if TYPE_CHECKING:
@@ -126,13 +128,15 @@ def _spec_decode(vllm_config: "VllmConfig") -> str:
 
 
 def _engine_info(vllm_config: "VllmConfig", tp_rank: int, cuda_device: int | None = None,
-                 kv_cache_config: "KVCacheConfig | None" = None) -> str:  # fmt: skip
+                 kv_cache_config: "KVCacheConfig | None" = None, pp_rank: int = 0) -> str:  # fmt: skip
     mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
     return json.dumps({
         "cuda_device": cuda_device,
         "tp_size": pc.tensor_parallel_size,
         "tp_rank": tp_rank,
         "dp_rank": getattr(pc, "data_parallel_index", None) or getattr(pc, "data_parallel_rank", 0) or 0,
+        "pp_size": pc.pipeline_parallel_size,
+        "pp_rank": pp_rank,
         "compat": {
             "vllm_version": vllm.__version__,
             "model": str(mc.model),
@@ -278,6 +282,8 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
         self._truncated: set[str] = set()
         #: Host buffer or integrity, P: prefills scheduled in chunks so far, as (prompt length, block ids).
         self._chunked: dict[str, tuple[int, list[list[int]]]] = {}
+        #: P with --kv-events-config: events for the blocks it offers to remote readers.
+        self._events: LeaseEvents | None = None
         if role == KVConnectorRole.SCHEDULER:
             # The scheduler process may have no CUDA context: the device type decides
             # whether kv_buffer_device="cpu" means a host buffer (the workers' too).
@@ -291,10 +297,13 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
             self._completing = self._push or self._staging or self._host_buffer or self._integrity
             if vllm_config.kv_transfer_config.is_kv_producer:
                 self._backoff = int(any(g["kind"] == "state" for g in _kv_groups(kv_cache_config)))
+                if getattr(getattr(vllm_config, "kv_events_config", None), "enable_kv_cache_events", False):
+                    self._events = LeaseEvents(vllm_config.cache_config.block_size, "GPU" if gpu is not None else "CPU")
         else:
-            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+            from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
 
-            info = _engine_info(vllm_config, get_tensor_model_parallel_rank(), _cuda_device(vllm_config), kv_cache_config)
+            info = _engine_info(vllm_config, get_tensor_model_parallel_rank(), _cuda_device(vllm_config), kv_cache_config,
+                                get_pp_group().rank_in_group)  # fmt: skip
             self._worker = _native.Worker(cfg, info, nixl_lib_dir())
             self._push = self._worker.layerwise_push
 
@@ -398,13 +407,18 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
             return False, None
         status = request.status
         name = _STATUS_NAMES.get(status) or status.name
-        return self._sched.request_finished(request.request_id, ids, name, request.num_computed_tokens, params)
+        out = self._sched.request_finished(request.request_id, ids, name, request.num_computed_tokens, params)
+        if self._events is not None and out[1] and "remote_block_ids" in out[1]:
+            self._events.stored(request)
+        return out
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
         if self._sched is None:
             return
         sending = connector_output.finished_sending or ()
         recving = connector_output.finished_recving or ()
+        if self._events is not None and sending:
+            self._events.removed(sending)
         if sending or recving:
             hidden = self._sched.update_connector_output(sending, recving)
             if hidden:
@@ -414,6 +428,11 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
 
     def has_pending_block_frees(self) -> bool:
         return self._sched is not None and self._sched.has_pending_block_frees()
+
+    def take_events(self) -> list[Any]:
+        """KV events (``--kv-events-config``): P's blocks offered to and released by remote
+        readers (``kvbridge._events``)."""
+        return self._events.take() if self._events is not None else []
 
     def has_pending_push_work(self) -> bool:
         """Push: blocks are held for writes in flight or registrations to come; keep the
@@ -453,6 +472,7 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
         self._cuda_caches = any(t.device.type == "cuda" for t in kv_caches.values())
         num_blocks = self._kv_cache_config.num_blocks if self._kv_cache_config is not None else next(iter(kv_caches.values())).shape[0]
         self._worker.register_kv_caches(tensors, num_blocks)
+        share_rank_table(self._worker)
 
     def _cpu_layout(self, t: "torch.Tensor", head_size: int) -> str | None:
         """The CPU attention kernel's K/V order for this cache (None: unknown, register opaque)."""
@@ -534,8 +554,12 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
         return KVBridgePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
-        # Dropping the native objects releases NIXL handles, registrations and the
+        # D: tell P which leases this engine will never read, so P frees them now (with
+        # --shutdown-timeout, vLLM runs this once in-flight requests are done). Then
+        # dropping the native objects releases NIXL handles, registrations and the
         # side-channel listener (RAII).
+        if self._worker is not None:
+            self._worker.shutdown(2.0)
         self._worker = None
         self._sched = None
 

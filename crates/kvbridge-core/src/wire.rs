@@ -380,6 +380,9 @@ pub struct SideReply {
 pub struct HeartbeatRequest {
     /// P's request ids to renew.
     pub request_ids: Vec<String>,
+    /// The reader will never read these (it is shutting down): end their leases now.
+    #[serde(default)]
+    pub release: bool,
 }
 
 impl HeartbeatRequest {

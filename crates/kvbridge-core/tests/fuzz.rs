@@ -207,7 +207,7 @@ fn side_channel_listener_never_panics() {
         enforce: true,
     };
     let hs = SideRequest::Handshake(HandshakeRequest { version: WIRE_VERSION, from_engine: "D".into(), from_tp_rank: 0 });
-    let hb = SideRequest::Heartbeat(HeartbeatRequest { request_ids: vec!["a".into(), "b".into()] });
+    let hb = SideRequest::Heartbeat(HeartbeatRequest { request_ids: vec!["a".into(), "b".into()], release: false });
     let seeds = vec![
         envelope("H", &hs),
         envelope("H", &SideRequest::Register(registration())),
@@ -497,12 +497,12 @@ fn decode_targets() -> Vec<DecodeTarget> {
         target(&[
             SideRequest::Handshake(hs.clone()),
             SideRequest::Register(registration()),
-            SideRequest::Heartbeat(HeartbeatRequest { request_ids: vec!["a".into()] }),
+            SideRequest::Heartbeat(HeartbeatRequest { request_ids: vec!["a".into()], release: false }),
             SideRequest::Inspect,
         ]),
         target(&[RegisterAck { ok: true, error: None }, RegisterAck { ok: false, error: Some("no".into()) }]),
         target(&[hs.clone(), HandshakeRequest { version: 0, from_tp_rank: 0, ..hs.clone() }]),
-        target(&[HeartbeatRequest { request_ids: vec!["a".into(), "b".into()] }]),
+        target(&[HeartbeatRequest { request_ids: vec!["a".into(), "b".into()], release: false }]),
         target(&[heartbeat_reply()]),
         target(&[
             SideReply { error: None, incompatible: None, body: vec![1, 2, 3] },

@@ -11,9 +11,8 @@ use kvbridge_core::worker::pull::{Action, PullWorker};
 const PEER: &str = "P@127.0.0.2:7000";
 
 fn cfg(engine_id: &str, extra: &str, tp_size: u32, tp_rank: u32, pp: (u32, u32)) -> ConnectorConfig {
-    let json = format!(
-        r#"{{"kv_role":"kv_producer","engine_id":"{engine_id}","kv_connector_extra_config":{{"side_channel_port":7000{extra}}}}}"#
-    );
+    let json =
+        format!(r#"{{"kv_role":"kv_producer","engine_id":"{engine_id}","kv_connector_extra_config":{{"side_channel_port":7000{extra}}}}}"#);
     let compat = CompatInfo { model: "m".into(), block_size: 16, ..Default::default() };
     ConnectorConfig::from_json(&json, EngineInfo { tp_size, tp_rank, pp_size: pp.0, pp_rank: pp.1, compat, ..Default::default() }, |_| None)
         .unwrap()
@@ -134,12 +133,10 @@ fn ranks_listen_by_dp_pp_tp_at_their_own_hosts() {
     assert_eq!((c.local_host(), c.local_listener_port()), ("10.0.0.4", Some(7003)));
     assert_eq!((c.advertised_host(), c.advertised_port()), ("10.0.0.1", Some(7000)));
     let t = c.rank_table();
-    assert_eq!(t.iter().map(|a| (a.pp_rank, a.tp_rank, a.host.as_str(), a.port)).collect::<Vec<_>>(), vec![
-        (0, 0, "10.0.0.1", 7000),
-        (0, 1, "10.0.0.2", 7001),
-        (1, 0, "10.0.0.3", 7002),
-        (1, 1, "10.0.0.4", 7003)
-    ]);
+    assert_eq!(
+        t.iter().map(|a| (a.pp_rank, a.tp_rank, a.host.as_str(), a.port)).collect::<Vec<_>>(),
+        vec![(0, 0, "10.0.0.1", 7000), (0, 1, "10.0.0.2", 7001), (1, 0, "10.0.0.3", 7002), (1, 1, "10.0.0.4", 7003)]
+    );
     // No per-rank hosts: every rank at side_channel_host.
     let c = cfg("P", r#","side_channel_host":"h""#, 2, 0, (1, 0));
     assert!(c.rank_table().iter().all(|a| a.host == "h"));

@@ -585,7 +585,7 @@ fn producer_worker_renews_leases_and_reports_how_they_ended() {
     w.on_metadata(p.build_connector_meta(), 1000.0);
     assert_eq!((w.base.held_requests(), w.base.held_blocks()), (3, 6));
     // Heartbeats at 1025 extend "a" to 1025 + 20 = 1045; "b" is not renewed.
-    let hb = |ids: &[&str]| wire::HeartbeatRequest { request_ids: ids.iter().map(|s| s.to_string()).collect() };
+    let hb = |ids: &[&str]| wire::HeartbeatRequest { request_ids: ids.iter().map(|s| s.to_string()).collect(), release: false };
     let r = w.base.on_heartbeat(&hb(&["a", "zzz"]), 1025.0, 20.0);
     assert_eq!(r.held, vec![("a".to_string(), 20.0)]);
     assert_eq!(r.unknown, vec!["zzz".to_string()]);

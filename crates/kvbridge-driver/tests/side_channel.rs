@@ -105,7 +105,7 @@ fn heartbeats_and_inspection_are_answered() {
     d.heartbeat(
         "127.0.0.1".into(),
         port,
-        HeartbeatRequest { request_ids: vec!["a".into(), "b".into()] },
+        HeartbeatRequest { request_ids: vec!["a".into(), "b".into()], release: false },
         Duration::from_secs(5),
         move |r| {
             let _ = tx.send(r);
@@ -119,7 +119,7 @@ fn heartbeats_and_inspection_are_answered() {
     // Too many ids: refused, and the listener keeps serving.
     let (tx, rx) = std::sync::mpsc::channel();
     let ids = vec!["x".to_string(); wire::MAX_HEARTBEAT_IDS + 1];
-    d.heartbeat("127.0.0.1".into(), port, HeartbeatRequest { request_ids: ids }, Duration::from_secs(5), move |r| {
+    d.heartbeat("127.0.0.1".into(), port, HeartbeatRequest { request_ids: ids, release: false }, Duration::from_secs(5), move |r| {
         let _ = tx.send(r);
     });
     assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap().is_err());

@@ -58,7 +58,7 @@ fn hammer(c: &SideChannel, port: u16) {
         let (tx, rx) = mpsc::channel();
         for _ in 0..100 {
             let (tx, timeouts) = (tx.clone(), timeouts.clone());
-            let hb = HeartbeatRequest { request_ids: vec!["r".into()] };
+            let hb = HeartbeatRequest { request_ids: vec!["r".into()], release: false };
             c.heartbeat("127.0.0.1".into(), port, hb, Duration::from_millis(20), move |res| {
                 if matches!(res, Err(HandshakeError::Timeout { .. })) {
                     timeouts.fetch_add(1, Ordering::Relaxed);
@@ -105,7 +105,7 @@ fn a_peer_that_accepts_and_never_answers_leaks_no_task_or_socket() {
     let tasks_before = c.tasks_alive();
     assert_eq!(established_to(port), 0);
     // While a request waits, its connection is open (so the count below can see one).
-    c.heartbeat("127.0.0.1".into(), port, HeartbeatRequest { request_ids: vec![] }, Duration::from_secs(2), |_| {});
+    c.heartbeat("127.0.0.1".into(), port, HeartbeatRequest { request_ids: vec![], release: false }, Duration::from_secs(2), |_| {});
     got_rx.recv_timeout(Duration::from_secs(5)).expect("the silent peer got the request");
     assert_eq!(established_to(port), 1, "the socket counter sees an open connection");
     assert_eq!(c.open_connections(), 1);
@@ -185,7 +185,7 @@ fn one_connection_per_peer_is_reused_and_a_restarted_peer_reconnected() {
     }
     // Heartbeats ride the same connection.
     let (tx, rx) = mpsc::channel();
-    c.heartbeat("127.0.0.1".into(), port, HeartbeatRequest { request_ids: vec![] }, Duration::from_secs(3), move |r| {
+    c.heartbeat("127.0.0.1".into(), port, HeartbeatRequest { request_ids: vec![], release: false }, Duration::from_secs(3), move |r| {
         let _ = tx.send(r.is_err());
     });
     assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), "the listener holds no leases: an error reply, but a reply");

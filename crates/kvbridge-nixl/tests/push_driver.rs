@@ -45,7 +45,7 @@ fn config(role: &str, engine: &str, port: u16, tp: u32, rank: u32, block: u32, e
     let json = format!(
         r#"{{"kv_role":"{role}","engine_id":"{engine}","kv_connector_extra_config":{{"transfer_mode":"push","side_channel_host":"127.0.0.1","side_channel_port":{port},"kv_lease_duration":30,"push_registration_timeout":30{extra}}}}}"#
     );
-    ConnectorConfig::from_json(&json, EngineInfo { tp_size: tp, tp_rank: rank, dp_rank: 0, compat, cuda_device: None }, |_| None)
+    ConnectorConfig::from_json(&json, EngineInfo { tp_size: tp, tp_rank: rank, dp_rank: 0, compat, ..Default::default() }, |_| None)
         .expect("config")
 }
 

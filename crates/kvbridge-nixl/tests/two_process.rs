@@ -86,7 +86,7 @@ fn config(role: &str, engine: &str, port: u16) -> ConnectorConfig {
         r#"{{"kv_role":"{role}","engine_id":"{engine}","kv_connector_extra_config":{{"side_channel_host":"127.0.0.1","side_channel_port":{port},"kv_lease_duration":60,"progress_delay_us":{}}}}}"#,
         std::env::var("KVB_TEST_PROGRESS_US").unwrap_or_else(|_| "100".into())
     );
-    ConnectorConfig::from_json(&json, EngineInfo { tp_size: 1, tp_rank: 0, dp_rank: 0, compat, cuda_device: None }, |_| None)
+    ConnectorConfig::from_json(&json, EngineInfo { tp_size: 1, tp_rank: 0, dp_rank: 0, compat, ..Default::default() }, |_| None)
         .expect("config")
 }
 

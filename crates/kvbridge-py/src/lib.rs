@@ -387,6 +387,34 @@ impl Worker {
         self.invalid_blocks.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default()
     }
 
+    /// The engine is shutting down: D tells each P engine which leases it will never
+    /// read, so P frees them now (waits up to `timeout` seconds for the answers). Returns
+    /// how many leases the P ranks reported released.
+    #[pyo3(signature = (timeout=2.0))]
+    fn shutdown(&self, py: Python<'_>, timeout: f64) -> usize {
+        let t = std::time::Duration::from_secs_f64(timeout.clamp(0.0, 60.0));
+        py.allow_threads(|| self.inner.shutdown(t))
+    }
+
+    /// This rank's side-channel address: `(dp_rank, pp_rank, tp_rank, host, port)`, what
+    /// the engine's ranks exchange at start-up to build their rank table.
+    fn rank_addr(&self) -> (u32, u32, u32, String, u16) {
+        let c = self.inner.config();
+        (c.dp_rank, c.pp_rank, c.tp_rank, c.local_host().to_string(), c.local_listener_port().unwrap_or(0))
+    }
+
+    /// The table of this engine's ranks served in handshakes: `(pp_rank, tp_rank, host, port)`.
+    fn rank_table(&self) -> Vec<(u32, u32, String, u16)> {
+        self.inner.rank_table().into_iter().map(|a| (a.pp_rank, a.tp_rank, a.host, a.port)).collect()
+    }
+
+    /// Replace the rank table served in handshakes (the addresses every rank of this
+    /// engine reported, on whichever node it runs).
+    fn set_rank_table(&self, table: Vec<(u32, u32, String, u16)>) {
+        let t = table.into_iter().map(|(pp_rank, tp_rank, host, port)| kvbridge_core::ranks::RankAddr { pp_rank, tp_rank, host, port });
+        self.inner.set_rank_table(t.collect());
+    }
+
     /// Blocks this rank holds for remote peers and loads in flight, with counters, as
     /// JSON text (the same view `kvbridge.inspect` gets over the side channel).
     fn accounting(&self, py: Python<'_>) -> String {

@@ -217,9 +217,10 @@ class Cluster:
     NixlPushConnector). ``extra_config`` is merged into ``kv_connector_extra_config``.
     ``prefix_caching`` applies to both servers unless ``p_prefix_caching`` sets P's on its own.
     ``block_sizes`` sets P's and D's ``--block-size`` (None: vLLM's default). ``dtype`` is both
-    servers' ``--dtype``. ``extra_env`` is added to every process's env. ``d_server_args`` are
-    appended to D's command line only (e.g. a speculator that P does not need). ``server_args`` are
-    appended to both servers' command lines. kvbridge clusters run with ``kv_integrity``
+    servers' ``--dtype``. ``extra_env`` is added to every process's env. ``d_server_args`` (``p_server_args``) are
+    appended to D's (P's) command line only (e.g. a speculator that P does not need). ``server_args`` are
+    appended to both servers' command lines. ``tp`` is P's and D's ``--tensor-parallel-size``
+    (a TP-2 server's ranks are not pinned: see ``_cpus``). kvbridge clusters run with ``kv_integrity``
     (default ``"full"``: D compares every loaded block with P's digest) and, when they stop
     cleanly, assert that D found no mismatch (``check_integrity``).
     """
@@ -248,6 +249,8 @@ class Cluster:
         d_server_args: tuple[str, ...] = (),
         kv_integrity: str | None = "full",
         expect_mismatches: bool = False,
+        tp: tuple[int, int] = (1, 1),
+        p_server_args: tuple[str, ...] = (),
     ) -> None:
         if connector not in CONNECTORS:
             raise ValueError(f"connector must be one of {sorted(CONNECTORS)}, not {connector!r}")
@@ -263,6 +266,8 @@ class Cluster:
         self.dtype = dtype
         self.server_args = tuple(server_args)
         self.d_server_args = tuple(d_server_args)
+        self.tp = tp
+        self.p_server_args = tuple(p_server_args)
         self.model_dir = str(Path(model_dir).resolve())
         self.connector = connector
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="kvbridge-cluster-"))
@@ -356,8 +361,9 @@ class Cluster:
             else "--no-enable-prefix-caching",
             "--kv-transfer-config", json.dumps(self.kv_transfer_config(role)),
             *(["--block-size", str(bs)] if bs else []),
+            *(["--tensor-parallel-size", str(tp)] if (tp := self.tp[0 if role == "kv_producer" else 1]) > 1 else []),
             *self.server_args,
-            *(self.d_server_args if role != "kv_producer" else ()),
+            *(self.d_server_args if role != "kv_producer" else self.p_server_args),
         ]  # fmt: skip
 
     # -- lifecycle
@@ -394,11 +400,18 @@ class Cluster:
             if pending:
                 time.sleep(1.0)
 
+    def _cpus(self, side: int) -> str:
+        """``VLLM_CPU_OMP_THREADS_BIND`` for P (0) or D (1): its own core with TP 1; with TP
+        2 "nobind", so the kernel spreads each rank's threads (vLLM's workers busy-poll
+        their message queue for a second after each step) over both cores instead of
+        starving the side-channel and NIXL threads pinned beside them."""
+        return str(side) if self.tp[side] == 1 else "nobind"
+
     def _server(self, name: str) -> tuple[list[str], dict[str, str], str]:
         if name == "prefill":
-            return self._server_cmd("kv_producer", self.p_port), self._env("0", self.side_ports[0]), self.p_url
+            return self._server_cmd("kv_producer", self.p_port), self._env(self._cpus(0), self.side_ports[0]), self.p_url
         if name == "decode":
-            return self._server_cmd("kv_consumer", self.d_port), self._env("1", self.side_ports[1]), self.d_url
+            return self._server_cmd("kv_consumer", self.d_port), self._env(self._cpus(1), self.side_ports[1]), self.d_url
         raise ValueError(f"no server named {name!r}")
 
     # -- faults (reliability tests)
@@ -411,6 +424,20 @@ class Cluster:
         if sig == signal.SIGKILL:
             _signal_all(proc.popen.pid, process_tree(proc.popen.pid) if proc.popen.poll() is None else [], sig)
         _kill_group(proc.popen, grace=5.0)
+
+    def terminate(self, name: str) -> None:
+        """SIGTERM server ``name``'s API server only (vLLM's own shutdown: with
+        ``--shutdown-timeout`` it drains) and return at once; see ``wait_exit``."""
+        self.procs[name].popen.send_signal(signal.SIGTERM)
+
+    def wait_exit(self, name: str, timeout: float) -> float | None:
+        """Seconds until server ``name`` exited (None: still running after ``timeout``)."""
+        t0 = time.monotonic()
+        try:
+            self.procs[name].popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return time.monotonic() - t0
 
     def pause(self, name: str) -> None:
         """SIGSTOP server ``name``'s process tree (its side channel and NIXL agent freeze too)."""
@@ -433,7 +460,9 @@ class Cluster:
         import kvbridge
 
         port = self.side_ports[0 if name == "prefill" else 1]
-        return kvbridge.inspect("127.0.0.1", port, 5.0)
+        hosts = self.extra_config.get("side_channel_hosts")  # both engines' ranks bind them
+        # TP 2 on two cores: vLLM's busy-polling workers can keep a side channel waiting.
+        return kvbridge.inspect(hosts[0] if hosts else "127.0.0.1", port, 5.0 if self.tp == (1, 1) else 30.0)
 
     def metrics(self, name: str) -> dict[str, float]:
         """vLLM's own gauges for server ``name``: KV-cache usage, running and waiting requests."""
@@ -477,10 +506,8 @@ class Cluster:
             self._atexit = True
         try:
             deadline = time.monotonic() + self.start_timeout
-            self._spawn("prefill", self._server_cmd("kv_producer", self.p_port),
-                        self._env("0", self.side_ports[0]), self.p_url)  # fmt: skip
-            self._spawn("decode", self._server_cmd("kv_consumer", self.d_port),
-                        self._env("1", self.side_ports[1]), self.d_url)  # fmt: skip
+            for name in ("prefill", "decode"):
+                self._spawn(name, *self._server(name))
             self._wait_healthy(["prefill", "decode"], deadline)
             # Run proxy.py as a script: it needs neither the package's __init__ nor _native.
             proxy_cmd = [

@@ -207,7 +207,11 @@ impl WorkerBase {
         self.heartbeats_received += 1;
         let mut reply = HeartbeatReply::default();
         for id in &hb.request_ids {
-            if let Some(l) = self.leases.get_mut(id) {
+            if hb.release && self.leases.remove(id).is_some() {
+                tracing::info!(request_id = %id, "kvbridge: the remote reader released the lease (it is shutting down)");
+                self.end(id, Ended::Released, now_unix);
+                reply.released.push(id.clone());
+            } else if let Some(l) = self.leases.get_mut(id) {
                 l.expiry_unix = l.expiry_unix.max(now_unix + extend_secs);
                 reply.held.push((id.clone(), l.expiry_unix - now_unix));
             } else {

@@ -21,16 +21,20 @@ impl<T: Transport + 'static> WorkerDriver<T> {
     /// D: send the heartbeats in a step's metadata, to every P rank this rank reads from.
     fn send_heartbeats(&self, targets: Vec<wire::HeartbeatTarget>) {
         for t in targets {
-            let ranks = self.shared.state().core.heartbeat_ranks(t.tp_size);
+            let addrs = self.shared.state().core.heartbeat_addrs(&t.engine_id, &t.host, t.port, t.tp_size);
             let peer = format!("{}@{}:{}", t.engine_id, t.host, t.port);
-            for q in ranks {
-                let Some(port) = u16::try_from(q).ok().and_then(|q| t.port.checked_add(q)) else { continue };
+            if let Ok(mut last) = self.last_heartbeats.lock() {
+                if last.len() < 4096 || last.contains_key(&peer) {
+                    last.insert(peer.clone(), t.clone());
+                }
+            }
+            for (_, host, port) in addrs {
                 let shared = Arc::downgrade(&self.shared);
                 let peer = peer.clone();
                 let sent = now_unix();
                 self.shared.state().core.stats.heartbeats_sent += 1;
-                let req = HeartbeatRequest { request_ids: t.request_ids.clone() };
-                self.side.heartbeat(t.host.clone(), port, req, self.cfg.handshake_timeout, move |res| {
+                let req = HeartbeatRequest { request_ids: t.request_ids.clone(), release: false };
+                self.side.heartbeat(host, port, req, self.cfg.handshake_timeout, move |res| {
                     if let Some(shared) = shared.upgrade() {
                         shared.state().core.on_heartbeat_reply(&peer, res, sent, now_unix());
                     }

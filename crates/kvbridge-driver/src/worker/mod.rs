@@ -124,6 +124,8 @@ pub struct WorkerDriver<T: Transport + 'static> {
     pub(crate) stream: AtomicU64,
     /// Where every rank of this engine listens, served in handshakes (`kvbridge_core::ranks`).
     pub(crate) rank_table: Mutex<Vec<kvbridge_core::ranks::RankAddr>>,
+    /// D: the last heartbeat batch sent to each P engine (what `shutdown` releases).
+    pub(crate) last_heartbeats: Mutex<HashMap<String, kvbridge_core::wire::HeartbeatTarget>>,
 }
 
 /// `WorkerDriver::stream` when the engine named no stream (never a valid `CUstream`).
@@ -200,6 +202,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             host_loads: Mutex::new(HostLoads::default()),
             stream: AtomicU64::new(NO_STREAM),
             rank_table: Mutex::new(rank_table),
+            last_heartbeats: Mutex::new(HashMap::new()),
             integrity: Arc::new(integrity::Integrity::new(cfg_integrity.0, cfg_integrity.1)),
         })
     }
@@ -339,6 +342,40 @@ impl<T: Transport + 'static> WorkerDriver<T> {
     /// READs posted on this rank and not yet completed.
     pub fn in_flight(&self) -> usize {
         self.shared.state().xfers.len()
+    }
+}
+
+impl<T: Transport + 'static> WorkerDriver<T> {
+    /// The engine is shutting down. D: tell every P engine it renewed leases with (its
+    /// last heartbeat batch) that it will never read those requests, so P frees their
+    /// blocks now rather than at lease expiry; waits up to `timeout` for the answers.
+    /// Returns how many leases P reported released.
+    pub fn shutdown(&self, timeout: Duration) -> usize {
+        let targets: Vec<_> = self.last_heartbeats.lock().map(|mut m| m.drain().map(|(_, t)| t).collect()).unwrap_or_default();
+        let (tx, rx) = mpsc::channel();
+        let mut sent = 0;
+        for t in targets {
+            for (_, host, port) in self.shared.state().core.heartbeat_addrs(&t.engine_id, &t.host, t.port, t.tp_size) {
+                let tx = tx.clone();
+                let req = kvbridge_core::wire::HeartbeatRequest { request_ids: t.request_ids.clone(), release: true };
+                self.side.heartbeat(host, port, req, timeout, move |res| {
+                    let _ = tx.send(res.map(|r| r.released.len()).unwrap_or(0));
+                });
+                sent += 1;
+            }
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        let mut released = 0;
+        for _ in 0..sent {
+            match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+                Ok(n) => released += n,
+                Err(_) => break,
+            }
+        }
+        if sent > 0 {
+            tracing::info!(released, ranks = sent, "kvbridge: shutdown: told the prefill engines which leases this engine will not read");
+        }
+        released
     }
 }
 

@@ -34,8 +34,12 @@ fn config(role: &str, engine: &str, port: u16, block: u32, cuda: Option<u32>) ->
     let json = format!(
         r#"{{"kv_role":"{role}","engine_id":"{engine}","kv_connector_extra_config":{{"transfer_mode":"push","side_channel_host":"127.0.0.1","side_channel_port":{port},"kv_lease_duration":30,"push_registration_timeout":30}}}}"#
     );
-    ConnectorConfig::from_json(&json, EngineInfo { tp_size: 1, tp_rank: 0, dp_rank: 0, compat, cuda_device: cuda }, |_| None)
-        .expect("config")
+    ConnectorConfig::from_json(
+        &json,
+        EngineInfo { tp_size: 1, tp_rank: 0, dp_rank: 0, compat, cuda_device: cuda, ..Default::default() },
+        |_| None,
+    )
+    .expect("config")
 }
 
 /// One layer-wise push of a request from P's VRAM to D's DRAM, each layer written on a

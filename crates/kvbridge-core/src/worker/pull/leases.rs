@@ -9,6 +9,17 @@ impl PullWorker {
         TpMapping::new(self.tp_size, self.tp_rank, remote_tp_size).map(|t| t.sources).unwrap_or_default()
     }
 
+    /// Where to send heartbeats (and releases) for engine `engine_id`, whose directory is
+    /// `host:port`: each P rank this rank reads from, at the address its rank table gave
+    /// (or, before any handshake or with no table, `port + rank` on `host`).
+    pub fn heartbeat_addrs(&self, engine_id: &str, host: &str, port: u16, remote_tp_size: u32) -> Vec<(u32, String, u16)> {
+        let table = self.rank_addrs.get(&peer_key_at(engine_id, host, port)).map_or(&[][..], Vec::as_slice);
+        self.heartbeat_ranks(remote_tp_size)
+            .into_iter()
+            .filter_map(|q| crate::ranks::resolve(table, host, port, 0, q, remote_tp_size).map(|(h, p)| (q, h, p)))
+            .collect()
+    }
+
     /// A heartbeat to `peer` for P's requests `ids` was answered (or not). Held leases
     /// get a local deadline (measured from when the heartbeat was sent, so it errs
     /// early); expired ones fail their request before (or, if in flight, after) the READ,

@@ -235,6 +235,8 @@ pub struct PullWorker {
     contacted: std::collections::HashSet<String>,
     /// First requests to a peer, and when they were routed (until their READ is posted).
     first_contact: HashMap<String, f64>,
+    /// Each peer's rank table from its directory (rank 0), for heartbeats and releases.
+    rank_addrs: HashMap<String, Vec<crate::ranks::RankAddr>>,
     /// Leases, notifications and the finished sets shared with the other modes.
     pub base: WorkerBase,
     /// Counters, exported as stats.
@@ -274,6 +276,7 @@ impl PullWorker {
             next_evict: 0.0,
             contacted: Default::default(),
             first_contact: HashMap::new(),
+            rank_addrs: HashMap::new(),
             base: WorkerBase::default(),
             stats: PullStats::default(),
         }

@@ -67,7 +67,14 @@ impl PullWorker {
     /// Rank 0 answered as the directory: check it is the engine asked for, then handshake
     /// with every other rank this rank reads from where its table says (or, with no table,
     /// at `port + rank`), and take rank 0's own answer if it is a source too.
-    pub(super) fn on_directory(&mut self, peer: &str, addr: &str, res: Result<Vec<u8>, HandshakeError>, sent: f64, recv: f64) -> Vec<Action> {
+    pub(super) fn on_directory(
+        &mut self,
+        peer: &str,
+        addr: &str,
+        res: Result<Vec<u8>, HandshakeError>,
+        sent: f64,
+        recv: f64,
+    ) -> Vec<Action> {
         let Some(Engine::Handshaking { engine_id, tp, directory, .. }) = self.engines.get_mut(peer) else { return Vec::new() };
         let Some((host, port)) = directory.take() else { return Vec::new() };
         let (engine_id, tp) = (engine_id.clone(), tp.clone());
@@ -84,6 +91,9 @@ impl PullWorker {
             }
         };
         let mut actions = Vec::new();
+        if self.rank_addrs.len() < CONTACTED_CAP {
+            self.rank_addrs.insert(peer.to_string(), table.iter().take(crate::ranks::MAX_RANKS).cloned().collect());
+        }
         for &q in tp.sources.iter().filter(|&&q| q != 0) {
             match crate::ranks::resolve(&table, &host, port, 0, q, tp.remote_tp_size) {
                 Some((host, port)) => actions.push(Action::Handshake { peer: peer.to_string(), rank: q, host, port }),
