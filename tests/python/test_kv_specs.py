@@ -13,7 +13,7 @@ from helpers import REPO  # noqa: F401  (puts kvbridge on sys.path)
 from vllm.v1 import kv_cache_interface as kci
 
 from kvbridge import _native
-from kvbridge.vllm import _classify, _kv_groups, _layer_specs, _spec_decode
+from kvbridge._engine import _classify, _kv_groups, _layer_specs, _spec_decode
 
 
 def full(heads: int = 2) -> kci.FullAttentionSpec:

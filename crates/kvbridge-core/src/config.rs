@@ -486,6 +486,18 @@ impl ConnectorConfig {
             Some(h) => h.to_string(),
             None => env("VLLM_NIXL_SIDE_CHANNEL_HOST").unwrap_or_else(|| DEFAULT_SIDE_CHANNEL_HOST.into()),
         };
+        if engine.pp_size > 1 {
+            // Ports and handshakes are keyed by (pp, tp) rank, but a plan that reads each
+            // stage's layers from the stage(s) that hold them is not built yet: refuse
+            // rather than fail every transfer with a layer-count mismatch.
+            return Err(ConfigError::InvalidValue {
+                key: "pipeline_parallel_size".into(),
+                reason: format!(
+                    "{} is not supported: kvbridge does not yet move KV between pipeline stages; run P and D with pipeline_parallel_size 1",
+                    engine.pp_size
+                ),
+            });
+        }
         let side_channel_hosts = match extra.get("side_channel_hosts") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(a)) if a.len() <= crate::ranks::MAX_RANKS && a.iter().all(|h| h.as_str().is_some_and(|h| !h.is_empty())) => {
@@ -545,46 +557,6 @@ impl ConnectorConfig {
             host_buffer,
             compat: engine.compat,
         })
-    }
-
-    /// The TCP port this worker's handshake listener binds: one listener per worker, keyed
-    /// by (DP, PP, TP) rank ([`crate::ranks::listener_port`]), so a D rank talks straight to
-    /// the P rank whose memory it reads.
-    pub fn local_listener_port(&self) -> Option<u16> {
-        crate::ranks::listener_port(self.side_channel_port, self.dp_rank, self.pp_rank, self.pp_size, self.tp_rank, self.tp_size)
-    }
-
-    /// The port the engine advertises in `kv_transfer_params` (`remote_port`): its
-    /// directory, rank (pp 0, tp 0) of its DP rank.
-    pub fn advertised_port(&self) -> Option<u16> {
-        crate::ranks::listener_port(self.side_channel_port, self.dp_rank, 0, self.pp_size, 0, self.tp_size)
-    }
-
-    /// The host rank (`pp`, `tp`) binds and advertises.
-    pub fn host_of(&self, pp: u32, tp: u32) -> &str {
-        let i = pp.saturating_mul(self.tp_size).saturating_add(tp) as usize;
-        self.side_channel_hosts.get(i).map_or(self.side_channel_host.as_str(), String::as_str)
-    }
-
-    /// The host this worker's listener binds and advertises.
-    pub fn local_host(&self) -> &str {
-        self.host_of(self.pp_rank, self.tp_rank)
-    }
-
-    /// The host P advertises as `remote_host`: its directory rank's.
-    pub fn advertised_host(&self) -> &str {
-        self.host_of(0, 0)
-    }
-
-    /// This engine's rank table as the config describes it: every (pp, tp) rank of its DP
-    /// rank at its host and port. A multi-node engine whose hosts only each node knows
-    /// replaces it with the table its ranks exchange at start-up.
-    pub fn rank_table(&self) -> Vec<crate::ranks::RankAddr> {
-        let mut t = crate::ranks::single_host(&self.side_channel_host, self.side_channel_port, self.dp_rank, self.pp_size, self.tp_size);
-        for a in &mut t {
-            a.host = self.host_of(a.pp_rank, a.tp_rank).to_string();
-        }
-        t
     }
 
     /// Staging slots this engine uses: `kv_staging_blocks` on a pull-mode producer, else 0.

@@ -16,6 +16,7 @@
 //! - [`side`]: the side channel's messages and what a listener answers (the sockets are
 //!   `kvbridge-driver`'s);
 //! - [`testkit`]: synthetic KV caches with known contents, for tests and benchmarks.
+pub mod compat;
 pub mod config;
 pub mod error;
 pub mod groups;

@@ -27,6 +27,49 @@ pub struct RankAddr {
     pub port: u16,
 }
 
+/// Where this engine's ranks listen, from its config.
+impl crate::config::ConnectorConfig {
+    /// The TCP port this worker's handshake listener binds: one listener per worker, keyed
+    /// by (DP, PP, TP) rank ([`listener_port`]), so a D rank talks straight to
+    /// the P rank whose memory it reads.
+    pub fn local_listener_port(&self) -> Option<u16> {
+        listener_port(self.side_channel_port, self.dp_rank, self.pp_rank, self.pp_size, self.tp_rank, self.tp_size)
+    }
+
+    /// The port the engine advertises in `kv_transfer_params` (`remote_port`): its
+    /// directory, rank (pp 0, tp 0) of its DP rank.
+    pub fn advertised_port(&self) -> Option<u16> {
+        listener_port(self.side_channel_port, self.dp_rank, 0, self.pp_size, 0, self.tp_size)
+    }
+
+    /// The host rank (`pp`, `tp`) binds and advertises.
+    pub fn host_of(&self, pp: u32, tp: u32) -> &str {
+        let i = pp.saturating_mul(self.tp_size).saturating_add(tp) as usize;
+        self.side_channel_hosts.get(i).map_or(self.side_channel_host.as_str(), String::as_str)
+    }
+
+    /// The host this worker's listener binds and advertises.
+    pub fn local_host(&self) -> &str {
+        self.host_of(self.pp_rank, self.tp_rank)
+    }
+
+    /// The host P advertises as `remote_host`: its directory rank's.
+    pub fn advertised_host(&self) -> &str {
+        self.host_of(0, 0)
+    }
+
+    /// This engine's rank table as the config describes it: every (pp, tp) rank of its DP
+    /// rank at its host and port. A multi-node engine whose hosts only each node knows
+    /// replaces it with the table its ranks exchange at start-up.
+    pub fn rank_table(&self) -> Vec<RankAddr> {
+        let mut t = single_host(&self.side_channel_host, self.side_channel_port, self.dp_rank, self.pp_size, self.tp_size);
+        for a in &mut t {
+            a.host = self.host_of(a.pp_rank, a.tp_rank).to_string();
+        }
+        t
+    }
+}
+
 /// The listener port of rank (`dp`, `pp`, `tp`) of an engine whose base port is `base`.
 pub fn listener_port(base: u16, dp: u32, pp: u32, pp_size: u32, tp: u32, tp_size: u32) -> Option<u16> {
     let off = dp.checked_mul(pp_size.max(1))?.checked_add(pp)?.checked_mul(tp_size.max(1))?.checked_add(tp)?;

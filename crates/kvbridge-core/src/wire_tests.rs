@@ -1,5 +1,6 @@
 //! Unit tests of `wire.rs`.
 use super::*;
+use crate::config::TransferMode;
 
 #[test]
 fn metadata_roundtrip_and_limits() {

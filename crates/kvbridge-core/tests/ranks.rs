@@ -129,7 +129,10 @@ fn a_directory_that_is_another_engine_or_unreachable_fails_the_request() {
 #[test]
 fn ranks_listen_by_dp_pp_tp_at_their_own_hosts() {
     let hosts = r#","side_channel_hosts":["10.0.0.1","10.0.0.2","10.0.0.3","10.0.0.4"]"#;
-    let c = cfg("P", hosts, 2, 1, (2, 1));
+    let mut c = cfg("P", hosts, 2, 1, (1, 0));
+    assert_eq!((c.local_host(), c.local_listener_port()), ("10.0.0.2", Some(7001)));
+    // Stage rows (a PP engine is refused by the config for now; its ranks are keyed already).
+    (c.pp_size, c.pp_rank) = (2, 1);
     assert_eq!((c.local_host(), c.local_listener_port()), ("10.0.0.4", Some(7003)));
     assert_eq!((c.advertised_host(), c.advertised_port()), ("10.0.0.1", Some(7000)));
     let t = c.rank_table();
@@ -137,6 +140,12 @@ fn ranks_listen_by_dp_pp_tp_at_their_own_hosts() {
         t.iter().map(|a| (a.pp_rank, a.tp_rank, a.host.as_str(), a.port)).collect::<Vec<_>>(),
         vec![(0, 0, "10.0.0.1", 7000), (0, 1, "10.0.0.2", 7001), (1, 0, "10.0.0.3", 7002), (1, 1, "10.0.0.4", 7003)]
     );
+    // A DP rank's listeners start past the other DP ranks' (base + dp * pp * tp).
+    c.dp_rank = 1;
+    assert_eq!((c.advertised_port(), c.local_listener_port()), (Some(7004), Some(7007)));
+    let json = r#"{"kv_role":"kv_producer","engine_id":"P"}"#;
+    let e = ConnectorConfig::from_json(json, EngineInfo { pp_size: 2, ..Default::default() }, |_| None).unwrap_err();
+    assert!(e.to_string().contains("pipeline_parallel_size"), "{e}");
     // No per-rank hosts: every rank at side_channel_host.
     let c = cfg("P", r#","side_channel_host":"h""#, 2, 0, (1, 0));
     assert!(c.rank_table().iter().all(|a| a.host == "h"));

@@ -219,7 +219,7 @@ class Cluster:
     ``block_sizes`` sets P's and D's ``--block-size`` (None: vLLM's default). ``dtype`` is both
     servers' ``--dtype``. ``extra_env`` is added to every process's env. ``d_server_args`` (``p_server_args``) are
     appended to D's (P's) command line only (e.g. a speculator that P does not need). ``server_args`` are
-    appended to both servers' command lines. ``tp`` is P's and D's ``--tensor-parallel-size``
+    appended to both servers' command lines. ``tp`` is P's and D's ``--tensor-parallel-size``, ``p_dp`` P's ``--data-parallel-size``
     (a TP-2 server's ranks are not pinned: see ``_cpus``). kvbridge clusters run with ``kv_integrity``
     (default ``"full"``: D compares every loaded block with P's digest) and, when they stop
     cleanly, assert that D found no mismatch (``check_integrity``).
@@ -251,6 +251,7 @@ class Cluster:
         expect_mismatches: bool = False,
         tp: tuple[int, int] = (1, 1),
         p_server_args: tuple[str, ...] = (),
+        p_dp: int = 1,
     ) -> None:
         if connector not in CONNECTORS:
             raise ValueError(f"connector must be one of {sorted(CONNECTORS)}, not {connector!r}")
@@ -268,6 +269,7 @@ class Cluster:
         self.d_server_args = tuple(d_server_args)
         self.tp = tp
         self.p_server_args = tuple(p_server_args)
+        self.p_dp = p_dp
         self.model_dir = str(Path(model_dir).resolve())
         self.connector = connector
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="kvbridge-cluster-"))
@@ -362,6 +364,7 @@ class Cluster:
             "--kv-transfer-config", json.dumps(self.kv_transfer_config(role)),
             *(["--block-size", str(bs)] if bs else []),
             *(["--tensor-parallel-size", str(tp)] if (tp := self.tp[0 if role == "kv_producer" else 1]) > 1 else []),
+            *(["--data-parallel-size", str(self.p_dp)] if role == "kv_producer" and self.p_dp > 1 else []),
             *self.server_args,
             *(self.d_server_args if role != "kv_producer" else self.p_server_args),
         ]  # fmt: skip
@@ -405,7 +408,7 @@ class Cluster:
         2 "nobind", so the kernel spreads each rank's threads (vLLM's workers busy-poll
         their message queue for a second after each step) over both cores instead of
         starving the side-channel and NIXL threads pinned beside them."""
-        return str(side) if self.tp[side] == 1 else "nobind"
+        return str(side) if self.tp[side] == 1 and (side or self.p_dp == 1) else "nobind"
 
     def _server(self, name: str) -> tuple[list[str], dict[str, str], str]:
         if name == "prefill":

@@ -2,6 +2,9 @@
 //! peer's first request waited from routing to its READ being posted.
 use super::*;
 
+/// Rank 0's address while its answer (the rank table) is awaited; None: not needed.
+pub(super) type Directory = Option<(String, u16)>;
+
 impl PullWorker {
     /// Start handshaking with engine `engine_id` (TP size `remote_tp_size`), whose
     /// side channel is at `host:port` (its base port), before any request names it. The
@@ -27,7 +30,7 @@ impl PullWorker {
         host: &str,
         port: u16,
         remote_tp_size: u32,
-    ) -> Result<(TpMapping, Vec<Action>, Option<(String, u16)>), Error> {
+    ) -> Result<(TpMapping, Vec<Action>, Directory), Error> {
         let tp = TpMapping::new(self.tp_size, self.tp_rank, remote_tp_size)?;
         let first = Action::Handshake { peer: peer.to_string(), rank: 0, host: host.to_string(), port };
         let directory = tp.sources.iter().any(|&q| q != 0).then(|| (host.to_string(), port));
@@ -40,7 +43,7 @@ impl PullWorker {
         &mut self,
         peer: String,
         engine_id: String,
-        hs: (TpMapping, Option<(String, u16)>),
+        hs: (TpMapping, Directory),
         queued: Vec<RecvReq>,
         now_unix: f64,
     ) {
