@@ -355,7 +355,9 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         let (tx, rx) = mpsc::channel();
         let mut sent = 0;
         for t in targets {
-            for (_, host, port) in self.shared.state().core.heartbeat_addrs(&t.engine_id, &t.host, t.port, t.tp_size) {
+            // The state lock is not held while the releases are queued.
+            let addrs = self.shared.state().core.heartbeat_addrs(&t.engine_id, &t.host, t.port, t.tp_size);
+            for (_, host, port) in addrs {
                 let tx = tx.clone();
                 let req = kvbridge_core::wire::HeartbeatRequest { request_ids: t.request_ids.clone(), release: true };
                 self.side.heartbeat(host, port, req, timeout, move |res| {
