@@ -170,7 +170,7 @@ pub struct ConnectorConfig {
     /// uses `side_channel_host` (on a multi-node engine, each node's own
     /// `VLLM_NIXL_SIDE_CHANNEL_HOST`).
     pub side_channel_hosts: Vec<String>,
-    /// Base port of the handshake listeners (see [`Self::listener_port_for`]).
+    /// Base port of the handshake listeners (see [`Self::local_listener_port`]).
     pub side_channel_port: u16,
     /// Tensor-parallel size (at least 1).
     pub tp_size: u32,
