@@ -36,6 +36,12 @@ pytestmark = pytest.mark.slow
 
 WINDOW = 256
 MAX_TOKENS = 8
+#: Longest prompt compared to the last bit. At 1,500 tokens a clean-clone CI run once saw
+#: the first generated token's log-probabilities ~1e-3 apart (push; every later token and
+#: every landed block, checked by kv_integrity, equal): D computes token N in a decode step
+#: over the window's KV, D alone inside its prefill. Longer prompts get the same tokens and
+#: the bf16 tolerances (``same_generation``).
+HYBRID_EXACT_MAX = 1024
 #: One layer's K and V for one 128-token block.
 LAYER_BLOCK_BYTES = 2 * KV_HEADS * HEAD_DIM * DTYPE_BYTES * BLOCK_TOKENS
 FULL_LAYERS = SLIDING_LAYERS = 2
@@ -101,7 +107,10 @@ def test_pd_equals_a_single_instance_and_moves_the_clipped_blocks(cluster: Clust
         res = complete(cluster.d_url, prompt, MAX_TOKENS, p.kv_transfer_params, stream=True, logprobs=2)
     assert res.ok, res
     ref = cluster.reference(prompt, MAX_TOKENS)
-    assert same_generation(res, ref, exact=True), describe_divergence(res, ref)
+    if n_tokens <= HYBRID_EXACT_MAX:
+        assert same_generation(res, ref, exact=True), describe_divergence(res, ref)
+    else:
+        assert res.tokens == ref.tokens and same_generation(res, ref), describe_divergence(res, ref)
     if cluster.push:
         pushed = pushed_bytes_since(cluster, p_offset)
         assert pushed == [expected_bytes(n_tokens)], (pushed, full, sliding)
