@@ -33,7 +33,7 @@ import pytest
 from helpers import figure, fresh_prompt, log_dir_for, pushed_bytes_since
 from make_ssm_model import make_ssm_model
 
-from kvbridge.testing.client import complete
+from kvbridge.testing.client import NEAR_TIE_NATS, complete
 from kvbridge.testing.cluster import Cluster, describe_divergence, same_generation
 
 pytestmark = pytest.mark.slow
@@ -77,22 +77,43 @@ def test_the_hybrid_allocator_stays_on_with_state_groups(cluster: Cluster) -> No
         assert "kvbridge: 3 KV-cache groups under vLLM's hybrid allocator: state x1, state x1, attention x1" in log, name
 
 
+def first_token_near_tie(got, ref) -> bool:  # noqa: ANN001
+    """The first tokens differ, and both runs' top two there are within a near-tie."""
+    if not got.tokens or not ref.tokens or got.tokens[0] == ref.tokens[0] or not got.top_logprobs or not ref.top_logprobs:
+        return False
+
+    def spread(d: dict[str, float]) -> float:
+        v = sorted(d.values(), reverse=True)[:2]
+        return v[0] - v[1] if len(v) == 2 else float("inf")
+
+    g, r = got.top_logprobs[0], ref.top_logprobs[0]
+    return bool(set(g) & set(r)) and spread(g) < NEAR_TIE_NATS and spread(r) < NEAR_TIE_NATS
+
+
 @pytest.mark.parametrize("n_tokens", [100, 129, 700])
 def test_pd_equals_a_single_instance_and_moves_the_state(cluster: Cluster, n_tokens: int) -> None:
-    prompt = fresh_prompt(n_tokens)
-    offset, p_offset = cluster.log_offset("decode"), cluster.log_offset("prefill")
-    before = cluster.integrity("decode")
-    if cluster.push:
-        res = cluster.proxy_request(prompt, MAX_TOKENS, logprobs=2)
-    else:
-        p = cluster.prefill(prompt)
-        assert p.ok and p.kv_transfer_params, p
-        assert p.kv_transfer_params["remote_num_tokens"] == n_tokens - 1, "P must stop one token short"
-        ids = p.kv_transfer_params["remote_block_ids"]
-        assert [len(g) for g in ids] == [1, 1, math.ceil((n_tokens - 1) / BLOCK_TOKENS)], ids
-        res = complete(cluster.d_url, prompt, MAX_TOKENS, p.kv_transfer_params, stream=True, logprobs=2)
-    assert res.ok, res
-    ref = cluster.reference(prompt, MAX_TOKENS)
+    # D runs token N as a decode step, D alone inside its prefill scan, so their first
+    # log-probabilities differ by ~1e-3: a prompt whose first token is a near-tie there
+    # (a clean-clone run met one: an exact tie in P/D, 1e-3 apart alone) cannot be judged
+    # by greedy tokens, and gets a fresh prompt (at most twice; every other check stands).
+    for attempt in range(3):
+        prompt = fresh_prompt(n_tokens)
+        offset, p_offset = cluster.log_offset("decode"), cluster.log_offset("prefill")
+        before = cluster.integrity("decode")
+        if cluster.push:
+            res = cluster.proxy_request(prompt, MAX_TOKENS, logprobs=2)
+        else:
+            p = cluster.prefill(prompt)
+            assert p.ok and p.kv_transfer_params, p
+            assert p.kv_transfer_params["remote_num_tokens"] == n_tokens - 1, "P must stop one token short"
+            ids = p.kv_transfer_params["remote_block_ids"]
+            assert [len(g) for g in ids] == [1, 1, math.ceil((n_tokens - 1) / BLOCK_TOKENS)], ids
+            res = complete(cluster.d_url, prompt, MAX_TOKENS, p.kv_transfer_params, stream=True, logprobs=2)
+        assert res.ok, res
+        ref = cluster.reference(prompt, MAX_TOKENS)
+        if same_generation(res, ref) or attempt == 2 or not first_token_near_tie(res, ref):
+            break
+        figure(f"ssm_first_token_near_tie n_tokens={n_tokens} attempt={attempt}")
     assert same_generation(res, ref), describe_divergence(res, ref)
     gap = max(abs(max(a.values()) - max(b.values())) for a, b in zip(res.top_logprobs, ref.top_logprobs))
     figure(f"ssm_pd_max_logprob_gap n_tokens={n_tokens} mode={'push' if cluster.push else 'pull'} nats={gap:.2e}")
