@@ -486,14 +486,13 @@ impl ConnectorConfig {
             Some(h) => h.to_string(),
             None => env("VLLM_NIXL_SIDE_CHANNEL_HOST").unwrap_or_else(|| DEFAULT_SIDE_CHANNEL_HOST.into()),
         };
-        if engine.pp_size > 1 {
-            // Ports and handshakes are keyed by (pp, tp) rank, but a plan that reads each
-            // stage's layers from the stage(s) that hold them is not built yet: refuse
-            // rather than fail every transfer with a layer-count mismatch.
+        if engine.pp_size > 1 && mode == TransferMode::Push {
+            // Pull reads each D stage's layers from the P stage(s) holding them; push would
+            // need P's stages to register every D stage: not built, so refuse up front.
             return Err(ConfigError::InvalidValue {
                 key: "pipeline_parallel_size".into(),
                 reason: format!(
-                    "{} is not supported: kvbridge does not yet move KV between pipeline stages; run P and D with pipeline_parallel_size 1",
+                    "{} with transfer_mode \"push\" is not supported: use transfer_mode \"pull\" (the default) with pipeline parallelism",
                     engine.pp_size
                 ),
             });

@@ -203,6 +203,12 @@ pub struct TransferPlan {
     pub remote_agents: Vec<String>,
     /// How the local rank maps onto the remote side's ranks.
     pub tp: TpMapping,
+    /// The remote ranks read from or notified, as `pp * remote_tp_size + tp` (with one
+    /// pipeline stage, `tp.sources`), in the order of `remote_agents`.
+    pub sources: Vec<u32>,
+    /// Notifications each of those ranks gets per request, from all local ranks of all
+    /// local pipeline stages that read it.
+    pub expected: Vec<u32>,
     /// Local regions the plan was built for.
     pub num_regions: usize,
     /// Kernel blocks per local region (the local layout's `num_blocks`).
@@ -222,7 +228,10 @@ pub struct TransferPlan {
 
 #[path = "plan_geo.rs"]
 mod geo;
-use geo::{check_remote, fuse_jobs, gcd, layout_err, merge_sorted, unit_off};
+#[path = "plan_pp.rs"]
+mod pp;
+pub use pp::{stage_of, MAX_PP_SIZE};
+use geo::{check_ranks, check_remote, fuse_jobs, gcd, layout_err, merge_sorted, unit_off};
 
 impl TransferPlan {
     /// Push mode: the plan P uses to write into D rank `d`'s blocks. It is D's READ plan
@@ -261,20 +270,14 @@ impl TransferPlan {
         if remote.len() != tp.sources.len() {
             return Err(layout_err(format!("expected metadata of {} remote ranks, got {}", tp.sources.len(), remote.len())));
         }
-        for (md, &rank) in remote.iter().zip(&tp.sources) {
-            if md.tp_rank != rank || md.tp_size != first.tp_size || md.engine_id != first.engine_id {
-                return Err(layout_err(format!(
-                    "remote rank {rank}: metadata says engine {} rank {} of {} (expected {} rank {rank} of {})",
-                    md.engine_id, md.tp_rank, md.tp_size, first.engine_id, first.tp_size
-                )));
-            }
-            if md.blocks_per_logical == 0 || md.blocks_per_logical > 1024 || md.block_size == 0 {
-                return Err(layout_err(format!("remote rank {rank}: bad block size {} / {}", md.block_size, md.blocks_per_logical)));
-            }
-            for (i, r) in md.regions.iter().enumerate() {
-                check_remote(rank, i, r)?;
-            }
-        }
+        check_ranks(remote, &tp.sources, first)?;
+        Self::assemble(local, tp, local_block_size, remote, null_block)
+    }
+
+    /// The plan over already-checked remote metadata (`remote[i]` is source `i`).
+    fn assemble(local: &KvLayout, tp: TpMapping, local_block_size: u32, remote: &[AgentMetadata], null_block: Option<u32>) -> Result<Self, PlanError> {
+        let first = remote.first().ok_or_else(|| layout_err("no remote metadata".into()))?;
+        let local_tp_size = tp.local_tp_size;
         let bpl_d = local.blocks_per_logical.max(1);
         let kbs = |r: &Region, block_size: u32, bpl: u32| -> Result<u32, PlanError> {
             if r.block_tokens > 0 {
@@ -417,6 +420,8 @@ impl TransferPlan {
             local_num_blocks: local.num_blocks,
             remote_num_blocks: first.regions.first().map(|r| r.num_blocks).unwrap_or(0),
             null_block,
+            sources: tp.sources.clone(),
+            expected: vec![tp.notifs_per_remote_rank; tp.sources.len()],
             ranges_per_block: if blocks == 0 { 0.0 } else { ranges as f64 / blocks as f64 },
             local: local_geo,
             remote: remote_geo,
@@ -528,7 +533,6 @@ impl TransferPlan {
         // Segments per key (jobs of one key share them), with their highest block ids.
         let mut segs: Vec<Option<(Vec<Seg>, u64, u64)>> = vec![None; self.keys.len()];
         let mut reads: Vec<SourceRead> = self
-            .tp
             .sources
             .iter()
             .enumerate()

@@ -14,6 +14,26 @@ pub(super) fn layout_err(msg: String) -> PlanError {
     PlanError::Layout(msg)
 }
 
+/// Remote ranks' metadata, checked: `remote[i]` is TP rank `ranks[i]` of `first`'s engine
+/// and TP size, with a sane block size and regions.
+pub(super) fn check_ranks(remote: &[AgentMetadata], ranks: &[u32], first: &AgentMetadata) -> Result<(), PlanError> {
+    for (md, &rank) in remote.iter().zip(ranks) {
+        if md.tp_rank != rank || md.tp_size != first.tp_size || md.engine_id != first.engine_id {
+            return Err(layout_err(format!(
+                "remote rank {rank}: metadata says engine {} rank {} of {} (expected {} rank {rank} of {})",
+                md.engine_id, md.tp_rank, md.tp_size, first.engine_id, first.tp_size
+            )));
+        }
+        if md.blocks_per_logical == 0 || md.blocks_per_logical > 1024 || md.block_size == 0 {
+            return Err(layout_err(format!("remote rank {rank}: bad block size {} / {}", md.block_size, md.blocks_per_logical)));
+        }
+        for (i, r) in md.regions.iter().enumerate() {
+            check_remote(rank, i, r)?;
+        }
+    }
+    Ok(())
+}
+
 /// A remote region, checked: every value in it came from a peer.
 pub(super) fn check_remote(rank: u32, i: usize, r: &Region) -> Result<(), PlanError> {
     let e = |why: &str| layout_err(format!("remote rank {rank} region {i} ({}): {why}", r.name));

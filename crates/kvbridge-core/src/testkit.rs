@@ -57,6 +57,9 @@ pub struct Spec {
     pub state_layers: u32,
     /// Bytes of state per block in each state layer.
     pub state_bytes: u32,
+    /// Pipeline parallel: the model layer this stage's first tensor is (tensor `i` is
+    /// layer `first_layer + i`, by name and content).
+    pub first_layer: u32,
 }
 
 impl Spec {
@@ -78,6 +81,7 @@ impl Spec {
             window: 0,
             state_layers: 0,
             state_bytes: 0,
+            first_layer: 0,
         }
     }
 
@@ -202,7 +206,7 @@ impl Cache {
         let mut out = Vec::new();
         for (i, t) in self.tensors.iter().enumerate() {
             let info = TensorInfo {
-                name: format!("model.layers.{i}"),
+                name: format!("model.layers.{}", self.spec.first_layer as usize + i),
                 ptr: t.buf.as_ptr() as u64,
                 shape: t.shape.clone(),
                 stride: t.stride.clone(),
@@ -292,7 +296,7 @@ impl Cache {
                 if let Some(&b) = ids.last().filter(|&&b| b != NULL_BLOCK) {
                     for c in 0..s.state_bytes {
                         let off = b as usize * s.state_bytes as usize + c as usize;
-                        f(ti, off, kv_byte(0xC0FFEE, ti as u32, 0, 0, c));
+                        f(ti, off, kv_byte(0xC0FFEE, s.first_layer + ti as u32, 0, 0, c));
                     }
                 }
                 continue;
@@ -312,7 +316,7 @@ impl Cache {
                 for h in first..first + n {
                     for c in 0..s.content {
                         let off = self.offset(ti, kb, h, within % kbs, c);
-                        f(ti, off, kv_byte(0x5EED, ti as u32, h, tok, c));
+                        f(ti, off, kv_byte(0x5EED, s.first_layer + ti as u32, h, tok, c));
                     }
                 }
             }
@@ -505,6 +509,7 @@ mod tests {
             window: 5,
             state_layers: 1,
             state_bytes: 16,
+            first_layer: 0,
         };
         let mut c = Cache::new(spec);
         let blocks = vec![vec![3, 4], vec![NULL_BLOCK, 6], vec![7]];

@@ -130,6 +130,7 @@ fn spec(tp: u32, rank: u32) -> Spec {
         window: 0,
         state_layers: 0,
         state_bytes: 0,
+        first_layer: 0,
     }
 }
 

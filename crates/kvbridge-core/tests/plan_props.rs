@@ -37,6 +37,7 @@ fn spec(tp: u32, heads: u32, bt: u32, bpl: u32, layout: CacheLayout, mla: bool, 
         window: 7,
         state_layers: u32::from(state),
         state_bytes: 24,
+        first_layer: 0,
     }
 }
 

@@ -143,9 +143,12 @@ fn ranks_listen_by_dp_pp_tp_at_their_own_hosts() {
     // A DP rank's listeners start past the other DP ranks' (base + dp * pp * tp).
     c.dp_rank = 1;
     assert_eq!((c.advertised_port(), c.local_listener_port()), (Some(7004), Some(7007)));
-    let json = r#"{"kv_role":"kv_producer","engine_id":"P"}"#;
+    let json = r#"{"kv_role":"kv_producer","engine_id":"P","kv_connector_extra_config":{"transfer_mode":"push"}}"#;
     let e = ConnectorConfig::from_json(json, EngineInfo { pp_size: 2, ..Default::default() }, |_| None).unwrap_err();
-    assert!(e.to_string().contains("pipeline_parallel_size"), "{e}");
+    assert!(e.to_string().contains("pipeline_parallel_size") && e.to_string().contains("pull"), "{e}");
+    let json = r#"{"kv_role":"kv_producer","engine_id":"P"}"#;
+    let c = ConnectorConfig::from_json(json, EngineInfo { pp_size: 2, pp_rank: 1, ..Default::default() }, |_| None).unwrap();
+    assert_eq!((c.pp_size, c.pp_rank), (2, 1), "pull mode runs with pipeline parallelism");
     // No per-rank hosts: every rank at side_channel_host.
     let c = cfg("P", r#","side_channel_host":"h""#, 2, 0, (1, 0));
     assert!(c.rank_table().iter().all(|a| a.host == "h"));

@@ -27,6 +27,7 @@ fn main() {
         window: 0,
         state_layers: 0,
         state_bytes: 0,
+        first_layer: 0,
     };
     let contiguous: Vec<u32> = (1..=blocks).collect();
     let mut frag: Vec<u32> = (1..=blocks).map(|i| i * 2).collect(); // every other block: no two adjacent

@@ -97,6 +97,7 @@ fn main() {
         window: 0,
         state_layers: 0,
         state_bytes: 0,
+        first_layer: 0,
     };
     let all: Vec<u32> = (1..=max_blocks).collect();
     let mut s = Scenario::new(&spec, &spec, vec![all.clone()], vec![all.clone()], u64::from(max_blocks) * 16);

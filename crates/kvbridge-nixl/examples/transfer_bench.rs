@@ -69,6 +69,7 @@ fn main() {
         window: 0,
         state_layers: 0,
         state_bytes: 0,
+        first_layer: 0,
     };
     let s = Scenario::new(&spec, &spec, vec![vec![1]], vec![vec![1]], 16);
     let opts = NixlOptions::default();

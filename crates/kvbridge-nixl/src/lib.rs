@@ -40,7 +40,7 @@ pub fn new_worker(
         lib_dir_hint,
         cuda_device: cfg.cuda_device,
     };
-    let name = format!("{}-dp{}-tp{}-{}", cfg.engine_id, cfg.dp_rank, cfg.tp_rank, std::process::id());
+    let name = format!("{}-dp{}-pp{}-tp{}-{}", cfg.engine_id, cfg.dp_rank, cfg.pp_rank, cfg.tp_rank, std::process::id());
     let t = NixlTransport::new(&name, &opts)?;
     kvbridge_driver::WorkerDriver::new(cfg, t)
 }

@@ -47,6 +47,7 @@ fn spec(s: Side, heads: u32, mla: bool, swa: bool, state: bool) -> Spec {
         window: 40,
         state_layers: u32::from(state),
         state_bytes: 96,
+        first_layer: 0,
     }
 }
 

@@ -37,6 +37,7 @@ fn spec_mla(tp: u32, rank: u32, block: u32, layout: CacheLayout, mla: bool) -> S
         window: 0,
         state_layers: 0,
         state_bytes: 0,
+        first_layer: 0,
     }
 }
 

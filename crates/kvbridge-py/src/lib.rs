@@ -415,6 +415,12 @@ impl Worker {
         self.inner.set_rank_table(t.collect());
     }
 
+    /// Pipeline parallel: every stage's layer names (index = PP rank), so a P rank read by
+    /// several of this engine's stages expects a notification from each.
+    fn set_stage_layers(&self, layers: Vec<Vec<String>>) {
+        self.inner.set_stage_layers(layers);
+    }
+
     /// Blocks this rank holds for remote peers and loads in flight, with counters, as
     /// JSON text (the same view `kvbridge.inspect` gets over the side channel).
     fn accounting(&self, py: Python<'_>) -> String {

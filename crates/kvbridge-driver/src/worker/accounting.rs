@@ -43,6 +43,7 @@ pub(crate) fn view<T: Transport>(
         "expired_leases": b.expired_leases,
         "released_leases": b.released_leases,
         "heartbeats_received": b.heartbeats_received,
+        "notifs_received": b.notifs_received,
         "heartbeats_sent": st.heartbeats_sent,
         "heartbeats_failed": st.heartbeats_failed,
         "leases_lost": st.leases_lost,

@@ -270,6 +270,15 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         self.rank_table.lock().map(|t| t.clone()).unwrap_or_default()
     }
 
+    /// Pipeline parallel (D): every stage's layer names, index = PP rank, as the engine's
+    /// ranks exchanged them at start-up. A P rank read by several D stages then expects a
+    /// notification from each ([`kvbridge_core::plan::TransferPlan::build_stages`]).
+    pub fn set_stage_layers(&self, layers: Vec<Vec<String>>) {
+        let mut layers = layers;
+        layers.truncate(kvbridge_core::plan::MAX_PP_SIZE as usize);
+        self.shared.state().core.set_stage_layers(layers);
+    }
+
     /// Push mode's counters so far.
     pub fn push_stats(&self) -> PushStats {
         lock_ctl(&self.push).stats.clone()

@@ -36,11 +36,11 @@ impl PullWorker {
         sent_unix: f64,
         recv_unix: f64,
     ) -> Vec<Action> {
-        let Some(Engine::Handshaking { engine_id, tp, mds, directory, .. }) = self.engines.get(peer) else { return Vec::new() };
+        let Some(Engine::Handshaking { engine_id, sources, mds, directory, .. }) = self.engines.get(peer) else { return Vec::new() };
         if rank == 0 && directory.is_some() {
             return self.on_directory(peer, addr, res, sent_unix, recv_unix);
         }
-        let Some(slot) = tp.sources.iter().position(|&q| q == rank) else { return Vec::new() };
+        let Some(slot) = sources.iter().position(|&q| q == rank) else { return Vec::new() };
         if mds.get(slot).map_or(true, Option::is_some) {
             return Vec::new();
         }
@@ -67,33 +67,35 @@ impl PullWorker {
             return Vec::new();
         }
         let all: Vec<AgentMetadata> = mds.iter().flatten().cloned().collect();
-        let _span = tracing::debug_span!("plan", peer, ranks = all.len()).entered();
-        let built = self
-            .layout
-            .as_ref()
-            .ok_or(PlanError::NotRegistered)
-            .and_then(|l| TransferPlan::build(l, self.tp_size, self.tp_rank, self.block_size, &all, self.null_block));
+        let Some(Engine::Handshaking { sources, tp, .. }) = self.engines.get(peer) else { return Vec::new() };
+        let by_rank: HashMap<u32, AgentMetadata> = sources.iter().copied().zip(all).collect();
+        let stages = group_stages(sources, tp.remote_tp_size, &by_rank);
+        let _span = tracing::debug_span!("plan", peer, stages = stages.len()).entered();
+        let built = self.plan_stages(&stages, |m| m.regions.clone());
         // P's staging buffer mirrors its cache region by region: the same plan, built on
         // the staging regions.
-        let staged = (!all.is_empty() && all.iter().all(|m| m.staging_regions.len() == m.regions.len())).then(|| {
-            let mds: Vec<AgentMetadata> = all.iter().map(|m| AgentMetadata { regions: m.staging_regions.clone(), ..m.clone() }).collect();
-            let l = self.layout.as_ref()?;
-            TransferPlan::build(l, self.tp_size, self.tp_rank, self.block_size, &mds, self.null_block)
+        let staging = by_rank.values().all(|m| m.staging_regions.len() == m.regions.len());
+        let staged = staging.then(|| {
+            self.plan_stages(&stages, |m| m.staging_regions.clone())
                 .map_err(|e| tracing::warn!(peer, error = %e, "kvbridge: no plan for the peer's staging buffer"))
                 .ok()
         });
         match built {
             Ok(plan) => {
-                let sources = plan.tp.sources.clone();
-                if let Some(Engine::Handshaking { plan: p, staged: s, .. }) = self.engines.get_mut(peer) {
+                // Only the ranks of the stages this rank reads from are loaded.
+                let kept = plan.sources.clone();
+                let actions = kept
+                    .iter()
+                    .filter_map(|g| by_rank.get(g).map(|md| (g, md)))
+                    .map(|(&g, md)| Action::AddRemote { peer: peer.to_string(), rank: g, key: remote_key(peer, g), md: md.clone() })
+                    .collect();
+                if let Some(Engine::Handshaking { plan: p, staged: s, sources, added, .. }) = self.engines.get_mut(peer) {
                     *p = Some(plan);
                     *s = staged.flatten();
+                    *added = vec![false; kept.len()];
+                    *sources = kept;
                 }
-                sources
-                    .into_iter()
-                    .zip(all)
-                    .map(|(rank, md)| Action::AddRemote { peer: peer.to_string(), rank, key: remote_key(peer, rank), md })
-                    .collect()
+                actions
             }
             Err(e) => {
                 self.stats.handshakes_failed += 1;
@@ -110,8 +112,8 @@ impl PullWorker {
             self.base.xfer.record_failed_handshake();
             return self.fail_engine(peer, &e.into());
         }
-        let Some(Engine::Handshaking { tp, added, .. }) = self.engines.get_mut(peer) else { return Vec::new() };
-        if let Some(slot) = tp.sources.iter().position(|&q| q == rank) {
+        let Some(Engine::Handshaking { sources, added, .. }) = self.engines.get_mut(peer) else { return Vec::new() };
+        if let Some(slot) = sources.iter().position(|&q| q == rank) {
             if let Some(a) = added.get_mut(slot) {
                 *a = true;
             }
@@ -141,7 +143,7 @@ impl PullWorker {
             tracing::info!(
                 peer,
                 handshake_ms = (now_unix - started_unix) * 1e3,
-                remote_ranks = ?plan.tp.sources,
+                remote_ranks = ?plan.sources,
                 regions = plan.num_regions,
                 remote_blocks = plan.remote_num_blocks,
                 ranges_per_block = plan.ranges_per_block,
@@ -164,16 +166,52 @@ impl PullWorker {
     /// Fail every request queued on `peer` and forget it (and any ranks already loaded).
     pub(super) fn fail_engine(&mut self, peer: &str, e: &Error) -> Vec<Action> {
         let mut actions = Vec::new();
-        if let Some(Engine::Handshaking { queued, tp, added, .. }) = self.engines.remove(peer) {
+        if let Some(Engine::Handshaking { queued, sources, added, .. }) = self.engines.remove(peer) {
             for r in queued {
                 self.fail(&r.req_id, &r.local_block_ids, r.notify_only, e);
             }
-            for (q, a) in tp.sources.iter().zip(added) {
+            for (q, a) in sources.iter().zip(added) {
                 if a {
                     actions.push(Action::RemoveRemote { key: remote_key(peer, *q) });
                 }
             }
         }
         actions
+    }
+}
+
+/// The handshaken ranks' metadata by pipeline stage: `(pp, [metadata of each TP source])`,
+/// stages in order (`sources` lists stage 0's TP sources, then stage 1's, ...).
+fn group_stages(sources: &[u32], remote_tp_size: u32, by_rank: &HashMap<u32, AgentMetadata>) -> Vec<(u32, Vec<AgentMetadata>)> {
+    let mut out: Vec<(u32, Vec<AgentMetadata>)> = Vec::new();
+    for &g in sources {
+        let (pp, _) = crate::plan::stage_of(g, remote_tp_size);
+        let Some(md) = by_rank.get(&g) else { continue };
+        match out.last_mut() {
+            Some((p, v)) if *p == pp => v.push(md.clone()),
+            _ => out.push((pp, vec![md.clone()])),
+        }
+    }
+    out
+}
+
+impl PullWorker {
+    /// The plan over `stages`, with each rank's regions taken by `regions` (the cache's, or
+    /// the staging buffer's). One stage: the TP plan; several: [`TransferPlan::build_stages`].
+    fn plan_stages(&self, stages: &[(u32, Vec<AgentMetadata>)], regions: impl Fn(&AgentMetadata) -> Vec<crate::layout::Region>) -> Result<TransferPlan, PlanError> {
+        let l = self.layout.as_ref().ok_or(PlanError::NotRegistered)?;
+        let stages: Vec<(u32, Vec<AgentMetadata>)> =
+            stages.iter().map(|(pp, m)| (*pp, m.iter().map(|m| AgentMetadata { regions: regions(m), ..m.clone() }).collect())).collect();
+        match stages.as_slice() {
+            [(0, mds)] => TransferPlan::build(l, self.tp_size, self.tp_rank, self.block_size, mds, self.null_block),
+            _ => TransferPlan::build_stages(l, (self.tp_size, self.tp_rank), self.block_size, &stages, &self.stage_layers, self.null_block),
+        }
+    }
+
+    /// Pipeline parallel: the layer names of every local stage, index = PP rank (from the
+    /// engine's ranks at start-up). A remote rank read by several local stages expects a
+    /// notification from each.
+    pub fn set_stage_layers(&mut self, layers: Vec<Vec<String>>) {
+        self.stage_layers = layers;
     }
 }

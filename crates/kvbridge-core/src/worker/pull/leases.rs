@@ -4,19 +4,29 @@ use super::*;
 
 impl PullWorker {
     /// The P ranks this rank heartbeats for a remote engine of `remote_tp_size` ranks:
-    /// the ones it reads from (together, D's ranks cover all of P's).
+    /// the ones it reads from (together, D's ranks cover all of P's). Ranks are numbered
+    /// `pp * remote_tp_size + tp`; before a handshake, stage 0's.
     pub fn heartbeat_ranks(&self, remote_tp_size: u32) -> Vec<u32> {
         TpMapping::new(self.tp_size, self.tp_rank, remote_tp_size).map(|t| t.sources).unwrap_or_default()
     }
 
     /// Where to send heartbeats (and releases) for engine `engine_id`, whose directory is
-    /// `host:port`: each P rank this rank reads from, at the address its rank table gave
-    /// (or, before any handshake or with no table, `port + rank` on `host`).
+    /// `host:port`: each P rank this rank reads from (of every pipeline stage it reads), at
+    /// the address its rank table gave (or, before any handshake or with no table,
+    /// the port arithmetic on `host`).
     pub fn heartbeat_addrs(&self, engine_id: &str, host: &str, port: u16, remote_tp_size: u32) -> Vec<(u32, String, u16)> {
-        let table = self.rank_addrs.get(&peer_key_at(engine_id, host, port)).map_or(&[][..], Vec::as_slice);
-        self.heartbeat_ranks(remote_tp_size)
+        let peer = peer_key_at(engine_id, host, port);
+        let table = self.rank_addrs.get(&peer).map_or(&[][..], Vec::as_slice);
+        let ranks = match self.engines.get(&peer) {
+            Some(Engine::Ready { plan, .. }) if plan.tp.remote_tp_size == remote_tp_size => plan.sources.clone(),
+            _ => self.heartbeat_ranks(remote_tp_size),
+        };
+        ranks
             .into_iter()
-            .filter_map(|q| crate::ranks::resolve(table, host, port, 0, q, remote_tp_size).map(|(h, p)| (q, h, p)))
+            .filter_map(|g| {
+                let (pp, q) = crate::plan::stage_of(g, remote_tp_size);
+                crate::ranks::resolve(table, host, port, pp, q, remote_tp_size).map(|(h, p)| (g, h, p))
+            })
             .collect()
     }
 

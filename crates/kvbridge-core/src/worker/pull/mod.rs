@@ -81,6 +81,9 @@ enum Engine {
         /// Rank 0's address while its answer, the directory of the other ranks'
         /// addresses, is awaited (None: not needed, or answered).
         directory: Option<(String, u16)>,
+        /// The remote ranks handshaken, as `pp * remote TP size + tp` (pipeline stage 0's
+        /// `tp.sources` until the directory names more stages); `mds`/`added` follow it.
+        sources: Vec<u32>,
         mds: Vec<Option<AgentMetadata>>,
         added: Vec<bool>,
         queued: Vec<RecvReq>,
@@ -237,6 +240,8 @@ pub struct PullWorker {
     first_contact: HashMap<String, f64>,
     /// Each peer's rank table from its directory (rank 0), for heartbeats and releases.
     rank_addrs: HashMap<String, Vec<crate::ranks::RankAddr>>,
+    /// Pipeline parallel: every local stage's layer names ([`Self::set_stage_layers`]).
+    stage_layers: Vec<Vec<String>>,
     /// Leases, notifications and the finished sets shared with the other modes.
     pub base: WorkerBase,
     /// Counters, exported as stats.
@@ -277,6 +282,7 @@ impl PullWorker {
             contacted: Default::default(),
             first_contact: HashMap::new(),
             rank_addrs: HashMap::new(),
+            stage_layers: Vec::new(),
             base: WorkerBase::default(),
             stats: PullStats::default(),
         }
@@ -400,11 +406,11 @@ impl PullWorker {
     }
 
     fn start(&mut self, r: RecvReq, peer: &str, plan: &TransferPlan, now_unix: f64, actions: &mut Vec<Action>) {
-        let expected = plan.tp.notifs_per_remote_rank;
-        let keys: Vec<String> = plan.tp.sources.iter().map(|&q| remote_key(peer, q)).collect();
+        let keys: Vec<String> = plan.sources.iter().map(|&q| remote_key(peer, q)).collect();
+        let expected = |i: usize| plan.expected.get(i).copied().unwrap_or(1);
         let notify_all = |this: &Self, ok: bool, actions: &mut Vec<Action>| {
-            for k in &keys {
-                actions.push(Action::Notify { key: k.clone(), msg: this.notif(&r.remote.request_id, ok, expected) });
+            for (i, k) in keys.iter().enumerate() {
+                actions.push(Action::Notify { key: k.clone(), msg: this.notif(&r.remote.request_id, ok, expected(i)) });
             }
         };
         self.last_active.insert(peer.to_string(), now_unix);
@@ -470,11 +476,11 @@ impl PullWorker {
         self.stats.descriptors += t.descriptors;
         self.stats.last_descriptors = t.descriptors;
         self.stats.descriptors_uncoalesced += t.uncoalesced;
-        let ok = self.notif(&r.remote.request_id, true, expected);
+        let ok = |i: usize| self.notif(&r.remote.request_id, true, expected(i));
         for (i, k) in keys.iter().enumerate() {
             if !t.reads.iter().any(|x| x.source == i) {
                 // A rank we need nothing from (deduplicated heads, MLA) still frees on our word.
-                actions.push(Action::Notify { key: k.clone(), msg: ok.clone() });
+                actions.push(Action::Notify { key: k.clone(), msg: ok(i) });
             }
         }
         let pending = t.reads.len();
@@ -482,7 +488,7 @@ impl PullWorker {
             let bytes = read.pieces.iter().map(|p| p.len).sum();
             // `source` indexes the plan's own source list, which `keys` mirrors.
             let Some(key) = keys.get(read.source).cloned() else { continue };
-            actions.push(Action::Read { req_id: r.req_id.clone(), key, pieces: read.pieces, notif: ok.clone(), bytes });
+            actions.push(Action::Read { req_id: r.req_id.clone(), key, pieces: read.pieces, notif: ok(read.source), bytes });
         }
         self.loading.insert(
             r.req_id.clone(),
@@ -510,7 +516,10 @@ impl PullWorker {
         l.pending = l.pending.saturating_sub(1);
         if let Err(e) = res {
             let expected = match self.engines.get(&l.peer) {
-                Some(Engine::Ready { plan, .. }) => plan.tp.notifs_per_remote_rank,
+                Some(Engine::Ready { plan, .. }) => {
+                    let i = plan.sources.iter().position(|&q| remote_key(&l.peer, q) == key);
+                    i.and_then(|i| plan.expected.get(i).copied()).unwrap_or(1)
+                }
                 _ => 1,
             };
             let rid = l.remote_request_id.clone();
@@ -575,7 +584,7 @@ impl PullWorker {
     fn forget(&mut self, peer: &str) -> Vec<Action> {
         match self.engines.remove(peer) {
             Some(Engine::Ready { plan, .. }) => {
-                plan.tp.sources.iter().map(|&q| Action::RemoveRemote { key: remote_key(peer, q) }).collect()
+                plan.sources.iter().map(|&q| Action::RemoveRemote { key: remote_key(peer, q) }).collect()
             }
             Some(other) => {
                 self.engines.insert(peer.to_string(), other);

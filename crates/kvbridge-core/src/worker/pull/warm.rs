@@ -33,8 +33,8 @@ impl PullWorker {
     ) -> Result<(TpMapping, Vec<Action>, Directory), Error> {
         let tp = TpMapping::new(self.tp_size, self.tp_rank, remote_tp_size)?;
         let first = Action::Handshake { peer: peer.to_string(), rank: 0, host: host.to_string(), port };
-        let directory = tp.sources.iter().any(|&q| q != 0).then(|| (host.to_string(), port));
-        Ok((tp, vec![first], directory))
+        // Always the directory: its table also says how many pipeline stages P has.
+        Ok((tp, vec![first], Some((host.to_string(), port))))
     }
 
     /// `peer` is being handshaken (its actions issued), with `queued` waiting for it, and
@@ -53,6 +53,7 @@ impl PullWorker {
             peer,
             Engine::Handshaking {
                 engine_id,
+                sources: tp.sources.clone(),
                 tp,
                 directory,
                 mds: vec![None; n],
@@ -94,16 +95,32 @@ impl PullWorker {
             }
         };
         let mut actions = Vec::new();
-        if self.rank_addrs.len() < CONTACTED_CAP {
-            self.rank_addrs.insert(peer.to_string(), table.iter().take(crate::ranks::MAX_RANKS).cloned().collect());
+        let table: Vec<crate::ranks::RankAddr> = table.into_iter().take(crate::ranks::MAX_RANKS).collect();
+        // Pipeline stages: as many as the table lists; every stage's TP sources are asked
+        // (a stage holding none of this rank's layers is dropped once its answer shows it).
+        let pp_size = table.iter().map(|a| a.pp_rank.saturating_add(1)).max().unwrap_or(1);
+        if pp_size > crate::plan::MAX_PP_SIZE {
+            let e = Error::Other(format!("{peer} lists {pp_size} pipeline stages (at most {})", crate::plan::MAX_PP_SIZE));
+            return self.fail_engine(peer, &e);
         }
-        for &q in tp.sources.iter().filter(|&&q| q != 0) {
-            match crate::ranks::resolve(&table, &host, port, 0, q, tp.remote_tp_size) {
-                Some((host, port)) => actions.push(Action::Handshake { peer: peer.to_string(), rank: q, host, port }),
-                None => return self.fail_engine(peer, &Error::Other(format!("no side-channel address for rank {q} of {peer}"))),
+        let p_tp = tp.remote_tp_size;
+        let sources: Vec<u32> = (0..pp_size).flat_map(|pp| tp.sources.iter().map(move |&q| pp * p_tp + q)).collect();
+        if let Some(Engine::Handshaking { sources: s, mds, added, .. }) = self.engines.get_mut(peer) {
+            *mds = vec![None; sources.len()];
+            *added = vec![false; sources.len()];
+            *s = sources.clone();
+        }
+        if self.rank_addrs.len() < CONTACTED_CAP {
+            self.rank_addrs.insert(peer.to_string(), table.clone());
+        }
+        for &g in sources.iter().filter(|&&g| g != 0) {
+            let (pp, q) = crate::plan::stage_of(g, p_tp);
+            match crate::ranks::resolve(&table, &host, port, pp, q, p_tp) {
+                Some((host, port)) => actions.push(Action::Handshake { peer: peer.to_string(), rank: g, host, port }),
+                None => return self.fail_engine(peer, &Error::Other(format!("no side-channel address for rank {q} of stage {pp} of {peer}"))),
             }
         }
-        if tp.sources.contains(&0) {
+        if sources.contains(&0) {
             actions.extend(self.on_handshake_payload(peer, 0, addr, res, sent, recv));
         }
         actions
