@@ -102,7 +102,8 @@ def _engine_info(vllm_config: "VllmConfig", tp_rank: int, cuda_device: int | Non
             "model": str(mc.model),
             "dtype": str(mc.dtype),
             "cache_dtype": str(cc.cache_dtype),
-            "num_layers": mc.get_num_layers(pc),
+            # The model's, not this pipeline stage's: P and D may cut stages differently.
+            "num_layers": mc.get_total_num_hidden_layers(),
             "num_kv_heads": mc.get_total_num_kv_heads(),
             "head_size": mc.get_head_size(),
             "block_size": cc.block_size,

@@ -326,7 +326,7 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
         self._cuda_caches = any(t.device.type == "cuda" for t in kv_caches.values())
         num_blocks = self._kv_cache_config.num_blocks if self._kv_cache_config is not None else next(iter(kv_caches.values())).shape[0]
         self._worker.register_kv_caches(tensors, num_blocks)
-        share_rank_table(self._worker)
+        share_rank_table(self._worker, list(kv_caches))
 
     def _cpu_layout(self, t: "torch.Tensor", head_size: int) -> str | None:
         """The CPU attention kernel's K/V order for this cache (None: unknown, register opaque)."""

@@ -230,8 +230,8 @@ pub struct TransferPlan {
 mod geo;
 #[path = "plan_pp.rs"]
 mod pp;
-pub use pp::{stage_of, MAX_PP_SIZE};
 use geo::{check_ranks, check_remote, fuse_jobs, gcd, layout_err, merge_sorted, unit_off};
+pub use pp::{stage_of, MAX_PP_SIZE};
 
 impl TransferPlan {
     /// Push mode: the plan P uses to write into D rank `d`'s blocks. It is D's READ plan
@@ -275,7 +275,13 @@ impl TransferPlan {
     }
 
     /// The plan over already-checked remote metadata (`remote[i]` is source `i`).
-    fn assemble(local: &KvLayout, tp: TpMapping, local_block_size: u32, remote: &[AgentMetadata], null_block: Option<u32>) -> Result<Self, PlanError> {
+    fn assemble(
+        local: &KvLayout,
+        tp: TpMapping,
+        local_block_size: u32,
+        remote: &[AgentMetadata],
+        null_block: Option<u32>,
+    ) -> Result<Self, PlanError> {
         let first = remote.first().ok_or_else(|| layout_err("no remote metadata".into()))?;
         let local_tp_size = tp.local_tp_size;
         let bpl_d = local.blocks_per_logical.max(1);
@@ -532,12 +538,8 @@ impl TransferPlan {
     pub fn transfer(&self, groups: &[GroupBlocks<'_>], num_tokens: u64, coalesce: bool) -> Result<RequestTransfer, PlanError> {
         // Segments per key (jobs of one key share them), with their highest block ids.
         let mut segs: Vec<Option<(Vec<Seg>, u64, u64)>> = vec![None; self.keys.len()];
-        let mut reads: Vec<SourceRead> = self
-            .sources
-            .iter()
-            .enumerate()
-            .map(|(source, &remote_rank)| SourceRead { source, remote_rank, pieces: Vec::new() })
-            .collect();
+        let mut reads: Vec<SourceRead> =
+            self.sources.iter().enumerate().map(|(source, &remote_rank)| SourceRead { source, remote_rank, pieces: Vec::new() }).collect();
         let mut out = RequestTransfer::default();
         for job in &self.jobs {
             if segs[job.key].is_none() {

