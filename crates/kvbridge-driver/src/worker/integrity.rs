@@ -274,8 +274,13 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                     group_lens,
                     clipped: clipped.clone(),
                 };
-                v.expect(&r.req_id, e.clone(), true, now, forget);
-                fetch.push((r.req_id.clone(), e));
+                // Pipeline stages: which P rank holds this stage's layers is known once
+                // the peer is handshaken, so the digests are fetched when the load lands.
+                let now_fetch = self.cfg.pp_size <= 1;
+                v.expect(&r.req_id, e.clone(), now_fetch, now, forget);
+                if now_fetch {
+                    fetch.push((r.req_id.clone(), e));
+                }
             }
             for r in md.push_register.iter().filter(|r| !r.notify_only) {
                 let (local, group_lens) = flat(&r.local_block_ids);
@@ -340,7 +345,17 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             r.extend(v.poll(now));
             (r, v.take_unfetched_landed())
         };
-        for (req, e) in fetch {
+        for (req, mut e) in fetch {
+            if self.cfg.pp_size > 1 && e.offered.is_some() {
+                // A pull load under pipeline parallelism: its P rank, if comparable.
+                let src = self.shared.state().core.digest_source(&e.host, e.port, self.cfg.pp_rank, self.cfg.tp_rank);
+                let Some((host, port)) = src else {
+                    let why = "P's pipeline stages or TP ranks hold other layers or heads than this D rank: not comparable";
+                    lock(&self.integrity.verifier).on_reply(&req, DigestSet::missing(why));
+                    continue;
+                };
+                (e.host, e.port) = (host, port);
+            }
             self.fetch_digests(req, &e);
         }
         for (req, e, set) in ready.drain(..) {

@@ -1,11 +1,16 @@
 //! Push mode on the engine thread: a step's push metadata (P: requests computing or
 //! finished; D: registrations to send, aborts), and the forward's layer and end signals,
 //! all handed to the writer thread as `Work` or to the side channel.
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
+use kvbridge_core::ranks::{self, RankAddr};
 use kvbridge_core::transport::Transport;
-use kvbridge_core::wire::{ConnectorMetadata, PushRegistration, WIRE_VERSION};
-use kvbridge_core::worker::push_plan;
+use kvbridge_core::wire::{self, ConnectorMetadata, HandshakePayload, HandshakeRequest, PushRegistration, MAX_HANDSHAKE_BYTES, WIRE_VERSION};
+use kvbridge_core::worker::push_plan::{self, PushCtl};
+
+use crate::side_channel::SideChannel;
 
 use super::push_state::{Fence, Work};
 use super::{lock_ctl, now_unix, WorkerDriver};
@@ -63,12 +68,19 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                     c.receiver.on_registered(&r.req_id, ranks.len() as u32, deadline);
                     c.d_blocks.insert(r.req_id.clone(), r.local_block_ids.concat());
                 }
+                let table = c.tables.get(&(r.host.clone(), r.port)).cloned();
                 for q in ranks {
-                    let Some(port) = u16::try_from(q).ok().and_then(|q| r.port.checked_add(q)) else { continue };
                     c.stats.registrations_sent += 1;
+                    // Rank 0 is the directory itself; another rank's address comes from
+                    // the directory's table (fetched once per P engine, below).
+                    let to = match (&table, q) {
+                        (_, 0) => Some((r.host.clone(), r.port)),
+                        (Some(t), q) => ranks::resolve(t, &r.host, r.port, 0, q, r.tp_size),
+                        (None, _) => None,
+                    };
                     sends.push((
-                        r.host.clone(),
-                        port,
+                        to,
+                        (r.host.clone(), r.port, q, r.tp_size),
                         PushRegistration {
                             version: WIRE_VERSION,
                             transfer_id: r.transfer_id.clone(),
@@ -97,17 +109,45 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         for w in work {
             self.send_work(w);
         }
-        for (host, port, reg) in sends {
-            let push = self.push.clone();
-            let req = reg.request_id.clone();
-            tracing::debug!(request_id = %req, %host, port, "kvbridge: registering blocks with the prefill engine");
-            self.side.register(host.clone(), port, reg, self.cfg.handshake_timeout, move |res| {
-                if let Err(reason) = res {
-                    tracing::error!(request_id = %req, %host, port, %reason, "kvbridge: push registration failed");
-                    lock_ctl(&push).receiver.on_registration_failed(&req, format!("registration with {host}:{port} failed: {reason}"));
-                }
-            });
+        let mut later: HashMap<(String, u16), Vec<(u32, u32, PushRegistration)>> = HashMap::new();
+        for (to, (dir_host, dir_port, q, p_tp), reg) in sends {
+            match to {
+                Some((host, port)) => send_registration(&self.side, &self.push, host, port, reg, self.cfg.handshake_timeout),
+                None => later.entry((dir_host, dir_port)).or_default().push((q, p_tp, reg)),
+            }
         }
+        for ((host, port), regs) in later {
+            self.register_via_directory(host, port, regs);
+        }
+    }
+
+    /// D: fetch P's rank table from its directory (`host:port`), keep it, then send `regs`
+    /// (`(P rank, P TP size, registration)`) where it says. A directory that cannot be
+    /// reached or has no table: the single-host arithmetic (`port + rank`), as before.
+    fn register_via_directory(&self, host: String, port: u16, regs: Vec<(u32, u32, PushRegistration)>) {
+        let req = HandshakeRequest { version: WIRE_VERSION, from_engine: self.cfg.engine_id.clone(), from_tp_rank: self.cfg.tp_rank };
+        let (side, push, timeout) = (self.side.clone(), self.push.clone(), self.cfg.handshake_timeout);
+        let retries = self.cfg.handshake_retries;
+        self.side.clone().fetch(host.clone(), port, req, timeout, retries, move |res| {
+            let table: Vec<RankAddr> = res
+                .ok()
+                .and_then(|b| wire::decode::<HandshakePayload>("HandshakePayload", &b, MAX_HANDSHAKE_BYTES).ok())
+                .map(|p| p.ranks.into_iter().take(ranks::MAX_RANKS).collect())
+                .unwrap_or_default();
+            if !table.is_empty() {
+                let mut c = lock_ctl(&push);
+                if c.tables.len() >= 4096 {
+                    c.tables.clear();
+                }
+                c.tables.insert((host.clone(), port), table.clone());
+            }
+            for (q, p_tp, reg) in regs {
+                match ranks::resolve(&table, &host, port, 0, q, p_tp) {
+                    Some((h, p)) => send_registration(&side, &push, h, p, reg, timeout),
+                    None => lock_ctl(&push).receiver.on_registration_failed(&reg.request_id, format!("no address for rank {q} of {host}:{port}")),
+                }
+            }
+        });
     }
 
     /// Push, P: layer `layer_name` is computed in the running forward. Never blocks on
@@ -152,4 +192,19 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         let computing = std::mem::take(&mut lock_ctl(&self.push).computing);
         self.send_work(Work::ForwardDone { computing, fence });
     }
+}
+
+
+/// D: send a registration to P rank at `host:port`; a refusal or delivery failure fails the
+/// request's load.
+fn send_registration(side: &SideChannel, push: &Arc<Mutex<PushCtl>>, host: String, port: u16, reg: PushRegistration, timeout: std::time::Duration) {
+    let push = push.clone();
+    let req = reg.request_id.clone();
+    tracing::debug!(request_id = %req, %host, port, "kvbridge: registering blocks with the prefill engine");
+    side.register(host.clone(), port, reg, timeout, move |res| {
+        if let Err(reason) = res {
+            tracing::error!(request_id = %req, %host, port, %reason, "kvbridge: push registration failed");
+            lock_ctl(&push).receiver.on_registration_failed(&req, format!("registration with {host}:{port} failed: {reason}"));
+        }
+    });
 }

@@ -30,6 +30,25 @@ impl PullWorker {
             .collect()
     }
 
+    /// Pipeline parallel, `kv_integrity`: where to fetch the digests of a load from the ready
+    /// peer whose directory is `host:port`: P rank (`pp`, `tp`), when it is the one P rank
+    /// this rank reads (P and D cut stages and heads alike, so their regions can match).
+    /// `None`: this rank reads other or several P ranks, or the peer is not ready.
+    pub fn digest_source(&self, host: &str, port: u16, pp: u32, tp: u32) -> Option<(String, u16)> {
+        let suffix = format!("@{host}:{port}");
+        let (peer, plan) = self.engines.iter().find_map(|(k, e)| match e {
+            Engine::Ready { plan, .. } if k.ends_with(&suffix) => Some((k, plan)),
+            _ => None,
+        })?;
+        let p_tp = plan.tp.remote_tp_size;
+        let g = pp.checked_mul(p_tp)?.checked_add(tp)?;
+        if plan.sources != [g] {
+            return None;
+        }
+        let table = self.rank_addrs.get(peer).map_or(&[][..], Vec::as_slice);
+        crate::ranks::resolve(table, host, port, pp, tp, p_tp)
+    }
+
     /// A heartbeat to `peer` for P's requests `ids` was answered (or not). Held leases
     /// get a local deadline (measured from when the heartbeat was sent, so it errs
     /// early); expired ones fail their request before (or, if in flight, after) the READ,
