@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use kvbridge_core::ranks::{self, RankAddr};
 use kvbridge_core::transport::Transport;
-use kvbridge_core::wire::{self, ConnectorMetadata, HandshakePayload, HandshakeRequest, PushRegistration, MAX_HANDSHAKE_BYTES, WIRE_VERSION};
+use kvbridge_core::wire::{
+    self, ConnectorMetadata, HandshakePayload, HandshakeRequest, PushRegistration, MAX_HANDSHAKE_BYTES, WIRE_VERSION,
+};
 use kvbridge_core::worker::push_plan::{self, PushCtl};
 
 use crate::side_channel::SideChannel;
@@ -144,7 +146,9 @@ impl<T: Transport + 'static> WorkerDriver<T> {
             for (q, p_tp, reg) in regs {
                 match ranks::resolve(&table, &host, port, 0, q, p_tp) {
                     Some((h, p)) => send_registration(&side, &push, h, p, reg, timeout),
-                    None => lock_ctl(&push).receiver.on_registration_failed(&reg.request_id, format!("no address for rank {q} of {host}:{port}")),
+                    None => lock_ctl(&push)
+                        .receiver
+                        .on_registration_failed(&reg.request_id, format!("no address for rank {q} of {host}:{port}")),
                 }
             }
         });
@@ -194,10 +198,16 @@ impl<T: Transport + 'static> WorkerDriver<T> {
     }
 }
 
-
 /// D: send a registration to P rank at `host:port`; a refusal or delivery failure fails the
 /// request's load.
-fn send_registration(side: &SideChannel, push: &Arc<Mutex<PushCtl>>, host: String, port: u16, reg: PushRegistration, timeout: std::time::Duration) {
+fn send_registration(
+    side: &SideChannel,
+    push: &Arc<Mutex<PushCtl>>,
+    host: String,
+    port: u16,
+    reg: PushRegistration,
+    timeout: std::time::Duration,
+) {
     let push = push.clone();
     let req = reg.request_id.clone();
     tracing::debug!(request_id = %req, %host, port, "kvbridge: registering blocks with the prefill engine");
