@@ -196,6 +196,10 @@ pub struct ConnectorMetadata {
     /// D: lease heartbeats to send now, one batch per remote engine.
     #[serde(default)]
     pub heartbeats: Vec<HeartbeatTarget>,
+    /// D: requests whose leases started being renewed since the last step (nothing is
+    /// sent for them now): the worker adds them to the leases it releases on shutdown.
+    #[serde(default)]
+    pub tracked: Vec<HeartbeatTarget>,
     /// P, pull with staging: blocks to copy into staging slots after this step's forward.
     #[serde(default)]
     pub stage: Vec<StageReq>,
@@ -230,6 +234,7 @@ impl ConnectorMetadata {
             && self.push_register.is_empty()
             && self.push_aborted.is_empty()
             && self.heartbeats.is_empty()
+            && self.tracked.is_empty()
             && self.stage.is_empty()
             && self.digest.is_empty()
     }

@@ -92,8 +92,9 @@ fn d_reads_p_ranks_on_different_hosts_from_the_directory_table() {
     assert_eq!(d.stats().handshakes_ok, 1);
     assert!(decoy.accept().is_err(), "D dialled rank 1 by port arithmetic at {}:{}", HOSTS[0], pp + 1);
 
-    // D shuts down with a request it has heard of but not read (P holds p2): it tells both
-    // P ranks, at their own hosts, and they free p2 at once instead of at lease expiry.
+    // D shuts down with requests it has heard of but not read (P holds p2, then p3): it
+    // tells both P ranks, at their own hosts, and they free them at once instead of at
+    // lease expiry.
     p_sched.get_num_new_matched_tokens("p2", TOKENS, 0, Some(dec));
     let f = p_sched.request_finished("p2", &[6, 7, 8], FinishReason::LengthCapped, TOKENS, Some(dec), now_unix());
     let md = p_sched.build_connector_meta().to_bytes().expect("metadata");
@@ -111,11 +112,26 @@ fn d_reads_p_ranks_on_different_hosts_from_the_directory_table() {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert!(p.iter().all(|w| w.accounting()["held_requests"] == 1));
-    assert_eq!(d.shutdown(Duration::from_secs(5)), 2, "each P rank released p2");
+    // p3 reaches D after that batch (the next one is a sixth of the lease away): D's
+    // scheduler reports it in the step's `tracked`, so the shutdown releases it too.
+    p_sched.get_num_new_matched_tokens("p3", TOKENS, 0, Some(dec));
+    let f = p_sched.request_finished("p3", &[13, 14, 15], FinishReason::LengthCapped, TOKENS, Some(dec), now_unix());
+    let md = p_sched.build_connector_meta().to_bytes().expect("metadata");
+    for w in &p {
+        w.start_load(&md).expect("P start_load");
+    }
+    let params = f.kv_transfer_params.expect("params").to_string();
+    d_sched.get_num_new_matched_tokens("d3", TOKENS, 0, Some(&params));
+    let md = d_sched.build_connector_meta();
+    assert!(md.heartbeats.is_empty() && md.tracked.len() == 1, "no batch due, p3 tracked: {md:?}");
+    d.start_load(&md.to_bytes().expect("metadata")).expect("D start_load (tracked)");
+    assert!(p.iter().all(|w| w.accounting()["held_requests"] == 2));
+    assert_eq!(d.shutdown(Duration::from_secs(5)), 4, "each P rank released p2 and p3");
     for w in &p {
         let a = w.accounting();
         assert_eq!((a["held_requests"].as_u64(), a["expired_leases"].as_u64()), (Some(0), Some(0)), "{a}");
-        assert!(w.get_finished().sending.iter().any(|r| r == "p2"), "P reports p2's blocks free");
+        let freed = w.get_finished().sending;
+        assert!(["p2", "p3"].iter().all(|r| freed.iter().any(|f| f == r)), "P reports p2's and p3's blocks free: {freed:?}");
     }
     assert!(decoy.accept().is_err(), "a heartbeat went to the port arithmetic's address");
 }

@@ -107,6 +107,8 @@ pub struct Heartbeats {
     /// then shared instead of built again.
     last_engine: Option<Arc<EngineAddr>>,
     last_sent: f64,
+    /// Requests tracked since the last step, per engine (for the workers' shutdown release).
+    fresh: BTreeMap<Arc<EngineAddr>, (u32, Vec<Arc<str>>)>,
     /// Seconds between batches (vLLM: lease / 6).
     pub interval: f64,
 }
@@ -142,7 +144,16 @@ impl Heartbeats {
                 self.by_engine.insert(Arc::clone(&key), (rp.tp_size, BTreeSet::from([Arc::clone(&remote)])));
             }
         }
+        let fresh = self.fresh.entry(Arc::clone(&key)).or_insert_with(|| (rp.tp_size, Vec::new()));
+        if fresh.1.len() < MAX_FRESH {
+            fresh.1.push(Arc::clone(&remote));
+        }
         self.by_req.insert(req_id.to_string(), (key, remote));
+    }
+
+    /// The requests tracked since the last call, one target per engine.
+    pub fn take_fresh(&mut self) -> Vec<HeartbeatTarget> {
+        std::mem::take(&mut self.fresh).into_iter().map(|(key, (tp_size, ids))| target(&key, tp_size, ids.iter())).collect()
     }
 
     /// Stop renewing `req_id`'s lease; true if it was being renewed.
@@ -168,16 +179,20 @@ impl Heartbeats {
             return Vec::new();
         }
         self.last_sent = now_unix;
-        self.by_engine
-            .iter()
-            .map(|(key, (tp_size, ids))| HeartbeatTarget {
-                engine_id: key.0.clone(),
-                host: key.1.clone(),
-                port: key.2,
-                tp_size: *tp_size,
-                request_ids: ids.iter().map(|r| r.to_string()).collect(),
-            })
-            .collect()
+        self.by_engine.iter().map(|(key, (tp_size, ids))| target(key, *tp_size, ids.iter())).collect()
+    }
+}
+
+/// Most fresh requests one step reports per engine.
+const MAX_FRESH: usize = 65_536;
+
+fn target<'a>(key: &EngineAddr, tp_size: u32, ids: impl Iterator<Item = &'a Arc<str>>) -> HeartbeatTarget {
+    HeartbeatTarget {
+        engine_id: key.0.clone(),
+        host: key.1.clone(),
+        port: key.2,
+        tp_size,
+        request_ids: ids.map(|r| r.to_string()).collect(),
     }
 }
 
@@ -401,6 +416,7 @@ impl SchedulerBase {
             push_aborted: std::mem::take(&mut self.step_push_aborted),
             epoch: self.epoch,
             heartbeats: std::mem::take(&mut self.step_heartbeats),
+            tracked: self.heartbeats.take_fresh(),
             stage: std::mem::take(&mut self.step_stage),
             digest: std::mem::take(&mut self.step_digest),
         }

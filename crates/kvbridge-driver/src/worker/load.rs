@@ -43,6 +43,33 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         }
     }
 
+    /// D: requests the scheduler started renewing since the last batch join that batch's
+    /// set, so a shutdown releases them too (a request read since is released harmlessly:
+    /// P no longer holds it).
+    fn remember_tracked(&self, targets: Vec<wire::HeartbeatTarget>) {
+        let Ok(mut last) = self.last_heartbeats.lock() else { return };
+        for t in targets {
+            let peer = format!("{}@{}:{}", t.engine_id, t.host, t.port);
+            let full = last.len() >= 4096;
+            match last.get_mut(&peer) {
+                Some(have) => {
+                    have.tp_size = t.tp_size;
+                    let new: Vec<String> = {
+                        let seen: std::collections::HashSet<&str> = have.request_ids.iter().map(String::as_str).collect();
+                        t.request_ids.into_iter().filter(|i| !seen.contains(i.as_str())).collect()
+                    };
+                    if have.request_ids.len() + new.len() <= 65_536 {
+                        have.request_ids.extend(new);
+                    }
+                }
+                None if !full => {
+                    last.insert(peer, t);
+                }
+                None => {}
+            }
+        }
+    }
+
     /// Bind a step's metadata (opaque bytes from the scheduler) and start loads.
     pub fn start_load(&self, metadata: &[u8]) -> Result<(), Error> {
         let mut md = ConnectorMetadata::from_bytes(metadata)?;
@@ -53,6 +80,10 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         let hb = std::mem::take(&mut md.heartbeats);
         if !hb.is_empty() {
             self.send_heartbeats(hb);
+        }
+        let tracked = std::mem::take(&mut md.tracked);
+        if !tracked.is_empty() {
+            self.remember_tracked(tracked);
         }
         let stage = std::mem::take(&mut md.stage);
         if !stage.is_empty() {
