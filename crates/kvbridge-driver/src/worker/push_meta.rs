@@ -14,6 +14,9 @@ use kvbridge_core::worker::push_plan::{self, PushCtl};
 
 use crate::side_channel::SideChannel;
 
+/// A registration waiting for P's rank table: (P rank, P TP size, registration).
+type Deferred = (u32, u32, PushRegistration);
+
 use super::push_state::{Fence, Work};
 use super::{lock_ctl, now_unix, WorkerDriver};
 
@@ -111,7 +114,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         for w in work {
             self.send_work(w);
         }
-        let mut later: HashMap<(String, u16), Vec<(u32, u32, PushRegistration)>> = HashMap::new();
+        let mut later: HashMap<(String, u16), Vec<Deferred>> = HashMap::new();
         for (to, (dir_host, dir_port, q, p_tp), reg) in sends {
             match to {
                 Some((host, port)) => send_registration(&self.side, &self.push, host, port, reg, self.cfg.handshake_timeout),
@@ -126,7 +129,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
     /// D: fetch P's rank table from its directory (`host:port`), keep it, then send `regs`
     /// (`(P rank, P TP size, registration)`) where it says. A directory that cannot be
     /// reached or has no table: the single-host arithmetic (`port + rank`), as before.
-    fn register_via_directory(&self, host: String, port: u16, regs: Vec<(u32, u32, PushRegistration)>) {
+    fn register_via_directory(&self, host: String, port: u16, regs: Vec<Deferred>) {
         let req = HandshakeRequest { version: WIRE_VERSION, from_engine: self.cfg.engine_id.clone(), from_tp_rank: self.cfg.tp_rank };
         let (side, push, timeout) = (self.side.clone(), self.push.clone(), self.cfg.handshake_timeout);
         let retries = self.cfg.handshake_retries;
