@@ -12,8 +12,12 @@ use serde_json::Value;
 use crate::error::ConfigError;
 use crate::integrity::{IntegrityMode, DEFAULT_SAMPLE_EVERY};
 
-/// The documented guide for moving off `kv_both`.
-pub const KV_BOTH_MIGRATION_DOC: &str = "docs/migration-kv-both.md";
+/// The documented guide for moving off `kv_both`: how to read it from an installed wheel,
+/// and where it is in the source.
+pub const KV_BOTH_MIGRATION_DOC: &str = "`python -m kvbridge.docs migration` (docs/migration-kv-both.md in the source)";
+/// Set to `1`/`true` (or `reject_kv_both: true` in `kv_connector_extra_config`) to refuse
+/// `kv_role: "kv_both"` at start-up now, as a later release will.
+pub const REJECT_KV_BOTH_ENV: &str = "KVBRIDGE_REJECT_KV_BOTH";
 
 /// What an engine does in a P/D pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,6 +256,7 @@ pub const EXTRA_KEYS: &[&str] = &[
     "side_channel_hosts",
     "side_channel_port",
     "enforce_handshake_compat",
+    "reject_kv_both",
     "num_threads",
     "coalesce_descriptors",
     "null_block_id",
@@ -412,6 +417,16 @@ impl ConnectorConfig {
             Some(other) => Err(ConfigError::InvalidValue { key: key.into(), reason: format!("expected a boolean, got {other}") }),
         };
         let enforce_handshake_compat = flag("enforce_handshake_compat", true)?;
+        let env_reject = env(REJECT_KV_BOTH_ENV).is_some_and(|v| matches!(v.trim(), "1" | "true" | "yes"));
+        if role == KvRole::Both && (flag("reject_kv_both", false)? || env_reject) {
+            return Err(ConfigError::InvalidValue {
+                key: "kv_role".into(),
+                reason: format!(
+                    "\"kv_both\" is refused here (reject_kv_both / {REJECT_KV_BOTH_ENV}): run the prefill engine with \
+                     \"kv_producer\" and the decode engine with \"kv_consumer\"; see {KV_BOTH_MIGRATION_DOC}"
+                ),
+            });
+        }
         let coalesce_descriptors = flag("coalesce_descriptors", true)?;
         let push_registration_timeout = secs("push_registration_timeout", DEFAULT_PUSH_REGISTRATION_SECS)?;
         let kv_staging_blocks = match extra.get("kv_staging_blocks") {
@@ -567,17 +582,26 @@ impl ConnectorConfig {
         }
     }
 
-    /// Log role-related start-up facts: the role, and the one `kv_both` deprecation warning.
+    /// Log role-related start-up facts: the role, and (`side == "scheduler"`, one per
+    /// engine: its workers stay quiet) the `kv_both` deprecation warning.
     pub fn log_startup(&self, side: &str) {
         tracing::info!(engine_id = %self.engine_id, role = self.role.as_str(), mode = self.mode.as_str(),
             side, "kvbridge connector starting");
-        if self.role == KvRole::Both {
-            tracing::warn!(
-                "kv_role=\"kv_both\" is deprecated in kvbridge: run the prefill engine with \
-                 kv_role=\"kv_producer\" and the decode engine with kv_role=\"kv_consumer\". \
-                 See {KV_BOTH_MIGRATION_DOC}."
-            );
+        if let Some(w) = self.deprecation(side) {
+            tracing::warn!("{w}");
         }
+    }
+
+    /// The `kv_both` deprecation warning `side` logs at start-up: the scheduler's (one per
+    /// engine), never a worker's.
+    pub fn deprecation(&self, side: &str) -> Option<String> {
+        (self.role == KvRole::Both && side == "scheduler").then(|| {
+            format!(
+                "kv_role=\"kv_both\" is deprecated in kvbridge: run the prefill engine with kv_role=\"kv_producer\" and the \
+                 decode engine with kv_role=\"kv_consumer\". Migration guide: {KV_BOTH_MIGRATION_DOC}. To refuse kv_both \
+                 now, set {REJECT_KV_BOTH_ENV}=1 or reject_kv_both: true."
+            )
+        })
     }
 }
 

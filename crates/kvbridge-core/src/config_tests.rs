@@ -89,9 +89,33 @@ fn rejects_bad_values() {
 }
 
 #[test]
-fn kv_both_is_accepted() {
+fn kv_both_is_accepted_with_one_warning_per_engine() {
     let c = ConnectorConfig::from_json(r#"{"kv_role":"kv_both","engine_id":"e"}"#, EngineInfo::default(), no_env).unwrap();
     assert!(c.role.can_consume() && c.role.can_produce());
+    let w = c.deprecation("scheduler").expect("the scheduler warns");
+    assert!(w.contains("python -m kvbridge.docs migration") && w.contains("KVBRIDGE_REJECT_KV_BOTH"), "{w}");
+    assert_eq!(c.deprecation("worker"), None, "workers stay quiet: one warning per engine");
+    for role in ["kv_producer", "kv_consumer"] {
+        let c = ConnectorConfig::from_json(&format!(r#"{{"kv_role":"{role}","engine_id":"e"}}"#), EngineInfo::default(), no_env).unwrap();
+        assert_eq!(c.deprecation("scheduler"), None, "{role}");
+    }
+}
+
+#[test]
+fn kv_both_is_refused_when_opted_in() {
+    let key = r#"{"kv_role":"kv_both","engine_id":"e","kv_connector_extra_config":{"reject_kv_both":true}}"#;
+    let env = |k: &str| (k == "KVBRIDGE_REJECT_KV_BOTH").then(|| "1".to_string());
+    for e in [
+        ConnectorConfig::from_json(key, EngineInfo::default(), no_env).unwrap_err(),
+        ConnectorConfig::from_json(r#"{"kv_role":"kv_both","engine_id":"e"}"#, EngineInfo::default(), env).unwrap_err(),
+    ] {
+        let m = e.to_string();
+        assert!(m.contains("kv_role") && m.contains("kv_producer") && m.contains("python -m kvbridge.docs migration"), "{m}");
+    }
+    // Explicit roles are never refused; reject_kv_both=false keeps kv_both working.
+    assert!(ConnectorConfig::from_json(r#"{"kv_role":"kv_producer","engine_id":"e"}"#, EngineInfo::default(), env).is_ok());
+    let off = r#"{"kv_role":"kv_both","engine_id":"e","kv_connector_extra_config":{"reject_kv_both":false}}"#;
+    assert!(ConnectorConfig::from_json(off, EngineInfo::default(), no_env).is_ok());
 }
 
 #[test]

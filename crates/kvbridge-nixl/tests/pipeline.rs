@@ -31,7 +31,7 @@ fn spec(tp: u32, rank: u32, first_layer: u32, layers: u32) -> Spec {
 fn config(role: &str, engine: &str, port: u16, tp: (u32, u32), pp: (u32, u32)) -> ConnectorConfig {
     let compat = CompatInfo { model: "pipeline".into(), block_size: 16, ..Default::default() };
     let json = format!(
-        r#"{{"kv_role":"{role}","engine_id":"{engine}","kv_connector_extra_config":{{"side_channel_host":"127.0.0.1","side_channel_port":{port},"handshake_timeout":2,"handshake_retries":0}}}}"#
+        r#"{{"kv_role":"{role}","engine_id":"{engine}","kv_connector_extra_config":{{"side_channel_host":"127.0.0.1","side_channel_port":{port},"handshake_timeout":10}}}}"#
     );
     let info = EngineInfo { tp_size: tp.0, tp_rank: tp.1, pp_size: pp.0, pp_rank: pp.1, compat, ..Default::default() };
     ConnectorConfig::from_json(&json, info, |_| None).expect("config")
@@ -119,7 +119,7 @@ fn d_stages_read_their_layers_from_the_p_stages_that_hold_them() {
     wait("D stages 0 and 2 load", || {
         for s in [0, 2] {
             let f = d[s].get_finished();
-            assert!(f.failed_recving.is_empty(), "stage {s} failed: {f:?}");
+            assert!(f.failed_recving.is_empty(), "stage {s} failed: {f:?} {}", d[s].accounting());
             done[s] |= f.recving.iter().any(|r| r == "d1");
         }
         done[0] && done[2]
@@ -139,7 +139,7 @@ fn d_stages_read_their_layers_from_the_p_stages_that_hold_them() {
     d[1].start_load(&d_md).expect("D start_load");
     wait("D stage 1 loads and every P rank frees p1", || {
         let f = d[1].get_finished();
-        assert!(f.failed_recving.is_empty(), "stage 1 failed: {f:?}");
+        assert!(f.failed_recving.is_empty(), "stage 1 failed: {f:?} {}", d[1].accounting());
         done[1] |= f.recving.iter().any(|r| r == "d1");
         sent(&p, &mut freed);
         done[1] && freed.iter().all(|&x| x)
