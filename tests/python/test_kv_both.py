@@ -15,6 +15,11 @@ import sys
 import pytest
 from helpers import REPO  # puts kvbridge on sys.path
 
+import kvbridge
+
+#: The directory holding the kvbridge package in use (an installed wheel or <repo>/python).
+PACKAGE_ROOT = str(os.path.dirname(os.path.dirname(os.path.abspath(kvbridge.__file__))))
+
 PROBE = r"""
 import json, logging, sys, time
 from kvbridge import _native, nixl_lib_dir
@@ -44,7 +49,7 @@ print(json.dumps({"records": records, "error": error}))
 
 def probe(role: str, extra: dict | None = None, env: dict[str, str] | None = None) -> dict:
     e = {k: v for k, v in os.environ.items() if k != "KVBRIDGE_REJECT_KV_BOTH"}
-    e.update(UCX_NET_DEVICES="lo", PYTHONPATH=str(REPO / "python"), **(env or {}))
+    e.update(UCX_NET_DEVICES="lo", PYTHONPATH=PACKAGE_ROOT, **(env or {}))
     out = subprocess.run([sys.executable, "-c", PROBE, role, json.dumps(extra or {})], env=e,
                          capture_output=True, text=True, timeout=120, cwd="/tmp")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -87,6 +92,6 @@ def test_the_guide_ships_with_the_package_and_prints() -> None:
         "python/kvbridge/guides/migration-kv-both.md must be a copy of docs/migration-kv-both.md"
     )
     out = subprocess.run([sys.executable, "-m", "kvbridge.docs", "migration"], capture_output=True, text=True, timeout=60,
-                         env=dict(os.environ, PYTHONPATH=str(REPO / "python")), cwd="/tmp")  # fmt: skip
+                         env=dict(os.environ, PYTHONPATH=PACKAGE_ROOT), cwd="/tmp")  # fmt: skip
     assert out.returncode == 0 and out.stdout == shipped
     assert "KVBRIDGE_REJECT_KV_BOTH" in shipped and "What each role skips" in shipped

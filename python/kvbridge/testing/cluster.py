@@ -38,7 +38,6 @@ import httpx
 
 #: The directory holding the ``kvbridge`` package in use (``<repo>/python`` or site-packages).
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-PROXY_SCRIPT = PACKAGE_ROOT / "kvbridge" / "proxy.py"
 
 VOCAB_SIZE = 4096
 BLOCK_SIZE = 128  # vLLM's CPU backend block size (tokens per KV block)
@@ -189,6 +188,8 @@ class Cluster:
         p_server_args: tuple[str, ...] = (),
         p_dp: int = 1,
         pp: tuple[int, int] = (1, 1),
+        n_prefill: int = 1,
+        proxy_args: tuple[str, ...] = (),
     ) -> None:
         if connector not in CONNECTORS:
             raise ValueError(f"connector must be one of {sorted(CONNECTORS)}, not {connector!r}")
@@ -208,6 +209,10 @@ class Cluster:
         self.p_server_args = tuple(p_server_args)
         self.p_dp = p_dp
         self.pp = pp
+        #: More prefill servers ("prefill2", ...: HTTP port ``p_port + i``, side port
+        #: ``side_ports[0] + 16 * i``), all behind the proxy, which gets ``proxy_args`` too.
+        self.prefills = ["prefill"] + [f"prefill{i + 1}" for i in range(1, n_prefill)]
+        self.proxy_args = tuple(proxy_args)
         self.model_dir = str(Path(model_dir).resolve())
         self.connector = connector
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="kvbridge-cluster-"))
@@ -350,8 +355,10 @@ class Cluster:
         return str(side) if self.tp[side] == 1 and self.pp[side] == 1 and (side or self.p_dp == 1) else "nobind"
 
     def _server(self, name: str) -> tuple[list[str], dict[str, str], str]:
-        if name == "prefill":
-            return self._server_cmd("kv_producer", self.p_port), self._env(self._cpus(0), self.side_ports[0]), self.p_url
+        if name in self.prefills:
+            i = self.prefills.index(name)
+            url = f"http://127.0.0.1:{self.p_port + i}"
+            return self._server_cmd("kv_producer", self.p_port + i), self._env(self._cpus(0), self.side_ports[0] + 16 * i), url
         if name == "decode":
             return self._server_cmd("kv_consumer", self.d_port), self._env(self._cpus(1), self.side_ports[1]), self.d_url
         raise ValueError(f"no server named {name!r}")
@@ -440,6 +447,7 @@ class Cluster:
     def start(self) -> Cluster:
         """Start P and D in parallel, then the proxy; return when all answer /health."""
         ports = [self.p_port, self.d_port, self.proxy_port, *self.side_ports]
+        ports += [q for i in range(1, len(self.prefills)) for q in (self.p_port + i, self.side_ports[0] + 16 * i)]
         busy = [p for p in ports if not _port_free(p)]
         if busy:
             raise RuntimeError(f"ports already in use on 127.0.0.1: {busy} (a leftover server?)")
@@ -448,14 +456,13 @@ class Cluster:
             self._atexit = True
         try:
             deadline = time.monotonic() + self.start_timeout
-            for name in ("prefill", "decode"):
+            for name in (*self.prefills, "decode"):
                 self._spawn(name, *self._server(name))
-            self._wait_healthy(["prefill", "decode"], deadline)
-            # Run proxy.py as a script: it needs neither the package's __init__ nor _native.
+            self._wait_healthy([*self.prefills, "decode"], deadline)
             proxy_cmd = [
-                self.python, str(PROXY_SCRIPT), "--host", "127.0.0.1",
-                "--port", str(self.proxy_port), "--prefill", self.p_url, "--decode", self.d_url,
-                "--mode", "push" if self.connector == "kvbridge-push" else "pull",
+                self.python, "-m", "kvbridge.proxy", "--host", "127.0.0.1",
+                "--port", str(self.proxy_port), "--prefill", *(self.procs[n].url for n in self.prefills), "--decode", self.d_url,
+                "--mode", "push" if self.connector == "kvbridge-push" else "pull", *self.proxy_args,
             ]  # fmt: skip
             self._spawn("proxy", proxy_cmd, self._env(), self.proxy_url)
             self._wait_healthy(["proxy"], time.monotonic() + 60.0)
@@ -466,7 +473,7 @@ class Cluster:
 
     def stop(self) -> None:
         """Kill every process group (and stray descendants); idempotent."""
-        for name in ("proxy", "decode", "prefill"):
+        for name in ("proxy", "decode", *self.prefills):
             proc = self.procs.pop(name, None)
             if proc is not None:
                 _kill_group(proc.popen)
