@@ -69,7 +69,7 @@ from packaging.requirements import Requirement  # noqa: E402
 
 reqs = [Requirement(r) for r in metadata.requires("kvbridge") or []]
 base = [r for r in reqs if r.marker is None]
-assert {r.name for r in base} == {"httpx", "fastapi", "uvicorn"}, base
+assert {r.name for r in base} == {"httpx", "fastapi", "uvicorn", "prometheus-client"}, base
 for r in base:
     have = metadata.version(r.name)
     assert r.specifier.contains(have, prereleases=True), f"{r.name} {have} does not satisfy {r}"
