@@ -15,12 +15,13 @@ export KVBRIDGE_PYTHON := $(PY)
 CARGO_TOOLS := $(KVBRIDGE_CACHE)/cargo-tools
 ZMTP_FUZZ_SECONDS ?= 120
 
-.PHONY: help setup wheel install install-test test test-rust test-python test-wheel demo bench bench-e2e bench-plan bench-transfer bench-integrity bench-overhead fuzz gpu-bundle clean
+.PHONY: help setup wheel install install-test test test-rust test-python test-wheel demo bench bench-e2e bench-serve bench-plan bench-transfer bench-integrity bench-overhead fuzz gpu-bundle clean
 help:
 	@echo "make demo   - real P/D disaggregated generation with vLLM + kvbridge (tiny model)"
 	@echo "make test   - every test: Rust unit + NIXL integration + the Rust engine example, pytest with real vLLM, the wheel in a fresh venv"
 	@echo "make bench  - benches/pd_ttft.py + benches/critical_path.py: kvbridge vs vLLM NixlConnector (TTFT, first contact, in-vLLM READ time, post time)"
 	@echo "make bench-e2e  - pd_ttft matrix (512/2048/8192 tokens x concurrency 1/4/8) + push vs pull (~50 min)"
+	@echo "make bench-serve - benches/bench_serve.py: vLLM's bench serve vs P/D (kvbridge pull/push/staged, NixlConnector) and an aggregated instance"
 	@echo "make bench-plan - benches/plan_vs_numpy.py: plan vs vLLM numpy, coalescing vs raw NIXL"
 	@echo "make bench-transfer - benches/transfer.py: kvbridge vs raw NIXL vs memcpy, 1 MiB..1 GiB"
 	@echo "make bench-integrity - benches/integrity.py: kv_integrity digest cost vs the READ, corruptions caught"
@@ -89,6 +90,9 @@ bench-e2e: install
 	$(PY) benches/pd_ttft.py --lengths 512 2048 8192 --reps 6 --conc 4 8 --rounds 1 --out benches/results/pd_ttft_e2e.json
 	$(PY) benches/push_ttft.py --only kvbridge-push-layerwise kvbridge-pull --lengths 512 2048 --conc 1 4 8 --reps 2 \
 	  --out benches/results/push_ttft_e2e.json --plot docs/img/push_ttft_e2e.png
+
+bench-serve: install
+	$(PY) benches/bench_serve.py
 
 bench-plan: setup
 	$(PY) benches/plan_vs_numpy.py
