@@ -79,8 +79,10 @@ def case_cluster(request: pytest.FixtureRequest, model_dir: Path) -> Iterator[tu
     model = make_mqa_model(model_dir.parent / "tiny-llama-mqa") if case.kv_heads == 1 else model_dir
     i = CASES.index(case)
     # Generous deadlines: two TP-2 engines share this box's two cores with vLLM's workers
-    # busy-polling their message queues, so a side-channel answer can wait seconds for a core.
-    extra: dict = {"handshake_timeout": 30, "kv_lease_duration": 120}
+    # busy-polling their message queues, so a side-channel answer can wait for a core: a
+    # clean-clone run saw P's directory answer a first contact only after 64 s (P's engine
+    # stepping while it held the prefill's lease, its API server's /health silent as long).
+    extra: dict = {"handshake_timeout": 60, "kv_lease_duration": 240}
     if case.hosts:
         extra["side_channel_hosts"] = HOSTS
     c = Cluster(
