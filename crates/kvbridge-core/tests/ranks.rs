@@ -131,7 +131,7 @@ fn ranks_listen_by_dp_pp_tp_at_their_own_hosts() {
     let hosts = r#","side_channel_hosts":["10.0.0.1","10.0.0.2","10.0.0.3","10.0.0.4"]"#;
     let mut c = cfg("P", hosts, 2, 1, (1, 0));
     assert_eq!((c.local_host(), c.local_listener_port()), ("10.0.0.2", Some(7001)));
-    // Stage rows (a PP engine is refused by the config for now; its ranks are keyed already).
+    // Stage rows: every (pp, tp) rank its own port and host.
     (c.pp_size, c.pp_rank) = (2, 1);
     assert_eq!((c.local_host(), c.local_listener_port()), ("10.0.0.4", Some(7003)));
     assert_eq!((c.advertised_host(), c.advertised_port()), ("10.0.0.1", Some(7000)));
@@ -157,4 +157,24 @@ fn ranks_listen_by_dp_pp_tp_at_their_own_hosts() {
         let e = ConnectorConfig::from_json(&json, EngineInfo::default(), |_| None).unwrap_err();
         assert!(e.to_string().contains("side_channel_hosts"), "{e}");
     }
+}
+
+#[test]
+fn a_directory_listing_pipeline_stages_is_dialled_stage_by_stage_and_a_hostile_one_is_refused() {
+    // P: PP 2 x TP 2 on four hosts. D TP 2 rank 1 reads P TP rank 1 of both stages
+    // (global ranks 1 and 3), each where the table says.
+    let mut t = table();
+    t.push(RankAddr { pp_rank: 1, tp_rank: 0, host: "127.0.0.4".into(), port: 7002 });
+    t.push(RankAddr { pp_rank: 1, tp_rank: 1, host: "127.0.0.5".into(), port: 7003 });
+    let mut w = worker(2, 1);
+    w.on_metadata(recv(2), 0.0);
+    let a = w.on_handshake_payload(PEER, 0, "127.0.0.2:7000", Ok(payload("P", 0, 2, t.clone())), 0.0, 0.0);
+    assert_eq!(handshakes(&a), vec![(1, "127.0.0.3".into(), 7001), (3, "127.0.0.5".into(), 7003)]);
+    // A table claiming 300 stages: refused before any dialling, the request failed.
+    let mut w = worker(2, 1);
+    w.on_metadata(recv(2), 0.0);
+    t.push(RankAddr { pp_rank: 299, tp_rank: 1, host: "10.9.9.9".into(), port: 9 });
+    let a = w.on_handshake_payload(PEER, 0, "127.0.0.2:7000", Ok(payload("P", 0, 2, t)), 0.0, 0.0);
+    assert!(handshakes(&a).is_empty(), "{a:?}");
+    assert_eq!(w.base.take_finished().failed_recving, vec!["d1".to_string()]);
 }

@@ -99,8 +99,15 @@ impl PullWorker {
         // Pipeline stages: as many as the table lists; every stage's TP sources are asked
         // (a stage holding none of this rank's layers is dropped once its answer shows it).
         let pp_size = table.iter().map(|a| a.pp_rank.saturating_add(1)).max().unwrap_or(1);
-        if pp_size > crate::plan::MAX_PP_SIZE {
-            let e = Error::Other(format!("{peer} lists {pp_size} pipeline stages (at most {})", crate::plan::MAX_PP_SIZE));
+        // A hostile table must not make this rank dial without bound: stages x sources is
+        // capped like the table itself.
+        let too_many = (pp_size as usize).saturating_mul(tp.sources.len()) > crate::ranks::MAX_RANKS;
+        if pp_size > crate::plan::MAX_PP_SIZE || too_many {
+            let e = Error::Other(format!(
+                "{peer} lists {pp_size} pipeline stages (at most {}, and {} ranks to dial in all)",
+                crate::plan::MAX_PP_SIZE,
+                crate::ranks::MAX_RANKS
+            ));
             return self.fail_engine(peer, &e);
         }
         let p_tp = tp.remote_tp_size;
