@@ -70,6 +70,13 @@ impl crate::config::ConnectorConfig {
     }
 }
 
+/// The rank table in a peer's encoded handshake payload, capped at [`MAX_RANKS`] entries
+/// (empty: an older peer, which means the single-node arithmetic).
+pub fn table_of(payload: &[u8]) -> Result<Vec<RankAddr>, crate::error::WireError> {
+    let p: crate::wire::HandshakePayload = crate::wire::decode("HandshakePayload", payload, crate::wire::MAX_HANDSHAKE_BYTES)?;
+    Ok(p.ranks.into_iter().take(MAX_RANKS).collect())
+}
+
 /// The listener port of rank (`dp`, `pp`, `tp`) of an engine whose base port is `base`.
 pub fn listener_port(base: u16, dp: u32, pp: u32, pp_size: u32, tp: u32, tp_size: u32) -> Option<u16> {
     let off = dp.checked_mul(pp_size.max(1))?.checked_add(pp)?.checked_mul(tp_size.max(1))?.checked_add(tp)?;

@@ -8,11 +8,15 @@ use kvbridge_core::config::{ConnectorConfig, TransferMode};
 use kvbridge_core::error::{Error, HandshakeError, TransportError};
 use kvbridge_core::transport::{Transport, XferId, XferPoll};
 use kvbridge_core::wire::{self, ConnectorMetadata, HandshakeRequest, HeartbeatRequest, Notif, WIRE_VERSION};
-use kvbridge_core::worker::pull::Action;
+use kvbridge_core::worker::pull::{peer_key_at, Action};
 use kvbridge_core::worker::FinishedSets;
 
 use super::{lock_ctl, now_unix, Shared, WorkerDriver};
 use crate::side_channel::SideChannel;
+
+/// Most peers, and request ids per peer, D remembers for its shutdown release.
+const RELEASE_PEERS_CAP: usize = 4096;
+const RELEASE_IDS_CAP: usize = 65_536;
 
 /// Attempts to reach a `kv_peers` engine at start-up (about six minutes of backoff).
 const WARM_UP_RETRIES: u32 = 60;
@@ -22,9 +26,9 @@ impl<T: Transport + 'static> WorkerDriver<T> {
     fn send_heartbeats(&self, targets: Vec<wire::HeartbeatTarget>) {
         for t in targets {
             let addrs = self.shared.state().core.heartbeat_addrs(&t.engine_id, &t.host, t.port, t.tp_size);
-            let peer = format!("{}@{}:{}", t.engine_id, t.host, t.port);
+            let peer = peer_key_at(&t.engine_id, &t.host, t.port);
             if let Ok(mut last) = self.last_heartbeats.lock() {
-                if last.len() < 4096 || last.contains_key(&peer) {
+                if last.len() < RELEASE_PEERS_CAP || last.contains_key(&peer) {
                     last.insert(peer.clone(), t.clone());
                 }
             }
@@ -49,8 +53,8 @@ impl<T: Transport + 'static> WorkerDriver<T> {
     fn remember_tracked(&self, targets: Vec<wire::HeartbeatTarget>) {
         let Ok(mut last) = self.last_heartbeats.lock() else { return };
         for t in targets {
-            let peer = format!("{}@{}:{}", t.engine_id, t.host, t.port);
-            let full = last.len() >= 4096;
+            let peer = peer_key_at(&t.engine_id, &t.host, t.port);
+            let full = last.len() >= RELEASE_PEERS_CAP;
             match last.get_mut(&peer) {
                 Some(have) => {
                     have.tp_size = t.tp_size;
@@ -58,7 +62,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
                         let seen: std::collections::HashSet<&str> = have.request_ids.iter().map(String::as_str).collect();
                         t.request_ids.into_iter().filter(|i| !seen.contains(i.as_str())).collect()
                     };
-                    if have.request_ids.len() + new.len() <= 65_536 {
+                    if have.request_ids.len() + new.len() <= RELEASE_IDS_CAP {
                         have.request_ids.extend(new);
                     }
                 }

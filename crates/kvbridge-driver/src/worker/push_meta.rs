@@ -7,9 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use kvbridge_core::ranks::{self, RankAddr};
 use kvbridge_core::transport::Transport;
-use kvbridge_core::wire::{
-    self, ConnectorMetadata, HandshakePayload, HandshakeRequest, PushRegistration, MAX_HANDSHAKE_BYTES, WIRE_VERSION,
-};
+use kvbridge_core::wire::{ConnectorMetadata, HandshakeRequest, PushRegistration, WIRE_VERSION};
 use kvbridge_core::worker::push_plan::{self, PushCtl};
 
 use crate::side_channel::SideChannel;
@@ -134,11 +132,7 @@ impl<T: Transport + 'static> WorkerDriver<T> {
         let (side, push, timeout) = (self.side.clone(), self.push.clone(), self.cfg.handshake_timeout);
         let retries = self.cfg.handshake_retries;
         self.side.clone().fetch(host.clone(), port, req, timeout, retries, move |res| {
-            let table: Vec<RankAddr> = res
-                .ok()
-                .and_then(|b| wire::decode::<HandshakePayload>("HandshakePayload", &b, MAX_HANDSHAKE_BYTES).ok())
-                .map(|p| p.ranks.into_iter().take(ranks::MAX_RANKS).collect())
-                .unwrap_or_default();
+            let table: Vec<RankAddr> = res.ok().and_then(|b| ranks::table_of(&b).ok()).unwrap_or_default();
             if !table.is_empty() {
                 let mut c = lock_ctl(&push);
                 if c.tables.len() >= 4096 {

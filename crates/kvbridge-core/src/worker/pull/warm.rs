@@ -84,7 +84,7 @@ impl PullWorker {
         let (engine_id, tp) = (engine_id.clone(), tp.clone());
         let checked = res.clone().map_err(Error::from).and_then(|b| {
             self.check_payload(&engine_id, addr, &b)?;
-            Ok(wire::decode::<HandshakePayload>("HandshakePayload", &b, MAX_HANDSHAKE_BYTES)?.ranks)
+            Ok(crate::ranks::table_of(&b)?)
         });
         let table = match checked {
             Ok(t) => t,
@@ -95,7 +95,6 @@ impl PullWorker {
             }
         };
         let mut actions = Vec::new();
-        let table: Vec<crate::ranks::RankAddr> = table.into_iter().take(crate::ranks::MAX_RANKS).collect();
         // Pipeline stages: as many as the table lists; every stage's TP sources are asked
         // (a stage holding none of this rank's layers is dropped once its answer shows it).
         let pp_size = table.iter().map(|a| a.pp_rank.saturating_add(1)).max().unwrap_or(1);
