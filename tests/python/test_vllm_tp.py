@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import BLOCK_TOKENS, DTYPE_BYTES, HEAD_DIM, LAYERS, fresh_prompt, log_dir_for, pushed_bytes_since
+from helpers import BLOCK_TOKENS, DTYPE_BYTES, HEAD_DIM, LAYERS, drained_views, fresh_prompt, log_dir_for, logprob_distance
+from helpers import pushed_bytes_since
 from helpers import figure as record
 
-import kvbridge
 from kvbridge.testing.cluster import Cluster, describe_divergence, same_generation
 
 pytestmark = pytest.mark.slow
@@ -104,17 +104,6 @@ def moved_bytes(case: Case, n_tokens: int) -> int:
     return per_head * max(case.kv_heads // d_tp, 1) * d_tp
 
 
-def logprob_distance(a, b) -> float:  # noqa: ANN001
-    """The largest top-2 log-probability difference over the positions both runs share
-    (inf where the candidates differ)."""
-    out = 0.0
-    for g, w in zip(a.top_logprobs, b.top_logprobs):
-        if g.keys() != w.keys():
-            return float("inf")
-        out = max(out, max(abs(g[k] - w[k]) for k in w))
-    return out
-
-
 def rank_ports(c: Cluster, name: str) -> list[tuple[str, int]]:
     side = 0 if name == "prefill" else 1
     hosts = c.extra_config.get("side_channel_hosts") or ["127.0.0.1"] * 2
@@ -122,18 +111,7 @@ def rank_ports(c: Cluster, name: str) -> list[tuple[str, int]]:
 
 
 def drained(c: Cluster, name: str, timeout: float = 60.0) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            # A side channel sharing a core with vLLM's busy-polling workers can answer late.
-            views = [kvbridge.inspect(h, p, 20.0) for h, p in rank_ports(c, name)]
-        except kvbridge.HandshakeError:
-            if time.monotonic() > deadline:
-                raise
-            continue
-        if all(v["held_blocks"] == 0 and v["loading_blocks"] == 0 for v in views) or time.monotonic() > deadline:
-            return views
-        time.sleep(0.1)
+    return drained_views(rank_ports(c, name), timeout)
 
 
 def test_tp_inside_vllm(case_cluster: tuple[Case, Cluster]) -> None:
