@@ -13,11 +13,10 @@
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, runtime_or_skip};
+use common::{free_port, offer, runtime_or_skip};
 use kvbridge_core::config::{CompatInfo, ConnectorConfig, EngineInfo};
-use kvbridge_core::scheduler::{FinishReason, PullScheduler, SchedulerSide};
+use kvbridge_core::scheduler::{PullScheduler, SchedulerSide};
 use kvbridge_core::testkit::{Cache, CacheLayout, Spec};
-use kvbridge_driver::clock::now_unix;
 use kvbridge_nixl::NixlWorker;
 
 const TOKENS: u64 = 40;
@@ -78,14 +77,7 @@ fn d_stages_read_their_layers_from_the_p_stages_that_hold_them() {
         vec![(0, 0, pp_port), (0, 1, pp_port + 1), (1, 0, pp_port + 2), (1, 1, pp_port + 3)]
     );
     let mut p_sched = PullScheduler::new(config("kv_producer", "P", pp_port, (2, 0), (2, 0)));
-    let dec = r#"{"do_remote_decode":true}"#;
-    p_sched.get_num_new_matched_tokens("p1", TOKENS, 0, Some(dec));
-    let f = p_sched.request_finished("p1", &[3, 4, 5], FinishReason::LengthCapped, TOKENS, Some(dec), now_unix());
-    let md = p_sched.build_connector_meta().to_bytes().expect("metadata");
-    for w in &p {
-        w.start_load(&md).expect("P start_load");
-    }
-    let params = f.kv_transfer_params.expect("params");
+    let params = offer(&mut p_sched, &p, "p1", &[3, 4, 5], TOKENS);
     assert_eq!(params["remote_port"].as_u64(), Some(u64::from(pp_port)), "P advertises its directory");
 
     // D: 3 stages x TP 1; every stage knows every stage's layers (vLLM: exchanged at start-up).

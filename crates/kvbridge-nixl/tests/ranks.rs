@@ -8,9 +8,9 @@ use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port_pair, runtime_or_skip};
+use common::{free_port_pair, offer, runtime_or_skip};
 use kvbridge_core::config::{CompatInfo, ConnectorConfig, EngineInfo};
-use kvbridge_core::scheduler::{FinishReason, PullScheduler, SchedulerSide};
+use kvbridge_core::scheduler::{PullScheduler, SchedulerSide};
 use kvbridge_core::testkit::{Cache, CacheLayout, Spec};
 use kvbridge_driver::clock::now_unix;
 
@@ -55,14 +55,7 @@ fn d_reads_p_ranks_on_different_hosts_from_the_directory_table() {
     );
 
     let mut p_sched = PullScheduler::new(config("kv_producer", "P", pp, 2, 0, &hosts));
-    let dec = r#"{"do_remote_decode":true}"#;
-    p_sched.get_num_new_matched_tokens("p1", TOKENS, 0, Some(dec));
-    let f = p_sched.request_finished("p1", &[3, 4, 5], FinishReason::LengthCapped, TOKENS, Some(dec), now_unix());
-    let md = p_sched.build_connector_meta().to_bytes().expect("metadata");
-    for w in &p {
-        w.start_load(&md).expect("P start_load");
-    }
-    let params = f.kv_transfer_params.expect("params");
+    let params = offer(&mut p_sched, &p, "p1", &[3, 4, 5], TOKENS);
     assert_eq!((params["remote_host"].as_str(), params["remote_port"].as_u64()), (Some(HOSTS[0]), Some(u64::from(pp))));
 
     let d_cfg = config("kv_consumer", "D", dp, 1, 0, "");
@@ -95,13 +88,7 @@ fn d_reads_p_ranks_on_different_hosts_from_the_directory_table() {
     // D shuts down with requests it has heard of but not read (P holds p2, then p3): it
     // tells both P ranks, at their own hosts, and they free them at once instead of at
     // lease expiry.
-    p_sched.get_num_new_matched_tokens("p2", TOKENS, 0, Some(dec));
-    let f = p_sched.request_finished("p2", &[6, 7, 8], FinishReason::LengthCapped, TOKENS, Some(dec), now_unix());
-    let md = p_sched.build_connector_meta().to_bytes().expect("metadata");
-    for w in &p {
-        w.start_load(&md).expect("P start_load");
-    }
-    let params = f.kv_transfer_params.expect("params").to_string();
+    let params = offer(&mut p_sched, &p, "p2", &[6, 7, 8], TOKENS).to_string();
     let mut d_sched = PullScheduler::new(config("kv_consumer", "D", dp, 1, 0, ""));
     d_sched.get_num_new_matched_tokens("d2", TOKENS, 0, Some(&params));
     d_sched.tick(now_unix()); // the heartbeat batch falls due
@@ -114,13 +101,7 @@ fn d_reads_p_ranks_on_different_hosts_from_the_directory_table() {
     assert!(p.iter().all(|w| w.accounting()["held_requests"] == 1));
     // p3 reaches D after that batch (the next one is a sixth of the lease away): D's
     // scheduler reports it in the step's `tracked`, so the shutdown releases it too.
-    p_sched.get_num_new_matched_tokens("p3", TOKENS, 0, Some(dec));
-    let f = p_sched.request_finished("p3", &[13, 14, 15], FinishReason::LengthCapped, TOKENS, Some(dec), now_unix());
-    let md = p_sched.build_connector_meta().to_bytes().expect("metadata");
-    for w in &p {
-        w.start_load(&md).expect("P start_load");
-    }
-    let params = f.kv_transfer_params.expect("params").to_string();
+    let params = offer(&mut p_sched, &p, "p3", &[13, 14, 15], TOKENS).to_string();
     d_sched.get_num_new_matched_tokens("d3", TOKENS, 0, Some(&params));
     let md = d_sched.build_connector_meta();
     assert!(md.heartbeats.is_empty() && md.tracked.len() == 1, "no batch due, p3 tracked: {md:?}");

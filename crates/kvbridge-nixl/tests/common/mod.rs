@@ -64,3 +64,25 @@ pub fn poll_until(
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
 }
+
+/// Pull-mode P: prefill `req` over `blocks` (one KV-cache group, `tokens` tokens), finish it
+/// for a remote decode and hand the step's metadata to every P worker; what P returns for
+/// D (its `kv_transfer_params`).
+#[allow(dead_code)] // not every test binary uses it
+pub fn offer(
+    sched: &mut kvbridge_core::scheduler::PullScheduler,
+    workers: &[kvbridge_nixl::NixlWorker],
+    req: &str,
+    blocks: &[u32],
+    tokens: u64,
+) -> serde_json::Value {
+    use kvbridge_core::scheduler::{FinishReason, SchedulerSide};
+    let dec = r#"{"do_remote_decode":true}"#;
+    sched.get_num_new_matched_tokens(req, tokens, 0, Some(dec));
+    let f = sched.request_finished(req, blocks, FinishReason::LengthCapped, tokens, Some(dec), kvbridge_driver::clock::now_unix());
+    let md = sched.build_connector_meta().to_bytes().expect("metadata");
+    for w in workers {
+        w.start_load(&md).expect("P start_load");
+    }
+    f.kv_transfer_params.expect("params")
+}
